@@ -1,0 +1,32 @@
+# Set-up and the two main jobs. Everything goes through uv and the committed uv.lock;
+# uv itself is installed into .tools/ when it is not on PATH.
+SHELL := /bin/bash
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export UV_PYTHON_DOWNLOADS := never
+
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
+TEST_ARGS ?=
+
+.PHONY: setup repro test test-all tiny clean-env
+
+$(CURDIR)/.tools/bin/uv:
+	python3 -m pip install --quiet --disable-pip-version-check --target $(CURDIR)/.tools uv
+
+setup: $(UV)
+	$(UV) sync --frozen
+
+repro: setup  ## the default workflow: dvc repro on the embedded model
+	$(UV) run --frozen dvc repro
+
+test: setup  ## the default test run (slow tests excluded)
+	$(UV) run --frozen pytest -m "not slow" $(TEST_ARGS)
+
+test-all: setup
+	$(UV) run --frozen pytest $(TEST_ARGS)
+
+tiny: setup  ## the tiny profile of the whole workflow, as CI runs it
+	$(UV) run --frozen pytest tests/test_workflow.py
+
+clean-env:
+	rm -rf .venv .tools

@@ -1,0 +1,154 @@
+"""Shared fixtures: tiny randomly initialised components, no trained weights, no downloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_TEXT_DIM = 32
+
+
+def tiny_unet_config() -> dict:
+    """A ``train_base``-style config for a UNet of a few tens of thousands of parameters."""
+    return {
+        "resolution": 16,
+        "unet": {
+            "block_out_channels": [8, 16],
+            "cross_attention_levels": [False, True],
+            "layers_per_block": 1,
+            "attention_head_dim": 4,
+            "norm_num_groups": 4,
+            "text_dim": TINY_TEXT_DIM,
+        },
+    }
+
+
+def tiny_text_encoder():
+    """A one-layer random BERT with MiniLM's tokenizer (the vocabulary ships with the package)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from budgetdiff.text import minilm_path
+
+    tokenizer = BertTokenizerFast.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=TINY_TEXT_DIM, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=128)
+    return BertModel(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A BudgetDiffusionPipeline on tiny random components (16x16 images)."""
+    from diffusers import DDIMScheduler
+
+    from budgetdiff.pipeline import BudgetDiffusionPipeline
+    from training.base import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(tiny_unet_config()).eval()
+    encoder, tokenizer = tiny_text_encoder()
+    scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    pipe = BudgetDiffusionPipeline(unet, encoder, tokenizer, scheduler, default_guidance_scale=2.0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_pipe, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_model") / "base"
+    tiny_pipe.save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Tiny stock Stable Diffusion 1.5 / SDXL components (after diffusers' own pipeline tests).
+# ------------------------------------------------------------------------------------------
+def _tiny_clip_tokenizer():
+    """A CLIPTokenizer over single characters: every byte-level character and its word-final
+    form, no merges. Enough to tokenise any prompt without a downloaded vocabulary."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _tiny_clip_config(projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32,
+                          intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=514,
+                          hidden_act="gelu", projection_dim=projection_dim, max_position_embeddings=77)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, norm_num_groups=2, sample_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = tmp_path_factory.mktemp("tiny_sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=2, attention_head_dim=2)
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=CLIPTextModel(_tiny_clip_config()).eval(),
+        tokenizer=_tiny_clip_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / "sd")
+    return root / "sd"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+                                projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+                                norm_num_groups=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=CLIPTextModel(_tiny_clip_config()).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_config()).eval(),
+        tokenizer=_tiny_clip_tokenizer(), tokenizer_2=_tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         timestep_spacing="leading", steps_offset=1),
+    )
+    pipe.save_pretrained(root / "sdxl")
+    return root / "sdxl"

@@ -1,0 +1,58 @@
+"""The default workflow end to end with the tiny profile: `dvc repro` in a scratch workspace.
+
+The workspace has this repository's dvc.yaml and code, and params.yaml merged with
+params.tiny.yaml. A second `dvc repro` must reuse every output (nothing retrains).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO
+
+CODE_DIRS = ("budgetdiff", "training", "benchmarks", "pipelines")
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def make_workspace(path):
+    for name in CODE_DIRS:
+        (path / name).symlink_to(REPO / name, target_is_directory=True)
+    shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                   yaml.safe_load((REPO / "params.tiny.yaml").read_text()))
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def dvc(args, cwd, env):
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_tiny_profile_dvc_repro(tmp_path):
+    make_workspace(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    assert dvc(["init", "--no-scm", "-q"], tmp_path, env).returncode == 0
+    first = dvc(["repro"], tmp_path, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    assert (tmp_path / "models/base/model_index.json").is_file()
+    assert (tmp_path / "reports/base_samples.png").is_file()
+    report = json.loads((tmp_path / "reports/base.json").read_text())
+    assert set(report["levels"]) == {"1", "2", "3", "4"}
+    assert report["levels"]["1"]["checker_on_ground_truth"]["color"] > 0.5
+    assert "default_guidance" in json.loads((tmp_path / "reports/train_base.json").read_text())
+
+    second = dvc(["repro"], tmp_path, env)
+    assert second.returncode == 0
+    assert "didn't change, skipping" in second.stdout and "Running stage" not in second.stdout, second.stdout
