@@ -1,7 +1,8 @@
 """The ``budgetdiff`` command.
 
     budgetdiff generate "PROMPT" [--model DIR] [--steps N] [--scheduler ddim|dpmpp|euler]
-        [--guidance G] [--seed S] [--out FILE.png]
+        [--guidance G] [--seed S] [--adaptive] [--threshold D] [--max-skip C] [--out FILE.png]
+    budgetdiff score IMAGE [--ref REF.png] [--prompt TEXT] [--resize]
 
 The last line on stdout is one JSON object. Bad arguments exit with status 2 and one line on
 stderr naming the argument; never a traceback.
@@ -55,6 +56,9 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     out: Path = typer.Option(Path("out.png"), "--out", help="Where to write the PNG."),
     upscale: int = typer.Option(1, "--upscale", help="Also enlarge the PNG by this integer factor (nearest), for viewing."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="Skip redundant noise predictions (AdaptiveDiffusion)."),
+    threshold: float = typer.Option(0.01, "--threshold", help="Adaptive skip threshold δ (>= 0; 0 skips nothing)."),
+    max_skip: int = typer.Option(4, "--max-skip", help="Adaptive: most consecutive skipped predictions, C_max."),
 ) -> None:
     """Generate one image; the last stdout line is a JSON record."""
     from .generation import ModelDirectoryError, check_generation_args, generate as run, load_pipeline
@@ -73,13 +77,21 @@ def generate(
         check_generation_args([prompt], n_steps, guidance, scheduler)
     except ValueError as exc:
         raise CliError(f"--{exc}") from None
+    skip_config = None
+    if adaptive:
+        from .adaptive import AdaptiveSkipConfig
+
+        try:
+            skip_config = AdaptiveSkipConfig(threshold=threshold, max_skip=max_skip)
+        except ValueError as exc:
+            raise CliError(f"--{str(exc).replace('max_skip', 'max-skip')}") from None
     _check_output_path(out)
     try:
         pipe = load_pipeline(model)
     except ModelDirectoryError as exc:
         raise CliError(f"--{exc}") from None
     images, records = run(pipe, [prompt], steps=n_steps, guidance=guidance, scheduler=scheduler, seed=seed,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), adaptive=skip_config)
     image = images[0]
     if upscale > 1:
         from PIL import Image
@@ -93,6 +105,85 @@ def generate(
     atomic_write_bytes(out, buffer.getvalue())
     record = {**records[0], "model": str(model), "out": str(out)}
     print(json.dumps(record))
+
+
+def _load_image(path: Path, argument: str):
+    """Open ``path`` as an RGB PIL image, or raise a one-line CliError naming ``argument``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise CliError(f"{argument}: {str(path)!r} does not exist")
+    if path.is_dir():
+        raise CliError(f"{argument}: {str(path)!r} is a directory, not an image")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise CliError(f"{argument}: {str(path)!r} is not a readable image file") from None
+
+
+@app.command()
+def score(
+    image: Path = typer.Argument(..., help="The image to judge (PNG, JPEG, ...)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference image: enables PSNR, SSIM, LPIPS, I-CLIP."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt: enables CLIP-T and, for scene prompts, attr_acc."),
+    resize: bool = typer.Option(False, "--resize", help="Resize IMAGE to the reference's size when they differ."),
+    clip_dir: Optional[str] = typer.Option(None, "--clip-dir", help="Domain CLIP directory (default models/clip)."),
+    attributes_dir: Optional[str] = typer.Option(None, "--attributes-dir", help="Attribute checker directory (default models/attributes)."),
+    alexnet_weights: Optional[str] = typer.Option(None, "--alexnet-weights", help="Local ImageNet AlexNet checkpoint for LPIPS."),
+) -> None:
+    """Print every metric that applies; the last stdout line is {metric name: value}.
+
+    A model directory left at its default and missing is skipped with a note on stderr; one
+    given explicitly must exist.
+    """
+    import warnings
+
+    from .evaluators import ATTRIBUTE_CHECKER_DIR, DOMAIN_CLIP_DIR, EvaluatorModelError
+    from .scenes import PromptParseError, parse_prompt
+
+    if prompt is not None and not prompt.strip():
+        raise CliError("--prompt: must not be empty (CLIP-T needs text)")
+    for argument, path in (("--clip-dir", clip_dir), ("--attributes-dir", attributes_dir)):
+        if path is not None and not Path(path).is_dir():
+            raise CliError(f"{argument}: directory {path!r} does not exist")
+    if alexnet_weights is not None and not Path(alexnet_weights).is_file():
+        raise CliError(f"--alexnet-weights: {alexnet_weights!r} does not exist")
+    picture = _load_image(image, "IMAGE")
+    reference = _load_image(ref, "--ref") if ref is not None else None
+    if reference is not None and picture.size != reference.size and not resize:
+        raise CliError(f"--ref: reference is {reference.width}x{reference.height} but IMAGE is "
+                       f"{picture.width}x{picture.height}; pass --resize to resize IMAGE to the reference")
+
+    from .metrics import MetricScorer, ScoringConfig
+
+    config = ScoringConfig(clip_dir=clip_dir or DOMAIN_CLIP_DIR, attributes_dir=attributes_dir or ATTRIBUTE_CHECKER_DIR,
+                           alexnet_weights=alexnet_weights, skip_missing_models=True)
+    scorer = MetricScorer(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            values = scorer.score_one(picture, reference, prompt, resize=resize)
+        except EvaluatorModelError as exc:  # pragma: no cover - explicit dirs are checked above
+            raise CliError(str(exc)) from None
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    explicit = {"clip": clip_dir, "checker": attributes_dir}
+    for key, message in scorer.missing_models.items():
+        if explicit[key] is not None:
+            raise CliError(f"--{'clip-dir' if key == 'clip' else 'attributes-dir'}: {message}")
+        print(f"note: {message}; its metrics are left out", file=sys.stderr)
+    for warning in caught:
+        if "model directory" not in str(warning.message):
+            print(f"note: {warning.message}", file=sys.stderr)
+    if prompt is not None and "domain/attr_acc" in values and values["domain/attr_acc"] != values["domain/attr_acc"]:
+        del values["domain/attr_acc"]  # NaN: the prompt is not a scene-domain prompt
+        try:
+            parse_prompt(prompt)
+        except PromptParseError as exc:
+            print(f"note: domain/attr_acc left out: {exc}", file=sys.stderr)
+    print(json.dumps({k: round(v, 6) for k, v in values.items()}))
 
 
 @app.callback()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .adaptive import AdaptiveSkipConfig, apply_adaptive_skip
 from .pipeline import SCHEDULERS, BudgetDiffusionPipeline, make_scheduler, scheduler_name
 
 STOCK_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -83,12 +85,17 @@ def generate(
     scheduler: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    adaptive: AdaptiveSkipConfig | None = None,
 ) -> tuple[list, list[dict[str, Any]]]:
-    """Generate one PIL image per prompt with either pipeline kind; returns (images, records)."""
+    """Generate one PIL image per prompt with either pipeline kind; returns (images, records).
+
+    ``adaptive`` turns on AdaptiveDiffusion skipping; records then carry ``skip_mask`` and the
+    per-image ``nfe``.
+    """
     check_generation_args(prompts, steps, guidance, scheduler)
     if isinstance(pipe, BudgetDiffusionPipeline):
         out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
-                   seed=seed, progress=progress)
+                   seed=seed, progress=progress, adaptive=adaptive)
         return out.images, out.records
 
     # Stock SD / SDXL: swap the scheduler by name, keep the model's own timestep spacing.
@@ -96,21 +103,30 @@ def generate(
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     guidance = 7.5 if guidance is None else guidance
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
-    nfe = 0
+    n_steps = 0
+    skipper = apply_adaptive_skip(pipe, adaptive) if adaptive is not None else None
 
-    def count_step(_pipe, _i, _t, kwargs):
-        nonlocal nfe
-        nfe += 1  # one batched (conditional + unconditional) UNet call per step
-        return kwargs
+    def on_step_end(_pipe, i, t, kwargs):
+        nonlocal n_steps
+        n_steps += 1  # one batched (conditional + unconditional) UNet call per step
+        return skipper.callback(_pipe, i, t, kwargs) if skipper is not None else kwargs
 
     pipe.set_progress_bar_config(disable=not progress)
     start = time.perf_counter()
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-               callback_on_step_end=count_step)
+    try:
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                   callback_on_step_end=on_step_end)
+    finally:
+        if skipper is not None:
+            skipper.remove()
     seconds = (time.perf_counter() - start) / len(prompts)
-    records = [
-        {"prompt": p, "steps": steps, "nfe": nfe, "seconds": seconds, "scheduler": scheduler_name(pipe.scheduler),
-         "guidance": guidance, "seed": seed + i, "batch_size": len(prompts)}
-        for i, p in enumerate(prompts)
-    ]
+    nfes = skipper.nfe() if skipper is not None else [n_steps] * len(prompts)
+    records = []
+    for i, p in enumerate(prompts):
+        record = {"prompt": p, "steps": steps, "nfe": nfes[i], "seconds": seconds,
+                  "scheduler": scheduler_name(pipe.scheduler), "guidance": guidance, "seed": seed + i,
+                  "batch_size": len(prompts)}
+        if skipper is not None:
+            record.update(skip_mask=skipper.skip_masks()[i], adaptive=asdict(adaptive))
+        records.append(record)
     return out.images, records

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from .adaptive import AdaptiveSkipConfig, attach_adaptive_skip
 from .text import MAX_TEXT_LENGTH, encode_prompts
 
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -189,6 +190,7 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         progress: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        adaptive: AdaptiveSkipConfig | None = None,
     ) -> BudgetDiffusionOutput:
         """Generate one image per prompt.
 
@@ -204,6 +206,8 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
             progress: show a progress bar over the denoising steps.
             callback_on_step_end: ``f(pipe, step_index, t, {"latents": ...}) -> dict`` after each
                 scheduler step; a returned "latents" replaces the current latents.
+            adaptive: skip redundant noise predictions per sample (AdaptiveDiffusion, see
+                ``budgetdiff.adaptive``); records then carry each image's skip mask and NFE.
         """
         # 1. Check inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -227,8 +231,8 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
 
         # 4. Seeds and initial noise
         if generator is None:
-            seeds = [seed + i for i in range(batch)] if isinstance(seed, int) or seed is None else list(seed)
-            seeds = [0 + i if s is None else int(s) for i, s in enumerate(seeds)]
+            seed = 0 if seed is None else seed
+            seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else [int(s) for s in seed]
             if len(seeds) != batch:
                 raise ValueError(f"seed: {len(seeds)} seeds for {batch} prompts")
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -237,24 +241,33 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
             seeds = [g.initial_seed() for g in generator]
         latents = self.prepare_latents(batch, generator, device, self.unet.dtype)
 
-        # 5. Denoising loop
-        nfe = 0
-        for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
-            model_output = self.predict_noise(latents, t, hidden, mask, pooled, guidance_scale)
-            nfe += 1
-            latents = self.scheduler.step(model_output, t, latents).prev_sample
-            if callback_on_step_end is not None:
-                update = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                latents = update.get("latents", latents)
+        # 5. Adaptive skipping: a UNet hook with fresh state for this call
+        skipper = attach_adaptive_skip(self.unet, adaptive, copies=2 if do_cfg else 1) if adaptive else None
 
-        # 6. Post-process and records
+        # 6. Denoising loop
+        try:
+            for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
+                model_output = self.predict_noise(latents, t, hidden, mask, pooled, guidance_scale)
+                latents = self.scheduler.step(model_output, t, latents).prev_sample
+                if callback_on_step_end is not None:
+                    update = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                    latents = update.get("latents", latents)
+                if skipper is not None:
+                    skipper.hook.state.observe(latents)
+        finally:
+            if skipper is not None:
+                skipper.remove()
+
+        # 7. Post-process and records
         images = self.to_output(latents, output_type)
         seconds = (time.perf_counter() - start) / batch
+        nfes = skipper.nfe() if skipper else [len(timesteps)] * batch
+        masks = skipper.skip_masks() if skipper else [None] * batch
         records = [
             {
                 "prompt": p,
                 "steps": num_inference_steps,
-                "nfe": nfe,
+                "nfe": n,
                 "seconds": seconds,
                 "scheduler": sched_name,
                 "guidance": guidance_scale,
@@ -262,8 +275,11 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
                 "batch_size": batch,
                 "prompt_truncated": tr,
             }
-            for p, s, tr in zip(prompts, seeds, truncated)
+            for p, s, tr, n in zip(prompts, seeds, truncated, nfes)
         ]
+        if skipper is not None:
+            for record, m in zip(records, masks):
+                record.update(skip_mask=m, adaptive=asdict(adaptive))
         return BudgetDiffusionOutput(images=images, records=records)
 
 

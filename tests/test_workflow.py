@@ -50,7 +50,9 @@ def test_tiny_profile_dvc_repro(tmp_path):
     assert (tmp_path / "reports/base_samples.png").is_file()
     report = json.loads((tmp_path / "reports/base.json").read_text())
     assert set(report["levels"]) == {"1", "2", "3", "4"}
-    assert report["levels"]["1"]["checker_on_ground_truth"]["color"] > 0.5
+    assert report["levels"]["1"]["checkers_on_ground_truth"]["heuristic"]["color"] > 0.5
+    assert "attr_acc" in report["levels"]["1"]["model"]["checker"]
+    assert (tmp_path / "models/clip").is_dir() and (tmp_path / "reports/metrics.json").is_file()
     assert "default_guidance" in json.loads((tmp_path / "reports/train_base.json").read_text())
 
     second = dvc(["repro"], tmp_path, env)

@@ -246,6 +246,7 @@ def train(cfg: dict) -> dict[str, Any]:
         logger=logger,
         callbacks=[
             ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg["checkpoint_every"], save_last=True,
+                            enable_version_counter=False,
                             save_top_k=0),
             TQDMProgressBar(refresh_rate=10),
         ],

@@ -1,0 +1,163 @@
+import numpy as np
+import pytest
+import torch
+
+from budgetdiff import adaptive as adaptive_module
+from budgetdiff.adaptive import (
+    AdaptiveSkipConfig,
+    AdaptiveSkipState,
+    apply_adaptive_skip,
+    skip_candidates,
+)
+from budgetdiff.generation import generate, load_pipeline
+
+PROMPTS = ["a small red circle at the top left on a white background",
+           "two large blue squares at the left and in the right on a black background",
+           "a large dotted green cross in the center, gray background"]
+ALWAYS = AdaptiveSkipConfig(threshold=1e9, max_skip=2)  # skip whenever the cap allows
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"threshold": -0.1}, "threshold"), ({"threshold": float("nan")}, "threshold"),
+     ({"max_skip": -1}, "max_skip"), ({"warmup": 3}, "warmup"), ({"estimator": "median"}, "estimator")],
+)
+def test_invalid_config(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        AdaptiveSkipConfig(**kwargs)
+
+
+def _history(trajectories):
+    """Four latents (oldest first) from per-sample callables of the step index."""
+    return [torch.stack([f(k) for f in trajectories]) for k in range(4)]
+
+
+def test_estimators_skip_smooth_and_keep_rough_trajectories():
+    torch.manual_seed(0)
+    base, direction = torch.randn(3, 4, 4), torch.randn(3, 4, 4)
+    scales = (1.0, 3.0, 0.5, 4.0)  # erratic step sizes
+    rough = [torch.randn(3, 4, 4) * s for s in scales]
+    history = _history([lambda k: base + k * direction, lambda k: rough[k]])  # linear: Δ³x = 0
+    for estimator in ("paper", "official"):
+        verdict = skip_candidates(history, AdaptiveSkipConfig(threshold=0.05, estimator=estimator))
+        assert verdict.tolist() == [True, False], estimator
+
+
+def test_official_scalar_form_is_blind_to_direction_changes():
+    # Random steps of equal size: the vector third difference is large, but the scalar d_k
+    # (mean |x_k - x_(k-1)|) barely changes, so the official form calls it redundant.
+    torch.manual_seed(0)
+    history = [torch.randn(1, 3, 16, 16) for _ in range(4)]
+    paper = skip_candidates(history, AdaptiveSkipConfig(threshold=0.1, estimator="paper")).item()
+    official = skip_candidates(history, AdaptiveSkipConfig(threshold=0.1, estimator="official")).item()
+    assert (paper, official) == (False, True)
+
+
+def test_cap_holds_from_the_first_decision():
+    state = AdaptiveSkipState()
+    history = [torch.zeros(2, 1) + k for k in range(4)]  # linear: always a candidate
+    cfg = AdaptiveSkipConfig(threshold=1.0, max_skip=1, warmup=4)
+    state.cache = torch.zeros(2, 1)
+    for _ in range(12):
+        state.history = history
+        state.decide(2, cfg, "cpu")
+    mask = state.skip_masks()[0]
+    assert mask[:4] == [False] * 4
+    assert mask[4:] == [True, False] * 4
+
+
+def test_threshold_zero_equals_plain_pipeline_exactly(tiny_pipe):
+    for scheduler in ("ddim", "dpmpp", "euler"):
+        plain = tiny_pipe(PROMPTS, num_inference_steps=8, scheduler=scheduler, output_type="np")
+        zero = tiny_pipe(PROMPTS, num_inference_steps=8, scheduler=scheduler, output_type="np",
+                         adaptive=AdaptiveSkipConfig(threshold=0.0))
+        assert np.array_equal(plain.images, zero.images), scheduler
+        assert [r["nfe"] for r in zero.records] == [8, 8, 8]
+        assert all(not any(r["skip_mask"]) for r in zero.records)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp", "euler"])
+def test_skipping_reduces_nfe_and_respects_the_cap(tiny_pipe, scheduler):
+    out = tiny_pipe(PROMPTS, num_inference_steps=12, scheduler=scheduler, output_type="np", adaptive=ALWAYS)
+    for record in out.records:
+        mask = record["skip_mask"]
+        assert len(mask) == 12 and not any(mask[:4])
+        assert record["nfe"] == 12 - sum(mask) < 12
+        run = longest = 0
+        for skipped in mask:
+            run = run + 1 if skipped else 0
+            longest = max(longest, run)
+        assert longest <= ALWAYS.max_skip
+    assert np.isfinite(out.images).all()
+    plain = tiny_pipe(PROMPTS, num_inference_steps=12, scheduler=scheduler, output_type="np")
+    assert not np.array_equal(plain.images, out.images)
+
+
+def test_per_sample_decisions_run_only_the_needed_sub_batch(tiny_pipe, monkeypatch):
+    # Sample 1 of 3 never skips; samples 0 and 2 skip whenever allowed.
+    monkeypatch.setattr(adaptive_module, "skip_candidates",
+                        lambda history, config: torch.tensor([True, False, True]))
+    sizes = []
+    original = tiny_pipe.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        sizes.append(sample.shape[0])
+        return original(sample, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.unet, "forward", spy)
+    out = tiny_pipe(PROMPTS, num_inference_steps=8, guidance_scale=2.0, adaptive=ALWAYS, progress=False)
+    # warm-up: 4 full batches (3 samples x 2 CFG copies); then 1 sample x 2 copies or all 3.
+    assert sizes[:4] == [6] * 4 and set(sizes[4:]) <= {2, 6} and 2 in sizes[4:]
+    assert out.records[1]["nfe"] == 8 and not any(out.records[1]["skip_mask"])
+    assert out.records[0]["nfe"] < 8 and out.records[0]["skip_mask"] == out.records[2]["skip_mask"]
+    assert sum(sizes) // 2 == sum(r["nfe"] for r in out.records)  # sample evaluations = total NFE
+
+
+def test_skipped_sample_matches_its_own_run(tiny_pipe, monkeypatch):
+    # A sample's result must not depend on what the others in its batch decide.
+    monkeypatch.setattr(adaptive_module, "skip_candidates",
+                        lambda history, config: torch.ones(history[-1].shape[0], dtype=torch.bool))
+    batch = tiny_pipe(PROMPTS[:2], num_inference_steps=8, seed=[3, 4], adaptive=ALWAYS, output_type="np")
+    alone = tiny_pipe(PROMPTS[1], num_inference_steps=8, seed=4, adaptive=ALWAYS, output_type="np")
+    np.testing.assert_allclose(batch.images[1], alone.images[0], atol=1e-5)
+
+
+def test_state_is_fresh_for_every_call(tiny_pipe):
+    a = tiny_pipe(PROMPTS, num_inference_steps=10, adaptive=ALWAYS, output_type="np")
+    b = tiny_pipe(PROMPTS, num_inference_steps=10, adaptive=ALWAYS, output_type="np")
+    assert np.array_equal(a.images, b.images)
+    assert [r["skip_mask"] for r in a.records] == [r["skip_mask"] for r in b.records]
+    # and the hook is gone afterwards: a plain call is unaffected
+    plain1 = tiny_pipe(PROMPTS, num_inference_steps=10, output_type="np")
+    assert [r["nfe"] for r in plain1.records] == [10, 10, 10]
+
+
+@pytest.mark.parametrize("which", ["tiny_sd_dir", "tiny_sdxl_dir"])
+def test_stock_pipelines(which, request):
+    pipe = load_pipeline(request.getfixturevalue(which))
+    for scheduler in ("ddim", "dpmpp", "euler"):
+        plain, _ = generate(pipe, PROMPTS[:2], steps=8, guidance=5.0, scheduler=scheduler, progress=False)
+        zero, zero_rec = generate(pipe, PROMPTS[:2], steps=8, guidance=5.0, scheduler=scheduler, progress=False,
+                                  adaptive=AdaptiveSkipConfig(threshold=0.0))
+        assert [list(i.getdata()) for i in plain] == [list(i.getdata()) for i in zero], scheduler
+        assert [r["nfe"] for r in zero_rec] == [8, 8]
+        skipped, rec = generate(pipe, PROMPTS[:2], steps=8, guidance=5.0, scheduler=scheduler, progress=False,
+                                adaptive=ALWAYS)
+        assert all(r["nfe"] < 8 and len(r["skip_mask"]) == 8 for r in rec), scheduler
+    assert not hasattr(pipe.unet.forward, "__wrapped__") or pipe.unet._diffusers_hook.get_hook(
+        adaptive_module.HOOK_NAME) is None
+
+
+def test_apply_adaptive_skip_handle_across_calls(tiny_sd_dir):
+    pipe = load_pipeline(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    handle = apply_adaptive_skip(pipe, ALWAYS)
+    masks = []
+    for _ in range(2):
+        pipe("a red circle", num_inference_steps=9, guidance_scale=5.0, callback_on_step_end=handle.callback,
+             generator=torch.Generator().manual_seed(0))
+        masks.append(handle.skip_masks())
+    assert masks[0] == masks[1] and len(masks[0][0]) == 9 and any(masks[0][0])
+    handle.remove()
+    pipe("a red circle", num_inference_steps=3, guidance_scale=5.0)
+    assert handle.skip_masks() == masks[1]  # the removed hook saw nothing more
