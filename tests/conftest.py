@@ -66,6 +66,20 @@ def tiny_pipe():
     return pipe
 
 
+@pytest.fixture()
+def unet_batch_sizes(tiny_pipe, monkeypatch) -> list[int]:
+    """The batch size of every UNet call tiny_pipe makes during the test, in order."""
+    sizes: list[int] = []
+    original = tiny_pipe.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        sizes.append(sample.shape[0])
+        return original(sample, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.unet, "forward", spy)
+    return sizes
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_pipe, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_model") / "base"

@@ -93,18 +93,11 @@ def test_skipping_reduces_nfe_and_respects_the_cap(tiny_pipe, scheduler):
     assert not np.array_equal(plain.images, out.images)
 
 
-def test_per_sample_decisions_run_only_the_needed_sub_batch(tiny_pipe, monkeypatch):
+def test_per_sample_decisions_run_only_the_needed_sub_batch(tiny_pipe, unet_batch_sizes, monkeypatch):
     # Sample 1 of 3 never skips; samples 0 and 2 skip whenever allowed.
     monkeypatch.setattr(adaptive_module, "skip_candidates",
                         lambda history, config: torch.tensor([True, False, True]))
-    sizes = []
-    original = tiny_pipe.unet.forward
-
-    def spy(sample, *args, **kwargs):
-        sizes.append(sample.shape[0])
-        return original(sample, *args, **kwargs)
-
-    monkeypatch.setattr(tiny_pipe.unet, "forward", spy)
+    sizes = unet_batch_sizes
     out = tiny_pipe(PROMPTS, num_inference_steps=8, guidance_scale=2.0, adaptive=ALWAYS, progress=False)
     # warm-up: 4 full batches (3 samples x 2 CFG copies); then 1 sample x 2 copies or all 3.
     assert sizes[:4] == [6] * 4 and set(sizes[4:]) <= {2, 6} and 2 in sizes[4:]

@@ -52,15 +52,8 @@ def test_guidance_changes_the_image(tiny_pipe):
     assert not np.allclose(a, b)
 
 
-def test_unconditional_branch_skipped_at_guidance_one(tiny_pipe, monkeypatch):
-    sizes = []
-    original = tiny_pipe.unet.forward
-
-    def spy(sample, *args, **kwargs):
-        sizes.append(sample.shape[0])
-        return original(sample, *args, **kwargs)
-
-    monkeypatch.setattr(tiny_pipe.unet, "forward", spy)
+def test_unconditional_branch_skipped_at_guidance_one(tiny_pipe, unet_batch_sizes):
+    sizes = unet_batch_sizes
     tiny_pipe([PROMPT] * 3, num_inference_steps=2, guidance_scale=1.0)
     assert sizes == [3, 3]
     sizes.clear()
