@@ -54,6 +54,9 @@ def test_tiny_profile_dvc_repro(tmp_path):
     assert "attr_acc" in report["levels"]["1"]["model"]["checker"]
     assert (tmp_path / "models/clip").is_dir() and (tmp_path / "reports/metrics.json").is_file()
     assert "default_guidance" in json.loads((tmp_path / "reports/train_base.json").read_text())
+    finetune = json.loads((tmp_path / "reports/finetune_base.json").read_text())
+    assert finetune["init_from"] == "models/base_pretrain" and finetune["steps"] == 3
+    assert (tmp_path / "models/base_pretrain/unet/config.json").is_file()
 
     second = dvc(["repro"], tmp_path, env)
     assert second.returncode == 0

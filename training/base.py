@@ -10,8 +10,14 @@ Recipe (see the foundation issue for the probes behind it):
 - Caption dropout for classifier-free guidance; EMA of the weights is what gets saved.
 - Scenes are rendered on the fly (0.2 ms each), so the data never repeats.
 
-``train(cfg) -> metrics`` is the plain entry point (DVC stage ``train_base``, tests); training
-resumes from its last checkpoint after an interruption.
+Two DVC stages use it:
+- ``train_base`` trains from scratch (``python -m training.base``) and writes models/base_pretrain;
+- ``finetune_base`` (``python -m training.base finetune_base``) starts from that model's EMA
+  weights (``init_from``) and trains on at a low learning rate, which is what fixed object
+  positions (see params.yaml); it writes models/base, the model every other stage uses.
+
+``train(cfg) -> metrics`` is the plain entry point (DVC stages, tests); training resumes from its
+last checkpoint after an interruption.
 """
 
 from __future__ import annotations
@@ -193,7 +199,12 @@ class BaseDiffusionModule(L.LightningModule):
             progress = min(1.0, (step - start) / max(1, total - start))
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        warmup = int(cfg.get("lr_warmup_steps", 0))
+
+        def warmed(step: int) -> float:  # linear warm-up (a fine-tune starts with a fresh optimizer)
+            return factor(step) * min(1.0, (step + 1) / warmup) if warmup else factor(step)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmed)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -220,6 +231,21 @@ def choose_guidance(module: BaseDiffusionModule, cfg: dict) -> tuple[float, dict
     return float(best), results
 
 
+def init_weights(module: BaseDiffusionModule, model_dir: str | os.PathLike) -> None:
+    """Start both the trained and the EMA UNet from a saved pipeline's UNet (its EMA weights)."""
+    unet_dir = Path(model_dir) / "unet"
+    if not unet_dir.is_dir():
+        raise SystemExit(f"error: init_from {model_dir}: no unet/ directory (train the earlier stage first)")
+    saved = UNet2DConditionModel.from_pretrained(unet_dir)
+    expected = dict(build_unet(module.cfg).config)
+    mismatched = [k for k in ("block_out_channels", "down_block_types", "cross_attention_dim", "in_channels")
+                  if tuple(np.atleast_1d(saved.config[k])) != tuple(np.atleast_1d(expected[k]))]
+    if mismatched:
+        raise SystemExit(f"error: init_from {model_dir}: its UNet differs from the config in {', '.join(mismatched)}")
+    module.unet.load_state_dict(saved.state_dict())
+    module.ema_unet.load_state_dict(saved.state_dict())
+
+
 def train(cfg: dict) -> dict[str, Any]:
     """Train the base model per ``cfg`` (the ``train_base`` section of params.yaml) and save it
     as a diffusers pipeline directory at ``cfg["output_dir"]``. Returns the final metrics."""
@@ -234,9 +260,12 @@ def train(cfg: dict) -> dict[str, Any]:
     last = ckpt_dir / "last.ckpt"
 
     module = BaseDiffusionModule(cfg)
+    if cfg.get("init_from"):
+        init_weights(module, cfg["init_from"])
     loader = DataLoader(SceneStream(cfg["seed"], cfg["resolution"], cfg["count_weights"]),
                         batch_size=cfg["batch_size"], collate_fn=_collate, num_workers=0)
-    logger = mlflow_logger("train_base", run_name="train_base")
+    stage = cfg.get("stage", "train_base")
+    logger = mlflow_logger(stage, run_name=stage)
     gpu = torch.cuda.is_available()
     trainer = L.Trainer(
         max_steps=cfg["max_steps"],
@@ -283,6 +312,7 @@ def train(cfg: dict) -> dict[str, Any]:
         "default_guidance": guidance,
         "guidance_sweep": guidance_results,
         "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "init_from": cfg.get("init_from"),
     }
     if logger is not None:
         logger.log_metrics({"final/default_guidance": guidance})
@@ -290,10 +320,25 @@ def train(cfg: dict) -> dict[str, Any]:
     return metrics
 
 
-def main() -> None:
-    from training.params import load_params, write_json
+def stage_config(stage: str) -> dict:
+    """``train_base`` as is; ``finetune_base`` is ``train_base`` with its own section's overrides."""
+    from training.params import load_params
 
     cfg = load_params("train_base")
+    if stage != "train_base":
+        cfg = {**cfg, **load_params(stage)}
+    return {**cfg, "stage": stage}
+
+
+def main() -> None:
+    import sys
+
+    from training.params import write_json
+
+    stage = sys.argv[1] if len(sys.argv) > 1 else "train_base"
+    if stage not in ("train_base", "finetune_base"):
+        raise SystemExit(f"error: unknown stage {stage!r} (train_base or finetune_base)")
+    cfg = stage_config(stage)
     metrics = train(cfg)
     write_json(cfg["metrics_path"], metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "guidance_sweep"}))
