@@ -25,14 +25,19 @@ StableDiffusionXLPipeline without copying their loops::
     handle = apply_adaptive_skip(pipe, AdaptiveSkipConfig(threshold=0.01, max_skip=4))
     image = pipe(prompt, callback_on_step_end=handle.callback).images[0]
     handle.skip_masks()   # per image: True where the step reused the previous prediction
+
+A ``SkipPlan`` (a per-sample boolean skip mask given in advance) runs through the same hook
+instead of the estimator, and ``oracle_skip_path`` uses it for the paper's analysis tool: the
+greedy oracle path that adds, one at a time, the skip that hurts the final image least.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -76,6 +81,57 @@ class AdaptiveSkipConfig:
     def enabled(self) -> bool:
         return self.threshold > 0 and self.max_skip > 0
 
+    def to_record(self) -> dict:
+        """What an image's record says about the skipping that produced it."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SkipPlan:
+    """A fixed skip plan given in advance, instead of the estimator's decisions.
+
+    ``mask[i][k]`` is True when sample i reuses its previous noise prediction at step k (the
+    scheduler step still runs, as with the estimator). A single row applies to every sample of
+    the batch. The plan is taken as given: no warm-up and no C_max are imposed (the oracle search
+    imposes them when it builds plans); only step 0 must compute, since nothing is cached yet.
+
+    Args:
+        mask: a sequence of per-sample sequences of bools, all of one length (the step count);
+            a flat sequence of bools is one row. Stored as a tuple of tuples.
+    """
+
+    mask: tuple[tuple[bool, ...], ...]
+
+    def __post_init__(self):
+        rows = self.mask.tolist() if isinstance(self.mask, torch.Tensor) else list(self.mask)
+        if rows and not isinstance(rows[0], (list, tuple)) and not (
+                isinstance(rows[0], torch.Tensor) and rows[0].dim() > 0):
+            rows = [rows]
+        rows = tuple(tuple(bool(v) for v in row) for row in rows)
+        if not rows or not rows[0]:
+            raise ValueError("plan: the skip plan must have at least one row and one step")
+        if len({len(r) for r in rows}) != 1:
+            raise ValueError("plan: every row of the skip plan must have the same number of steps")
+        if any(r[0] for r in rows):
+            raise ValueError("plan: step 0 cannot skip (there is no previous noise prediction to reuse)")
+        object.__setattr__(self, "mask", rows)
+
+    @property
+    def steps(self) -> int:
+        return len(self.mask[0])
+
+    def skips_at(self, step: int, batch: int) -> torch.Tensor:
+        """(batch,) bool: which samples skip at ``step``."""
+        if step >= self.steps:
+            raise ValueError(f"plan: the skip plan covers {self.steps} steps but the pipeline ran step {step + 1}")
+        if len(self.mask) not in (1, batch):
+            raise ValueError(f"plan: {len(self.mask)} plan rows for a batch of {batch}")
+        column = torch.tensor([row[step] for row in self.mask], dtype=torch.bool)
+        return column.expand(batch).clone() if len(self.mask) == 1 else column
+
+    def to_record(self) -> dict:
+        return {"plan": "fixed", "steps": self.steps}
+
 
 def skip_candidates(history: list[torch.Tensor], config: AdaptiveSkipConfig) -> torch.Tensor:
     """Per-sample estimator verdict (B,) from the last four latents ``history`` (oldest first)."""
@@ -97,24 +153,31 @@ class AdaptiveSkipState:
         self.consecutive: torch.Tensor | None = None
         self.skips: list[torch.Tensor] = []  # one (B,) bool tensor per step
         self.last_timestep: float | None = None
+        self.decision_seconds = 0.0  # wall-clock spent in decide() and observe(): the estimator's overhead
 
     @property
     def step(self) -> int:
         return len(self.skips)
 
-    def decide(self, batch: int, config: AdaptiveSkipConfig, device) -> torch.Tensor:
+    def decide(self, batch: int, config: AdaptiveSkipConfig | SkipPlan, device) -> torch.Tensor:
         """Which samples skip this step's network evaluation, (B,) bool."""
+        start = time.perf_counter()
         if self.consecutive is None or self.consecutive.shape[0] != batch:
             self.consecutive = torch.zeros(batch, dtype=torch.long, device=device)
         skip = torch.zeros(batch, dtype=torch.bool, device=device)
-        if config.enabled and self.cache is not None and self.step >= config.warmup and len(self.history) >= HISTORY:
+        if isinstance(config, SkipPlan):
+            skip = config.skips_at(self.step, batch).to(device)
+        elif config.enabled and self.cache is not None and self.step >= config.warmup and len(self.history) >= HISTORY:
             skip = skip_candidates(self.history, config).to(device) & (self.consecutive < config.max_skip)
         self.consecutive = torch.where(skip, self.consecutive + 1, torch.zeros_like(self.consecutive))
         self.skips.append(skip.cpu())
+        self.decision_seconds += time.perf_counter() - start
         return skip
 
     def observe(self, latents: torch.Tensor) -> None:
+        start = time.perf_counter()
         self.history = (self.history + [latents.detach()])[-HISTORY:]
+        self.decision_seconds += time.perf_counter() - start
 
     def skip_masks(self) -> list[list[bool]]:
         """Per sample: for each step, True where the prediction was reused."""
@@ -149,7 +212,7 @@ class AdaptiveSkipHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, config: AdaptiveSkipConfig, copies: int | Callable[[], int] = 1):
+    def __init__(self, config: AdaptiveSkipConfig | SkipPlan, copies: int | Callable[[], int] = 1):
         super().__init__()
         self.config = config
         self.copies = copies
@@ -171,7 +234,8 @@ class AdaptiveSkipHook(ModelHook):
         if total % copies:
             raise ValueError(f"UNet batch {total} is not {copies} stacked copies of the latents")
         batch = total // copies
-        if state.step > self.config.warmup and not state.history and not self._warned:
+        needs_latents = isinstance(self.config, AdaptiveSkipConfig) and state.step > self.config.warmup
+        if needs_latents and not state.history and not self._warned:
             warnings.warn("adaptive skip saw no latents: pass callback_on_step_end=handle.callback", stacklevel=2)
             self._warned = True
 
@@ -223,13 +287,18 @@ class AdaptiveSkipHandle:
     def nfe(self) -> list[int]:
         return self.hook.state.nfe()
 
+    def decision_seconds(self) -> float:
+        """Wall-clock the last call spent deciding (estimator and bookkeeping), for the batch."""
+        return self.hook.state.decision_seconds
+
     def remove(self) -> None:
         HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(HOOK_NAME, recurse=False)
 
 
-def attach_adaptive_skip(unet: torch.nn.Module, config: AdaptiveSkipConfig,
+def attach_adaptive_skip(unet: torch.nn.Module, config: AdaptiveSkipConfig | SkipPlan,
                          copies: int | Callable[[], int] = 1) -> AdaptiveSkipHandle:
-    """Attach (or replace) the adaptive-skip hook on ``unet``."""
+    """Attach (or replace) the adaptive-skip hook on ``unet``: the estimator's decisions for an
+    ``AdaptiveSkipConfig``, the given decisions for a ``SkipPlan``."""
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     if registry.get_hook(HOOK_NAME) is not None:
         registry.remove_hook(HOOK_NAME, recurse=False)
@@ -238,10 +307,163 @@ def attach_adaptive_skip(unet: torch.nn.Module, config: AdaptiveSkipConfig,
     return AdaptiveSkipHandle(unet, hook)
 
 
-def apply_adaptive_skip(pipe, config: AdaptiveSkipConfig) -> AdaptiveSkipHandle:
+def apply_adaptive_skip(pipe, config: AdaptiveSkipConfig | SkipPlan) -> AdaptiveSkipHandle:
     """Attach adaptive skipping to a stock diffusers SD / SDXL pipeline's UNet.
 
     Pass ``handle.callback`` as the pipeline's ``callback_on_step_end``; read the skip masks and
     NFE of the last call from the handle. ``handle.remove()`` restores the plain UNet.
     """
     return attach_adaptive_skip(pipe.unet, config, copies=lambda: 2 if pipe.do_classifier_free_guidance else 1)
+
+
+# ------------------------------------------------------------------------------------------
+# The greedy oracle skip path (the paper's analysis tool)
+# ------------------------------------------------------------------------------------------
+def longest_skip_run(mask: Sequence[bool]) -> int:
+    """The longest run of consecutive True values in ``mask``."""
+    longest = run = 0
+    for skipped in mask:
+        run = run + 1 if skipped else 0
+        longest = max(longest, run)
+    return longest
+
+
+def max_skips(steps: int, warmup: int, max_skip: int) -> int:
+    """The most skips a ``steps``-step path can hold when the first ``warmup`` steps compute and
+    at most ``max_skip`` skips come in a row: after the warm-up, every (max_skip + 1)-th step
+    computes."""
+    free = max(0, steps - warmup)
+    return free - free // (max_skip + 1)
+
+
+def mse_loss(images: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error of (N, 3, H, W) images in [0, 1] against ``ref`` (1, 3, H, W).
+    Greedy on MSE is greedy on PSNR (= −10·log10 MSE), the benchmark's headline quality metric."""
+    return (images.float() - ref.float()).pow(2).flatten(1).mean(1)
+
+
+@dataclass
+class OracleSkipPath:
+    """The result of ``oracle_skip_path``.
+
+    Attributes:
+        mask: the greedy path, one bool per step (True: the step reuses the previous prediction).
+        nfe: its network evaluations (steps − skips).
+        order: the steps in the order the search added them.
+        losses: after each round, the loss of the path so far against the full-step image.
+        candidates: how many one-skip extensions each round evaluated.
+        reached_budget: False when no admissible skip was left before reaching ``nfe_budget``.
+        loss_name: the loss the search minimised.
+        reference: the full-step image, (1, 3, H, W) in [0, 1].
+        image: the final image of the path, (1, 3, H, W) in [0, 1].
+    """
+
+    mask: list[bool]
+    nfe: int
+    order: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    candidates: list[int] = field(default_factory=list)
+    reached_budget: bool = True
+    loss_name: str = "mse"
+    reference: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+
+
+def oracle_skip_path(
+    pipe,
+    prompt: str,
+    seed: int,
+    steps: int,
+    nfe_budget: int,
+    scheduler: str | None = None,
+    guidance_scale: float | None = None,
+    warmup: int = 4,
+    max_skip: int = 4,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> OracleSkipPath:
+    """The greedy oracle skip path of one prompt and seed for an NFE budget: the paper's analysis
+    tool (Ye et al. 2024), which adds, one at a time, the skip that hurts the final image least.
+
+    Starting from the full path (every step computes), each round tries every admissible
+    one-skip extension of the current path and keeps the one whose final image is closest to
+    the full-step image; rounds continue until the path takes ``nfe_budget`` evaluations. All
+    candidates of a round run as batches of one ``BudgetDiffusionPipeline`` call (the prompt and
+    seed replicated, one ``SkipPlan`` row per candidate), so a round costs one denoising loop
+    per ``batch_size`` candidates. The cost grows as O(steps² · skips) sample evaluations.
+
+    Admissible skips follow the estimator's constraints, so oracle and estimator paths are
+    comparable: the first ``warmup`` steps compute, and no more than ``max_skip`` skips come in
+    a row.
+
+    Args:
+        pipe: a ``BudgetDiffusionPipeline`` (anything whose call takes ``adaptive=SkipPlan``).
+        prompt: the prompt.
+        seed: the noise seed (the same for the reference and every candidate).
+        steps: denoising steps.
+        nfe_budget: the path's network evaluations when the search ends (1..steps).
+        scheduler: "ddim", "dpmpp" or "euler"; None keeps the pipeline's scheduler.
+        guidance_scale: classifier-free guidance; None uses the model's default.
+        warmup: steps that always compute (>= 1; default 4, the estimator's warm-up).
+        max_skip: C_max, the most consecutive skips (>= 1; default 4).
+        loss_fn: ``f(images (N, 3, H, W), reference (1, 3, H, W)) -> (N,)``, both in [0, 1];
+            default ``mse_loss`` (pixel MSE, i.e. PSNR). To search on LPIPS, pass e.g.
+            ``lambda x, ref: lpips(x, ref.expand_as(x))`` with a ``budgetdiff.metrics.LpipsMetric``.
+        batch_size: candidates per pipeline call (default 64).
+        progress: show a tqdm bar over the rounds.
+
+    Returns:
+        an ``OracleSkipPath``.
+
+    Raises:
+        ValueError: a budget outside 1..steps or below what warm-up and C_max allow.
+    """
+    if not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warmup: must be an integer >= 1 (step 0 has nothing to reuse), got {warmup}")
+    if not isinstance(max_skip, int) or max_skip < 1:
+        raise ValueError(f"max_skip: must be an integer >= 1, got {max_skip}")
+    if not isinstance(nfe_budget, int) or not 1 <= nfe_budget <= steps:
+        raise ValueError(f"nfe_budget: must be an integer in 1..{steps}, got {nfe_budget}")
+    target = steps - nfe_budget
+    if target > max_skips(steps, warmup, max_skip):
+        raise ValueError(f"nfe_budget: {nfe_budget} is below the {steps - max_skips(steps, warmup, max_skip)} "
+                         f"evaluations that warmup={warmup} and max_skip={max_skip} allow at {steps} steps")
+    loss_fn = loss_fn or mse_loss
+    loss_name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+    def render(masks: list[list[bool]]) -> torch.Tensor:
+        out = pipe([prompt] * len(masks), num_inference_steps=steps, guidance_scale=guidance_scale,
+                   scheduler=scheduler, seed=[seed] * len(masks), output_type="pt", progress=False,
+                   adaptive=SkipPlan(masks))
+        return out.images
+
+    mask = [False] * steps
+    reference = render([mask])
+    result = OracleSkipPath(mask=mask, nfe=steps, loss_name=loss_name, reference=reference, image=reference)
+    rounds = range(target)
+    if progress:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc=f"oracle ({steps} steps -> {nfe_budget} NFE)", unit="round", leave=False)
+    for _ in rounds:
+        candidates = [k for k in range(warmup, steps) if not mask[k]
+                      and longest_skip_run(mask[:k] + [True] + mask[k + 1:]) <= max_skip]
+        if not candidates:
+            result.reached_budget = False
+            break
+        plans = [mask[:k] + [True] + mask[k + 1:] for k in candidates]
+        losses, images = [], []
+        for i in range(0, len(plans), batch_size):
+            batch = render(plans[i : i + batch_size])
+            losses.append(loss_fn(batch, reference).flatten().float().cpu())
+            images.append(batch)
+        losses_all, images_all = torch.cat(losses), torch.cat(images)
+        best = min(range(len(candidates)), key=lambda j: (float(losses_all[j]), candidates[j]))
+        mask = plans[best]
+        result.order.append(candidates[best])
+        result.losses.append(float(losses_all[best]))
+        result.candidates.append(len(candidates))
+        result.image = images_all[best : best + 1]
+    result.mask, result.nfe = mask, steps - sum(mask)
+    return result

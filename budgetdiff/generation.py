@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +126,6 @@ def generate(
                   "scheduler": scheduler_name(pipe.scheduler), "guidance": guidance, "seed": seed + i,
                   "batch_size": len(prompts)}
         if skipper is not None:
-            record.update(skip_mask=skipper.skip_masks()[i], adaptive=asdict(adaptive))
+            record.update(skip_mask=skipper.skip_masks()[i], adaptive=adaptive.to_record())
         records.append(record)
     return out.images, records

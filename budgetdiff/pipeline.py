@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -29,7 +29,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .adaptive import AdaptiveSkipConfig, attach_adaptive_skip
+from .adaptive import AdaptiveSkipConfig, SkipPlan, attach_adaptive_skip
 from .text import MAX_TEXT_LENGTH, encode_prompts
 
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -190,7 +190,7 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         output_type: str = "pil",
         progress: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
-        adaptive: AdaptiveSkipConfig | None = None,
+        adaptive: AdaptiveSkipConfig | SkipPlan | None = None,
     ) -> BudgetDiffusionOutput:
         """Generate one image per prompt.
 
@@ -207,7 +207,9 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
             callback_on_step_end: ``f(pipe, step_index, t, {"latents": ...}) -> dict`` after each
                 scheduler step; a returned "latents" replaces the current latents.
             adaptive: skip redundant noise predictions per sample (AdaptiveDiffusion, see
-                ``budgetdiff.adaptive``); records then carry each image's skip mask and NFE.
+                ``budgetdiff.adaptive``), or follow a fixed ``SkipPlan``; records then carry each
+                image's skip mask, NFE and ``decision_seconds`` (the skip decisions' share of
+                ``seconds``).
         """
         # 1. Check inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -278,8 +280,9 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
             for p, s, tr, n in zip(prompts, seeds, truncated, nfes)
         ]
         if skipper is not None:
+            decision_seconds = skipper.hook.state.decision_seconds / batch
             for record, m in zip(records, masks):
-                record.update(skip_mask=m, adaptive=asdict(adaptive))
+                record.update(skip_mask=m, adaptive=adaptive.to_record(), decision_seconds=decision_seconds)
         return BudgetDiffusionOutput(images=images, records=records)
 
 

@@ -6,7 +6,12 @@ from budgetdiff import adaptive as adaptive_module
 from budgetdiff.adaptive import (
     AdaptiveSkipConfig,
     AdaptiveSkipState,
+    SkipPlan,
     apply_adaptive_skip,
+    longest_skip_run,
+    max_skips,
+    mse_loss,
+    oracle_skip_path,
     skip_candidates,
 )
 from budgetdiff.generation import generate, load_pipeline
@@ -154,3 +159,88 @@ def test_apply_adaptive_skip_handle_across_calls(tiny_sd_dir):
     handle.remove()
     pipe("a red circle", num_inference_steps=3, guidance_scale=5.0)
     assert handle.skip_masks() == masks[1]  # the removed hook saw nothing more
+
+
+# ------------------------------------------------------------------------------------------
+# Fixed skip plans and the greedy oracle
+# ------------------------------------------------------------------------------------------
+@pytest.fixture()
+def keep_scheduler(tiny_pipe):
+    """A call with ``scheduler=`` swaps the session-wide tiny_pipe's scheduler; these tests put
+    it back so the tests after them see tiny_pipe as they would without them."""
+    saved = tiny_pipe.scheduler
+    yield tiny_pipe
+    tiny_pipe.scheduler = saved
+
+
+def test_skip_plan_validation():
+    with pytest.raises(ValueError, match="step 0"):
+        SkipPlan([True, False, False])
+    with pytest.raises(ValueError, match="same number"):
+        SkipPlan([[False, True], [False]])
+    with pytest.raises(ValueError, match="at least one"):
+        SkipPlan([])
+    assert SkipPlan([False, True, True]).mask == ((False, True, True),)
+    assert SkipPlan(torch.tensor([[False, True], [False, False]])).mask == ((False, True), (False, False))
+
+
+@pytest.mark.usefixtures("keep_scheduler")
+def test_all_false_plan_equals_plain_run_exactly(tiny_pipe):
+    for scheduler in ("ddim", "dpmpp", "euler"):
+        plain = tiny_pipe(PROMPTS, num_inference_steps=6, scheduler=scheduler, output_type="np")
+        planned = tiny_pipe(PROMPTS, num_inference_steps=6, scheduler=scheduler, output_type="np",
+                            adaptive=SkipPlan([False] * 6))
+        assert np.array_equal(plain.images, planned.images), scheduler
+        assert [r["nfe"] for r in planned.records] == [6, 6, 6]
+
+
+@pytest.mark.usefixtures("keep_scheduler")
+def test_plan_rows_are_followed_per_sample(tiny_pipe, unet_batch_sizes):
+    masks = [[False, True, False, True, True, False], [False] * 6, [False, False, True, False, False, True]]
+    out = tiny_pipe(PROMPTS, num_inference_steps=6, guidance_scale=2.0, output_type="np", adaptive=SkipPlan(masks))
+    assert [r["skip_mask"] for r in out.records] == masks
+    assert [r["nfe"] for r in out.records] == [3, 6, 4]
+    assert sum(unet_batch_sizes) // 2 == 13  # CFG pairs: only non-skipping samples evaluate
+    # a sample's image depends only on its own plan row
+    alone = tiny_pipe(PROMPTS[2], num_inference_steps=6, seed=2, output_type="np", adaptive=SkipPlan(masks[2]))
+    np.testing.assert_allclose(out.images[2], alone.images[0], atol=1e-5)
+    with pytest.raises(ValueError, match="plan"):
+        tiny_pipe(PROMPTS, num_inference_steps=7, adaptive=SkipPlan(masks))
+
+
+def test_max_skips_and_longest_run():
+    assert longest_skip_run([False, True, True, False, True]) == 2
+    assert max_skips(10, 4, 4) == 5 and max_skips(10, 4, 1) == 3 and max_skips(4, 4, 4) == 0
+
+
+@pytest.mark.usefixtures("keep_scheduler")
+def test_oracle_reaches_the_budget_within_the_constraints(tiny_pipe):
+    result = oracle_skip_path(tiny_pipe, PROMPTS[0], seed=1, steps=10, nfe_budget=6, scheduler="euler",
+                              warmup=3, max_skip=2)
+    assert result.reached_budget and result.nfe == 6 and sum(result.mask) == 4 and len(result.mask) == 10
+    assert not any(result.mask[:3]) and longest_skip_run(result.mask) <= 2
+    assert sorted(result.order) == [k for k, s in enumerate(result.mask) if s]
+    assert len(result.losses) == 4 and result.candidates[0] == 7
+    # the reported image and loss are the path's own
+    replay = tiny_pipe(PROMPTS[0], num_inference_steps=10, scheduler="euler", seed=1, output_type="pt",
+                       adaptive=SkipPlan(result.mask)).images
+    assert mse_loss(replay, result.reference).item() == pytest.approx(result.losses[-1], rel=1e-3, abs=1e-9)
+    with pytest.raises(ValueError, match="nfe_budget"):
+        oracle_skip_path(tiny_pipe, PROMPTS[0], seed=1, steps=10, nfe_budget=4, warmup=3, max_skip=2)
+
+
+@pytest.mark.usefixtures("keep_scheduler")
+def test_oracle_first_pick_is_the_best_single_skip(tiny_pipe):
+    steps, warmup = 8, 4
+    result = oracle_skip_path(tiny_pipe, PROMPTS[1], seed=5, steps=steps, nfe_budget=steps - 1, warmup=warmup,
+                              scheduler="ddim")
+    reference = tiny_pipe(PROMPTS[1], num_inference_steps=steps, scheduler="ddim", seed=5, output_type="pt").images
+    brute = {}
+    for k in range(warmup, steps):  # brute force: each single skip in its own call
+        mask = [i == k for i in range(steps)]
+        image = tiny_pipe(PROMPTS[1], num_inference_steps=steps, scheduler="ddim", seed=5, output_type="pt",
+                          adaptive=SkipPlan(mask)).images
+        brute[k] = mse_loss(image, reference).item()
+    best = min(brute, key=brute.get)
+    assert result.order == [best] and result.mask == [i == best for i in range(steps)]
+    assert result.losses[0] == pytest.approx(brute[best], rel=1e-3, abs=1e-9)

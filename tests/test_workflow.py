@@ -38,6 +38,33 @@ def dvc(args, cwd, env):
                           text=True, timeout=600)
 
 
+def check_dataset(tmp_path, env):
+    """The prompts -> render (Ray) -> score -> dataset stages of the tiny profile."""
+    import pandas as pd
+
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    n, grid = params["prompts"]["n_prompts"], params["render"]["step_grid"]
+    table = pd.read_parquet(tmp_path / "data/dataset.parquet")
+    metrics = ["pixel/lsnr", "pixel/psnr", "pixel/ssim", "mid/lpips_alex_randinit", "high/clipt_domainclip",
+               "high/iclip_domainclip", "domain/attr_acc"]
+    assert list(table.columns) == ["prompt_id", "prompt", "seed", "split", "complexity", "steps", "is_reference",
+                                   "nfe", "seconds", "knee_steps", *metrics]
+    assert len(table) == n * (len(grid) + 1) and not table.duplicated(["prompt_id", "steps"]).any()
+    assert set(table["steps"]) == {*grid, params["render"]["reference_steps"]}
+    assert table.groupby("prompt_id")["split"].nunique().max() == 1 and set(table["complexity"]) == {1, 2, 3, 4}
+    grid_rows = table[~table["is_reference"]]
+    assert grid_rows[metrics].notna().all().all() and (grid_rows["nfe"] == grid_rows["steps"]).all()
+    report = json.loads((tmp_path / "reports/dataset.json").read_text())
+    assert report["rows"] == len(table) and report["prompts"] == n
+    assert set(report["render_throughput"]["images_per_s_by_workers"]) == {"1", "2"}
+    assert {"median", "iqr", "histogram"} <= set(report["knee"])
+    render = json.loads((tmp_path / "reports/render.json").read_text())
+    assert render["executor"] == "ray" and render["run"]["shards_rendered"] == render["run"]["shards"]
+    assert (tmp_path / "reports/dataset.png").is_file()
+    plots = dvc(["plots", "show", "-o", str(tmp_path / "dvc_plots")], tmp_path, env)
+    assert plots.returncode == 0 and (tmp_path / "dvc_plots/index.html").is_file(), plots.stderr[-2000:]
+
+
 def test_tiny_profile_dvc_repro(tmp_path):
     make_workspace(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -57,6 +84,7 @@ def test_tiny_profile_dvc_repro(tmp_path):
     finetune = json.loads((tmp_path / "reports/finetune_base.json").read_text())
     assert finetune["init_from"] == "models/base_pretrain" and finetune["steps"] == 3
     assert (tmp_path / "models/base_pretrain/unet/config.json").is_file()
+    check_dataset(tmp_path, env)
 
     second = dvc(["repro"], tmp_path, env)
     assert second.returncode == 0

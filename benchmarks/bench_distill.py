@@ -1,0 +1,248 @@
+"""Benchmark stage ``bench_distill``: do the 8-step students do what the teacher does in 16-50?
+
+For each run in ``runs`` (teacher@50, teacher@16, teacher@8 and the three 8-step students of
+``distill_8``: vanilla, CFG-aware, CFG-only) and each guidance scale in ``guidance_scales``,
+generate one image per held-out prompt (a seed range of its own; the same prompts and initial
+noise for every run) with DDIM and measure
+- ``dist/fd_domainclip``: Fréchet distance in the domain CLIP's image space between the generated
+  set and the rendered ground-truth scenes of the same prompts (lower is better),
+- ``high/clipt_domainclip``: mean image-text cosine similarity (SnapFusion's CLIP score),
+- ``domain/attr_acc``: mean fraction of the prompt's attributes the trained attribute checker finds,
+- NFE (denoising-network evaluations per image; a CFG pair batched as one call counts once),
+  GFLOPs per image (``torch.utils.flop_counter``), and wall-clock seconds per image at
+  ``batch_size`` on this machine.
+
+Writes reports/distill.json (every number, and the targets with pass/fail at the target
+guidance), reports/distill_tradeoff.csv and .png (FD against CLIP-T across guidance scales, as
+SnapFusion's Fig. 6) and reports/distill_samples.png (ground truth, then each run).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import textwrap
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from budgetdiff.evaluators import load_attribute_checker
+from budgetdiff.generation import load_pipeline
+from budgetdiff.io import atomic_write_bytes, atomic_write_json
+from budgetdiff.metrics import MetricScorer, ScoringConfig
+from budgetdiff.metrics.semantic import load_clip_backbone
+from budgetdiff.pipeline import coordinate_channels
+from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt
+
+FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
+
+
+def held_out_scenes(n: int, offset: int, count_weights) -> tuple[list, list[str]]:
+    specs = [sample_scene(offset + i, count_weights=tuple(count_weights)) for i in range(n)]
+    return specs, [spec_to_prompt(s) for s in specs]
+
+
+def generate(pipe, prompts: list[str], steps: int, guidance: float, scheduler: str, batch_size: int, desc: str):
+    """(images (N, 3, H, W) in [0, 1], seconds per image, NFE per image); image i uses seed i."""
+    images, seconds, nfe = [], 0.0, []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                   scheduler=scheduler, seed=i, output_type="pt", progress=False)
+        images.append(out.images.cpu())
+        seconds += sum(r["seconds"] for r in out.records)
+        nfe += [r["nfe"] for r in out.records]
+    return torch.cat(images), seconds / len(prompts), float(np.mean(nfe))
+
+
+def unet_gflops(pipe, guidance: float) -> float:
+    """GFLOPs of one denoising-network evaluation for one image (the CFG pair: both halves)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    res, ch = pipe.resolution, pipe.image_channels
+    batch = 2 if guidance != 1.0 else 1
+    hidden, mask, pooled, _ = pipe.encode_prompt(["a small red circle at the top left"], batch == 2, pipe.device)
+    x = torch.zeros(batch, ch, res, res, device=pipe.device, dtype=pipe.unet.dtype)
+    coords = coordinate_channels(batch, res, res, x.device, x.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        pipe.unet(torch.cat([x, coords], 1), torch.tensor([500] * batch), encoder_hidden_states=hidden,
+                  encoder_attention_mask=mask, class_labels=pooled)
+    return counter.get_total_flops() / 1e9
+
+
+def sample_grid(columns: dict[str, list[Image.Image]], prompts: list[str], truth: list[np.ndarray],
+                subtitle: str = "", cell: int = 112) -> Image.Image:
+    """Rows: prompt text, ground truth, then each run's image (same seed); ``subtitle`` under
+    each run's name (the guidance)."""
+    text_w, header = 260, 30
+    names = ["ground truth"] + list(columns)
+    grid = Image.new("RGB", (text_w + cell * len(names), header + cell * len(prompts)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, name in enumerate(names):
+        draw.text((text_w + j * cell + 4, 3), name[:18], fill="black")
+        if j:
+            draw.text((text_w + j * cell + 4, 15), subtitle, fill="black")
+    for i, prompt in enumerate(prompts):
+        y = header + i * cell
+        draw.multiline_text((4, y + 4), "\n".join(textwrap.wrap(prompt, 42)), fill="black", spacing=2)
+        row = [Image.fromarray(truth[i])] + [images[i] for images in columns.values()]
+        for j, img in enumerate(row):
+            grid.paste(img.resize((cell - 4, cell - 4), Image.Resampling.NEAREST), (text_w + j * cell + 2, y + 2))
+    return grid
+
+
+def tradeoff_plot(results: dict, path: str) -> None:
+    """FD (lower is better) against CLIP-T (higher is better), one curve per run, each point a
+    guidance scale (SnapFusion Fig. 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, by_g in results.items():
+        gs = sorted(by_g, key=float)
+        xs, ys = [by_g[g]["clipt"] for g in gs], [by_g[g]["fd"] for g in gs]
+        ax.plot(xs, ys, marker="o", label=name, linestyle="--" if name.startswith("teacher") else "-")
+        for g, x, y in zip(gs, xs, ys):
+            ax.annotate(f"w={g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("CLIP-T (high/clipt_domainclip, higher is better)")
+    ax.set_ylabel("FD (dist/fd_domainclip vs rendered scenes, lower is better)")
+    ax.set_title("FD vs CLIP-T across guidance scales")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_targets(results: dict, guidance: str, cfg: dict) -> dict:
+    """The issue's targets at ``guidance`` (a key of each run's results); null when a run is absent."""
+    at = {name: by_g.get(guidance) for name, by_g in results.items()}
+
+    def value(run, key):
+        return None if at.get(run) is None else at[run][key]
+
+    ratio = cfg["targets"]["fd_max_ratio_to_teacher_50"]
+    fd_s, fd_t = value("student_8_cfg", "fd"), value("teacher_50", "fd")
+    att_s, att_t = value("student_8_cfg", "attr_acc"), value("teacher_8", "attr_acc")
+    cl_s, cl_v = value("student_8_cfg", "clipt"), value("student_8_vanilla", "clipt")
+    targets = {
+        "fd_student_8_cfg_le_1.1x_teacher_50": {"measured": fd_s, "limit": None if fd_t is None else ratio * fd_t},
+        "attr_acc_student_8_cfg_ge_teacher_8": {"measured": att_s, "limit": att_t},
+        "clipt_student_8_cfg_ge_student_8_vanilla": {"measured": cl_s, "limit": cl_v},
+    }
+    for name, t in targets.items():
+        if t["measured"] is None or t["limit"] is None:
+            t["met"] = None
+        else:
+            t["met"] = bool(t["measured"] <= t["limit"]) if name.startswith("fd") else bool(t["measured"] >= t["limit"])
+    return targets
+
+
+def rendered(specs) -> torch.Tensor:
+    return torch.from_numpy(np.stack([render_scene_array(s) for s in specs])).permute(0, 3, 1, 2).float() / 255.0
+
+
+def run(cfg: dict) -> dict:
+    torch.manual_seed(0)
+    clip = load_clip_backbone(cfg["clip_dir"])
+    checker = load_attribute_checker(cfg["attributes_dir"])
+    scorer = MetricScorer(ScoringConfig(batch_size=256), clip=clip, checker=checker)
+    specs, prompts = held_out_scenes(cfg["prompts"], cfg["seed_offset"], cfg["count_weights"])
+    truth = rendered(specs)
+    # FD floor: other rendered scenes against the ground truth (what a perfect model would score).
+    fd_floor = scorer.frechet_distance(truth, rendered(held_out_scenes(
+        len(prompts), cfg["seed_offset"] + 5_000_000, cfg["count_weights"])[0]))[FD]
+
+    pipes = {}
+    for spec in cfg["runs"].values():
+        if spec["model"] not in pipes:
+            pipes[spec["model"]] = load_pipeline(spec["model"])
+    reference = cfg["runs"].get("teacher_50", next(iter(cfg["runs"].values())))["model"]
+    target_guidance = float(pipes[reference].config.default_guidance_scale if cfg["guidance"] is None
+                            else cfg["guidance"])
+    guidances = sorted({float(g) for g in cfg["guidance_scales"]} | {target_guidance})
+    grid_n = min(cfg["grid_prompts"], len(prompts))
+
+    results: dict[str, dict[str, dict]] = {}
+    grid_columns: dict[str, list] = {}
+    start = time.time()
+    for name, spec in cfg["runs"].items():
+        pipe, steps = pipes[spec["model"]], int(spec["steps"])
+        results[name] = {}
+        for g in guidances:
+            images, seconds, nfe = generate(pipe, prompts, steps, g, cfg["scheduler"], cfg["batch_size"],
+                                            f"{name} w={g}")
+            values = scorer.score(images, prompts=prompts)
+            r = results[name][str(g)] = {
+                "fd": scorer.frechet_distance(truth, images)[FD],
+                "clipt": float(np.nanmean(values[CLIPT])),
+                "attr_acc": float(np.nanmean(values[ATTR])),
+                "nfe": nfe,
+                "gflops_per_image": round(nfe * unet_gflops(pipe, g), 3),
+                "seconds_per_image": seconds,
+            }
+            if g == target_guidance:
+                grid_columns[name] = pipe.to_output(images[:grid_n] * 2 - 1, "pil")
+            print(f"[{name} w={g}] fd={r['fd']:.4f} clipt={r['clipt']:.4f} attr_acc={r['attr_acc']:.3f} "
+                  f"nfe={nfe:g} s/img={seconds:.4f}", flush=True)
+
+    report = {
+        "prompts": len(prompts),
+        "seed_offset": cfg["seed_offset"],
+        "scheduler": cfg["scheduler"],
+        "guidance_scales": guidances,
+        "target_guidance": target_guidance,
+        "metrics": {"fd": FD + " against the rendered ground truth", "clipt": CLIPT, "attr_acc": ATTR},
+        "fd_floor_rendered_vs_rendered": fd_floor,
+        "runs": {name: {"model": s["model"], "steps": int(s["steps"])} for name, s in cfg["runs"].items()},
+        "results": results,
+        "targets": check_targets(results, str(target_guidance), cfg),
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": cfg["batch_size"],
+        "seconds_total": round(time.time() - start, 1),
+    }
+
+    rows = [{"run": n, "guidance": float(g), **r} for n, by_g in results.items() for g, r in by_g.items()]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(cfg["csv_path"], buffer.getvalue().encode())
+    tradeoff_plot(results, cfg["plot_path"])
+    grid = sample_grid(grid_columns, prompts[:grid_n], [render_scene_array(s) for s in specs[:grid_n]],
+                       f"w={target_guidance}")
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    atomic_write_bytes(cfg["grid_path"], png.getvalue())
+    return report
+
+
+def main() -> None:
+    from training.params import load_params
+    from training.tracking import EXPERIMENT, run_tags, tracking_uri
+
+    cfg = load_params("bench_distill")
+    report = run(cfg)
+    atomic_write_json(cfg["report_path"], report)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="bench_distill", tags=run_tags("bench_distill")):
+        for name, by_g in report["results"].items():
+            for g, r in by_g.items():
+                mlflow.log_metrics({f"bench_distill/{name}_w{g}_{k}": v for k, v in r.items()})
+        for path in (cfg["report_path"], cfg["csv_path"], cfg["plot_path"], cfg["grid_path"]):
+            mlflow.log_artifact(path)
+    print(json.dumps(report["targets"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""DVC stage ``dataset``: the prompt x step-count x metric table, its plots and its report.
+
+``data/dataset.parquet``, one row per rendered image:
+
+| column | dtype | meaning |
+|---|---|---|
+| prompt_id | int64 | the prompt's id in data/prompts.parquet |
+| prompt | string | the prompt text |
+| seed | int64 | the generation seed (same at every step count) |
+| split | string | train / val / test (by prompt, stratified by complexity) |
+| complexity | int64 | 1-4: objects in the scene (or word-count quartile for a user's prompt file) |
+| steps | int64 | denoising steps of this image |
+| is_reference | bool | True for the reference image (steps = the reference count) |
+| nfe | int64 | denoising-network evaluations (a CFG pair batched in one call counts once) |
+| seconds | float64 | wall-clock per image (its batch's time / batch size) |
+| knee_steps | int64 | the prompt's knee step (below; the same on every row of a prompt) |
+| pixel/psnr ... domain/attr_acc | float64 | every metric, named as ``budgetdiff.metrics`` names it |
+
+Reference rows carry the metrics that need no reference (``pixel/lsnr``, ``high/clipt_*``,
+``domain/attr_acc``); their reference-based metrics are NaN.
+
+**Knee step.** For each prompt and each grid step count s, the quality of the image relative to
+its reference on each level is Q_pixel(s) = SSIM, Q_mid(s) = 1 - LPIPS, Q_high(s) = I-CLIP
+(each is 1 for the reference itself; ``knee.metrics`` names them and whether each is a similarity
+or a distance). The knee step is the smallest grid step count s such that min over levels of
+Q(s') >= q for s and every larger grid count s' (once reached it stays reached), with
+q = ``knee.quality`` (default 0.9): the fewest steps whose image is within 10 % of the reference
+on every level. A prompt that never gets there on the grid gets the reference step count and is
+counted as "not reached": its 100-step image differs from all of its <= 50-step ones (DDIM
+lands in another mode late), which is itself a per-prompt fact a budget predictor must learn.
+A level whose metric stays close to 1 throughout (LPIPS with a randomly initialised trunk
+varies by a few hundredths) never binds. This is the per-prompt oracle of BudgetFusion's
+quality-target rule; its spread is what a per-prompt budget can exploit.
+
+Plots (declared at the end of dvc.yaml, rendered by ``dvc plots show``): ``curves/<metric>.csv``
+(mean metric vs steps, one column per complexity level), ``knee_histogram.csv`` (prompts per
+knee step) and a PNG with all of them. reports/dataset.json: rows, prompts, metric names, render
+throughput (images/s with 1 and 2 Ray workers, from the render stage) and the knee spread.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from budgetdiff.io import atomic_write_bytes, atomic_write_json
+from pipelines.prompts import SPLITS, write_parquet
+from pipelines.score import RECORD_COLUMNS
+
+PROMPT_COLUMNS = ("prompt_id", "prompt", "seed", "split", "complexity")
+KIND_SIGN = {"similarity": 1.0, "distance": -1.0}
+# The params.yaml keys this stage needs (main() names any that are missing).
+PARAMS = (
+    "prompts", "scores", "render_report", "knee", "output", "plots_dir", "figure_path",
+    "report_path"
+)
+
+
+def build_table(prompts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Prompts joined to their images' records and metrics (knee column not yet added)."""
+    table = prompts[list(PROMPT_COLUMNS)].merge(scores, on="prompt_id", how="inner", validate="one_to_many")
+    if table["prompt_id"].nunique() != len(prompts):
+        raise ValueError(f"dataset: scores cover {table['prompt_id'].nunique()} of {len(prompts)} prompts "
+                         "(rerun render and score)")
+    metrics = [c for c in scores.columns if c not in RECORD_COLUMNS]
+    columns = [*PROMPT_COLUMNS, *[c for c in RECORD_COLUMNS if c != "prompt_id"], *metrics]
+    table = table[columns].astype({"prompt": "string", "split": "string", "seed": "int64", "complexity": "int64",
+                                   "steps": "int64", "nfe": "int64", "seconds": "float64", "is_reference": "bool"})
+    return table.sort_values(["prompt_id", "steps"], ignore_index=True)
+
+
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if "/" in c]
+
+
+def resolve_knee_metrics(table: pd.DataFrame, spec: dict[str, str]) -> dict[str, str]:
+    """{column: "similarity"|"distance"} for each ``knee.metrics`` prefix (e.g. ``mid/lpips``
+    matches ``mid/lpips_alex_randinit``)."""
+    out = {}
+    for prefix, kind in spec.items():
+        if kind not in KIND_SIGN:
+            raise ValueError(f"dataset.knee.metrics: {prefix!r} must be 'similarity' or 'distance', got {kind!r}")
+        matches = [c for c in metric_columns(table) if c == prefix or c.startswith(prefix + "_")]
+        if not matches:
+            raise ValueError(f"dataset.knee.metrics: no metric column matches {prefix!r} "
+                             f"(columns: {', '.join(metric_columns(table))})")
+        out[matches[0]] = kind
+    return out
+
+
+def knee_steps(table: pd.DataFrame, metrics: dict[str, str], quality: float, reference_steps: int) -> pd.Series:
+    """Each prompt's knee step (module docstring), indexed by prompt_id."""
+    grid = table[~table["is_reference"]]
+    q = pd.DataFrame({m: (grid[m] if kind == "similarity" else 1.0 - grid[m]) for m, kind in metrics.items()})
+    reached = (q.min(axis=1) >= quality).to_numpy()
+    frame = pd.DataFrame({"prompt_id": grid["prompt_id"].to_numpy(), "steps": grid["steps"].to_numpy(),
+                          "reached": reached}).sort_values(["prompt_id", "steps"])
+    out = {}
+    for pid, rows in frame.groupby("prompt_id", sort=True):
+        steps, ok = rows["steps"].to_numpy(), rows["reached"].to_numpy()
+        # Suffix "all reached": the knee is the first step count from which every count is reached.
+        stays = np.flip(np.logical_and.accumulate(np.flip(ok)))
+        out[pid] = int(steps[np.argmax(stays)]) if stays.any() else int(reference_steps)
+    return pd.Series(out, name="knee_steps", dtype="int64")
+
+
+def slug(metric: str) -> str:
+    """File stem for a metric's curve: level and family without the backend
+    (``mid/lpips_alex_randinit`` -> ``mid_lpips``, ``domain/attr_acc`` -> ``domain_attr``)."""
+    level, name = metric.split("/", 1)
+    return f"{level}_{name.split('_')[0]}"
+
+
+def curves(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """{metric: DataFrame(steps, complexity_1.., all)} of mean metric per grid step count."""
+    grid = table[~table["is_reference"]]
+    out = {}
+    for m in metric_columns(table):
+        wide = grid.pivot_table(index="steps", columns="complexity", values=m, aggfunc="mean")
+        wide.columns = [f"complexity_{c}" for c in wide.columns]
+        wide["all"] = grid.groupby("steps")[m].mean()
+        out[m] = wide.reset_index().round(6)
+    return out
+
+
+def knee_histogram(knees: pd.Series, complexity: pd.Series, step_grid: list[int], reference_steps: int) -> pd.DataFrame:
+    """Prompts per knee step (all, and per complexity level); labels sort as numbers."""
+    labels = {s: f"{s:03d}" for s in step_grid}
+    labels[reference_steps] = f"not reached by {max(step_grid)}"
+    frame = pd.DataFrame({"knee": knees, "complexity": complexity.reindex(knees.index)})
+    rows = []
+    for s, label in labels.items():
+        at = frame[frame["knee"] == s]
+        row = {"knee_steps": label, "prompts": int(len(at))}
+        row.update({f"complexity_{c}": int((at["complexity"] == c).sum())
+                    for c in sorted(frame["complexity"].unique())})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def knee_spread(knees: pd.Series, complexity: pd.Series, step_grid: list[int], reference_steps: int) -> dict:
+    values = knees.to_numpy()
+    reached = values[values != reference_steps]
+    pct = lambda p: float(np.percentile(values, p))  # noqa: E731
+    reached_stats = ({"median": float(np.median(reached)), "p25": float(np.percentile(reached, 25)),
+                      "p75": float(np.percentile(reached, 75))} if len(reached) else {})
+    return {
+        "percentiles_count_not_reached_as": int(reference_steps),
+        "min": int(values.min()), "p10": pct(10), "p25": pct(25), "median": pct(50), "p75": pct(75),
+        "p90": pct(90), "max": int(values.max()), "iqr": pct(75) - pct(25), "std": round(float(values.std()), 3),
+        "distinct_values": int(len(np.unique(values))),
+        "not_reached_fraction": round(1.0 - len(reached) / len(values), 4),
+        "reached_only": reached_stats,
+        "histogram": {str(s): int((values == s).sum()) for s in [*step_grid, reference_steps]},
+        "median_by_complexity": {str(c): float(np.median(values[complexity.reindex(knees.index).to_numpy() == c]))
+                                 for c in sorted(complexity.unique())},
+        "mean_by_complexity": {str(c): round(float(values[complexity.reindex(knees.index).to_numpy() == c].mean()), 3)
+                               for c in sorted(complexity.unique())},
+    }
+
+
+def figure(curve_tables: dict[str, pd.DataFrame], table: pd.DataFrame, histogram: pd.DataFrame,
+           knee_text: str) -> bytes:
+    """A PNG: one panel per metric (mean vs steps per complexity level; the reference's own
+    value dashed where it has one) and the knee-step histogram stacked by complexity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = len(curve_tables) + 1
+    cols = 4
+    rows = (panels + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    refs = table[table["is_reference"]]
+    levels = [c for c in next(iter(curve_tables.values())).columns if c.startswith("complexity_")]
+    colours = plt.cm.viridis(np.linspace(0.05, 0.85, len(levels)))
+    for ax, (metric, frame) in zip(axes.flat, curve_tables.items()):
+        for level, colour in zip(levels, colours):
+            ax.plot(frame["steps"], frame[level], marker="o", ms=3, color=colour, label=level.replace("_", " "))
+            ref = refs.loc[refs["complexity"] == int(level.split("_")[1]), metric].mean()
+            if np.isfinite(ref):
+                ax.axhline(ref, color=colour, ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(frame["steps"], [str(s) for s in frame["steps"]], fontsize=7)
+        ax.minorticks_off()
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("steps", fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    ax = axes.flat[len(curve_tables)]
+    bottom = np.zeros(len(histogram))
+    labels = [label.lstrip("0") for label in histogram["knee_steps"]]
+    for level, colour in zip(levels, colours):
+        ax.bar(labels, histogram[level], bottom=bottom, color=colour, label=level.replace("_", " "))
+        bottom += histogram[level].to_numpy()
+    ax.set_title(f"knee step per prompt ({knee_text})", fontsize=8)
+    ax.set_xlabel("knee steps", fontsize=8)
+    ax.set_ylabel("prompts", fontsize=8)
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    for extra in list(axes.flat)[panels:]:
+        extra.axis("off")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write_bytes(path, frame.to_csv(index=False).encode())
+
+
+def run(cfg: dict) -> dict:
+    prompts = pd.read_parquet(cfg["prompts"])
+    try:
+        scores = pd.read_parquet(cfg["scores"])
+    except FileNotFoundError:
+        raise ValueError(f"dataset.scores: {cfg['scores']} does not exist (run the score stage)") from None
+    render = json.loads(Path(cfg["render_report"]).read_text())
+    step_grid, reference_steps = list(render["step_grid"]), int(render["reference_steps"])
+    table = build_table(prompts, scores)
+
+    knee_cfg = cfg["knee"]
+    quality = float(knee_cfg["quality"])
+    if not 0 < quality <= 1:
+        raise ValueError(f"dataset.knee.quality: must be in (0, 1], got {quality}")
+    knee_metrics = resolve_knee_metrics(table, knee_cfg["metrics"])
+    knees = knee_steps(table, knee_metrics, quality, reference_steps)
+    metrics = metric_columns(table)
+    table["knee_steps"] = table["prompt_id"].map(knees).astype("int64")
+    table = table[[c for c in table.columns if c not in metrics] + metrics]
+    write_parquet(table, cfg["output"])
+
+    # Plots: CSVs for `dvc plots show` and one PNG.
+    plots = Path(cfg["plots_dir"])
+    curve_tables = curves(table)
+    for metric, frame in curve_tables.items():
+        write_csv(frame, plots / "curves" / f"{slug(metric)}.csv")
+    complexity = prompts.set_index("prompt_id")["complexity"]
+    histogram = knee_histogram(knees, complexity, step_grid, reference_steps)
+    write_csv(histogram, plots / "knee_histogram.csv")
+    knee_text = f"q = {quality}: " + ", ".join(
+        f"{'1 - ' if k == 'distance' else ''}{m.split('/')[1].split('_')[0]}" for m, k in knee_metrics.items())
+    atomic_write_bytes(cfg["figure_path"], figure(curve_tables, table, histogram, knee_text))
+
+    per_prompt = table.drop_duplicates("prompt_id")
+    probe = render.get("throughput_probe") or {}
+    report = {
+        "rows": int(len(table)),
+        "prompts": int(len(per_prompt)),
+        "images_per_prompt": int(len(table) // max(1, len(per_prompt))),
+        "per_split": {s: int((per_prompt["split"] == s).sum()) for s in SPLITS},
+        "per_complexity": {str(k): int(v) for k, v in per_prompt["complexity"].value_counts().sort_index().items()},
+        "step_grid": step_grid, "reference_steps": reference_steps,
+        "model": render["model"], "scheduler": render["scheduler"], "guidance": render["guidance"],
+        "columns": {c: str(t) for c, t in table.dtypes.items()},
+        "metrics": metrics,
+        "render_throughput": {
+            "images_per_s_by_workers": probe.get("images_per_s", {}),
+            "network_evaluations_per_s_by_workers": probe.get("network_evaluations_per_s", {}),
+            "probe": {k: probe.get(k) for k in ("prompts", "steps", "batch_size")},
+            "full_run": render["run"],
+            "executor": render.get("executor"), "workers": render.get("workers"),
+        },
+        "knee": {
+            "definition": ("smallest grid step count s such that, at s and every larger grid count, "
+                           "min over levels of quality >= q; quality = the metric for a similarity, "
+                           "1 - metric for a distance; the reference step count when never reached"),
+            "quality": quality, "metrics": knee_metrics, **knee_spread(knees, complexity, step_grid, reference_steps),
+        },
+        "mean_metric_at_steps": {m: {str(int(s)): round(float(v), 5)
+                                     for s, v in frame.set_index("steps")["all"].items()}
+                                 for m, frame in curve_tables.items()},
+    }
+    atomic_write_json(cfg["report_path"], report)
+    return report
+
+
+def log_to_mlflow(cfg: dict, report: dict) -> None:
+    """One MLflow run for the stage: the knee params, the headline numbers, report and figure."""
+    import mlflow
+
+    from training.tracking import EXPERIMENT, run_tags, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="dataset", tags=run_tags("dataset")):
+        mlflow.log_params({"knee_quality": report["knee"]["quality"], "step_grid": report["step_grid"],
+                           "reference_steps": report["reference_steps"], "model": report["model"]})
+        knee = report["knee"]
+        metrics = {"dataset/rows": report["rows"], "dataset/prompts": report["prompts"],
+                   "dataset/knee_median": knee["median"], "dataset/knee_iqr": knee["iqr"],
+                   "dataset/knee_not_reached_fraction": knee["not_reached_fraction"]}
+        for workers, value in report["render_throughput"]["images_per_s_by_workers"].items():
+            metrics[f"dataset/render_images_per_s_{workers}_workers"] = value
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(cfg["report_path"])
+        mlflow.log_artifact(cfg["figure_path"])
+
+
+def main() -> None:
+    from training.params import load_params
+
+    cfg = load_params("dataset")
+    missing = [k for k in PARAMS if k not in cfg]
+    if missing:
+        raise SystemExit(f"error: params.yaml section 'dataset' lacks {', '.join(missing)}")
+    try:
+        report = run(cfg)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    log_to_mlflow(cfg, report)
+    k = report["knee"]
+    print(f"dataset: {report['rows']} rows, {report['prompts']} prompts, {len(report['metrics'])} metrics -> "
+          f"{cfg['output']}; knee steps median {k['median']:g} (IQR {k['p25']:g}-{k['p75']:g}, "
+          f"{k['not_reached_fraction']:.0%} not reached)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""DVC stage ``render``: every prompt at every step count of the grid, plus the reference, on Ray.
+
+Work is cut into shards of ``batch_size`` prompts at one step count (batching images of the
+same step count is where the speed is: one network call per step for the whole batch). Each
+shard is a Ray task; the driver writes its result with ``budgetdiff.shards.ShardStore``
+(data and manifest each written atomically, SHA-256 recorded and verified). A rerun after an
+interruption finds the finished shards by their manifests, verifies them, and renders only the
+rest; a shard whose key (model fingerprint, scheduler, guidance, step count, its prompts and
+seeds) differs from the current plan is rendered again, so changed parameters never mix. The
+output directory is a ``persist: true`` DVC output so that ``dvc repro`` keeps it for resuming.
+
+Ray: a local ``ray.init()`` with ``workers x cpus_per_task`` CPUs by default, the existing
+cluster when ``RAY_ADDRESS`` is set (then the code must be importable and ``model`` readable on
+the workers, e.g. a shared filesystem or the cluster's image). Each task asks for
+``cpus_per_task`` CPUs (its torch threads) and, when the cluster has GPUs, ``gpus_per_task``
+GPUs. ``executor: local`` renders in this process instead (no Ray; for debugging).
+
+Each image records its NFE (network evaluations; a CFG pair batched in one call counts once)
+and seconds (its batch's wall-clock divided by the batch size). The same prompt and seed get
+the same initial noise at every step count, so an image and its reference differ only in the
+number of steps.
+
+Outputs: ``output_dir`` (shards + ``index.json``: the plan, model, scheduler, guidance) and
+``report_path`` (reports/render.json): images, shards rendered and reused, wall-clock, and the
+throughput probe: images/s with 1 and 2 Ray workers on this machine (``throughput_probe``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from budgetdiff.io import atomic_write_json
+from budgetdiff.shards import ShardStore, directory_fingerprint, work_key
+
+# Under `uv run` (make repro, make test) Ray would otherwise package the working directory, models
+# included, for its workers (over 500 MB here): local workers already share this environment.
+# Read by Ray when it is imported, so it is set before the first `import ray`.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+INDEX_FILE = "index.json"
+# The params.yaml keys this stage needs (main() names any that are missing).
+PARAMS = (
+    "model", "prompts", "step_grid", "reference_steps", "scheduler", "batch_size", "workers",
+    "output_dir"
+)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work: ``prompt_ids`` (with their prompts and seeds) at ``steps`` steps."""
+
+    name: str
+    steps: int
+    is_reference: bool
+    prompt_ids: tuple[int, ...]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    key: str
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What every image of one run shares (and what a shard's key hashes)."""
+
+    model: str
+    model_fingerprint: str
+    scheduler: str
+    guidance: float
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+def check_steps(step_grid: list[int], reference_steps: int) -> None:
+    if not step_grid or any(not isinstance(s, int) or s < 1 for s in step_grid):
+        raise ValueError(f"render.step_grid: must be a non-empty list of positive integers, got {step_grid}")
+    if len(set(step_grid)) != len(step_grid):
+        raise ValueError(f"render.step_grid: repeated step counts in {step_grid}")
+    if not isinstance(reference_steps, int) or reference_steps <= max(step_grid):
+        raise ValueError(f"render.reference_steps: must be an integer above the grid's largest count "
+                         f"{max(step_grid)}, got {reference_steps}")
+
+
+def plan_shards(prompts: pd.DataFrame, step_grid: list[int], reference_steps: int, batch_size: int,
+                settings: RenderSettings) -> list[ShardSpec]:
+    """Every (step count, batch of prompts) shard, the longest step counts first (they take
+    longest, so starting them first balances the workers)."""
+    check_steps(step_grid, reference_steps)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"render.batch_size: must be a positive integer, got {batch_size}")
+    ids = prompts["prompt_id"].astype(int).tolist()
+    texts, seeds = prompts["prompt"].tolist(), prompts["seed"].astype(int).tolist()
+    plan = []
+    for steps in sorted([*step_grid, reference_steps], reverse=True):
+        for start in range(0, len(ids), batch_size):
+            chunk = slice(start, start + batch_size)
+            spec = {"settings": asdict(settings), "steps": steps, "prompt_ids": ids[chunk],
+                    "prompts": texts[chunk], "seeds": seeds[chunk]}
+            plan.append(ShardSpec(name=f"s{steps:04d}-p{start // batch_size:05d}", steps=steps,
+                                  is_reference=steps == reference_steps, prompt_ids=tuple(ids[chunk]),
+                                  prompts=tuple(texts[chunk]), seeds=tuple(seeds[chunk]), key=work_key(spec)))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# The work of one shard (runs in a Ray worker or in this process)
+# --------------------------------------------------------------------------------------------
+_PIPELINES: dict[tuple, object] = {}  # per worker process: load the model once, reuse it for every task
+
+
+def _pipeline(model: str, fingerprint: str):
+    import torch
+
+    from budgetdiff.generation import load_pipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache_key = (model, fingerprint, device)
+    if cache_key not in _PIPELINES:
+        _PIPELINES.clear()
+        _PIPELINES[cache_key] = load_pipeline(model, device=device)
+    return _PIPELINES[cache_key]
+
+
+def render_batch(settings: RenderSettings, steps: int, prompts: list[str], seeds: list[int],
+                 threads: int | None = None) -> dict[str, np.ndarray]:
+    """Render ``prompts`` (one seed each) at ``steps`` steps in one batch.
+
+    Returns {"images": uint8 (B, H, W, 3), "nfe": int64 (B,), "seconds": float64 (B,)}.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    pipe = _pipeline(settings.model, settings.model_fingerprint)
+    out = pipe(list(prompts), num_inference_steps=int(steps), guidance_scale=settings.guidance,
+               scheduler=settings.scheduler, seed=[int(s) for s in seeds], output_type="np", progress=False)
+    images = np.clip(np.rint(np.asarray(out.images) * 255.0), 0, 255).astype(np.uint8)
+    return {"images": images,
+            "nfe": np.array([r["nfe"] for r in out.records], dtype=np.int64),
+            "seconds": np.array([r["seconds"] for r in out.records], dtype=np.float64)}
+
+
+# --------------------------------------------------------------------------------------------
+# Executors: yield (shard, result) as results arrive
+# --------------------------------------------------------------------------------------------
+Executor = Callable[[list[ShardSpec], RenderSettings], Iterator[tuple[ShardSpec, dict]]]
+
+
+def local_executor(threads: int | None = None) -> Executor:
+    """Render the shards one after another in this process."""
+
+    def run(shards: list[ShardSpec], settings: RenderSettings):
+        for shard in shards:
+            yield shard, render_batch(settings, shard.steps, list(shard.prompts), list(shard.seeds), threads)
+
+    return run
+
+
+def init_ray(num_cpus: int, object_store_mb: int | None = None) -> str:
+    """Connect to the cluster at ``RAY_ADDRESS`` when set, else start a local Ray with ``num_cpus``
+    CPUs and no dashboard; returns a description. A session already started is reused."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing session"
+    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "BUDGETDIFF_PARAMS")
+                if k in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level="warning", log_to_driver=False)
+        return f"cluster at {address}"
+    kwargs = {"object_store_memory": int(object_store_mb) * 1024 * 1024} if object_store_mb else {}
+    ray.init(num_cpus=num_cpus, num_gpus=None, include_dashboard=False, runtime_env=runtime_env,
+             logging_level="warning", log_to_driver=False, **kwargs)
+    return f"local, {num_cpus} CPU(s)"
+
+
+def ray_executor(max_in_flight: int, cpus_per_task: int, gpus_per_task: float) -> Executor:
+    """Submit each shard as a Ray task (at most ``max_in_flight`` at once), yield results as they
+    finish. Tasks ask for ``cpus_per_task`` CPUs and, when the cluster has GPUs, ``gpus_per_task``."""
+    import ray
+
+    def run(shards: list[ShardSpec], settings: RenderSettings):
+        num_gpus = gpus_per_task if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        task = ray.remote(render_batch).options(num_cpus=cpus_per_task, num_gpus=num_gpus, max_retries=2)
+        queue, in_flight = list(shards), {}
+        while queue or in_flight:
+            while queue and len(in_flight) < max_in_flight:
+                shard = queue.pop(0)
+                ref = task.remote(settings, shard.steps, list(shard.prompts), list(shard.seeds), cpus_per_task)
+                in_flight[ref] = shard
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                yield in_flight.pop(ref), ray.get(ref)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# The run: resume, render what is left, write shards
+# --------------------------------------------------------------------------------------------
+def shard_arrays(shard: ShardSpec, result: dict) -> dict[str, np.ndarray]:
+    n = len(shard.prompt_ids)
+    if len(result["images"]) != n:
+        raise RuntimeError(f"shard {shard.name}: {len(result['images'])} images for {n} prompts")
+    return {"prompt_id": np.asarray(shard.prompt_ids, dtype=np.int64), **result}
+
+
+def render_shards(plan: list[ShardSpec], settings: RenderSettings, store: ShardStore, executor: Executor,
+                  progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Render every shard of ``plan`` that ``store`` does not already hold (same key, checksum
+    verified); returns counts and timing of this run."""
+    todo, reused = [], 0
+    for shard in plan:
+        status = store.status(shard.name, shard.key)
+        if status == "done":
+            reused += 1
+            continue
+        if status in ("corrupt", "stale"):
+            log(f"render: shard {shard.name} is {status}; rendering it again")
+            store.remove(shard.name)
+        todo.append(shard)
+    images = sum(len(s.prompt_ids) for s in plan)
+    bar = tqdm(total=len(plan), initial=reused, desc="render shards", unit="shard", disable=not progress,
+               dynamic_ncols=True)
+    start, rendered_images, unet_steps = time.perf_counter(), 0, 0
+    try:
+        for shard, result in executor(todo, settings):
+            store.write(shard.name, shard_arrays(shard, result), key=shard.key,
+                        meta={"steps": shard.steps, "is_reference": shard.is_reference, **asdict(settings)})
+            rendered_images += len(shard.prompt_ids)
+            unet_steps += int(np.sum(result["nfe"]))
+            bar.update(1)
+            bar.set_postfix(images_per_s=f"{rendered_images / max(time.perf_counter() - start, 1e-9):.2f}")
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return {"shards": len(plan), "shards_reused": reused, "shards_rendered": len(todo), "images": images,
+            "images_rendered": rendered_images, "seconds": round(seconds, 2),
+            "images_per_s": round(rendered_images / seconds, 3) if rendered_images else None,
+            "network_evaluations_per_s": round(unet_steps / seconds, 2) if rendered_images else None}
+
+
+def throughput_probe(prompts: pd.DataFrame, settings: RenderSettings, cfg: dict, make_executor) -> dict:
+    """Images/s for ``cfg['prompts']`` prompts at ``cfg['steps']`` steps in shards of
+    ``batch_size``, with each worker count of ``cfg['workers']`` (results are not kept). Each
+    measurement starts after a warm-up task per worker (model loaded in every worker)."""
+    n = int(cfg.get("prompts") or 0)
+    if n <= 0:
+        return {}
+    steps, batch = int(cfg["steps"]), int(cfg["batch_size"])
+    rows = prompts.iloc[np.arange(n) % len(prompts)].assign(prompt_id=np.arange(n))
+    plan = plan_shards(rows, [steps], steps + 1, batch, settings)
+    plan = [s for s in plan if s.steps == steps]
+    out = {"prompts": n, "steps": steps, "batch_size": batch, "images_per_s": {}, "network_evaluations_per_s": {}}
+    for workers in cfg["workers"]:
+        run = make_executor(int(workers))
+        warm = [ShardSpec(f"warm{i}", 1, False, (0,), plan[0].prompts[:1], (0,), "") for i in range(int(workers))]
+        for _ in run(warm, settings):
+            pass
+        start, evals = time.perf_counter(), 0
+        for _, result in run(plan, settings):
+            evals += int(np.sum(result["nfe"]))
+        seconds = time.perf_counter() - start
+        out["images_per_s"][str(workers)] = round(n / seconds, 3)
+        out["network_evaluations_per_s"][str(workers)] = round(evals / seconds, 2)
+        print(f"throughput probe: {workers} worker(s): {n / seconds:.2f} images/s at {steps} steps")
+    return out
+
+
+def resolve_settings(cfg: dict) -> RenderSettings:
+    from budgetdiff.generation import model_class_name
+    from budgetdiff.pipeline import SCHEDULERS
+
+    model = str(cfg["model"])
+    model_class_name(model)  # a clear error for a missing or invalid model directory
+    scheduler = str(cfg["scheduler"]).lower()
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"render.scheduler: unknown scheduler {cfg['scheduler']!r}; "
+                         f"choose one of {', '.join(SCHEDULERS)}")
+    guidance = cfg.get("guidance")
+    if guidance is None:
+        guidance = json.loads((Path(model) / "model_index.json").read_text()).get("default_guidance_scale", 7.5)
+    guidance = float(guidance)
+    if not np.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"render.guidance: must be a finite number >= 0, got {guidance}")
+    return RenderSettings(model=model, model_fingerprint=directory_fingerprint(model)[:32],
+                          scheduler=scheduler, guidance=guidance)
+
+
+def read_prompts(path: str) -> pd.DataFrame:
+    try:
+        prompts = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise ValueError(f"render.prompts: {path} does not exist (run the prompts stage)") from None
+    missing = {"prompt_id", "prompt", "seed"} - set(prompts.columns)
+    if missing or prompts.empty:
+        raise ValueError(f"render.prompts: {path} has no prompts or lacks columns {sorted(missing)}")
+    return prompts
+
+
+def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> dict:
+    """Render the whole plan of ``cfg`` (the params.yaml ``render`` section) and write the index;
+    returns the report. ``executor`` overrides ``cfg['executor']`` (tests)."""
+    settings = resolve_settings(cfg)
+    prompts = read_prompts(cfg["prompts"])
+    plan = plan_shards(prompts, list(cfg["step_grid"]), cfg["reference_steps"], cfg["batch_size"], settings)
+    store = ShardStore(cfg["output_dir"])
+    (store.directory / INDEX_FILE).unlink(missing_ok=True)  # only a finished run has an index
+    workers, cpus = int(cfg["workers"]), int(cfg.get("cpus_per_task", 1))
+    probe_cfg = {"batch_size": cfg["batch_size"], **(cfg.get("throughput_probe") or {"prompts": 0})}
+    kind = cfg.get("executor", "ray") if executor is None else "given"
+    ray_started = False
+    try:
+        if kind == "ray":
+            probe_workers = [int(w) for w in probe_cfg.get("workers", [])] if probe_cfg.get("prompts") else []
+            where = init_ray(max([workers, *probe_workers]) * cpus, cfg.get("local_object_store_mb"))
+            ray_started = True
+            print(f"render: Ray {where}; {len(plan)} shards of up to {cfg['batch_size']} prompts")
+
+            def make(w: int) -> Executor:
+                return ray_executor(max_in_flight=2 * w if w == workers else w, cpus_per_task=cpus,
+                                    gpus_per_task=float(cfg.get("gpus_per_task", 1)))
+        elif kind == "local":
+            def make(w: int) -> Executor:
+                return local_executor(threads=cpus)
+        elif kind == "given":
+            def make(w: int) -> Executor:
+                return executor
+        else:
+            raise ValueError(f"render.executor: must be 'ray' or 'local', got {kind!r}")
+        run_stats = render_shards(plan, settings, store, make(workers), progress=progress)
+        probe = throughput_probe(prompts, settings, probe_cfg, make)
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+    removed = store.prune({s.name for s in plan}, extra_files={INDEX_FILE})
+    index = {"model": settings.model, "model_fingerprint": settings.model_fingerprint,
+             "scheduler": settings.scheduler, "guidance": settings.guidance,
+             "step_grid": sorted(cfg["step_grid"]), "reference_steps": cfg["reference_steps"],
+             "prompts": int(len(prompts)), "batch_size": cfg["batch_size"],
+             "shards": [{"name": s.name, "steps": s.steps, "is_reference": s.is_reference, "rows": len(s.prompt_ids),
+                         "key": s.key} for s in plan]}
+    atomic_write_json(store.directory / INDEX_FILE, index)
+    report = {"model": settings.model, "scheduler": settings.scheduler, "guidance": settings.guidance,
+              "step_grid": index["step_grid"], "reference_steps": index["reference_steps"],
+              "prompts": index["prompts"], "executor": kind, "workers": workers, "cpus_per_task": cpus,
+              "run": run_stats, "throughput_probe": probe, "stale_files_removed": len(removed)}
+    if cfg.get("report_path"):
+        atomic_write_json(cfg["report_path"], report)
+    return report
+
+
+def main() -> None:
+    from training.params import load_params
+
+    cfg = load_params("render")
+    missing = [k for k in PARAMS if k not in cfg]
+    if missing:
+        raise SystemExit(f"error: params.yaml section 'render' lacks {', '.join(missing)}")
+    try:
+        report = run(cfg)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    r = report["run"]
+    print(f"render: {r['images']} images in {r['shards']} shards ({r['shards_rendered']} rendered, "
+          f"{r['shards_reused']} reused) in {r['seconds']:.0f} s -> {cfg['output_dir']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""SnapFusion step distillation (training/distill.py) on tiny random models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from conftest import REPO, tiny_unet_config
+
+PROMPTS = ["a small red circle at the top left on a white background",
+           "two large blue squares at the left and in the top right on a black background",
+           "a small green cross in the center on a gray background"]
+
+
+def tiny_v_unet(seed: int = 0):
+    from training.base import build_unet
+
+    torch.manual_seed(seed)
+    return build_unet(tiny_unet_config()).eval()
+
+
+def distill_config(teacher, tmp_path, **overrides) -> dict:
+    cfg = {**yaml_section("distill"), **yaml_section("distill_16")}
+    cfg.update(teacher=str(teacher), student_steps=4, batch_size=2, max_steps=2, lr_warmup_steps=1, val_every=2,
+               val_prompts=2, guidance_candidates=[1.0, 2.0], guidance_eval_prompts=2, heldout_loss_scenes=3,
+               checkpoint_every=1,
+               checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "student"),
+               metrics_path=str(tmp_path / "distill.json"), stage="distill_test")
+    cfg.update(overrides)
+    return cfg
+
+
+def yaml_section(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "params.yaml").read_text())[name]
+
+
+@pytest.fixture(scope="module")
+def module(tiny_model_dir, tmp_path_factory):
+    from training.distill import DistillationModule
+
+    torch.manual_seed(0)
+    return DistillationModule(distill_config(tiny_model_dir, tmp_path_factory.mktemp("distill")))
+
+
+def fixed_batch(n: int = 4, resolution: int = 16):
+    from training.base import SceneStream, _collate
+
+    stream = iter(SceneStream(0, resolution, [0.4, 0.3, 0.2, 0.1]))
+    return _collate([next(stream) for _ in range(n)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Grids and the algebra of the target
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [8, 16])
+def test_step_grid_is_the_inference_grid(n):
+    from training.distill import step_grid
+
+    config = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").config
+    grid = step_grid(config, n)
+    inference = DDIMScheduler.from_config(config, timestep_spacing="trailing")
+    inference.set_timesteps(n)
+    assert torch.equal(grid.t, inference.timesteps)  # the student trains where it samples
+    assert torch.equal(grid.t_next, inference.timesteps - 1000 // n)  # where DDIMScheduler.step lands
+    inference.set_timesteps(2 * n)
+    assert torch.equal(grid.t_mid, inference.timesteps[1::2])  # the teacher's own 2N-step grid
+    assert grid.t[0] == 999 and grid.t_next[-1] == -1
+    if n == 8:
+        assert grid.t.tolist() == [999, 874, 749, 624, 499, 374, 249, 124]
+        assert grid.t_mid.tolist()[:2] == [937, 811]
+
+
+def _teacher_outputs(unet, z, t, emb_seed=0):
+    """A tiny UNet's v-prediction for z at t, conditioned on fixed random text embeddings."""
+    from budgetdiff.text import PromptEmbeddings
+    from conftest import TINY_TEXT_DIM
+    from training.distill import velocity
+
+    g = torch.Generator().manual_seed(emb_seed)
+    b = z.shape[0]
+    emb = PromptEmbeddings(torch.randn(b, 5, TINY_TEXT_DIM, generator=g), torch.ones(b, 5, dtype=torch.long),
+                           torch.nn.functional.normalize(torch.randn(b, TINY_TEXT_DIM, generator=g), dim=-1), [])
+    with torch.no_grad():
+        return velocity(unet, z, t, emb)
+
+
+def test_target_equals_two_teacher_ddim_steps_against_diffusers():
+    """With 1024 training steps every grid is exact, so diffusers' own DDIMScheduler.step can take
+    the teacher's two steps (2N-step schedule) and the student's one step (N-step schedule): a
+    student step whose x̂ is the Eq. 8 target lands exactly on the teacher's z_t''."""
+    from training.distill import NoiseSchedule, distillation_target, step_grid
+
+    n, unet = 4, tiny_v_unet()
+    sched = DDIMScheduler(num_train_timesteps=1024, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                          clip_sample=False, timestep_spacing="trailing")
+    grid, schedule = step_grid(sched.config, n), NoiseSchedule(sched)
+    x0 = torch.rand(1, 3, 16, 16) * 2 - 1
+    for i in range(n):
+        t, t_mid, t_next = (g[i : i + 1] for g in (grid.t, grid.t_mid, grid.t_next))
+        a, s = schedule.alpha_sigma(t, x0)
+        z_t = a * x0 + s * torch.randn_like(x0)
+
+        teacher = DDIMScheduler.from_config(sched.config)
+        teacher.set_timesteps(2 * n)
+        assert teacher.timesteps[2 * i] == t and teacher.timesteps[2 * i + 1] == t_mid
+        z_mid = teacher.step(_teacher_outputs(unet, z_t, t), int(t), z_t).prev_sample
+        z_next = teacher.step(_teacher_outputs(unet, z_mid, t_mid), int(t_mid), z_mid).prev_sample
+        # Our DDIM step (used in training) agrees with diffusers'.
+        ours_mid = schedule.ddim_step(z_t, _teacher_outputs(unet, z_t, t), t, t_mid)
+        ours = schedule.ddim_step(ours_mid, _teacher_outputs(unet, ours_mid, t_mid), t_mid, t_next)
+        torch.testing.assert_close(ours, z_next, rtol=1e-4, atol=1e-5)
+
+        a_next, s_next = schedule.alpha_sigma(t_next, x0)
+        x_target = distillation_target(z_t, z_next, a, s, a_next, s_next)
+        student = DDIMScheduler.from_config(sched.config)
+        student.set_timesteps(n)
+        v_student = (a * z_t - x_target) / s  # the v-prediction whose x̂ is the target
+        landed = student.step(v_student, int(t), z_t).prev_sample
+        torch.testing.assert_close(landed, z_next, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip_teacher", [False, True])
+def test_target_reproduces_teacher_on_the_real_schedule(clip_teacher):
+    """The real 1000-step cosine schedule (midpoints not equally spaced): one unclipped DDIM step
+    from z_t with x̂ = target reproduces the teacher's two steps, clipped or not, at every grid step."""
+    from training.distill import NoiseSchedule, distillation_target, step_grid
+
+    n, unet = 8, tiny_v_unet(1)
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=True)
+    grid, schedule = step_grid(sched.config, n), NoiseSchedule(sched)
+    x0 = torch.rand(n, 3, 16, 16) * 2 - 1
+    t, t_mid, t_next = grid.t, grid.t_mid, grid.t_next  # one sample per grid step
+    a, s = schedule.alpha_sigma(t, x0)
+    z_t = a * x0 + s * torch.randn_like(x0)
+    z_mid = schedule.ddim_step(z_t, _teacher_outputs(unet, z_t, t), t, t_mid, clip=clip_teacher)
+    z_next = schedule.ddim_step(z_mid, _teacher_outputs(unet, z_mid, t_mid), t_mid, t_next, clip=clip_teacher)
+    a_next, s_next = schedule.alpha_sigma(t_next, x0)
+    x_target = distillation_target(z_t, z_next, a, s, a_next, s_next)
+    landed = schedule.ddim_step(z_t, (a * z_t - x_target) / s, t, t_next, clip=False)
+    torch.testing.assert_close(landed.double(), z_next.double(), rtol=1e-3, atol=1e-4)
+    # The last step lands on the clean image: the target is the teacher's final image itself.
+    torch.testing.assert_close(x_target[-1], z_next[-1])
+
+
+def test_truncated_snr_weight_and_guidance():
+    from training.distill import guided, truncated_snr_weight
+
+    alpha, sigma = torch.tensor([0.1, 0.6, 0.99]), torch.tensor([0.995, 0.8, 0.141])
+    w = truncated_snr_weight(alpha, sigma)
+    assert w[0] == 1.0 and w[1] == 1.0 and w[2] == pytest.approx(0.99**2 / 0.141**2, rel=1e-4)
+    v_u, v_c = torch.randn(2, 3), torch.randn(2, 3)
+    torch.testing.assert_close(guided(v_u, v_c, torch.tensor(1.0)), v_c)  # w = 1: the conditional output
+    torch.testing.assert_close(guided(v_u, v_c, torch.tensor(3.0)), v_u + 3.0 * (v_c - v_u))  # the pipeline's CFG
+
+
+# ----------------------------------------------------------------------------------------------
+# The module's losses
+# ----------------------------------------------------------------------------------------------
+def test_guided_outputs_use_the_same_w_for_teacher_and_student(module, monkeypatch):
+    import training.distill as distill
+
+    calls = []
+    original = distill.guided_velocity
+
+    def spy(unet, z, t, pair, w):
+        calls.append(("teacher" if unet is module.teacher_unet else "student", w.detach().clone().view(-1)))
+        return original(unet, z, t, pair, w)
+
+    monkeypatch.setattr(distill, "guided_velocity", spy)
+    x0, mask, prompts = fixed_batch(4)
+    pair = module.encode(prompts)
+    _, w = module.distillation_loss(x0, pair, use_cfg=True, generator=torch.Generator().manual_seed(0))
+    assert [who for who, _ in calls] == ["teacher", "teacher", "student"]  # t -> t' -> t'', then one step
+    for _, w_call in calls:
+        torch.testing.assert_close(w_call, w)
+    lo, hi = module.cfg["guidance_range"]
+    assert ((w >= lo) & (w <= hi)).all() and w.unique().numel() == 4  # one w per sample
+
+    calls.clear()
+    _, w = module.distillation_loss(x0, pair, use_cfg=False, generator=torch.Generator().manual_seed(0))
+    assert calls == [] and (w == 1).all()  # vanilla: plain conditional outputs
+
+
+def test_loss_mixing_probability_is_respected():
+    from training.distill import uses_cfg_loss
+
+    n = 4000
+    for p in (0.1, 0.5):
+        draws = [uses_cfg_loss(0, step, p) for step in range(n)]
+        sd = (p * (1 - p) / n) ** 0.5
+        assert abs(np.mean(draws) - p) < 4 * sd, (p, np.mean(draws))
+    assert not any(uses_cfg_loss(0, s, 0.0) for s in range(500))
+    assert all(uses_cfg_loss(0, s, 1.0) for s in range(500))
+    # A pure function of (seed, step): a resumed run makes the same draws; another seed others.
+    assert [uses_cfg_loss(3, s, 0.1) for s in range(200)] == [uses_cfg_loss(3, s, 0.1) for s in range(200)]
+    assert [uses_cfg_loss(3, s, 0.5) for s in range(200)] != [uses_cfg_loss(4, s, 0.5) for s in range(200)]
+
+
+def test_ori_loss_is_rescaled_to_the_distillation_loss(module):
+    x0, mask, prompts = fixed_batch(4)
+    out = module.model_step((x0, mask, prompts), use_cfg=False, generator=torch.Generator().manual_seed(1))
+    gamma = module.cfg["gamma"]
+    assert out["loss_ori"] > 0 and out["loss_dstl"] > 0
+    # L = L_dstl + γ·L_ori·sg(L_dstl / L_ori): its value is (1 + γ)·L_dstl.
+    assert out["loss"].item() == pytest.approx((1 + gamma) * out["loss_dstl"].item(), rel=1e-5)
+
+
+def test_frozen_parts_stay_frozen_and_out_of_checkpoints(module):
+    module.train()
+    assert not module.text_encoder.training and not module.teacher_unet.training and module.unet.training
+    assert not any(p.requires_grad for p in module.teacher_unet.parameters())
+    keys = module.state_dict().keys()
+    assert not any(k.startswith(("teacher_unet.", "text_encoder.")) for k in keys)
+    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("ema_unet.") for k in keys)
+
+
+def test_a_few_steps_reduce_the_loss(tiny_model_dir, tmp_path):
+    from training.distill import DistillationModule
+
+    torch.manual_seed(0)
+    module = DistillationModule(distill_config(tiny_model_dir, tmp_path, caption_dropout=0.0))
+    batch = fixed_batch(8)
+    opt = torch.optim.AdamW(module.unet.parameters(), lr=1e-3)
+
+    def losses():
+        with torch.no_grad():
+            return [module.model_step(batch, c, torch.Generator().manual_seed(123))["loss_dstl"].item()
+                    for c in (False, True)]
+
+    before = losses()
+    for step in range(30):  # a fixed batch: the same images, timesteps, noise and w every step
+        out = module.model_step(batch, use_cfg=step % 2 == 0, generator=torch.Generator().manual_seed(123))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    after = losses()
+    assert after[0] < 0.8 * before[0] and after[1] < 0.8 * before[1], (before, after)
+
+
+# ----------------------------------------------------------------------------------------------
+# train(cfg): save, load, generate, resume, chain
+# ----------------------------------------------------------------------------------------------
+def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from diffusers import DiffusionPipeline
+
+    from budgetdiff.pipeline import BudgetDiffusionPipeline
+    from training.distill import DISTILLATION_FILE, config_hash, train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = distill_config(tiny_model_dir, tmp_path)
+    metrics = train(cfg)
+    assert metrics["steps"] == 2 and metrics["teacher_steps"] == 8 and metrics["student_steps"] == 4
+    assert metrics["default_guidance"] in (1.0, 2.0)
+    held = metrics["heldout_loss_dstl"]  # L_dstl of the teacher's UNet as the student, and of the result
+    assert set(held) == {"teacher_copy", "student_ema"} and all(set(v) == {"vanilla", "cfg"} for v in held.values())
+
+    pipe = DiffusionPipeline.from_pretrained(cfg["output_dir"])
+    assert isinstance(pipe, BudgetDiffusionPipeline)
+    assert pipe.config.default_guidance_scale == metrics["default_guidance"]
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPTS[:2], num_inference_steps=4, output_type="np")
+    assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
+    record = json.loads((tmp_path / "student" / DISTILLATION_FILE).read_text())
+    assert record["teacher"] == str(tiny_model_dir) and record["student_steps"] == 4
+    assert record["teacher_steps"] == 8 and record["training_steps"] == 2
+    assert not (tmp_path / "student.tmp").exists()
+    # `budgetdiff generate --model STUDENT --steps 4` runs it unchanged.
+    from budgetdiff.cli import main
+
+    assert main(["generate", PROMPTS[0], "--model", cfg["output_dir"], "--steps", "4",
+                 "--out", str(tmp_path / "x.png")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["steps"] == 4 and line["nfe"] == 4 and (tmp_path / "x.png").is_file()
+
+    # The student is a teacher in turn (16 -> 8 in the real workflow); the chain is recorded.
+    # A checkpoint of a longer run with the same config resumes (as training/base.py).
+    chained = distill_config(tmp_path / "student", tmp_path / "chain", student_steps=2, max_steps=3,
+                             choose_guidance=False)
+    ckpt = tmp_path / "chain" / "ckpt" / config_hash(chained)
+    first = {**chained, "max_steps": 2}
+    train(first)
+    ckpt.mkdir(parents=True)
+    (tmp_path / "chain" / "ckpt" / config_hash(first) / "last.ckpt").rename(ckpt / "last.ckpt")
+    resumed = train(chained)
+    assert resumed["steps"] == 3 and resumed["seconds_per_step"] is not None
+    record = json.loads((tmp_path / "chain" / "student" / DISTILLATION_FILE).read_text())
+    assert record["teacher_distillation"]["student_steps"] == 4 and record["student_steps"] == 2
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["budgetdiff"])
+    assert set(runs["tags.dvc_stage"]) == {"distill_test"} and runs["tags.git_commit"].notna().all()
+
+
+def test_stage_config_merges_the_sections(monkeypatch):
+    import training.params
+    from training.distill import stage_config
+
+    monkeypatch.setattr(training.params, "PARAMS_FILE", REPO / "params.yaml")
+    c16 = stage_config("distill_16")
+    assert c16["teacher"] == "models/base" and c16["student_steps"] == 16 and c16["output_dir"] == "models/student-16"
+    assert c16["stage"] == "distill_16" and c16["checkpoint_dir"].endswith("distill_16")
+    by_variant = {v: stage_config("distill_8", v) for v in ("cfg", "vanilla", "cfgonly")}
+    assert {v: c["p_cfg"] for v, c in by_variant.items()} == {"cfg": 0.1, "vanilla": 0.0, "cfgonly": 1.0}
+    assert all(c["teacher"] == "models/student-16" and c["student_steps"] == 8 for c in by_variant.values())
+    assert by_variant["cfg"]["output_dir"] == "models/student-8"
+    assert by_variant["vanilla"]["stage"] == "distill_8@vanilla"
+    assert len({c["checkpoint_dir"] for c in by_variant.values()}) == 3
+    with pytest.raises(SystemExit, match="unknown variant"):
+        stage_config("distill_8", "nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# bench_distill on tiny models and evaluators
+# ----------------------------------------------------------------------------------------------
+def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_path, monkeypatch):
+    import benchmarks.bench_distill as bench
+    from test_metrics_helpers import tiny_backbone, tiny_checker
+
+    monkeypatch.setattr(bench, "load_clip_backbone", lambda _dir: tiny_backbone())
+    monkeypatch.setattr(bench, "load_attribute_checker", lambda _dir: tiny_checker())
+    model = str(tiny_model_dir)
+    cfg = {**yaml_section("bench_distill"), "prompts": 4, "batch_size": 4, "grid_prompts": 2,
+           "guidance_scales": [1.0, 3.0], "guidance": 2.0,
+           "runs": {"teacher_50": {"model": model, "steps": 4}, "teacher_8": {"model": model, "steps": 2},
+                    "student_8_cfg": {"model": model, "steps": 2}},
+           "csv_path": str(tmp_path / "t.csv"), "plot_path": str(tmp_path / "t.png"),
+           "grid_path": str(tmp_path / "g.png")}
+    report = bench.run(cfg)
+    assert report["guidance_scales"] == [1.0, 2.0, 3.0]  # the target guidance joins the sweep
+    r = report["results"]["student_8_cfg"]["2.0"]
+    assert r["nfe"] == 2 and r["fd"] >= 0 and 0 <= r["attr_acc"] <= 1 and r["seconds_per_image"] > 0
+    assert report["results"]["teacher_50"]["2.0"]["gflops_per_image"] == pytest.approx(2 * r["gflops_per_image"])
+    targets = report["targets"]
+    assert targets["attr_acc_student_8_cfg_ge_teacher_8"]["met"] is True  # the same model and steps
+    assert targets["clipt_student_8_cfg_ge_student_8_vanilla"]["met"] is None  # no vanilla run here
+    assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "g.png").stat().st_size > 0
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == 1 + 3 * 3

@@ -1,0 +1,132 @@
+"""The ``score`` and ``dataset`` stages on a tiny render: every metric against the reference and
+the prompt, the Parquet table's schema, the knee step, plots and report."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import training.params
+from budgetdiff.metrics import MetricScorer, ScoringConfig
+from budgetdiff.metrics.perceptual import LpipsMetric
+from budgetdiff.shards import ShardStore
+from pipelines import dataset, render, score
+from pipelines import prompts as prompt_stage
+from test_metrics_helpers import tiny_backbone, tiny_checker
+
+METRICS = ["pixel/lsnr", "pixel/psnr", "pixel/ssim", "mid/lpips_alex_randinit", "high/clipt_domainclip",
+           "high/iclip_domainclip", "domain/attr_acc"]
+REFERENCE_BASED = ["pixel/psnr", "pixel/ssim", "mid/lpips_alex_randinit", "high/iclip_domainclip"]
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path_factory.mktemp("hub")))  # no ImageNet AlexNet: the randinit backend
+    try:
+        with pytest.warns(UserWarning, match="randomly initialised"):
+            lpips = LpipsMetric()
+    finally:
+        torch.hub.set_dir(previous)
+    return MetricScorer(ScoringConfig(batch_size=8), lpips=lpips, clip=tiny_backbone(), checker=tiny_checker())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dir, scorer):
+    root = tmp_path_factory.mktemp("dataset")
+    prompts, _ = prompt_stage.build_prompts({
+        "source": "scenes", "n_prompts": 8, "count_weights": [0.25] * 4, "seed_offset": 60_000_000,
+        "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "split_seed": 0})
+    prompt_stage.write_parquet(prompts, root / "prompts.parquet")
+    render.run({"model": str(tiny_model_dir), "prompts": str(root / "prompts.parquet"), "step_grid": [1, 2, 4],
+                "reference_steps": 6, "scheduler": "ddim", "guidance": None, "batch_size": 3, "workers": 1,
+                "output_dir": str(root / "renders"), "report_path": str(root / "render.json"),
+                "throughput_probe": {"prompts": 0}}, executor=render.local_executor(), progress=False)
+    cfg = {"score": {"renders": str(root / "renders"), "prompts": str(root / "prompts.parquet"), "batch_size": 8,
+                     "clip_dir": "unused", "attributes_dir": "unused", "output": str(root / "scores.parquet")},
+           "dataset": {"prompts": str(root / "prompts.parquet"), "scores": str(root / "scores.parquet"),
+                       "render_report": str(root / "render.json"), "output": str(root / "dataset.parquet"),
+                       "knee": {"quality": 0.5, "metrics": {"pixel/ssim": "similarity", "mid/lpips": "distance",
+                                                           "high/iclip": "similarity"}},
+                       "plots_dir": str(root / "plots"), "figure_path": str(root / "dataset.png"),
+                       "report_path": str(root / "dataset.json")}}
+    score.run(cfg["score"], scorer=scorer, progress=False)
+    return root, cfg
+
+
+def test_score_table(workspace):
+    root, _ = workspace
+    table = pd.read_parquet(root / "scores.parquet")
+    assert list(table.columns) == list(score.RECORD_COLUMNS) + METRICS
+    assert len(table) == 8 * 4 and not table.duplicated(["prompt_id", "steps"]).any()
+    grid, refs = table[~table["is_reference"]], table[table["is_reference"]]
+    assert (refs["steps"] == 6).all() and len(refs) == 8
+    assert grid[METRICS].notna().all().all() and refs[REFERENCE_BASED].isna().all().all()
+    assert refs[["pixel/lsnr", "high/clipt_domainclip", "domain/attr_acc"]].notna().all().all()
+    assert (table["nfe"] == table["steps"]).all() and (table["seconds"] > 0).all()
+
+
+def test_score_reports_a_corrupt_shard(workspace, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    root, cfg = workspace
+    renders = tmp_path / "renders"
+    shutil.copytree(root / "renders", renders)
+    path = ShardStore(renders).data_path("s0002-p00001")
+    path.write_bytes(path.read_bytes()[:-7] + b"garbage")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"score": {**cfg["score"], "renders": str(renders)}}))
+    monkeypatch.setattr(training.params, "PARAMS_FILE", tmp_path / "params.yaml")
+    with pytest.raises(SystemExit) as exc:
+        score.main()
+    message = str(exc.value)
+    assert message.startswith(f"error: shard {path}: checksum mismatch") and "\n" not in message
+    (renders / "index.json").unlink()
+    with pytest.raises(SystemExit, match="the render stage has not finished"):
+        score.main()
+
+
+def test_dataset_table_plots_and_report(workspace):
+    root, cfg = workspace
+    report = dataset.run(cfg["dataset"])
+    table = pd.read_parquet(root / "dataset.parquet")
+    expected = {"prompt_id": "int64", "prompt": "string", "seed": "int64", "split": "string", "complexity": "int64",
+                "steps": "int64", "is_reference": "bool", "nfe": "int64", "seconds": "float64", "knee_steps": "int64",
+                **{m: "float64" for m in METRICS}}
+    assert {c: str(t) for c, t in table.dtypes.items()} == expected and list(table.columns) == list(expected)
+    assert report["rows"] == 32 and report["prompts"] == 8 and report["metrics"] == METRICS
+    assert report["per_complexity"] == {"1": 2, "2": 2, "3": 2, "4": 2}
+    assert table.groupby("prompt_id")["split"].nunique().max() == 1  # split by prompt
+    assert set(table["knee_steps"]) <= {1, 2, 4, 6} and sum(report["knee"]["histogram"].values()) == 8
+    assert report["knee"]["metrics"] == {"pixel/ssim": "similarity", "mid/lpips_alex_randinit": "distance",
+                                         "high/iclip_domainclip": "similarity"}
+    curve = pd.read_csv(root / "plots/curves/mid_lpips.csv")
+    assert list(curve.columns) == ["steps", "complexity_1", "complexity_2", "complexity_3", "complexity_4", "all"]
+    assert curve["steps"].tolist() == [1, 2, 4]
+    assert {p.name for p in (root / "plots/curves").iterdir()} == {
+        "pixel_lsnr.csv", "pixel_psnr.csv", "pixel_ssim.csv", "mid_lpips.csv", "high_clipt.csv", "high_iclip.csv",
+        "domain_attr.csv"}
+    histogram = pd.read_csv(root / "plots/knee_histogram.csv")
+    assert histogram["knee_steps"].tolist() == ["001", "002", "004", "not reached by 4"]
+    assert (root / "dataset.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((root / "dataset.json").read_text())["rows"] == 32
+
+
+def test_knee_rule():
+    steps = [2, 4, 8, 16, 32]
+    rows = []
+    for pid, ssim, lpips in [(0, [0.5, 0.95, 0.85, 0.97, 0.99], [0.3, 0.05, 0.05, 0.05, 0.0]),  # dips at 8: 16
+                             (1, [0.95] * 5, [0.02] * 5),                                      # reached at 2
+                             (2, [0.95] * 5, [0.5, 0.4, 0.3, 0.2, 0.15])]:                     # never: reference
+        rows += [{"prompt_id": pid, "steps": s, "is_reference": False, "pixel/ssim": a, "mid/lpips_x": b}
+                 for s, a, b in zip(steps, ssim, lpips)]
+        rows.append({"prompt_id": pid, "steps": 64, "is_reference": True, "pixel/ssim": np.nan, "mid/lpips_x": np.nan})
+    table = pd.DataFrame(rows)
+    metrics = dataset.resolve_knee_metrics(table, {"pixel/ssim": "similarity", "mid/lpips": "distance"})
+    assert metrics == {"pixel/ssim": "similarity", "mid/lpips_x": "distance"}
+    assert dataset.knee_steps(table, metrics, 0.9, 64).to_dict() == {0: 16, 1: 2, 2: 64}
+    with pytest.raises(ValueError, match="no metric column matches 'high/iclip'"):
+        dataset.resolve_knee_metrics(table, {"high/iclip": "similarity"})

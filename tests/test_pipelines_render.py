@@ -1,0 +1,185 @@
+"""The ``render`` stage: shards written atomically with checksums, resumed after a crash or a
+kill with no duplicate or missing image, corrupt shards reported and redone; Ray tasks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from budgetdiff.shards import ShardChecksumError, ShardError, ShardStore
+from conftest import REPO
+from pipelines import prompts as prompt_stage
+from pipelines import render
+
+STEP_GRID, REFERENCE = [1, 2], 3
+
+
+@pytest.fixture()
+def cfg(tmp_path, tiny_model_dir):
+    prompts, _ = prompt_stage.build_prompts({
+        "source": "scenes", "n_prompts": 6, "count_weights": [0.25] * 4, "seed_offset": 60_000_000,
+        "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "split_seed": 0})
+    prompt_stage.write_parquet(prompts, tmp_path / "prompts.parquet")
+    return {"model": str(tiny_model_dir), "prompts": str(tmp_path / "prompts.parquet"), "step_grid": STEP_GRID,
+            "reference_steps": REFERENCE, "scheduler": "ddim", "guidance": None, "batch_size": 4,
+            "executor": "local", "workers": 1, "cpus_per_task": 1, "output_dir": str(tmp_path / "renders"),
+            "report_path": str(tmp_path / "render.json"), "throughput_probe": {"prompts": 0}}
+
+
+def counting(executor, log: list, fail_after: int | None = None):
+    """``executor`` that records each shard it renders and raises after ``fail_after`` results."""
+
+    def run(shards, settings):
+        for i, (shard, result) in enumerate(executor(shards, settings)):
+            if fail_after is not None and i == fail_after:
+                raise RuntimeError("simulated crash")
+            log.append(shard.name)
+            yield shard, result
+
+    return run
+
+
+def all_rows(cfg) -> list[tuple[int, int]]:
+    """(prompt_id, steps) of every image in the finished render, checksums verified."""
+    index = json.loads((render.Path(cfg["output_dir"]) / render.INDEX_FILE).read_text())
+    store, rows = ShardStore(cfg["output_dir"]), []
+    for shard in index["shards"]:
+        arrays, manifest = store.read(shard["name"], key=shard["key"])
+        assert arrays["images"].dtype == np.uint8 and (arrays["nfe"] == manifest["meta"]["steps"]).all()
+        assert (arrays["seconds"] > 0).all()
+        rows += [(int(i), shard["steps"]) for i in arrays["prompt_id"]]
+    return rows
+
+
+def expected_rows():
+    return sorted((i, s) for i in range(6) for s in [*STEP_GRID, REFERENCE])
+
+
+def test_resume_after_a_crash_redoes_only_unfinished_shards(cfg):
+    first: list[str] = []
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        render.run(cfg, executor=counting(render.local_executor(), first, fail_after=2), progress=False)
+    assert len(first) == 2 and not (render.Path(cfg["output_dir"]) / render.INDEX_FILE).exists()
+    second: list[str] = []
+    report = render.run(cfg, executor=counting(render.local_executor(), second), progress=False)
+    assert (report["run"]["shards"], report["run"]["shards_reused"], report["run"]["shards_rendered"]) == (6, 2, 4)
+    assert set(first).isdisjoint(second) and len(set(first + second)) == 6
+    rows = all_rows(cfg)
+    assert sorted(rows) == expected_rows() and len(set(rows)) == len(rows)
+    rerun: list[str] = []
+    report = render.run(cfg, executor=counting(render.local_executor(), rerun), progress=False)
+    assert rerun == [] and report["run"]["shards_reused"] == 6
+
+
+def test_an_image_does_not_depend_on_its_batch(cfg):
+    """What makes resuming exact: a prompt's image depends on its prompt, seed and steps only."""
+    settings = render.resolve_settings(cfg)
+    frame = render.read_prompts(cfg["prompts"])
+    prompts, seeds = frame["prompt"].tolist(), frame["seed"].tolist()
+    whole = render.render_batch(settings, 2, prompts[:4], seeds[:4])["images"]
+    pair = render.render_batch(settings, 2, [prompts[3], prompts[1]], [seeds[3], seeds[1]])["images"]
+    assert np.abs(pair.astype(int) - whole[[3, 1]].astype(int)).max() <= 1  # at most float rounding
+
+
+def test_changed_params_rerender_and_prune(cfg):
+    render.run(cfg, executor=render.local_executor(), progress=False)
+    log: list[str] = []
+    changed = {**cfg, "step_grid": [2], "guidance": 1.0}
+    render.run(changed, executor=counting(render.local_executor(), log), progress=False)
+    # Another guidance: every kept shard is stale and rendered again; the 1-step shards are pruned.
+    assert sorted(log) == ["s0002-p00000", "s0002-p00001", "s0003-p00000", "s0003-p00001"]
+    names = sorted(p.name for p in render.Path(cfg["output_dir"]).iterdir())
+    assert names == sorted([f"{n}{x}" for n in log for x in (".npz", ".json")] + ["index.json"])
+
+
+def test_checksum_mismatch_is_reported_and_the_shard_redone(cfg, capsys):
+    render.run(cfg, executor=render.local_executor(), progress=False)
+    store = ShardStore(cfg["output_dir"])
+    path = store.data_path("s0001-p00001")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardChecksumError, match=r"shard .*s0001-p00001\.npz: checksum mismatch \(manifest sha256 "):
+        store.read("s0001-p00001")
+    log: list[str] = []
+    render.run(cfg, executor=counting(render.local_executor(), log), progress=False)
+    assert log == ["s0001-p00001"] and "shard s0001-p00001 is corrupt; rendering it again" in capsys.readouterr().out
+    assert sorted(all_rows(cfg)) == expected_rows()
+    store.manifest_path("s0001-p00001").unlink()
+    with pytest.raises(ShardError, match="not finished"):
+        store.read("s0001-p00001")
+
+
+SLOW_RENDER = """
+import sys, time, yaml
+from pipelines import render
+cfg = yaml.safe_load(open(sys.argv[1]))["render"]
+def slow(shards, settings):
+    for shard, result in render.local_executor()(shards, settings):
+        time.sleep(0.3)
+        yield shard, result
+render.run(cfg, executor=slow, progress=False)
+print("finished")
+"""
+
+
+@pytest.mark.slow  # two fresh Python processes importing torch and diffusers: about a minute here
+def test_resume_after_the_process_is_killed(cfg, tmp_path):
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"render": cfg}))
+    (tmp_path / "slow_render.py").write_text(SLOW_RENDER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(tmp_path / "slow_render.py"), str(tmp_path / "params.yaml")]
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    store = ShardStore(cfg["output_dir"])
+    deadline = time.time() + 120
+    while len(store.names()) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = store.names()
+    assert 2 <= len(done) < 6, proc.stdout.read().decode()[-2000:]
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0 and "finished" in finished.stdout, finished.stdout + finished.stderr
+    report = json.loads((tmp_path / "render.json").read_text())
+    run = report["run"]
+    assert run["shards_reused"] >= len(done) and run["shards_rendered"] == 6 - run["shards_reused"]
+    rows = all_rows(cfg)
+    assert sorted(rows) == expected_rows() and len(set(rows)) == len(rows)
+    assert not [p for p in render.Path(cfg["output_dir"]).iterdir() if p.suffix == ".tmp"]
+
+
+@pytest.mark.slow  # starting Ray and its workers: about 50 s on 2 cores (tests/test_workflow.py runs Ray too)
+def test_ray_tasks(cfg):
+    import ray
+
+    report = render.run({**cfg, "executor": "ray", "workers": 1, "local_object_store_mb": 80,
+                         "throughput_probe": {"prompts": 4, "steps": 1, "workers": [1]}}, progress=False)
+    assert not ray.is_initialized()  # shut down after the stage
+    assert report["run"]["shards_rendered"] == 6 and report["throughput_probe"]["images_per_s"]["1"] > 0
+    assert sorted(all_rows(cfg)) == expected_rows()
+
+
+def test_bad_input_is_one_line_error(cfg, tmp_path, monkeypatch):
+    import yaml
+
+    import training.params
+
+    cases = {"step_grid": ([2, 2], "render.step_grid: repeated step counts"),
+             "reference_steps": (2, "render.reference_steps: must be an integer above the grid's largest count 2"),
+             "scheduler": ("plms", "render.scheduler: unknown scheduler 'plms'"),
+             "model": (str(tmp_path / "nowhere"), "model: directory"),
+             "prompts": (str(tmp_path / "none.parquet"), "(run the prompts stage)")}
+    for key, (value, message) in cases.items():
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"render": {**cfg, key: value}}))
+        monkeypatch.setattr(training.params, "PARAMS_FILE", tmp_path / "params.yaml")
+        with pytest.raises(SystemExit) as exc:
+            render.main()
+        assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
