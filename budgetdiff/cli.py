@@ -1,7 +1,8 @@
 """The ``budgetdiff`` command.
 
-    budgetdiff generate "PROMPT" [--model DIR] [--steps N] [--scheduler ddim|dpmpp|euler]
-        [--guidance G] [--seed S] [--adaptive] [--threshold D] [--max-skip C] [--out FILE.png]
+    budgetdiff generate "PROMPT" [--model DIR] [--steps N|auto] [--quality-target Q]
+        [--budget-model DIR] [--scheduler ddim|dpmpp|euler] [--guidance G] [--seed S]
+        [--adaptive] [--threshold D] [--max-skip C] [--out FILE.png]
     budgetdiff score IMAGE [--ref REF.png] [--prompt TEXT] [--resize]
 
 The last line on stdout is one JSON object. Bad arguments exit with status 2 and one line on
@@ -25,6 +26,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 DEFAULT_MODEL = os.environ.get("BUDGETDIFF_MODEL", "models/base")
+DEFAULT_BUDGET_MODEL = os.environ.get("BUDGETDIFF_BUDGET_MODEL", "models/budget")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compute-budgeted text-to-image diffusion.")
@@ -50,7 +52,9 @@ def _check_output_path(out: Path) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="The text prompt."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="Diffusers model directory: the embedded model, or a local SD 1.5 / SDXL."),
-    steps: str = typer.Option("50", "--steps", help="Denoising steps, 1..1000."),
+    steps: str = typer.Option("50", "--steps", help="Denoising steps, 1..1000, or 'auto': chosen for this prompt by the budget predictor before generating."),
+    quality_target: Optional[float] = typer.Option(None, "--quality-target", help="With --steps auto: the fewest steps whose predicted quality reaches this fraction (0, 1] of the reference on every level (default: the plateau rule)."),
+    budget_model: str = typer.Option(DEFAULT_BUDGET_MODEL, "--budget-model", help="With --steps auto: the budget predictor directory (train_budget)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, dpmpp or euler (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
@@ -63,18 +67,25 @@ def generate(
     """Generate one image; the last stdout line is a JSON record."""
     from .generation import ModelDirectoryError, check_generation_args, generate as run, load_pipeline
 
-    if steps == "auto":
-        raise CliError("--steps: 'auto' needs a trained budget predictor, which this version does not have yet")
-    try:
-        n_steps = int(steps)
-    except ValueError:
-        raise CliError(f"--steps: must be an integer, got {steps!r}") from None
+    auto = steps.strip().lower() == "auto"
+    if auto:
+        n_steps = None
+    else:
+        try:
+            n_steps = int(steps)
+        except ValueError:
+            raise CliError(f"--steps: must be an integer or 'auto', got {steps!r}") from None
+    if quality_target is not None:
+        if not auto:
+            raise CliError("--quality-target: only applies with --steps auto")
+        if not (math.isfinite(quality_target) and 0 < quality_target <= 1):
+            raise CliError(f"--quality-target: must be in (0, 1], got {quality_target}")
     if guidance is not None and not math.isfinite(guidance):
         raise CliError(f"--guidance: must be finite, got {guidance}")
     if upscale < 1:
         raise CliError(f"--upscale: must be >= 1, got {upscale}")
     try:
-        check_generation_args([prompt], n_steps, guidance, scheduler)
+        check_generation_args([prompt], 1 if auto else n_steps, guidance, scheduler)
     except ValueError as exc:
         raise CliError(f"--{exc}") from None
     skip_config = None
@@ -86,10 +97,15 @@ def generate(
         except ValueError as exc:
             raise CliError(f"--{str(exc).replace('max_skip', 'max-skip')}") from None
     _check_output_path(out)
+    predictor = _load_budget_model(budget_model, model) if auto else None
     try:
         pipe = load_pipeline(model)
     except ModelDirectoryError as exc:
         raise CliError(f"--{exc}") from None
+    budget = None
+    if predictor is not None:
+        n_steps, budget = _choose_budget(predictor, pipe, prompt, model, budget_model, quality_target,
+                                         scheduler, guidance)
     images, records = run(pipe, [prompt], steps=n_steps, guidance=guidance, scheduler=scheduler, seed=seed,
                           progress=sys.stderr.isatty(), adaptive=skip_config)
     image = images[0]
@@ -104,7 +120,61 @@ def generate(
     image.save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
     record = {**records[0], "model": str(model), "out": str(out)}
+    if budget is not None:
+        record.update(steps_auto=True, budget=budget)
     print(json.dumps(record))
+
+
+def _load_budget_model(path: str, model: str):
+    """The budget predictor at ``path``, checked against ``model`` before anything heavy loads."""
+    from .budget import BudgetModelError, load_budget_predictor
+    from .generation import ModelDirectoryError, model_class_name
+
+    try:
+        model_class_name(model)
+    except ModelDirectoryError as exc:
+        raise CliError(f"--{exc}") from None
+    try:
+        predictor = load_budget_predictor(path)
+        predictor.check_model(model)
+    except BudgetModelError as exc:
+        raise CliError(f"--budget-model: {exc}") from None
+    return predictor
+
+
+def _choose_budget(predictor, pipe, prompt: str, model: str, budget_model: str, quality_target: float | None,
+                   scheduler: str | None, guidance: float | None) -> tuple[int, dict]:
+    """Predict the prompt's metric curves and choose its step count (BudgetFusion); returns the
+    steps and the record's ``budget`` entry (rule, choice, predicted curves, prediction time)."""
+    import time
+
+    from .budget import BudgetModelError, choose_steps, text_encoder_of
+
+    try:
+        encoder, tokenizer, _ = text_encoder_of(pipe)
+        start = time.perf_counter()
+        curves = predictor.predict([prompt], encoder, tokenizer)[0]
+        choice = choose_steps(curves, predictor.default_rule(quality_target))
+        prediction_ms = (time.perf_counter() - start) * 1000
+    except BudgetModelError as exc:
+        raise CliError(f"--budget-model: {exc}") from None
+    notes = [choice.note] if choice.note else []
+    if curves.prompt_truncated:
+        notes.append(f"prompt longer than {predictor.config['max_text_length']} tokens: "
+                     "the predictor read the truncated prompt")
+    # The curves were learned at the dataset's scheduler and guidance; others may need other budgets.
+    rendered = predictor.config.get("rendered_with") or {}
+    if scheduler is not None and "scheduler" in rendered and scheduler.lower() != rendered["scheduler"]:
+        notes.append(f"the budget model learned curves with scheduler {rendered['scheduler']}, not {scheduler}")
+    if guidance is not None and "guidance" in rendered and float(guidance) != float(rendered["guidance"]):
+        notes.append(f"the budget model learned curves at guidance {rendered['guidance']}, not {guidance}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    budget = {"budget_model": str(budget_model), "chosen_steps": choice.steps, "rule": choice.rule,
+              "reached": choice.reached, "per_level": choice.per_level, "prediction_ms": round(prediction_ms, 3),
+              "prompt_truncated": curves.prompt_truncated, "predicted_curves": curves.to_record(),
+              "notes": notes}
+    return choice.steps, budget
 
 
 def _load_image(path: Path, argument: str):

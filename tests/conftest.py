@@ -50,20 +50,33 @@ def tiny_text_encoder():
 
 
 @pytest.fixture(scope="session")
-def tiny_pipe():
-    """A BudgetDiffusionPipeline on tiny random components (16x16 images)."""
-    from diffusers import DDIMScheduler
-
-    from budgetdiff.pipeline import BudgetDiffusionPipeline
+def tiny_components():
+    """Tiny random UNet, text encoder and tokenizer (16x16 images), built once per session."""
     from training.base import build_unet
 
     torch.manual_seed(0)
     unet = build_unet(tiny_unet_config()).eval()
     encoder, tokenizer = tiny_text_encoder()
+    return unet, encoder, tokenizer
+
+
+def make_tiny_pipe(components):
+    from diffusers import DDIMScheduler
+
+    from budgetdiff.pipeline import BudgetDiffusionPipeline
+
+    unet, encoder, tokenizer = components
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     pipe = BudgetDiffusionPipeline(unet, encoder, tokenizer, scheduler, default_guidance_scale=2.0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_components):
+    """A BudgetDiffusionPipeline on the tiny components with a fresh DDIM scheduler for every
+    test, so no test sees a scheduler (or its state) left behind by another."""
+    return make_tiny_pipe(tiny_components)
 
 
 @pytest.fixture()
@@ -81,9 +94,9 @@ def unet_batch_sizes(tiny_pipe, monkeypatch) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tiny_pipe, tmp_path_factory) -> Path:
+def tiny_model_dir(tiny_components, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_model") / "base"
-    tiny_pipe.save_pretrained(path)
+    make_tiny_pipe(tiny_components).save_pretrained(path)
     return path
 
 

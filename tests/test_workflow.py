@@ -65,6 +65,24 @@ def check_dataset(tmp_path, env):
     assert plots.returncode == 0 and (tmp_path / "dvc_plots/index.html").is_file(), plots.stderr[-2000:]
 
 
+def check_budget(tmp_path):
+    """train_budget -> models/budget (BiLSTM + MLP ablation); bench_budget -> reports/budget.json."""
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    config = json.loads((tmp_path / "models/budget/config.json").read_text())
+    assert config["step_grid"] == params["render"]["step_grid"]
+    assert config["reference_steps"] == params["render"]["reference_steps"]
+    assert config["model"]["path"] == "models/base" and len(config["model"]["unet_sha256"]) == 16
+    assert (tmp_path / "models/budget/model.safetensors").is_file()
+    assert json.loads((tmp_path / "models/budget/mlp/config.json").read_text())["architecture"] == "mlp"
+    assert "val_mae" in json.loads((tmp_path / "reports/train_budget.json").read_text())["bilstm"]
+    report = json.loads((tmp_path / "reports/budget.json").read_text())
+    assert report["step_grid"] == params["render"]["step_grid"] and report["prompts"] > 0
+    assert set(report["predictor_mae"]) == {"bilstm", "mlp", "train_mean_curve"}
+    assert set(report["targets"]) == {"steps_saved_at_quality", "beats_uniform"}
+    assert report["headline"]["mean_steps"] > 0 and report["prediction_cost"]["predict_ms_median"] > 0
+    assert (tmp_path / "reports/budget.png").is_file() and (tmp_path / "reports/budget_tradeoff.csv").is_file()
+
+
 def test_tiny_profile_dvc_repro(tmp_path):
     make_workspace(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -85,6 +103,7 @@ def test_tiny_profile_dvc_repro(tmp_path):
     assert finetune["init_from"] == "models/base_pretrain" and finetune["steps"] == 3
     assert (tmp_path / "models/base_pretrain/unet/config.json").is_file()
     check_dataset(tmp_path, env)
+    check_budget(tmp_path)
 
     second = dvc(["repro"], tmp_path, env)
     assert second.returncode == 0

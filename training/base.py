@@ -103,14 +103,20 @@ def validation_scenes(n: int, n_objects: int | None = 1, offset: int = VAL_SEED_
     return specs, [spec_to_prompt(s) for s in specs]
 
 
-def evaluate_pipeline(pipe, specs, prompts, steps: int, guidance: float, batch_size: int = 64) -> dict:
-    """Heuristic-checker accuracies of ``pipe``'s images for ``prompts`` against ``specs``."""
-    checks = []
+def evaluate_pipeline(pipe, specs, prompts, steps: int, guidance: float, batch_size: int = 64,
+                      checker=None) -> dict:
+    """Accuracies of ``pipe``'s images for ``prompts`` against ``specs``: judged by the trained
+    attribute checker when ``checker`` is given, else by the heuristic checker."""
+    images = []
     for i in range(0, len(prompts), batch_size):
         out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
                    scheduler="ddim", seed=i, output_type="np", progress=False)
-        checks += [check_scene_heuristic(img, spec) for img, spec in zip(out.images, specs[i : i + batch_size])]
-    return summarize_checks(checks)
+        images += list(out.images)
+    if checker is not None:
+        from budgetdiff.evaluators import attr_check
+
+        return attr_check(np.stack(images), specs, checker=checker)
+    return summarize_checks([check_scene_heuristic(img, spec) for img, spec in zip(images, specs)])
 
 
 class BaseDiffusionModule(L.LightningModule):
@@ -213,19 +219,35 @@ def _collate(batch):
     return torch.stack(xs), torch.stack(masks), list(prompts)
 
 
+# Keys that only affect what happens after training (the guidance choice, where results go):
+# a checkpoint stays valid when they change.
+POST_TRAINING_KEYS = frozenset({"stage", "output_dir", "metrics_path", "guidance_candidates",
+                                "guidance_eval_prompts", "guidance_eval_steps", "guidance_checker"})
+
+
 def config_hash(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    """Key of a run's checkpoints: the training-relevant part of its config."""
+    train_cfg = {k: v for k, v in cfg.items() if k not in POST_TRAINING_KEYS}
+    return hashlib.sha256(json.dumps(train_cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def choose_guidance(module: BaseDiffusionModule, cfg: dict) -> tuple[float, dict]:
     """Pick the default guidance by measurement: the candidate with the best mean of colour,
-    shape and position accuracy on held-out 1-object prompts (a seed range of its own)."""
+    shape and position accuracy on held-out 1-object prompts (a seed range of its own), at
+    ``guidance_eval_steps`` DDIM steps (default ``val_steps``), judged by the trained attribute
+    checker at ``guidance_checker`` when set (else the heuristic checker)."""
     specs, prompts = validation_scenes(cfg["guidance_eval_prompts"], offset=VAL_SEED_OFFSET + 500_000)
+    steps = cfg.get("guidance_eval_steps", cfg["val_steps"])
+    checker = None
+    if cfg.get("guidance_checker"):
+        from budgetdiff.evaluators import load_attribute_checker
+
+        checker = load_attribute_checker(cfg["guidance_checker"])
     results = {}
     for g in cfg["guidance_candidates"]:
-        m = evaluate_pipeline(module.sampling_pipeline(g), specs, prompts, cfg["val_steps"], g)
+        m = evaluate_pipeline(module.sampling_pipeline(g), specs, prompts, steps, g, checker=checker)
         results[str(g)] = m
-        print(f"[guidance {g}] " + " ".join(f"{k}={v:.3f}" for k, v in m.items()), flush=True)
+        print(f"[guidance {g}, {steps} steps] " + " ".join(f"{k}={v:.3f}" for k, v in m.items()), flush=True)
     score = {g: np.mean([m["color"], m["shape"], m["position"]]) for g, m in results.items()}
     best = max(score, key=score.get)
     return float(best), results
@@ -311,6 +333,9 @@ def train(cfg: dict) -> dict[str, Any]:
         "unet_parameters": sum(p.numel() for p in module.unet.parameters()),
         "default_guidance": guidance,
         "guidance_sweep": guidance_results,
+        "guidance_eval": {"steps": cfg.get("guidance_eval_steps", cfg["val_steps"]),
+                          "prompts": cfg["guidance_eval_prompts"],
+                          "checker": cfg.get("guidance_checker") or "heuristic_v1"},
         "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         "init_from": cfg.get("init_from"),
     }

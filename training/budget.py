@@ -1,0 +1,437 @@
+"""Train the BudgetFusion predictor (``budgetdiff.budget``) on the prompt/step/metric dataset.
+
+Recipe:
+- Data: ``data/dataset.parquet`` (the ``dataset`` stage). One example per prompt: its token
+  embeddings from the budgeted model's own frozen text encoder (computed once, before training:
+  the encoder never changes), and as targets every metric at every grid step count, plus the
+  reference-step value of each metric that needs no reference image. Targets are z-scored per
+  metric on the train split (``TargetNormalizer``; distances sign-flipped).
+- Loss: MSE on the normalised targets, masked where a value is missing (a reference-based metric
+  at the reference step, a missing image).
+- Optimiser: AdamW; the learning rate halves when the val split's loss stalls for
+  ``lr_patience`` epochs; early stopping after ``patience`` epochs without a better val loss, and
+  the best val epoch's weights are the ones saved.
+- The plateau rule's ε (``budgetdiff.budget.PlateauRule``) is chosen per network on the val split
+  when ``calibrate_epsilon`` is set: the largest candidate whose per-prompt choices keep every
+  level's mean realised quality (looked up in the rendered curves) within ``max_drop_pct`` % of
+  the ``full_steps`` images'. It is saved in the model's config as the default rule.
+- Two networks, the same data and loop: the BiLSTM over token embeddings (the model,
+  ``models/budget``) and the pooled-embedding MLP (the ablation, ``models/budget/mlp``).
+- MLflow: one run per network (params, per-epoch train/val loss, val MAE per metric in the
+  metric's own units, the saved model directory as an artifact), tagged with the commit and stage.
+
+``train(cfg) -> metrics`` is the plain entry point (DVC stage ``train_budget``, tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from budgetdiff.budget import (
+    ABLATION_SUBDIR,
+    DEFAULT_RULE_METRICS,
+    BudgetPredictor,
+    PlateauRule,
+    TargetNormalizer,
+    build_network,
+    choose_steps,
+    make_config,
+    metric_kind,
+    model_record,
+    quality_fraction,
+    save_budget_model,
+    text_encoder_of,
+)
+from budgetdiff.text import encode_prompts
+
+STAGE = "train_budget"
+ARCHITECTURES = ("bilstm", "mlp")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class CurveTable:
+    """The dataset as one row per prompt: ``values`` (N, M, G + 1) holds each metric at every grid
+    step count and, in the last column, at the reference step count (NaN for the metrics that
+    compare with the reference, whose value there is trivially perfect)."""
+
+    prompt_ids: np.ndarray
+    prompts: list[str]
+    splits: np.ndarray
+    complexity: np.ndarray
+    step_grid: list[int]
+    reference_steps: int
+    metrics: list[str]
+    values: np.ndarray
+
+    def subset(self, split: str) -> np.ndarray:
+        """Row indices of ``split``."""
+        return np.flatnonzero(self.splits == split)
+
+
+def dataset_curves(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> CurveTable:
+    """Pivot the dataset (one row per image) to one row per prompt (``CurveTable``)."""
+    if "is_reference" not in table or "steps" not in table:
+        raise ValueError("dataset: needs the columns steps and is_reference")
+    metrics = list(metrics) if metrics else [c for c in table.columns if "/" in c]
+    missing = [m for m in metrics if m not in table.columns]
+    if missing:
+        raise ValueError(f"dataset: no column {', '.join(missing)}")
+    for m in metrics:
+        metric_kind(m)  # unknown families fail here, by name
+    refs = sorted(table.loc[table["is_reference"], "steps"].unique())
+    if len(refs) != 1:
+        raise ValueError(f"dataset: expected one reference step count, found {refs}")
+    grid = sorted(int(s) for s in table.loc[~table["is_reference"], "steps"].unique())
+    prompts = table.drop_duplicates("prompt_id").sort_values("prompt_id")
+    columns = [*grid, int(refs[0])]
+    values = np.full((len(prompts), len(metrics), len(columns)), np.nan)
+    for i, m in enumerate(metrics):
+        wide = table.pivot_table(index="prompt_id", columns="steps", values=m, aggfunc="mean", dropna=False)
+        wide = wide.reindex(index=prompts["prompt_id"].to_numpy(), columns=columns)
+        values[:, i] = wide.to_numpy(dtype=np.float64)
+        if metric_kind(m) != "no_reference":
+            values[:, i, -1] = np.nan
+    values[~np.isfinite(values)] = np.nan
+    return CurveTable(prompts["prompt_id"].to_numpy(), prompts["prompt"].astype(str).tolist(),
+                      prompts["split"].astype(str).to_numpy(), prompts["complexity"].to_numpy(),
+                      grid, int(refs[0]), metrics, values)
+
+
+@dataclass
+class EmbeddingTable:
+    """Precomputed frozen-encoder embeddings for every prompt, padded to the longest prompt."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    truncated: list[bool]
+
+
+def embed_prompts(prompts: list[str], text_encoder, tokenizer, max_length: int, batch_size: int = 256) -> EmbeddingTable:
+    """Encode ``prompts`` once, in chunks (memory ~ N x longest x width x 4 bytes: 1.2 GB for
+    18k prompts of 45 tokens at width 384)."""
+    chunks = [encode_prompts(prompts[i:i + batch_size], text_encoder, tokenizer, max_length=max_length, device="cpu")
+              for i in range(0, len(prompts), batch_size)]
+    longest = max(c.hidden.shape[1] for c in chunks)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, longest - x.shape[1]) if x.dim() == 3 else (0, longest - x.shape[1]))
+
+    return EmbeddingTable(torch.cat([pad(c.hidden) for c in chunks]).float(), torch.cat([pad(c.mask) for c in chunks]),
+                          torch.cat([c.pooled for c in chunks]).float(), [t for c in chunks for t in c.truncated])
+
+
+def load_text_encoder(model_dir: str):
+    """The budgeted model's pipeline (CPU) and its (text encoder, tokenizer, max tokens)."""
+    from budgetdiff.generation import load_pipeline
+
+    pipe = load_pipeline(model_dir, device="cpu")
+    return pipe, text_encoder_of(pipe)
+
+
+def tensors(emb: EmbeddingTable, z: np.ndarray, rows: np.ndarray) -> TensorDataset:
+    """(hidden, mask, pooled, target z with NaN -> 0, valid mask) for ``rows``."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    target = torch.as_tensor(z[rows], dtype=torch.float32)
+    valid = torch.isfinite(target)
+    return TensorDataset(emb.hidden[idx], emb.mask[idx], emb.pooled[idx], torch.nan_to_num(target), valid.float())
+
+
+# ------------------------------------------------------------------------------------------------
+# Lightning
+# ------------------------------------------------------------------------------------------------
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return ((pred - target) ** 2 * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+class BudgetModule(L.LightningModule):
+    """Trains a curve predictor (``budgetdiff.budget.build_network(network_config)``) on
+    normalised targets."""
+
+    def __init__(self, network_config: dict, lr: float, weight_decay: float, lr_patience: int = 10):
+        super().__init__()
+        self.save_hyperparameters({"architecture": network_config["architecture"],
+                                   "network": network_config.get("network", {}), "lr": lr,
+                                   "weight_decay": weight_decay, "lr_patience": lr_patience})
+        self.network = build_network(network_config)
+        self.lr, self.weight_decay, self.lr_patience = lr, weight_decay, lr_patience
+
+    def model_step(self, batch) -> torch.Tensor:
+        hidden, mask, pooled, target, valid = batch
+        return masked_mse(self.network(hidden, mask, pooled), target, valid)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model_step(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.model_step(batch)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch[0].shape[0])
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # Halve the learning rate when val/loss stalls; early stopping (patience > this) ends the run.
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=self.lr_patience)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}}
+
+
+class KeepBestWeights(L.Callback):
+    """Keep a copy of the weights of the epoch with the lowest ``val/loss`` (restored after fit)."""
+
+    def __init__(self):
+        self.best, self.best_epoch, self.state = float("inf"), -1, None
+
+    def on_validation_epoch_end(self, trainer, module):
+        if trainer.sanity_checking:
+            return
+        loss = float(trainer.callback_metrics.get("val/loss", float("inf")))
+        if loss < self.best:
+            self.best, self.best_epoch = loss, trainer.current_epoch
+            self.state = copy.deepcopy(module.network.state_dict())
+
+
+def predict_z(network: torch.nn.Module, emb: EmbeddingTable, rows: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """(len(rows), M, P) normalised predictions."""
+    network.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            idx = torch.as_tensor(rows[i:i + batch_size], dtype=torch.long)
+            out.append(network(emb.hidden[idx], emb.mask[idx], emb.pooled[idx]).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0,))
+
+
+def mae_by_metric(pred: np.ndarray, true: np.ndarray, metrics: list[str], points: list[str]) -> dict:
+    """{metric: {"mean": MAE, step count: MAE}} over the finite targets (the metric's own units)."""
+    out = {}
+    err = np.abs(pred - true)
+    for i, m in enumerate(metrics):
+        per_point = {p: float(np.nanmean(err[:, i, j])) for j, p in enumerate(points) if np.isfinite(err[:, i, j]).any()}
+        out[m] = {"mean": float(np.nanmean(err[:, i])), **per_point}
+    return out
+
+
+def fit_network(arch: str, network_config: dict, cfg: dict, emb: EmbeddingTable, z: np.ndarray,
+                train_rows: np.ndarray, val_rows: np.ndarray, logger=None) -> tuple[torch.nn.Module, dict]:
+    """Train one network with early stopping on ``val_rows``; returns the best-val network."""
+    from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
+
+    L.seed_everything(cfg["seed"], workers=True)
+    module = BudgetModule(network_config, cfg["lr"], cfg["weight_decay"], cfg.get("lr_patience", 10))
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    train_loader = DataLoader(tensors(emb, z, train_rows), batch_size=cfg["batch_size"], shuffle=True,
+                              generator=generator)
+    val_loader = DataLoader(tensors(emb, z, val_rows), batch_size=max(len(val_rows), 1))
+    best = KeepBestWeights()
+    callbacks = [best, EarlyStopping(monitor="val/loss", patience=cfg["patience"], mode="min")]
+    if cfg.get("progress", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(train_loader))))
+    trainer = L.Trainer(max_epochs=cfg["max_epochs"], accelerator="cpu", devices=1, logger=logger or False,
+                        callbacks=callbacks, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=cfg.get("progress", True), num_sanity_val_steps=0,
+                        log_every_n_steps=max(1, len(train_loader)), deterministic=True)
+    t0 = time.time()
+    trainer.fit(module, train_loader, val_loader)
+    seconds = time.time() - t0
+    if best.state is not None:
+        module.network.load_state_dict(best.state)
+    network = module.network.eval()
+    info = {"epochs": int(trainer.current_epoch), "best_epoch": int(best.best_epoch),
+            "best_val_loss": float(best.best), "train_seconds": round(seconds, 2),
+            "parameters": int(sum(p.numel() for p in network.parameters())),
+            "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
+    return network, info
+
+
+# ------------------------------------------------------------------------------------------------
+# Realised quality on the rendered curves, and the plateau ε chosen on the val split
+# ------------------------------------------------------------------------------------------------
+def level_quality(curves: CurveTable, rows: np.ndarray, levels: dict[str, str], psnr_cap_db: float) -> dict:
+    """{level: (prompts, grid) rendered quality as a fraction of the reference}
+    (``budgetdiff.budget.quality_fraction`` of each level's rule metric)."""
+    out = {}
+    for level, m in levels.items():
+        i = curves.metrics.index(m)
+        out[level] = np.stack([quality_fraction(m, curves.values[r, i, :-1], curves.values[r, i, -1], psnr_cap_db)
+                               for r in rows])
+    return out
+
+
+def drop_vs_full(steps: np.ndarray, quality: dict, grid: list[int], full_steps: int) -> dict[str, float]:
+    """Per level, the % by which the mean realised quality at ``steps`` falls short of the mean
+    quality at ``full_steps``."""
+    col = np.array([grid.index(int(s)) for s in steps])
+    full = grid.index(full_steps)
+    n = np.arange(len(steps))
+    return {lv: float(100 * (q[:, full].mean() - q[n, col].mean()) / q[:, full].mean()) for lv, q in quality.items()}
+
+
+def calibrate_epsilon(predictor: BudgetPredictor, z: np.ndarray, curves: CurveTable, rows: np.ndarray,
+                      candidates: Sequence[float], full_steps: int, max_drop_pct: float) -> tuple[float, list[dict]]:
+    """The plateau ε for ``predictor``, chosen on held-out ``rows`` (the val split): the largest
+    candidate (fewest steps) whose choices keep every level's mean realised quality within
+    ``max_drop_pct`` % of ``full_steps``'; the smallest candidate when none does."""
+    if full_steps not in curves.step_grid:
+        raise ValueError(f"calibrate_epsilon.full_steps: {full_steps} is not a grid step count {curves.step_grid}")
+    predicted = predictor.curves_from_normalized(z)
+    quality = level_quality(curves, rows, predictor.rule_metrics, predictor.config["rules"]["psnr_cap_db"])
+    table = []
+    for eps in sorted(float(c) for c in candidates):
+        steps = np.array([choose_steps(c, PlateauRule(eps)).steps for c in predicted])
+        drops = drop_vs_full(steps, quality, curves.step_grid, full_steps)
+        table.append({"epsilon": eps, "mean_steps": round(float(steps.mean()), 3),
+                      "drop_vs_full_pct": {lv: round(d, 3) for lv, d in drops.items()},
+                      "within": bool(all(d <= max_drop_pct for d in drops.values()))})
+    within = [row["epsilon"] for row in table if row["within"]]
+    return (max(within) if within else table[0]["epsilon"]), table
+
+
+# ------------------------------------------------------------------------------------------------
+# train(cfg)
+# ------------------------------------------------------------------------------------------------
+def rendered_settings(render_report: str | None) -> dict:
+    """The scheduler and guidance the dataset's images were rendered with (reports/render.json):
+    the curves, and so the predictor, hold for these settings."""
+    if not render_report or not Path(render_report).is_file():
+        return {}
+    report = json.loads(Path(render_report).read_text())
+    return {k: report[k] for k in ("scheduler", "guidance") if k in report}
+
+
+def flat_params(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out
+
+
+def train(cfg: dict) -> dict[str, Any]:
+    """Train the BiLSTM predictor and its MLP ablation per ``cfg`` (the ``train_budget`` params
+    section), save both to ``cfg["output_dir"]`` and return the metrics."""
+    from training.tracking import mlflow_logger
+
+    try:
+        table = pd.read_parquet(cfg["dataset"])
+    except FileNotFoundError:
+        raise SystemExit(f"error: train_budget.dataset: {cfg['dataset']} does not exist (dvc repro dataset)") from None
+    curves = dataset_curves(table, cfg.get("metrics"))
+    train_rows, val_rows = curves.subset(cfg.get("train_split", "train")), curves.subset(cfg["val_split"])
+    for name, rows in (("train_split", train_rows), ("val_split", val_rows)):
+        if len(rows) == 0:
+            split = cfg.get(name, "train")
+            raise SystemExit(f"error: train_budget.{name}: split {split!r} has no prompts in {cfg['dataset']}")
+    normalizer = TargetNormalizer.fit(curves.metrics, curves.values[train_rows])
+    z = normalizer.normalize(curves.values)
+
+    print(f"train_budget: {len(curves.prompts)} prompts ({len(train_rows)} train, {len(val_rows)} val), "
+          f"{len(curves.metrics)} metrics x {len(curves.step_grid)} step counts + reference; encoding with "
+          f"{cfg['model']}'s text encoder", flush=True)
+    t0 = time.time()
+    _, (encoder, tokenizer, max_length) = load_text_encoder(cfg["model"])
+    emb = embed_prompts(curves.prompts, encoder, tokenizer, max_length)
+    encode_seconds = time.time() - t0
+    model = model_record(cfg["model"])
+    rendered_with = rendered_settings(cfg.get("render_report"))
+    points = [str(s) for s in curves.step_grid] + [f"reference_{curves.reference_steps}"]
+
+    def config_for(arch: str, epsilon: float, extra: dict | None = None) -> dict:
+        return make_config(arch, cfg[arch], text_dim=emb.hidden.shape[-1], max_text_length=max_length,
+                           step_grid=curves.step_grid, reference_steps=curves.reference_steps,
+                           metrics=curves.metrics, rule_metrics=cfg.get("rule_metrics") or DEFAULT_RULE_METRICS,
+                           normalizer=normalizer, model=model, plateau_epsilon=epsilon,
+                           psnr_cap_db=cfg["psnr_cap_db"], extra=extra)
+
+    # The train-mean curve: what a predictor that ignores the prompt scores.
+    train_values = curves.values[train_rows]
+    seen = np.isfinite(train_values).sum(0)
+    mean_curve = np.where(seen > 0, np.nansum(train_values, 0) / np.maximum(seen, 1), np.nan)
+    true_val = curves.values[val_rows]
+    baseline = mae_by_metric(np.broadcast_to(mean_curve, true_val.shape), true_val, curves.metrics, points)
+
+    results, saved = {}, {}
+    for arch in ARCHITECTURES:
+        logger = mlflow_logger(STAGE, run_name=STAGE if arch == "bilstm" else f"{STAGE}_{arch}")
+        logger.log_hyperparams({**flat_params(cfg), "architecture": arch, "model_unet_sha256": model["unet_sha256"],
+                                "step_grid": json.dumps(curves.step_grid), "reference_steps": curves.reference_steps,
+                                "train_prompts": len(train_rows), "val_prompts": len(val_rows)})
+        print(f"train_budget: fitting {arch}", flush=True)
+        network, info = fit_network(arch, config_for(arch, cfg["plateau_epsilon"]), cfg, emb, z, train_rows,
+                                    val_rows, logger)
+        z_val = predict_z(network, emb, val_rows)
+        info["val_mae"] = mae_by_metric(normalizer.denormalize(z_val), true_val, curves.metrics, points)
+        info["val_mae_mean_curve_baseline"] = baseline
+        epsilon, calibration = cfg["plateau_epsilon"], None
+        if cfg.get("calibrate_epsilon"):
+            c = cfg["calibrate_epsilon"]
+            epsilon, calibration = calibrate_epsilon(BudgetPredictor(network, config_for(arch, epsilon)), z_val, curves,
+                                                     val_rows, c["candidates"], int(c["full_steps"]),
+                                                     float(c["max_drop_pct"]))
+            logger.log_metrics({"final/plateau_epsilon": epsilon})
+        info["plateau_epsilon"], info["epsilon_calibration_on_val"] = epsilon, calibration
+        results[arch] = info
+        saved[arch] = (network, config_for(arch, epsilon, {"rendered_with": rendered_with, "training": {
+            "stage": STAGE, "dataset": str(cfg["dataset"]), "train_prompts": int(len(train_rows)),
+            "val_prompts": int(len(val_rows)), **{k: info[k] for k in ("epochs", "best_epoch", "best_val_loss")},
+            "epsilon_calibration_on_val": calibration}}))
+        logger.log_metrics({f"final/val_mae/{m.replace('/', '_')}": v["mean"] for m, v in info["val_mae"].items()}
+                           | {"final/best_val_loss": info["best_val_loss"]})
+        saved[arch + "_logger"] = logger
+
+    out_dir = Path(cfg["output_dir"])
+    save_budget_model(*saved["bilstm"], out_dir, subdirs={ABLATION_SUBDIR: saved["mlp"]})
+    for arch in ARCHITECTURES:
+        logger = saved[arch + "_logger"]
+        artifact_dir = out_dir if arch == "bilstm" else out_dir / ABLATION_SUBDIR
+        logger.experiment.log_artifacts(logger.run_id, str(artifact_dir), "budget_model")
+        logger.finalize("success")
+
+    return {
+        "prompts": {"train": int(len(train_rows)), "val": int(len(val_rows)), "all": len(curves.prompts)},
+        "step_grid": curves.step_grid, "reference_steps": curves.reference_steps, "metrics": curves.metrics,
+        "model": model, "encode_seconds": round(encode_seconds, 2),
+        "prompts_truncated": int(sum(emb.truncated)),
+        "normalization": normalizer.to_dict(),
+        "bilstm": results["bilstm"], "mlp": results["mlp"],
+        "output_dir": str(out_dir),
+    }
+
+
+def main() -> None:
+    from training.params import load_params, write_json
+
+    cfg = load_params(STAGE)
+    try:
+        metrics = train(cfg)
+    except (ValueError, OSError) as exc:  # a dataset or model that does not fit: one line, no traceback
+        raise SystemExit(f"error: train_budget: {exc}") from None
+    write_json(cfg["metrics_path"], metrics)
+    for arch in ARCHITECTURES:
+        r = metrics[arch]
+        maes = " ".join(f"{m.split('/')[1].split('_')[0]}={v['mean']:.4g}" for m, v in r["val_mae"].items())
+        print(f"{arch}: {r['parameters']} parameters, {r['epochs']} epochs (best {r['best_epoch']}), "
+              f"{r['train_seconds']:.0f} s; val MAE {maes}")
+    base = metrics["bilstm"]["val_mae_mean_curve_baseline"]
+    print("mean-curve baseline: val MAE " + " ".join(f"{m.split('/')[1].split('_')[0]}={v['mean']:.4g}"
+                                                   for m, v in base.items()))
+
+
+if __name__ == "__main__":
+    main()
