@@ -454,10 +454,7 @@ def log_to_mlflow(cfg: dict, report: dict) -> None:
 def main() -> None:
     from training.params import load_params
 
-    cfg = load_params("bench_budget")
-    missing = [k for k in PARAMS if k not in cfg]
-    if missing:
-        raise SystemExit(f"error: params.yaml section 'bench_budget' lacks {', '.join(missing)}")
+    cfg = load_params("bench_budget", required=PARAMS)
     try:
         report, csv_rows, plot_data = run(cfg)
     except (ValueError, OSError) as exc:  # BudgetModelError is a ValueError

@@ -305,10 +305,7 @@ def log_to_mlflow(cfg: dict, report: dict) -> None:
 def main() -> None:
     from training.params import load_params
 
-    cfg = load_params("dataset")
-    missing = [k for k in PARAMS if k not in cfg]
-    if missing:
-        raise SystemExit(f"error: params.yaml section 'dataset' lacks {', '.join(missing)}")
+    cfg = load_params("dataset", required=PARAMS)
     try:
         report = run(cfg)
     except (ValueError, OSError) as exc:

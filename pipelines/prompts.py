@@ -170,10 +170,7 @@ def run(cfg: dict) -> dict:
 def main() -> None:
     from training.params import load_params
 
-    cfg = load_params("prompts")
-    missing = [k for k in PARAMS if k not in cfg]
-    if missing:
-        raise SystemExit(f"error: params.yaml section 'prompts' lacks {', '.join(missing)}")
+    cfg = load_params("prompts", required=PARAMS)
     try:
         report = run(cfg)
     except (ValueError, OSError) as exc:

@@ -366,10 +366,7 @@ def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> d
 def main() -> None:
     from training.params import load_params
 
-    cfg = load_params("render")
-    missing = [k for k in PARAMS if k not in cfg]
-    if missing:
-        raise SystemExit(f"error: params.yaml section 'render' lacks {', '.join(missing)}")
+    cfg = load_params("render", required=PARAMS)
     try:
         report = run(cfg)
     except (ValueError, OSError) as exc:

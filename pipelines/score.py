@@ -144,10 +144,7 @@ def run(cfg: dict, scorer=None, progress: bool = True) -> pd.DataFrame:
 def main() -> None:
     from training.params import load_params
 
-    cfg = load_params("score")
-    missing = [k for k in PARAMS if k not in cfg]
-    if missing:
-        raise SystemExit(f"error: params.yaml section 'score' lacks {', '.join(missing)}")
+    cfg = load_params("score", required=PARAMS)
     try:
         table = run(cfg)
     except (ShardError, ValueError, OSError) as exc:

@@ -96,3 +96,15 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
         loss.backward()
         opt.step()
     assert loss_at_fixed_noise() < 0.8 * before
+
+
+def test_update_ema_warms_up_then_caps_the_decay():
+    from training.base import update_ema
+
+    ema, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    ema.weight.data.fill_(0.0)
+    model.weight.data.fill_(1.0)
+    update_ema(ema, model, step=0, max_decay=0.999)       # decay (1 + 0) / (10 + 0) = 0.1
+    assert ema.weight.item() == pytest.approx(0.9)
+    update_ema(ema, model, step=10_000, max_decay=0.99)   # capped at 0.99
+    assert ema.weight.item() == pytest.approx(0.9 + 0.1 * 0.01)

@@ -119,6 +119,15 @@ def evaluate_pipeline(pipe, specs, prompts, steps: int, guidance: float, batch_s
     return summarize_checks([check_scene_heuristic(img, spec) for img, spec in zip(images, specs)])
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, max_decay: float) -> None:
+    """EMA of ``model``'s weights into ``ema``, with warm-up: the decay grows as
+    (1 + step) / (10 + step) up to ``max_decay``."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
 class BaseDiffusionModule(L.LightningModule):
     """Trains the base UNet (the text encoder stays frozen); keeps an EMA copy for sampling."""
 
@@ -168,12 +177,8 @@ class BaseDiffusionModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        # EMA with warm-up: decay grows as (1 + n) / (10 + n) up to ema_decay.
         n = self.global_step
-        decay = min(self.cfg["ema_decay"], (1 + n) / (10 + n))
-        with torch.no_grad():
-            for e, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
-                e.lerp_(p, 1 - decay)
+        update_ema(self.ema_unet, self.unet, n, self.cfg["ema_decay"])
         every = self.cfg["val_every"]
         if every and (n + 1) % every == 0:
             self.run_validation()

@@ -64,7 +64,8 @@ from torch.utils.data import DataLoader
 # Importing budgetdiff.pipeline registers BudgetDiffusionPipeline with diffusers (from_pretrained).
 from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
 from budgetdiff.text import PromptEmbeddings, encode_prompts
-from training.base import SceneStream, _collate, choose_guidance, evaluate_pipeline, validation_scenes
+from training.base import (SceneStream, _collate, choose_guidance, evaluate_pipeline, update_ema,
+                           validation_scenes)
 
 DISTILLATION_FILE = "distillation.json"  # beside model_index.json: what the student was distilled from
 
@@ -331,12 +332,8 @@ class DistillationModule(L.LightningModule):
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        # EMA with warm-up: decay grows as (1 + n) / (10 + n) up to ema_decay (as training/base.py).
         n = self.global_step
-        decay = min(self.cfg["ema_decay"], (1 + n) / (10 + n))
-        with torch.no_grad():
-            for e, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
-                e.lerp_(p, 1 - decay)
+        update_ema(self.ema_unet, self.unet, n, self.cfg["ema_decay"])
         every = self.cfg["val_every"]
         if every and (n + 1) % every == 0:
             self.run_validation()
