@@ -11,7 +11,8 @@ the same prompt, seed, scheduler and guidance (the reference):
 |---|---|
 | ``full`` | every step computes: the reference (δ = 0) |
 | ``adaptive`` δ | ``budgetdiff.adaptive`` with the paper's estimator ‖Δ³x‖ <= δ‖Δx‖ at each δ of the sweep (the official default δ = 0.01 and the scheduler's tuned δ among them), C_max and warm-up from params |
-| ``adaptive_official`` δ | the official code's scalar estimator (with our per-sample decisions) |
+| ``adaptive_official`` δ | the official code: its scalar estimator, reusing the raw network output (with our per-sample decisions) |
+| ``adaptive_rawoutput`` δ | the paper's estimator at the tuned δ, reusing the raw output (v for this model) instead of ε̂: what ``reuse`` adds |
 | ``uniform`` | plain sampling with fewer steps: the tuned row's mean NFE, rounded up |
 | ``deepcache`` | DeepCache (PyPI ``DeepCache``, ``DeepCacheSDHelper``) on the same UNet |
 | ``pab`` | diffusers' Pyramid Attention Broadcast hook on the same UNet's attention layers |
@@ -96,7 +97,8 @@ def scene_prompts(prompts_per_level: dict, offset: int):
 # ------------------------------------------------------------------------------------------
 @dataclass
 class Method:
-    """One row: ``kind`` in full / adaptive / adaptive_official / uniform / deepcache / pab."""
+    """One row: ``kind`` in full / adaptive / adaptive_official / adaptive_rawoutput / uniform /
+    deepcache / pab."""
 
     name: str
     kind: str
@@ -107,7 +109,8 @@ class Method:
             return None
         return AdaptiveSkipConfig(threshold=float(self.params["threshold"]), max_skip=int(cfg["max_skip"]),
                                   warmup=int(cfg["warmup"]),
-                                  estimator="official" if self.kind == "adaptive_official" else "paper")
+                                  estimator="official" if self.kind == "adaptive_official" else "paper",
+                                  reuse=self.params.get("reuse", cfg.get("reuse", "epsilon")))
 
 
 @contextmanager
@@ -287,8 +290,11 @@ def benchmark_scheduler(pipe, cfg: dict, scorer: MetricScorer, checker, schedule
     thresholds = sorted({float(d) for d in cfg["thresholds"]} | {tuned})
     methods = [Method("full", "full")]
     methods += [Method(f"adaptive δ={d:g}", "adaptive", {"threshold": d}) for d in thresholds]
-    methods += [Method(f"adaptive_official δ={d:g}", "adaptive_official", {"threshold": float(d)})
+    methods += [Method(f"adaptive_official δ={d:g}", "adaptive_official", {"threshold": float(d), "reuse": "output"})
                 for d in cfg["official_thresholds"]]
+    if cfg.get("reuse", "epsilon") != "output":
+        methods.append(Method(f"adaptive_rawoutput δ={tuned:g}", "adaptive_rawoutput",
+                              {"threshold": tuned, "reuse": "output"}))
     methods += [Method(f"deepcache N={cfg['deepcache']['cache_interval']}", "deepcache", dict(cfg["deepcache"])),
                 Method("pab", "pab", dict(cfg["pab"]))]
     runs = {m.name: {"images": [], "nfe": [], "masks": [], "seconds": 0.0, "decision": 0.0} for m in methods}
@@ -359,7 +365,7 @@ def equal_flops_comparison(rows: list[dict], lpips_name: str) -> dict:
     xs, ys = np.array([c[0] for c in curve]), np.array([c[1] for c in curve])
     out = {}
     for r in rows:
-        if r["kind"] not in ("uniform", "deepcache", "pab", "adaptive_official"):
+        if r["kind"] not in ("uniform", "deepcache", "pab", "adaptive_official", "adaptive_rawoutput"):
             continue
         f = r["flops_per_image"]
         adaptive = float(np.interp(f, xs, ys)) if xs.min() <= f <= xs.max() * (1 + 1e-9) else None
@@ -415,7 +421,8 @@ def oracle_comparison(pipe, cfg: dict, guidance: float, tuned: float, prompts, s
     ocfg = cfg["oracle"]
     steps, scheduler = int(ocfg["steps"]), ocfg["scheduler"]
     warmup, max_skip = int(cfg["warmup"]), int(cfg["max_skip"])
-    config = AdaptiveSkipConfig(threshold=tuned, max_skip=max_skip, warmup=warmup)
+    reuse = cfg.get("reuse", "epsilon")
+    config = AdaptiveSkipConfig(threshold=tuned, max_skip=max_skip, warmup=warmup, reuse=reuse)
     # one prompt per level, round robin, so the few prompts span the complexity levels
     by_level: dict[int, list[int]] = {}
     for i, lv in enumerate(levels):
@@ -428,7 +435,8 @@ def oracle_comparison(pipe, cfg: dict, guidance: float, tuned: float, prompts, s
                    output_type="pt", progress=False, adaptive=config)
         mask, nfe = est.records[0]["skip_mask"], est.records[0]["nfe"]
         oracle = oracle_skip_path(pipe, prompts[i], seeds[i], steps, nfe, scheduler=scheduler, guidance_scale=guidance,
-                                  warmup=warmup, max_skip=max_skip, batch_size=int(ocfg["batch_size"]), progress=True)
+                                  warmup=warmup, max_skip=max_skip, batch_size=int(ocfg["batch_size"]), progress=True,
+                                  reuse=reuse)
         skips = sum(mask)
         est_set, orc_set = {k for k, s in enumerate(mask) if s}, {k for k, s in enumerate(oracle.mask) if s}
         randoms = [m for m in (random_admissible_mask(steps, skips, warmup, max_skip, rng) for _ in range(200)) if m]
@@ -437,7 +445,7 @@ def oracle_comparison(pipe, cfg: dict, guidance: float, tuned: float, prompts, s
         random_psnr = None
         if skips and randoms:
             image = pipe(prompts[i], num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
-                         seed=seeds[i], output_type="pt", progress=False, adaptive=SkipPlan(randoms[0])).images
+                         seed=seeds[i], output_type="pt", progress=False, adaptive=SkipPlan(randoms[0], reuse=reuse)).images
             random_psnr = float(psnr(image.float(), oracle.reference.float()))
         out.append({
             "prompt": prompts[i], "objects": levels[i], "nfe": nfe, "skips": skips,
@@ -471,7 +479,7 @@ def check_targets(report: dict, cfg: dict) -> dict:
                                     "psnr": tuned["pixel/psnr"], "target": f">= {t['nfe_speedup']}x at >= {t['psnr']} dB",
                                     "met": tuned["nfe_speedup"] >= t["nfe_speedup"] and tuned["pixel/psnr"] >= t["psnr"]},
             "lpips_better_than_peers_at_equal_flops": {
-                name: v["adaptive_better"] for name, v in peers.items() if not name.startswith("adaptive_official")},
+                name: v["adaptive_better"] for name, v in peers.items() if not name.startswith("adaptive_")},
             "estimator_overhead_pct": {
                 "max": max(r["estimator_overhead_pct"] for r in res["rows"] if "estimator_overhead_pct" in r),
                 "target": f"<= {t['overhead_pct']}"},
@@ -493,7 +501,8 @@ def quality_plot(report: dict) -> bytes:
     scheds = list(report["schedulers"])
     fig, axes = plt.subplots(2, len(scheds), figsize=(4.2 * len(scheds), 7), squeeze=False)
     styles = {"adaptive": ("o-", "C0", "adaptive (paper ‖Δ³x‖ ≤ δ‖Δx‖)"),
-              "adaptive_official": ("s", "C1", "adaptive (official scalar)"), "uniform": ("^", "C2", "uniform fewer steps"),
+              "adaptive_official": ("s", "C1", "adaptive (official: scalar, raw output)"),
+              "adaptive_rawoutput": ("P", "C5", "adaptive, raw-output reuse"), "uniform": ("^", "C2", "uniform fewer steps"),
               "deepcache": ("D", "C3", "DeepCache"), "pab": ("v", "C4", "PAB"), "full": ("*", "k", "full")}
     for j, s in enumerate(scheds):
         res = report["schedulers"][s]
@@ -538,6 +547,7 @@ def run(cfg: dict) -> dict:
     guidance = float(pipe.config.default_guidance_scale if cfg["guidance"] is None else cfg["guidance"])
     steps = int(cfg["steps"])
     report: dict = {"model": cfg["model"], "steps": steps, "guidance": guidance, "torch_threads": torch.get_num_threads(),
+                    "reuse": cfg.get("reuse", "epsilon"),
                     "max_skip": int(cfg["max_skip"]), "warmup": int(cfg["warmup"]),
                     "official_default": {"threshold": AdaptiveSkipConfig().threshold,
                                          "max_skip": AdaptiveSkipConfig().max_skip},

@@ -45,6 +45,61 @@ from diffusers.hooks import HookRegistry, ModelHook
 HOOK_NAME = "budgetdiff_adaptive_skip"
 HISTORY = 4  # latents x_(k-3) .. x_k for the third-order difference
 ESTIMATORS = ("paper", "official")
+REUSE_SPACES = ("output", "epsilon", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class Parametrization:
+    """Converts a model output between the network's prediction type and the reuse space
+    (ε̂ or x̂0) at a latent ``z`` (variance-preserving: z = α·x0 + σ·ε) and timestep ``t``."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: cannot reuse predictions of type {prediction_type!r}")
+        self.alphas_cumprod = alphas_cumprod.detach().double().cpu()
+        self.prediction_type = prediction_type
+
+    def _alpha_sigma(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.as_tensor(t, dtype=torch.float64).flatten()
+        idx = t.round().long().clamp(0, len(self.alphas_cumprod) - 1)
+        a = self.alphas_cumprod[idx]
+        a = a.expand(like.shape[0]) if a.numel() == 1 else a
+        shape = (like.shape[0],) + (1,) * (like.dim() - 1)
+        alpha = a.sqrt().to(like.device, torch.float32).view(shape)
+        sigma = (1 - a).clamp_min(0).sqrt().to(like.device, torch.float32).view(shape)
+        return alpha, sigma
+
+    def to_space(self, out: torch.Tensor, z: torch.Tensor, t, space: str) -> torch.Tensor:
+        """The network output ``out`` as ε̂ (``space="epsilon"``) or x̂0 (``"sample"``)."""
+        if space == "output" or space == self.prediction_type:
+            return out
+        z = z[:, : out.shape[1]]  # extra input channels (coordinates, inpainting masks) follow the latents
+        alpha, sigma = self._alpha_sigma(t, z)
+        o, zf = out.float(), z.float()
+        if self.prediction_type == "v_prediction":
+            res = alpha * o + sigma * zf if space == "epsilon" else alpha * zf - sigma * o
+        elif self.prediction_type == "epsilon":  # space == "sample"
+            res = (zf - sigma * o) / alpha
+        else:  # prediction "sample", space == "epsilon"
+            res = (zf - alpha * o) / sigma
+        return res.to(out.dtype)
+
+    def from_space(self, q: torch.Tensor, z: torch.Tensor, t, space: str) -> torch.Tensor:
+        """The network output that ε̂ or x̂0 ``q`` (in ``space``) implies at latent ``z``, timestep ``t``."""
+        if space == "output" or space == self.prediction_type:
+            return q
+        z = z[:, : q.shape[1]]
+        alpha, sigma = self._alpha_sigma(t, z)
+        qf, zf = q.float(), z.float()
+        if space == "epsilon":
+            eps, x0 = qf, (zf - sigma * qf) / alpha
+        else:
+            x0, eps = qf, (zf - alpha * qf) / sigma
+        if self.prediction_type == "v_prediction":
+            res = alpha * eps - sigma * x0
+        else:
+            res = eps if self.prediction_type == "epsilon" else x0
+        return res.to(q.dtype)
 
 
 @dataclass(frozen=True)
@@ -57,12 +112,25 @@ class AdaptiveSkipConfig:
         warmup: steps that always compute at the start (>= 4: the estimator needs the latents
             after four steps). Default 4 (official).
         estimator: "paper" (vector norms, eq. 8) or "official" (the scalar form of the code).
+        reuse: what a skipped step reuses of the last computed prediction. "epsilon" (default):
+            the noise prediction ε̂, re-expressed in the model's own parametrization at the
+            current latent and timestep: the paper's "reuse the noise prediction" for a model of
+            any prediction type (our embedded model predicts v). "output": the network's raw
+            output (the official code; identical to "epsilon" for an epsilon-prediction model
+            such as SD-1.5, but for a v-prediction model it reuses v, which changes faster: on
+            the embedded model, 16 prompts, 50 steps, ε̂ reuse gave +3 to +7 dB PSNR at equal
+            or fewer NFE with DDIM, DPM-Solver++ and Euler).
+            "sample": the predicted clean latent x̂0, re-expressed likewise. The conversions
+            read the scheduler's ``alphas_cumprod`` at the UNet's timestep and the UNet input as
+            the variance-preserving latent (as every diffusers scheduler's ``scale_model_input``
+            hands it over).
     """
 
     threshold: float = 0.01
     max_skip: int = 4
     warmup: int = 4
     estimator: str = "paper"
+    reuse: str = "epsilon"
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold) or self.threshold < 0:
@@ -76,6 +144,8 @@ class AdaptiveSkipConfig:
             )
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator: must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.reuse not in REUSE_SPACES:
+            raise ValueError(f"reuse: must be one of {', '.join(REUSE_SPACES)}, got {self.reuse!r}")
 
     @property
     def enabled(self) -> bool:
@@ -98,11 +168,15 @@ class SkipPlan:
     Args:
         mask: a sequence of per-sample sequences of bools, all of one length (the step count);
             a flat sequence of bools is one row. Stored as a tuple of tuples.
+        reuse: what a skipped step reuses, as ``AdaptiveSkipConfig.reuse``.
     """
 
     mask: tuple[tuple[bool, ...], ...]
+    reuse: str = "epsilon"
 
     def __post_init__(self):
+        if self.reuse not in REUSE_SPACES:
+            raise ValueError(f"reuse: must be one of {', '.join(REUSE_SPACES)}, got {self.reuse!r}")
         rows = self.mask.tolist() if isinstance(self.mask, torch.Tensor) else list(self.mask)
         if rows and not isinstance(rows[0], (list, tuple)) and not (
                 isinstance(rows[0], torch.Tensor) and rows[0].dim() > 0):
@@ -130,7 +204,7 @@ class SkipPlan:
         return column.expand(batch).clone() if len(self.mask) == 1 else column
 
     def to_record(self) -> dict:
-        return {"plan": "fixed", "steps": self.steps}
+        return {"plan": "fixed", "steps": self.steps, "reuse": self.reuse}
 
 
 def skip_candidates(history: list[torch.Tensor], config: AdaptiveSkipConfig) -> torch.Tensor:
@@ -212,10 +286,16 @@ class AdaptiveSkipHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, config: AdaptiveSkipConfig | SkipPlan, copies: int | Callable[[], int] = 1):
+    def __init__(self, config: AdaptiveSkipConfig | SkipPlan, copies: int | Callable[[], int] = 1,
+                 parametrization: Parametrization | Callable[[], Parametrization] | None = None):
         super().__init__()
         self.config = config
         self.copies = copies
+        self.space = getattr(config, "reuse", "output")
+        if self.space != "output" and parametrization is None:
+            raise ValueError(f"reuse={self.space!r} needs the scheduler's alphas_cumprod and the model's "
+                             "prediction type: pass a scheduler when attaching the hook")
+        self.parametrization = parametrization
         self.state = AdaptiveSkipState()
         self._warned = False
 
@@ -241,20 +321,26 @@ class AdaptiveSkipHook(ModelHook):
 
         skip = state.decide(batch, self.config, sample.device)
         original = self.fn_ref.original_forward
+        par = self.parametrization() if callable(self.parametrization) else self.parametrization
         if not bool(skip.any()):
             output = original(sample, timestep, *args, **kwargs)
-            state.cache = _output_tensor(output)
+            out = _output_tensor(output)
+            state.cache = out if self.space == "output" else par.to_space(out, sample, timestep, self.space)
             return output
         keep = (~skip).nonzero().flatten()
-        full = state.cache.clone()
+        cached = state.cache
+        full = cached.clone() if self.space == "output" else par.from_space(cached, sample, timestep, self.space)
+        cache = cached.clone()
         if keep.numel():
             rows = torch.cat([keep + c * batch for c in range(copies)])
-            sub = original(
-                sample[rows], _take_rows(timestep, rows, total),
-                *_take_rows(args, rows, total), **_take_rows(kwargs, rows, total),
-            )
-            full[rows.to(full.device)] = _output_tensor(sub)
-        state.cache = full
+            sub_t = _take_rows(timestep, rows, total)
+            sub = _output_tensor(original(
+                sample[rows], sub_t, *_take_rows(args, rows, total), **_take_rows(kwargs, rows, total),
+            ))
+            r = rows.to(full.device)
+            full[r] = sub
+            cache[r] = sub if self.space == "output" else par.to_space(sub, sample[rows], sub_t, self.space)
+        state.cache = cache
         return _wrap_like(full, kwargs)
 
 
@@ -295,14 +381,24 @@ class AdaptiveSkipHandle:
         HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(HOOK_NAME, recurse=False)
 
 
+def parametrization_of(scheduler) -> Parametrization:
+    """The ``Parametrization`` of a diffusers scheduler (its ``alphas_cumprod`` and ``prediction_type``)."""
+    return Parametrization(scheduler.alphas_cumprod, scheduler.config.prediction_type)
+
+
 def attach_adaptive_skip(unet: torch.nn.Module, config: AdaptiveSkipConfig | SkipPlan,
-                         copies: int | Callable[[], int] = 1) -> AdaptiveSkipHandle:
+                         copies: int | Callable[[], int] = 1,
+                         scheduler: Any | Callable[[], Any] | None = None) -> AdaptiveSkipHandle:
     """Attach (or replace) the adaptive-skip hook on ``unet``: the estimator's decisions for an
-    ``AdaptiveSkipConfig``, the given decisions for a ``SkipPlan``."""
+    ``AdaptiveSkipConfig``, the given decisions for a ``SkipPlan``. ``scheduler`` (or a callable
+    returning the one in use) is needed when ``config.reuse`` is not "output"."""
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     if registry.get_hook(HOOK_NAME) is not None:
         registry.remove_hook(HOOK_NAME, recurse=False)
-    hook = AdaptiveSkipHook(config, copies)
+    par = None
+    if scheduler is not None:
+        par = (lambda: parametrization_of(scheduler())) if callable(scheduler) else parametrization_of(scheduler)
+    hook = AdaptiveSkipHook(config, copies, par)
     registry.register_hook(hook, HOOK_NAME)
     return AdaptiveSkipHandle(unet, hook)
 
@@ -313,7 +409,8 @@ def apply_adaptive_skip(pipe, config: AdaptiveSkipConfig | SkipPlan) -> Adaptive
     Pass ``handle.callback`` as the pipeline's ``callback_on_step_end``; read the skip masks and
     NFE of the last call from the handle. ``handle.remove()`` restores the plain UNet.
     """
-    return attach_adaptive_skip(pipe.unet, config, copies=lambda: 2 if pipe.do_classifier_free_guidance else 1)
+    return attach_adaptive_skip(pipe.unet, config, copies=lambda: 2 if pipe.do_classifier_free_guidance else 1,
+                                scheduler=lambda: pipe.scheduler)
 
 
 # ------------------------------------------------------------------------------------------
@@ -382,6 +479,7 @@ def oracle_skip_path(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    reuse: str = "epsilon",
 ) -> OracleSkipPath:
     """The greedy oracle skip path of one prompt and seed for an NFE budget: the paper's analysis
     tool (Ye et al. 2024), which adds, one at a time, the skip that hurts the final image least.
@@ -412,6 +510,8 @@ def oracle_skip_path(
             ``lambda x, ref: lpips(x, ref.expand_as(x))`` with a ``budgetdiff.metrics.LpipsMetric``.
         batch_size: candidates per pipeline call (default 64).
         progress: show a tqdm bar over the rounds.
+        reuse: what a skipped step reuses (``AdaptiveSkipConfig.reuse``): compare with the
+            estimator under the same policy.
 
     Returns:
         an ``OracleSkipPath``.
@@ -435,7 +535,7 @@ def oracle_skip_path(
     def render(masks: list[list[bool]]) -> torch.Tensor:
         out = pipe([prompt] * len(masks), num_inference_steps=steps, guidance_scale=guidance_scale,
                    scheduler=scheduler, seed=[seed] * len(masks), output_type="pt", progress=False,
-                   adaptive=SkipPlan(masks))
+                   adaptive=SkipPlan(masks, reuse=reuse))
         return out.images
 
     mask = [False] * steps

@@ -63,6 +63,7 @@ def generate(
     adaptive: bool = typer.Option(False, "--adaptive", help="Skip redundant noise predictions (AdaptiveDiffusion)."),
     threshold: float = typer.Option(0.01, "--threshold", help="Adaptive skip threshold δ (>= 0; 0 skips nothing)."),
     max_skip: int = typer.Option(4, "--max-skip", help="Adaptive: most consecutive skipped predictions, C_max."),
+    reuse: str = typer.Option("epsilon", "--reuse", help="Adaptive: what a skipped step reuses: epsilon (the noise prediction, any model type), output (the raw network output, as the official code) or sample (the predicted clean image)."),
 ) -> None:
     """Generate one image; the last stdout line is a JSON record."""
     from .generation import ModelDirectoryError, check_generation_args, generate as run, load_pipeline
@@ -93,7 +94,7 @@ def generate(
         from .adaptive import AdaptiveSkipConfig
 
         try:
-            skip_config = AdaptiveSkipConfig(threshold=threshold, max_skip=max_skip)
+            skip_config = AdaptiveSkipConfig(threshold=threshold, max_skip=max_skip, reuse=reuse)
         except ValueError as exc:
             raise CliError(f"--{str(exc).replace('max_skip', 'max-skip')}") from None
     _check_output_path(out)

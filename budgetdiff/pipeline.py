@@ -244,7 +244,9 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         latents = self.prepare_latents(batch, generator, device, self.unet.dtype)
 
         # 5. Adaptive skipping: a UNet hook with fresh state for this call
-        skipper = attach_adaptive_skip(self.unet, adaptive, copies=2 if do_cfg else 1) if adaptive else None
+        skipper = (attach_adaptive_skip(self.unet, adaptive, copies=2 if do_cfg else 1,
+                                         scheduler=self.scheduler)
+                   if adaptive else None)
 
         # 6. Denoising loop
         try:

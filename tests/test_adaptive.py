@@ -10,6 +10,8 @@ from budgetdiff.adaptive import (
     apply_adaptive_skip,
     longest_skip_run,
     max_skips,
+    Parametrization,
+    attach_adaptive_skip,
     mse_loss,
     oracle_skip_path,
     skip_candidates,
@@ -25,7 +27,8 @@ ALWAYS = AdaptiveSkipConfig(threshold=1e9, max_skip=2)  # skip whenever the cap 
 @pytest.mark.parametrize(
     "kwargs, name",
     [({"threshold": -0.1}, "threshold"), ({"threshold": float("nan")}, "threshold"),
-     ({"max_skip": -1}, "max_skip"), ({"warmup": 3}, "warmup"), ({"estimator": "median"}, "estimator")],
+     ({"max_skip": -1}, "max_skip"), ({"warmup": 3}, "warmup"), ({"estimator": "median"}, "estimator"),
+     ({"reuse": "x0"}, "reuse")],
 )
 def test_invalid_config(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -244,3 +247,61 @@ def test_oracle_first_pick_is_the_best_single_skip(tiny_pipe):
     best = min(brute, key=brute.get)
     assert result.order == [best] and result.mask == [i == best for i in range(steps)]
     assert result.losses[0] == pytest.approx(brute[best], rel=1e-3, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# What a skipped step reuses: the raw output, ε̂ or x̂0
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_parametrization_agrees_with_the_scheduler_and_round_trips(prediction_type):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type, clip_sample=False)
+    sched.set_timesteps(10)
+    par = Parametrization(sched.alphas_cumprod, prediction_type)
+    torch.manual_seed(0)
+    z, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = sched.timesteps[3]
+    x0 = sched.step(out, t, z).pred_original_sample  # diffusers' own conversion
+    torch.testing.assert_close(par.to_space(out, z, t, "sample"), x0, rtol=1e-4, atol=1e-4)
+    a = sched.alphas_cumprod[int(t)]
+    torch.testing.assert_close(par.to_space(out, z, t, "epsilon"), (z - a.sqrt() * x0) / (1 - a).sqrt(),
+                               rtol=1e-4, atol=1e-4)
+    for space in ("output", "epsilon", "sample"):
+        torch.testing.assert_close(par.from_space(par.to_space(out, z, t, space), z, t, space), out,
+                                   rtol=1e-4, atol=1e-4)
+    # extra input channels (our UNet's coordinates) are ignored: the latents come first
+    wide = torch.cat([z, torch.randn(2, 2, 4, 4)], dim=1)
+    torch.testing.assert_close(par.to_space(out, wide, t, "epsilon"), par.to_space(out, z, t, "epsilon"))
+
+
+def test_reuse_needs_the_scheduler():
+    with pytest.raises(ValueError, match="reuse='epsilon' needs the scheduler"):
+        attach_adaptive_skip(torch.nn.Linear(1, 1), AdaptiveSkipConfig(reuse="epsilon"))
+
+
+@pytest.mark.parametrize("reuse", ["epsilon", "sample"])
+def test_reuse_spaces_in_our_pipeline(tiny_pipe, reuse):
+    """δ = 0 is still the plain run bit for bit; skipping in another space gives other images
+    (the tiny model predicts v, so ε̂ and x̂0 reuse differ from raw-output reuse)."""
+    plain = tiny_pipe(PROMPTS, num_inference_steps=8, output_type="np")
+    zero = tiny_pipe(PROMPTS, num_inference_steps=8, output_type="np",
+                     adaptive=AdaptiveSkipConfig(threshold=0.0, reuse=reuse))
+    assert np.array_equal(plain.images, zero.images)
+    raw = tiny_pipe(PROMPTS, num_inference_steps=12, output_type="np",
+                    adaptive=AdaptiveSkipConfig(threshold=1e9, max_skip=2, reuse="output"))
+    other = tiny_pipe(PROMPTS, num_inference_steps=12, output_type="np",
+                      adaptive=AdaptiveSkipConfig(threshold=1e9, max_skip=2, reuse=reuse))
+    assert [r["skip_mask"] for r in raw.records] == [r["skip_mask"] for r in other.records]
+    assert np.isfinite(other.images).all() and not np.allclose(raw.images, other.images)
+    assert other.records[0]["adaptive"]["reuse"] == reuse
+
+
+def test_epsilon_reuse_is_output_reuse_for_an_epsilon_model(tiny_sd_dir):
+    """Stock SD predicts ε: reusing ε̂ is reusing its raw output, the official behaviour."""
+    pipe = load_pipeline(tiny_sd_dir)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    a, _ = generate(pipe, PROMPTS[:2], steps=10, guidance=5.0, progress=False,
+                    adaptive=AdaptiveSkipConfig(threshold=1e9, max_skip=2, reuse="output"))
+    b, _ = generate(pipe, PROMPTS[:2], steps=10, guidance=5.0, progress=False, adaptive=ALWAYS)
+    assert [list(i.getdata()) for i in a] == [list(i.getdata()) for i in b]

@@ -64,7 +64,8 @@ def test_main_writes_report_and_plot(workspace, capsys, monkeypatch):
         assert tuned in cfg["tuning"]["candidates"]
         rows = {r["method"]: r for r in res["rows"]}
         kinds = {r["kind"] for r in res["rows"]}
-        assert kinds == {"full", "adaptive", "adaptive_official", "uniform", "deepcache", "pab"}
+        assert kinds == {"full", "adaptive", "adaptive_official", "adaptive_rawoutput", "uniform", "deepcache", "pab"}
+        assert next(r for r in res["rows"] if r["kind"] == "adaptive_rawoutput")["params"]["reuse"] == "output"
         full = rows["full"]
         assert full["mean_nfe"] == cfg["steps"] and full["pixel/psnr"] == 100.0 and full["wall_speedup"] == 1.0
         assert full[report["lpips_backend"]] == pytest.approx(0.0, abs=1e-6)

@@ -1,6 +1,7 @@
 """SnapFusion step distillation (training/distill.py) on tiny random models."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -268,6 +269,11 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
     assert record["teacher"] == str(tiny_model_dir) and record["student_steps"] == 4
     assert record["teacher_steps"] == 8 and record["training_steps"] == 2
     assert not (tmp_path / "student.tmp").exists()
+    # The frozen text encoder is a link to the teacher's, not an 87 MB copy. (A re-saved tokenizer
+    # may differ from the teacher's files in metadata: then it stays a real, small folder.)
+    assert "text_encoder" in record["linked_to_teacher"]
+    assert (tmp_path / "student" / "text_encoder").is_symlink()
+    assert (tmp_path / "student" / "text_encoder").resolve() == (tiny_model_dir / "text_encoder").resolve()
     # `budgetdiff generate --model STUDENT --steps 4` runs it unchanged.
     from budgetdiff.cli import main
 
@@ -289,6 +295,9 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
     assert resumed["steps"] == 3 and resumed["seconds_per_step"] is not None
     record = json.loads((tmp_path / "chain" / "student" / DISTILLATION_FILE).read_text())
     assert record["teacher_distillation"]["student_steps"] == 4 and record["student_steps"] == 2
+    # A student of a student links to the real folder, not to a link.
+    assert (tmp_path / "chain" / "student" / "text_encoder").resolve() == (tiny_model_dir / "text_encoder").resolve()
+    assert not os.readlink(tmp_path / "chain" / "student" / "text_encoder").endswith("student/text_encoder")
 
     import mlflow
 

@@ -48,6 +48,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -412,13 +413,49 @@ def heldout_distillation_loss(module: DistillationModule, unet, n: int) -> dict[
         module.unet = trained
 
 
-def save_student(module: DistillationModule, out_dir: str | Path, guidance: float, record: dict) -> None:
+FROZEN_COMPONENTS = ("text_encoder", "tokenizer")  # never trained by distillation
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def share_frozen_components(student_dir: str | Path, teacher_dir: str | Path,
+                            components: tuple[str, ...] = FROZEN_COMPONENTS) -> list[str]:
+    """Replace each frozen component folder of a saved student by a relative symbolic link to the
+    teacher's copy (followed through the teacher's own links), when the two are byte-identical.
+
+    Why: the students are kept with the repository, and the frozen MiniLM text encoder is 87 MB;
+    four students would add 350 MB of identical weights. A link keeps each student a standard
+    diffusers directory (``from_pretrained`` follows it) at the cost of a few bytes. A component
+    that differs from the teacher's is left as a real folder. Returns the linked components."""
+    student_dir, teacher_dir = Path(student_dir), Path(teacher_dir)
+    linked = []
+    for name in components:
+        mine, theirs = student_dir / name, (teacher_dir / name).resolve()
+        if not mine.is_dir() or mine.is_symlink() or not theirs.is_dir():
+            continue
+        if _tree_digest(mine) != _tree_digest(theirs):
+            continue
+        shutil.rmtree(mine)
+        # Relative to the student's parent, so the link holds after the atomic rename of a sibling.
+        mine.symlink_to(Path(os.path.relpath(theirs, student_dir.resolve())), target_is_directory=True)
+        linked.append(name)
+    return linked
+
+
+def save_student(module: DistillationModule, out_dir: str | Path, guidance: float, record: dict,
+                 teacher_dir: str | Path | None = None) -> None:
     """Save the EMA student as a diffusers pipeline directory plus ``distillation.json``,
-    atomically (a sibling temporary folder, then a rename)."""
+    atomically (a sibling temporary folder, then a rename). With ``teacher_dir``, the frozen
+    components become links to the teacher's (``share_frozen_components``)."""
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     module.sampling_pipeline(guidance).save_pretrained(tmp_dir, safe_serialization=True)
+    if teacher_dir is not None:
+        record = {**record, "linked_to_teacher": share_frozen_components(tmp_dir, teacher_dir)}
     (tmp_dir / DISTILLATION_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)
@@ -499,7 +536,8 @@ def train(cfg: dict) -> dict[str, Any]:
         "stage": stage,
         "teacher_distillation": teacher_record or None,
     }
-    save_student(module, cfg["output_dir"], guidance, record)
+    save_student(module, cfg["output_dir"], guidance, record,
+                 teacher_dir=cfg["teacher"] if cfg.get("share_frozen_components", True) else None)
 
     metrics = {
         **{k: record[k] for k in ("teacher", "teacher_steps", "student_steps", "p_cfg", "guidance_range", "gamma")},
