@@ -20,10 +20,12 @@ SnapFusion's Fig. 6) and reports/distill_samples.png (ground truth, then each ru
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
 from budgetdiff.pipeline import coordinate_channels
 from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.shards import directory_fingerprint
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
 
@@ -160,23 +163,47 @@ def run(cfg: dict) -> dict:
     fd_floor = scorer.frechet_distance(truth, rendered(held_out_scenes(
         len(prompts), cfg["seed_offset"] + 5_000_000, cfg["count_weights"])[0]))[FD]
 
-    pipes = {}
-    for spec in cfg["runs"].values():
-        if spec["model"] not in pipes:
-            pipes[spec["model"]] = load_pipeline(spec["model"])
+    # One model in memory at a time, loaded when its first run starts (in the order of ``runs``).
+    loaded: dict[str, object] = {}
+
+    def pipe_for(model: str):
+        if model not in loaded:
+            if not (Path(model) / "model_index.json").is_file():
+                raise SystemExit(f"error: bench_distill: model {model} not found (run its distill stage first)")
+            loaded.clear()
+            loaded[model] = load_pipeline(model)
+        return loaded[model]
+
     reference = cfg["runs"].get("teacher_50", next(iter(cfg["runs"].values())))["model"]
-    target_guidance = float(pipes[reference].config.default_guidance_scale if cfg["guidance"] is None
+    target_guidance = float(pipe_for(reference).config.default_guidance_scale if cfg["guidance"] is None
                             else cfg["guidance"])
     guidances = sorted({float(g) for g in cfg["guidance_scales"]} | {target_guidance})
     grid_n = min(cfg["grid_prompts"], len(prompts))
+    # Each finished (run, guidance) result is kept under cache_dir, keyed by everything it depends
+    # on, so an interrupted benchmark resumes where it stopped.
+    cache_dir = Path(cfg.get("cache_dir", ".cache/bench_distill"))
 
     results: dict[str, dict[str, dict]] = {}
     grid_columns: dict[str, list] = {}
     start = time.time()
     for name, spec in cfg["runs"].items():
-        pipe, steps = pipes[spec["model"]], int(spec["steps"])
+        steps = int(spec["steps"])
+        fingerprint = directory_fingerprint(Path(spec["model"]) / "unet")
         results[name] = {}
         for g in guidances:
+            key = hashlib.sha256(json.dumps(
+                [fingerprint, steps, g, cfg["scheduler"], len(prompts), cfg["seed_offset"],
+                 list(cfg["count_weights"]), cfg["batch_size"]]).encode()).hexdigest()[:16]
+            cached = cache_dir / f"{name}_w{g:g}_{key}.json"
+            if cached.is_file():
+                r = results[name][str(g)] = json.loads(cached.read_text())
+                if g == target_guidance:  # the sample grid's few images again (same prompts and seeds)
+                    images = generate(pipe_for(spec["model"]), prompts[:grid_n], steps, g, cfg["scheduler"],
+                                      grid_n, f"{name} w={g} (grid)")[0]
+                    grid_columns[name] = pipe_for(spec["model"]).to_output(images * 2 - 1, "pil")
+                print(f"[{name} w={g}] resumed from {cached}", flush=True)
+                continue
+            pipe = pipe_for(spec["model"])
             images, seconds, nfe = generate(pipe, prompts, steps, g, cfg["scheduler"], cfg["batch_size"],
                                             f"{name} w={g}")
             values = scorer.score(images, prompts=prompts)
@@ -188,6 +215,7 @@ def run(cfg: dict) -> dict:
                 "gflops_per_image": round(nfe * unet_gflops(pipe, g), 3),
                 "seconds_per_image": seconds,
             }
+            atomic_write_json(cached, r)
             if g == target_guidance:
                 grid_columns[name] = pipe.to_output(images[:grid_n] * 2 - 1, "pil")
             print(f"[{name} w={g}] fd={r['fd']:.4f} clipt={r['clipt']:.4f} attr_acc={r['attr_acc']:.3f} "

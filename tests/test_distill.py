@@ -339,7 +339,7 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
            "runs": {"teacher_50": {"model": model, "steps": 4}, "teacher_8": {"model": model, "steps": 2},
                     "student_8_cfg": {"model": model, "steps": 2}},
            "csv_path": str(tmp_path / "t.csv"), "plot_path": str(tmp_path / "t.png"),
-           "grid_path": str(tmp_path / "g.png")}
+           "grid_path": str(tmp_path / "g.png"), "cache_dir": str(tmp_path / "cache")}
     report = bench.run(cfg)
     assert report["guidance_scales"] == [1.0, 2.0, 3.0]  # the target guidance joins the sweep
     r = report["results"]["student_8_cfg"]["2.0"]
@@ -350,3 +350,13 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
     assert targets["clipt_student_8_cfg_ge_student_8_vanilla"]["met"] is None  # no vanilla run here
     assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "g.png").stat().st_size > 0
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 1 + 3 * 3
+
+    # An interrupted run resumes: every (run, guidance) result is kept, keyed by the model's weights.
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 3 * 3
+    again = bench.run(cfg)
+    assert again["results"] == report["results"]
+    # A model that is not there yet is named, before any work is lost.
+    missing = {**cfg, "runs": {"teacher_50": {"model": model, "steps": 4},
+                               "student_8_cfg": {"model": str(tmp_path / "nope"), "steps": 2}}}
+    with pytest.raises(SystemExit, match="nope not found"):
+        bench.run(missing)
