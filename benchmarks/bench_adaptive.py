@@ -12,7 +12,7 @@ the same prompt, seed, scheduler and guidance (the reference):
 | ``full`` | every step computes: the reference (δ = 0) |
 | ``adaptive`` δ | ``budgetdiff.adaptive`` with the paper's estimator ‖Δ³x‖ <= δ‖Δx‖ at each δ of the sweep (the official default δ = 0.01 and the scheduler's tuned δ among them), C_max and warm-up from params |
 | ``adaptive_official`` δ | the official code: its scalar estimator, reusing the raw network output (with our per-sample decisions) |
-| ``adaptive_rawoutput`` δ | the paper's estimator at the tuned δ, reusing the raw output (v for this model) instead of ε̂: what ``reuse`` adds |
+| ``adaptive_rawoutput`` δ | the paper's estimator at the tuned δ, reusing the raw output (v for this model) instead of the scheduler's ``reuse`` space (ε̂ or x̂0): what ``reuse`` adds |
 | ``uniform`` | plain sampling with fewer steps: the tuned row's mean NFE, rounded up |
 | ``deepcache`` | DeepCache (PyPI ``DeepCache``, ``DeepCacheSDHelper``) on the same UNet |
 | ``pab`` | diffusers' Pyramid Attention Broadcast hook on the same UNet's attention layers |
@@ -104,13 +104,20 @@ class Method:
     kind: str
     params: dict = field(default_factory=dict)
 
-    def adaptive_config(self, cfg: dict) -> AdaptiveSkipConfig | None:
+    def adaptive_config(self, cfg: dict, scheduler: str) -> AdaptiveSkipConfig | None:
         if not self.kind.startswith("adaptive"):
             return None
         return AdaptiveSkipConfig(threshold=float(self.params["threshold"]), max_skip=int(cfg["max_skip"]),
                                   warmup=int(cfg["warmup"]),
                                   estimator="official" if self.kind == "adaptive_official" else "paper",
-                                  reuse=self.params.get("reuse", cfg.get("reuse", "epsilon")))
+                                  reuse=self.params.get("reuse", reuse_for(cfg, scheduler)))
+
+
+def reuse_for(cfg: dict, scheduler: str) -> str:
+    """What a skipped step reuses with ``scheduler``: ``cfg["reuse"]`` is one space for all, or a
+    mapping scheduler -> space (unlisted schedulers: "epsilon")."""
+    reuse = cfg.get("reuse", "epsilon")
+    return reuse.get(scheduler, "epsilon") if isinstance(reuse, dict) else reuse
 
 
 @contextmanager
@@ -178,7 +185,7 @@ def generate(pipe, method: Method, cfg: dict, prompts, seeds, scheduler: str, gu
     with method_context(pipe, method):
         start = time.perf_counter()
         out = pipe(prompts, num_inference_steps=n_steps, guidance_scale=guidance, scheduler=scheduler, seed=seeds,
-                   output_type="pt", progress=False, adaptive=method.adaptive_config(cfg))
+                   output_type="pt", progress=False, adaptive=method.adaptive_config(cfg, scheduler))
         seconds = time.perf_counter() - start
     records = out.records
     masks = [r["skip_mask"] for r in records] if "skip_mask" in records[0] else None
@@ -292,7 +299,7 @@ def benchmark_scheduler(pipe, cfg: dict, scorer: MetricScorer, checker, schedule
     methods += [Method(f"adaptive δ={d:g}", "adaptive", {"threshold": d}) for d in thresholds]
     methods += [Method(f"adaptive_official δ={d:g}", "adaptive_official", {"threshold": float(d), "reuse": "output"})
                 for d in cfg["official_thresholds"]]
-    if cfg.get("reuse", "epsilon") != "output":
+    if reuse_for(cfg, scheduler) != "output":
         methods.append(Method(f"adaptive_rawoutput δ={tuned:g}", "adaptive_rawoutput",
                               {"threshold": tuned, "reuse": "output"}))
     methods += [Method(f"deepcache N={cfg['deepcache']['cache_interval']}", "deepcache", dict(cfg["deepcache"])),
@@ -421,7 +428,7 @@ def oracle_comparison(pipe, cfg: dict, guidance: float, tuned: float, prompts, s
     ocfg = cfg["oracle"]
     steps, scheduler = int(ocfg["steps"]), ocfg["scheduler"]
     warmup, max_skip = int(cfg["warmup"]), int(cfg["max_skip"])
-    reuse = cfg.get("reuse", "epsilon")
+    reuse = reuse_for(cfg, scheduler)
     config = AdaptiveSkipConfig(threshold=tuned, max_skip=max_skip, warmup=warmup, reuse=reuse)
     # one prompt per level, round robin, so the few prompts span the complexity levels
     by_level: dict[int, list[int]] = {}
@@ -547,7 +554,7 @@ def run(cfg: dict) -> dict:
     guidance = float(pipe.config.default_guidance_scale if cfg["guidance"] is None else cfg["guidance"])
     steps = int(cfg["steps"])
     report: dict = {"model": cfg["model"], "steps": steps, "guidance": guidance, "torch_threads": torch.get_num_threads(),
-                    "reuse": cfg.get("reuse", "epsilon"),
+                    "reuse": {s: reuse_for(cfg, s) for s in cfg["schedulers"]},
                     "max_skip": int(cfg["max_skip"]), "warmup": int(cfg["warmup"]),
                     "official_default": {"threshold": AdaptiveSkipConfig().threshold,
                                          "max_skip": AdaptiveSkipConfig().max_skip},

@@ -49,6 +49,11 @@ REUSE_SPACES = ("output", "epsilon", "sample")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def _check_reuse(reuse: str) -> None:
+    if reuse not in REUSE_SPACES:
+        raise ValueError(f"reuse: must be one of {', '.join(REUSE_SPACES)}, got {reuse!r}")
+
+
 class Parametrization:
     """Converts a model output between the network's prediction type and the reuse space
     (ε̂ or x̂0) at a latent ``z`` (variance-preserving: z = α·x0 + σ·ε) and timestep ``t``."""
@@ -120,7 +125,15 @@ class AdaptiveSkipConfig:
             such as SD-1.5, but for a v-prediction model it reuses v, which changes faster: on
             the embedded model, 16 prompts, 50 steps, ε̂ reuse gave +3 to +7 dB PSNR at equal
             or fewer NFE with DDIM, DPM-Solver++ and Euler).
-            "sample": the predicted clean latent x̂0, re-expressed likewise. The conversions
+            "sample": the predicted clean latent x̂0, re-expressed likewise. With Euler, ε̂ and
+            x̂0 reuse are the same step (Euler moves along a straight line towards x̂0; tested).
+            With DDIM they differ where the scheduler clips x̂0 (``clip_sample``, on for the
+            embedded model) and by the one-timestep offset of diffusers' DDIM under "trailing"
+            spacing (it steps to t − T/N, the next step evaluates at the next listed timestep);
+            with DPM-Solver++ (multistep) in general. Measured on the embedded model, DDIM,
+            16 prompts, 50 steps, δ 0.1: x̂0 reuse 18.6 NFE at 39.1 dB PSNR, ε̂ reuse 23.9 NFE
+            at 40.4 dB, uniform 17 steps 38.5 dB; with DPM-Solver++ and Euler the two were
+            within 0.7 dB at equal NFE. The conversions
             read the scheduler's ``alphas_cumprod`` at the UNet's timestep and the UNet input as
             the variance-preserving latent (as every diffusers scheduler's ``scale_model_input``
             hands it over).
@@ -144,8 +157,7 @@ class AdaptiveSkipConfig:
             )
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator: must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-        if self.reuse not in REUSE_SPACES:
-            raise ValueError(f"reuse: must be one of {', '.join(REUSE_SPACES)}, got {self.reuse!r}")
+        _check_reuse(self.reuse)
 
     @property
     def enabled(self) -> bool:
@@ -175,8 +187,7 @@ class SkipPlan:
     reuse: str = "epsilon"
 
     def __post_init__(self):
-        if self.reuse not in REUSE_SPACES:
-            raise ValueError(f"reuse: must be one of {', '.join(REUSE_SPACES)}, got {self.reuse!r}")
+        _check_reuse(self.reuse)
         rows = self.mask.tolist() if isinstance(self.mask, torch.Tensor) else list(self.mask)
         if rows and not isinstance(rows[0], (list, tuple)) and not (
                 isinstance(rows[0], torch.Tensor) and rows[0].dim() > 0):
@@ -321,7 +332,9 @@ class AdaptiveSkipHook(ModelHook):
 
         skip = state.decide(batch, self.config, sample.device)
         original = self.fn_ref.original_forward
-        par = self.parametrization() if callable(self.parametrization) else self.parametrization
+        par = None
+        if self.space != "output":
+            par = self.parametrization() if callable(self.parametrization) else self.parametrization
         if not bool(skip.any()):
             output = original(sample, timestep, *args, **kwargs)
             out = _output_tensor(output)
@@ -386,6 +399,20 @@ def parametrization_of(scheduler) -> Parametrization:
     return Parametrization(scheduler.alphas_cumprod, scheduler.config.prediction_type)
 
 
+def _current_parametrization(scheduler: Callable[[], Any]) -> Callable[[], Parametrization]:
+    """A callable returning the ``Parametrization`` of the scheduler in use, rebuilt only when the
+    pipeline swaps its scheduler (not on every UNet call)."""
+    memo: dict[str, Any] = {}
+
+    def current() -> Parametrization:
+        s = scheduler()
+        if memo.get("scheduler") is not s or memo.get("alphas") is not s.alphas_cumprod:
+            memo.update(scheduler=s, alphas=s.alphas_cumprod, par=parametrization_of(s))
+        return memo["par"]
+
+    return current
+
+
 def attach_adaptive_skip(unet: torch.nn.Module, config: AdaptiveSkipConfig | SkipPlan,
                          copies: int | Callable[[], int] = 1,
                          scheduler: Any | Callable[[], Any] | None = None) -> AdaptiveSkipHandle:
@@ -397,7 +424,7 @@ def attach_adaptive_skip(unet: torch.nn.Module, config: AdaptiveSkipConfig | Ski
         registry.remove_hook(HOOK_NAME, recurse=False)
     par = None
     if scheduler is not None:
-        par = (lambda: parametrization_of(scheduler())) if callable(scheduler) else parametrization_of(scheduler)
+        par = _current_parametrization(scheduler) if callable(scheduler) else parametrization_of(scheduler)
     hook = AdaptiveSkipHook(config, copies, par)
     registry.register_hook(hook, HOOK_NAME)
     return AdaptiveSkipHandle(unet, hook)

@@ -275,6 +275,42 @@ def test_parametrization_agrees_with_the_scheduler_and_round_trips(prediction_ty
     torch.testing.assert_close(par.to_space(out, wide, t, "epsilon"), par.to_space(out, z, t, "epsilon"))
 
 
+def test_epsilon_and_sample_reuse_are_one_step_for_euler(tiny_pipe):
+    """Euler moves along a straight line towards x̂0, so after a computed step the reused ε̂
+    and the reused x̂0 imply the same direction: the images agree; raw-output (v) reuse differs."""
+    plan = [False] * 4 + [True, True, False] * 4
+    images = {reuse: tiny_pipe(PROMPTS, num_inference_steps=len(plan), output_type="np", scheduler="euler",
+                               guidance_scale=2.0, adaptive=SkipPlan(plan, reuse=reuse)).images
+              for reuse in ("epsilon", "sample", "output")}
+    np.testing.assert_allclose(images["epsilon"], images["sample"], atol=1e-4)
+    assert not np.allclose(images["sample"], images["output"], atol=1e-3)
+
+
+def test_the_parametrization_is_built_once_per_scheduler(tiny_sd_dir, monkeypatch):
+    """The stock-pipeline hook asks for the scheduler in use at every UNet call; its
+    parametrization is rebuilt only when the pipeline swaps schedulers, and never for raw reuse."""
+    from diffusers import EulerDiscreteScheduler
+
+    built = []
+    original = adaptive_module.parametrization_of
+    monkeypatch.setattr(adaptive_module, "parametrization_of", lambda s: built.append(s) or original(s))
+    pipe = load_pipeline(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(config):
+        handle = apply_adaptive_skip(pipe, config)
+        pipe("a red circle", num_inference_steps=9, guidance_scale=5.0, callback_on_step_end=handle.callback)
+        handle.remove()
+
+    run(AdaptiveSkipConfig(threshold=1e9, max_skip=2))
+    assert len(built) == 1
+    run(AdaptiveSkipConfig(threshold=1e9, max_skip=2, reuse="output"))
+    assert len(built) == 1
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    run(AdaptiveSkipConfig(threshold=1e9, max_skip=2))
+    assert len(built) == 2 and isinstance(built[-1], EulerDiscreteScheduler)
+
+
 def test_reuse_needs_the_scheduler():
     with pytest.raises(ValueError, match="reuse='epsilon' needs the scheduler"):
         attach_adaptive_skip(torch.nn.Linear(1, 1), AdaptiveSkipConfig(reuse="epsilon"))

@@ -119,3 +119,13 @@ def test_equal_flops_comparison_interpolates_the_adaptive_curve():
     assert out["u"]["adaptive_lpips_at_equal_flops"] == pytest.approx(0.1) and out["u"]["adaptive_better"]
     assert out["p"]["adaptive_lpips_at_equal_flops"] == pytest.approx(0.04) and not out["p"]["adaptive_better"]
     assert out["d"]["adaptive_lpips_at_equal_flops"] is None and out["d"]["adaptive_better"] is None
+
+
+def test_reuse_space_per_scheduler():
+    per = {"reuse": {"ddim": "sample", "dpmpp": "epsilon"}}
+    assert bench_adaptive.reuse_for(per, "ddim") == "sample"
+    assert bench_adaptive.reuse_for(per, "euler") == "epsilon"  # unlisted: the library default
+    assert bench_adaptive.reuse_for({"reuse": "output"}, "dpmpp") == "output"
+    config = bench_adaptive.Method("a", "adaptive", {"threshold": 0.1}).adaptive_config(
+        {**per, "max_skip": 4, "warmup": 4}, "ddim")
+    assert config.reuse == "sample"
