@@ -124,8 +124,24 @@ def tradeoff_plot(results: dict, path: str) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def check_targets(results: dict, guidance: str, cfg: dict) -> dict:
-    """The issue's targets at ``guidance`` (a key of each run's results); null when a run is absent."""
+def paired_difference(a, b) -> dict | None:
+    """Mean of a − b over the prompts both scored (the same prompts and seeds), its standard
+    error and a normal 95 % interval: is a shortfall more than the prompt-to-prompt noise?"""
+    if a is None or b is None:
+        return None
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return None
+    mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    return {"mean": round(mean, 5), "se": round(se, 5), "ci95": [round(mean - 1.96 * se, 5), round(mean + 1.96 * se, 5)],
+            "prompts": int(len(d))}
+
+
+def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | None = None) -> dict:
+    """The issue's targets at ``guidance`` (a key of each run's results); null when a run is absent.
+    With ``per_prompt`` (run -> guidance -> metric -> per-prompt values), the two paired targets
+    also get the paired per-prompt difference (measured − limit) with its 95 % interval."""
     at = {name: by_g.get(guidance) for name, by_g in results.items()}
 
     def value(run, key):
@@ -140,6 +156,15 @@ def check_targets(results: dict, guidance: str, cfg: dict) -> dict:
         "attr_acc_student_8_cfg_ge_teacher_8": {"measured": att_s, "limit": att_t},
         "clipt_student_8_cfg_ge_student_8_vanilla": {"measured": cl_s, "limit": cl_v},
     }
+    per_prompt = per_prompt or {}
+
+    def values(run, key):
+        return per_prompt.get(run, {}).get(guidance, {}).get(key)
+
+    targets["attr_acc_student_8_cfg_ge_teacher_8"]["paired_difference"] = paired_difference(
+        values("student_8_cfg", "attr_acc"), values("teacher_8", "attr_acc"))
+    targets["clipt_student_8_cfg_ge_student_8_vanilla"]["paired_difference"] = paired_difference(
+        values("student_8_cfg", "clipt"), values("student_8_vanilla", "clipt"))
     for name, t in targets.items():
         if t["measured"] is None or t["limit"] is None:
             t["met"] = None
@@ -184,6 +209,7 @@ def run(cfg: dict) -> dict:
     cache_dir = Path(cfg.get("cache_dir", ".cache/bench_distill"))
 
     results: dict[str, dict[str, dict]] = {}
+    per_prompt: dict[str, dict[str, dict]] = {}  # run -> guidance -> metric -> values (cache entries since 12/2026)
     grid_columns: dict[str, list] = {}
     start = time.time()
     for name, spec in cfg["runs"].items():
@@ -197,6 +223,8 @@ def run(cfg: dict) -> dict:
             cached = cache_dir / f"{name}_w{g:g}_{key}.json"
             if cached.is_file():
                 r = results[name][str(g)] = json.loads(cached.read_text())
+                if "per_prompt" in r:
+                    per_prompt.setdefault(name, {})[str(g)] = r.pop("per_prompt")
                 if g == target_guidance:  # the sample grid's few images again (same prompts and seeds)
                     images = generate(pipe_for(spec["model"]), prompts[:grid_n], steps, g, cfg["scheduler"],
                                       grid_n, f"{name} w={g} (grid)")[0]
@@ -215,7 +243,10 @@ def run(cfg: dict) -> dict:
                 "gflops_per_image": round(nfe * unet_gflops(pipe, g), 3),
                 "seconds_per_image": seconds,
             }
-            atomic_write_json(cached, r)
+            scores = {"attr_acc": np.asarray(values[ATTR], dtype=float).tolist(),
+                      "clipt": np.asarray(values[CLIPT], dtype=float).tolist()}
+            atomic_write_json(cached, {**r, "per_prompt": scores})
+            per_prompt.setdefault(name, {})[str(g)] = scores
             if g == target_guidance:
                 grid_columns[name] = pipe.to_output(images[:grid_n] * 2 - 1, "pil")
             print(f"[{name} w={g}] fd={r['fd']:.4f} clipt={r['clipt']:.4f} attr_acc={r['attr_acc']:.3f} "
@@ -231,7 +262,7 @@ def run(cfg: dict) -> dict:
         "fd_floor_rendered_vs_rendered": fd_floor,
         "runs": {name: {"model": s["model"], "steps": int(s["steps"])} for name, s in cfg["runs"].items()},
         "results": results,
-        "targets": check_targets(results, str(target_guidance), cfg),
+        "targets": check_targets(results, str(target_guidance), cfg, per_prompt),
         "torch_threads": torch.get_num_threads(),
         "batch_size": cfg["batch_size"],
         "seconds_total": round(time.time() - start, 1),

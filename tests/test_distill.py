@@ -327,6 +327,15 @@ def test_stage_config_merges_the_sections(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # bench_distill on tiny models and evaluators
 # ----------------------------------------------------------------------------------------------
+def test_paired_difference():
+    from benchmarks.bench_distill import paired_difference
+
+    d = paired_difference([1.0, 0.5, float("nan"), 1.0], [0.5, 0.5, 1.0, 0.0])
+    assert d["prompts"] == 3 and d["mean"] == pytest.approx(0.5)
+    assert d["ci95"][0] < 0.5 < d["ci95"][1]
+    assert paired_difference(None, [1.0]) is None and paired_difference([1.0], [0.0]) is None
+
+
 def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_path, monkeypatch):
     import benchmarks.bench_distill as bench
     from test_metrics_helpers import tiny_backbone, tiny_checker
@@ -348,13 +357,16 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
     targets = report["targets"]
     assert targets["attr_acc_student_8_cfg_ge_teacher_8"]["met"] is True  # the same model and steps
     assert targets["clipt_student_8_cfg_ge_student_8_vanilla"]["met"] is None  # no vanilla run here
+    paired = targets["attr_acc_student_8_cfg_ge_teacher_8"]["paired_difference"]  # same images: no difference
+    assert paired["prompts"] == 4 and paired["mean"] == 0 and paired["ci95"] == [0, 0]
+    assert targets["clipt_student_8_cfg_ge_student_8_vanilla"]["paired_difference"] is None
     assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "g.png").stat().st_size > 0
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 1 + 3 * 3
 
     # An interrupted run resumes: every (run, guidance) result is kept, keyed by the model's weights.
     assert len(list((tmp_path / "cache").glob("*.json"))) == 3 * 3
     again = bench.run(cfg)
-    assert again["results"] == report["results"]
+    assert again["results"] == report["results"] and again["targets"] == report["targets"]
     # A model that is not there yet is named, before any work is lost.
     missing = {**cfg, "runs": {"teacher_50": {"model": model, "steps": 4},
                                "student_8_cfg": {"model": str(tmp_path / "nope"), "steps": 2}}}

@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader
 
 # Importing budgetdiff.pipeline registers BudgetDiffusionPipeline with diffusers (from_pretrained).
 from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
+from budgetdiff.shards import directory_fingerprint
 from budgetdiff.text import PromptEmbeddings, encode_prompts
 from training.base import (SceneStream, _collate, choose_guidance, evaluate_pipeline, update_ema,
                            validation_scenes)
@@ -416,11 +417,6 @@ def heldout_distillation_loss(module: DistillationModule, unet, n: int) -> dict[
 FROZEN_COMPONENTS = ("text_encoder", "tokenizer")  # never trained by distillation
 
 
-def _tree_digest(folder: Path) -> dict[str, str]:
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*")) if f.is_file()}
-
-
 def share_frozen_components(student_dir: str | Path, teacher_dir: str | Path,
                             components: tuple[str, ...] = FROZEN_COMPONENTS) -> list[str]:
     """Replace each frozen component folder of a saved student by a relative symbolic link to the
@@ -436,7 +432,7 @@ def share_frozen_components(student_dir: str | Path, teacher_dir: str | Path,
         mine, theirs = student_dir / name, (teacher_dir / name).resolve()
         if not mine.is_dir() or mine.is_symlink() or not theirs.is_dir():
             continue
-        if _tree_digest(mine) != _tree_digest(theirs):
+        if directory_fingerprint(mine) != directory_fingerprint(theirs):
             continue
         shutil.rmtree(mine)
         # Relative to the student's parent, so the link holds after the atomic rename of a sibling.
