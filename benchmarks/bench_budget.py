@@ -18,6 +18,11 @@ realised quality of any step choice is looked up, not re-rendered. Reported (rep
   linearly between the two neighbouring grid counts s_lo <= m <= s_hi, which is exactly the
   quality of giving a fraction (m − s_lo)/(s_hi − s_lo) of the prompts s_hi steps and the rest
   s_lo (mean steps m). Also reported: uniform rounded up to s_hi (more steps than adaptive).
+- **Uncertainty**: with ``bootstrap`` resamples of the prompts, each margin over uniform gets a
+  95 % percentile interval and the fraction of resamples at or below zero.
+- **Cross-validation** (``cross_validation``): ``train_budget``'s recipe re-run in k folds over
+  every prompt of the dataset (fold k tests, fold k + 1 validates, the rest trains), so that the
+  allocation and the targets also rest on all the prompts rather than the test split's few.
 - **Regret against the oracle**: the same rule applied to each prompt's true curves: extra and
   missing steps against it, and for the quality target the fraction of prompts whose realised
   quality meets q on every level.
@@ -57,6 +62,7 @@ from budgetdiff.budget import (
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from training.budget import (
     CurveTable,
+    cross_validate,
     dataset_curves,
     embed_prompts,
     level_quality,
@@ -104,9 +110,30 @@ def headline_name(cfg: dict, predictor: BudgetPredictor) -> str:
 # ------------------------------------------------------------------------------------------------
 # Allocations
 # ------------------------------------------------------------------------------------------------
+def margin_bootstrap(steps: np.ndarray, quality: dict, grid: list[int], resamples: int, seed: int = 0) -> dict:
+    """Per level, a 95 % percentile interval of the margin over uniform at equal mean steps (both
+    recomputed on prompts resampled with replacement: the allocation's mean steps, so the uniform
+    point, moves with the resample) and the fraction of resamples whose margin is <= 0."""
+    rng = np.random.default_rng(seed)
+    n = len(steps)
+    idx = rng.integers(0, n, size=(resamples, n))
+    col = np.array([grid.index(int(s)) for s in steps])[idx]                      # (B, n)
+    mean_steps = steps[idx].mean(1)
+    out = {}
+    for level, q in quality.items():
+        at = np.take_along_axis(q[idx], col[..., None], 2)[..., 0].mean(1)      # (B,)
+        curves = q[idx].mean(1)                                                  # (B, G)
+        uniform = np.array([np.interp(m, grid, c) for m, c in zip(mean_steps, curves)])
+        margin = at - uniform
+        out[level] = {"ci95": [round(float(np.percentile(margin, 2.5)), 5), round(float(np.percentile(margin, 97.5)), 5)],
+                      "fraction_le_0": round(float((margin <= 0).mean()), 4)}
+    return out
+
+
 def allocation(steps: np.ndarray, curves: CurveTable, rows: np.ndarray, quality: dict, full_steps: int,
-               metric_names: list[str]) -> dict:
-    """What a per-prompt step allocation realises on the rendered ground truth."""
+               metric_names: list[str], bootstrap: int = 0) -> dict:
+    """What a per-prompt step allocation realises on the rendered ground truth; with ``bootstrap``
+    resamples, each level's margin over uniform also gets its interval (``margin_bootstrap``)."""
     grid = curves.step_grid
     col = np.array([grid.index(int(s)) for s in steps])
     full = grid.index(full_steps)
@@ -127,6 +154,9 @@ def allocation(steps: np.ndarray, curves: CurveTable, rows: np.ndarray, quality:
             "uniform_same_mean_steps": round(uniform, 5), "margin_vs_uniform": round(float(at - uniform), 5),
             "uniform_rounded_up": {"steps": int(hi), "quality": round(float(uniform_curve[grid.index(hi)]), 5)},
         }
+    if bootstrap:
+        for level, b in margin_bootstrap(steps, quality, grid, bootstrap).items():
+            levels[level]["margin_vs_uniform_bootstrap"] = b
     out["levels"] = levels
     out["metrics"] = {m: round(float(np.mean(curves.values[rows, curves.metrics.index(m), col])), 5)
                       for m in metric_names}
@@ -225,8 +255,42 @@ def load_predictors(cfg: dict, curves: CurveTable) -> dict[str, BudgetPredictor]
     return out
 
 
-def run(cfg: dict) -> tuple[dict, list[dict], dict]:
-    """The report, the trade-off rows (CSV) and what the plot needs."""
+def cross_validation(cv_cfg: dict, train_cfg: dict, table: pd.DataFrame, full_steps: int, targets: dict,
+                     bootstrap: int = 0) -> dict:
+    """``train_budget``'s recipe judged on every prompt of the dataset by k-fold cross-validation
+    (``training.budget.cross_validate``): each prompt's steps are chosen by networks trained
+    without it, so the allocation and the targets rest on all the prompts, not the test split's few."""
+    t0 = time.time()
+    folds = int(cv_cfg["folds"])
+    cv = cross_validate(train_cfg, table, folds, int(cv_cfg.get("seed", 0)),
+                        progress=lambda k, n: print(f"bench_budget: cross-validation fold {k}/{n}", flush=True))
+    curves, rows = cv["curves"], cv["rows"]
+    if full_steps not in curves.step_grid:
+        raise ValueError(f"bench_budget.full_steps: {full_steps} is not a grid step count {curves.step_grid}")
+    quality = level_quality(curves, rows, cv["levels"], train_cfg["psnr_cap_db"])
+    points = [str(s) for s in curves.step_grid] + [f"reference_{curves.reference_steps}"]
+    rule_metrics = list(cv["levels"].values())
+    out = {"folds": folds, "seed": int(cv_cfg.get("seed", 0)), "prompts": int(len(rows)),
+           "prompts_per_fold": [int((cv["fold"] == k).sum()) for k in range(folds)],
+           "scheme": "fold k tests, fold k+1 validates (early stopping, plateau ε), the rest trains and normalises",
+           "predictor_mae_mean": {}}
+    for name in ("bilstm", "mlp", "mean_curve"):
+        mae = mae_by_metric(cv[name]["predicted"], curves.values, curves.metrics, points)
+        out["predictor_mae_mean"][name] = {m: round(mae[m]["mean"], 5) for m in rule_metrics}
+    for arch in ("bilstm", "mlp"):
+        row = allocation(cv[arch]["steps"], curves, rows, quality, full_steps, curves.metrics,
+                         bootstrap)
+        row["plateau_epsilon_per_fold"] = cv[arch]["epsilon"]
+        row["targets"] = targets_for(row, targets)
+        out[arch] = row
+    out["targets"] = out["bilstm"]["targets"]
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dict]:
+    """The report, the trade-off rows (CSV) and what the plot needs. With ``cfg["cross_validation"]``
+    set, ``train_cfg`` (the ``train_budget`` params) is the recipe cross-validated over every prompt."""
     t_start = time.time()
     try:
         table = pd.read_parquet(cfg["dataset"])
@@ -278,7 +342,7 @@ def run(cfg: dict) -> tuple[dict, list[dict], dict]:
             choices = [choose_steps(c, rule) for c in curve_list]
             steps = np.array([c.steps for c in choices])
             chosen[name][rule_name] = steps
-            row = allocation(steps, curves, rows, quality, full_steps, metrics)
+            row = allocation(steps, curves, rows, quality, full_steps, metrics, int(cfg.get("bootstrap", 0)))
             row["rule_met_on_grid_fraction"] = round(float(np.mean([c.reached for c in choices])), 4)
             allocations[name][rule_name] = row
     for name in predicted:
@@ -333,6 +397,12 @@ def run(cfg: dict) -> tuple[dict, list[dict], dict]:
         "prompts_truncated": int(sum(emb.truncated)),
         "seconds_total": round(time.time() - t_start, 1),
     }
+    if cfg.get("cross_validation"):
+        if train_cfg is None:
+            raise ValueError("bench_budget.cross_validation: needs the train_budget params")
+        report["cross_validation"] = cross_validation(cfg["cross_validation"], train_cfg, table, full_steps,
+                                                      targets, int(cfg.get("bootstrap", 0)))
+        report["seconds_total"] = round(time.time() - t_start, 1)
     report["operating_points_meeting_both_targets"] = {
         name: [r for r, row in rows_.items() if all(t["met"] for t in row["targets"].values())]
         for name, rows_ in allocations.items()}
@@ -455,8 +525,9 @@ def main() -> None:
     from training.params import load_params
 
     cfg = load_params("bench_budget", required=PARAMS)
+    train_cfg = load_params("train_budget") if cfg.get("cross_validation") else None
     try:
-        report, csv_rows, plot_data = run(cfg)
+        report, csv_rows, plot_data = run(cfg, train_cfg)
     except (ValueError, OSError) as exc:  # BudgetModelError is a ValueError
         raise SystemExit(f"error: {exc}") from None
     atomic_write_json(cfg["report_path"], report)
@@ -471,6 +542,16 @@ def main() -> None:
                       "predict_ms": report["prediction_cost"]["predict_ms_median"],
                       "predict_pct_of_generation": report["prediction_cost"]["predict_pct_of_generation_median"],
                       "seconds_total": report["seconds_total"]}))
+    if "cross_validation" in report:
+        cv = report["cross_validation"]
+        print(json.dumps({"cross_validation": {"prompts": cv["prompts"], "folds": cv["folds"],
+                                               "mean_steps": cv["bilstm"]["mean_steps"],
+                                               "steps_saved_pct": cv["bilstm"]["steps_saved_pct"],
+                                               "drop_vs_full_pct": {lv: v["drop_vs_full_pct"]
+                                                                    for lv, v in cv["bilstm"]["levels"].items()},
+                                               "margin_vs_uniform": {lv: v["margin_vs_uniform"]
+                                                                     for lv, v in cv["bilstm"]["levels"].items()},
+                                               "targets_met": {k: v["met"] for k, v in cv["targets"].items()}}}))
 
 
 if __name__ == "__main__":

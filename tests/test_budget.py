@@ -420,8 +420,10 @@ def test_bench_budget_end_to_end(trained, tiny_model_dir, monkeypatch):
            "plateau_epsilons": [0.01, 0.05], "quality_targets": [0.9, 0.99], "headline_rule": "plateau",
            "targets": {"min_steps_saved_pct": 50.0, "max_drop_pct": 2.0}, "timing_prompts": 2, "timing_repeats": 1,
            "report_path": str(tmp_path / "budget.json"), "plot_path": str(tmp_path / "budget.png"),
-           "csv_path": str(tmp_path / "budget_tradeoff.csv")}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"bench_budget": cfg}))
+           "csv_path": str(tmp_path / "budget_tradeoff.csv"), "cross_validation": {"folds": 3, "seed": 0},
+           "bootstrap": 50}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "bench_budget": cfg, "train_budget": train_cfg(tmp_path, tiny_model_dir, tmp_path / "dataset.parquet")}))
     monkeypatch.setattr(training.params, "PARAMS_FILE", tmp_path / "params.yaml")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     bench_budget.main()
@@ -452,6 +454,61 @@ def test_bench_budget_end_to_end(trained, tiny_model_dir, monkeypatch):
     assert cost["prompts"] == 2 and cost["predict_ms_median"] > 0 and cost["predict_pct_of_generation_median"] > 0
     table = pd.read_csv(tmp_path / "budget_tradeoff.csv")
     assert {"uniform", "bilstm", "mlp", "oracle"} == set(table["method"])
+    cv = report["cross_validation"]  # the recipe judged on all 24 prompts, each by networks that never saw it
+    assert cv["prompts"] == 24 and cv["folds"] == 3 and cv["targets"] == cv["bilstm"]["targets"]
+    for level in [*head["levels"].values(), *cv["bilstm"]["levels"].values()]:
+        lo, hi = level["margin_vs_uniform_bootstrap"]["ci95"]
+        assert lo <= hi and 0 <= level["margin_vs_uniform_bootstrap"]["fraction_le_0"] <= 1
+
+
+def test_margin_bootstrap():
+    from benchmarks.bench_budget import margin_bootstrap
+
+    grid = [2, 4, 8]
+    rng = np.random.default_rng(0)
+    q = {"pixel": np.sort(rng.uniform(0.5, 1.0, size=(40, 3)), axis=1)}
+    # Every prompt at the same grid count is the uniform allocation: no margin in any resample.
+    same = margin_bootstrap(np.full(40, 4), q, grid, 100)["pixel"]
+    assert same["ci95"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    # Steps where they buy the most: half the prompts gain a lot from 8 steps, the rest nothing.
+    q2 = {"pixel": np.where(np.arange(40)[:, None] < 20, [[0.5, 0.6, 1.0]], [[0.9, 0.9, 0.9]])}
+    steps = np.where(np.arange(40) < 20, 8, 2)
+    good = margin_bootstrap(steps, q2, grid, 200)["pixel"]
+    assert good["ci95"][0] > 0 and good["fraction_le_0"] == 0.0
+
+
+def test_cross_validation_predicts_every_prompt_once_without_seeing_it(trained, tiny_model_dir, monkeypatch):
+    import training.budget as tb
+    from benchmarks import bench_budget
+
+    tmp_path, _, _ = trained
+    table = pd.read_parquet(tmp_path / "dataset.parquet")
+    cfg = train_cfg(tmp_path, tiny_model_dir, tmp_path / "dataset.parquet")
+    seen = []
+    real_fit = tb.fit_network
+
+    def spy(arch, network_config, cfg_, emb, z, train_rows, val_rows, logger=None):
+        seen.append((arch, set(train_rows.tolist()), set(val_rows.tolist())))
+        return real_fit(arch, network_config, cfg_, emb, z, train_rows, val_rows, logger)
+
+    monkeypatch.setattr(tb, "fit_network", spy)
+    cv = bench_budget.cross_validation({"folds": 4, "seed": 1}, cfg, table, 20,
+                                       {"min_steps_saved_pct": 50.0, "max_drop_pct": 2.0})
+    assert cv["prompts"] == 24 and cv["prompts_per_fold"] == [6, 6, 6, 6] and len(seen) == 4 * 2
+    # Every fit trains on two folds and validates on a third: no prompt is tested by a network that saw it.
+    for arch, train_rows, val_rows in seen:
+        assert len(train_rows) == 12 and len(val_rows) == 6 and not train_rows & val_rows
+    tested = [set(range(24)) - tr - va for _, tr, va in seen[::2]]
+    assert sorted(len(t) for t in tested) == [6] * 4 and set().union(*tested) == set(range(24))
+    for arch in ("bilstm", "mlp"):
+        row = cv[arch]
+        assert len(row["plateau_epsilon_per_fold"]) == 4 and set(row["targets"]) == {"steps_saved_at_quality",
+                                                                                   "beats_uniform"}
+        assert row["steps_saved_pct"] == pytest.approx(100 * (1 - row["mean_steps"] / 20), abs=0.01)
+    assert set(cv["predictor_mae_mean"]) == {"bilstm", "mlp", "mean_curve"}
+    assert all(np.isfinite(v) for by_m in cv["predictor_mae_mean"].values() for v in by_m.values())
+    with pytest.raises(ValueError, match="at least 3"):
+        tb.cross_validate(cfg, table, 2)
 
 
 def test_bench_budget_rejects_another_grid(trained, tiny_model_dir):

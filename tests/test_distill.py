@@ -316,7 +316,10 @@ def test_stage_config_merges_the_sections(monkeypatch):
     assert c16["stage"] == "distill_16" and c16["checkpoint_dir"].endswith("distill_16")
     by_variant = {v: stage_config("distill_8", v) for v in ("cfg", "vanilla", "cfgonly")}
     assert {v: c["p_cfg"] for v, c in by_variant.items()} == {"cfg": 0.1, "vanilla": 0.0, "cfgonly": 1.0}
-    assert all(c["teacher"] == "models/student-16" and c["student_steps"] == 8 for c in by_variant.values())
+    # The 8-step students learn from the base model at 16 steps (bench_distill: student-16 loses
+    # CLIP-T and FD to base@16, and a chain through it compounds the loss).
+    assert all(c["teacher"] == "models/base" and c["student_steps"] == 8 for c in by_variant.values())
+    assert {tuple(c["guidance_range"]) for c in by_variant.values()} == {(1.0, 2.0)}
     assert by_variant["cfg"]["output_dir"] == "models/student-8"
     assert by_variant["vanilla"]["stage"] == "distill_8@vanilla"
     assert len({c["checkpoint_dir"] for c in by_variant.values()}) == 3
@@ -360,6 +363,10 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
     paired = targets["attr_acc_student_8_cfg_ge_teacher_8"]["paired_difference"]  # same images: no difference
     assert paired["prompts"] == 4 and paired["mean"] == 0 and paired["ci95"] == [0, 0]
     assert targets["clipt_student_8_cfg_ge_student_8_vanilla"]["paired_difference"] is None
+    by_g = report["targets_by_guidance"]  # the same targets at every scale of the sweep
+    assert set(by_g) == {"1.0", "2.0", "3.0"}
+    assert by_g["2.0"]["attr_acc_student_8_cfg_ge_teacher_8"]["met"] is targets["attr_acc_student_8_cfg_ge_teacher_8"]["met"]
+    assert all(by_g[g]["attr_acc_student_8_cfg_ge_teacher_8"]["met"] is True for g in by_g)
     assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "g.png").stat().st_size > 0
     assert len((tmp_path / "t.csv").read_text().splitlines()) == 1 + 3 * 3
 

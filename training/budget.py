@@ -301,6 +301,77 @@ def calibrate_epsilon(predictor: BudgetPredictor, z: np.ndarray, curves: CurveTa
     return (max(within) if within else table[0]["epsilon"]), table
 
 
+def network_config(arch: str, cfg: dict, emb: EmbeddingTable, max_length: int, curves: CurveTable,
+                   normalizer: TargetNormalizer, model: dict, epsilon: float, extra: dict | None = None) -> dict:
+    """The budget model config of one ``train_budget`` network (``budgetdiff.budget.make_config``)."""
+    return make_config(arch, cfg[arch], text_dim=emb.hidden.shape[-1], max_text_length=max_length,
+                       step_grid=curves.step_grid, reference_steps=curves.reference_steps,
+                       metrics=curves.metrics, rule_metrics=cfg.get("rule_metrics") or DEFAULT_RULE_METRICS,
+                       normalizer=normalizer, model=model, plateau_epsilon=epsilon,
+                       psnr_cap_db=cfg["psnr_cap_db"], extra=extra)
+
+
+def cross_validate(cfg: dict, table: pd.DataFrame, folds: int, seed: int = 0, progress=None) -> dict[str, Any]:
+    """K-fold cross-validation of ``train(cfg)``'s recipe over every prompt of the dataset, so that
+    each prompt is predicted once by networks that never saw it: the prompts are shuffled (``seed``)
+    into ``folds`` folds; fold k is the test fold, fold k + 1 the val fold (early stopping and the
+    plateau ε, as in ``train``), the rest the train folds (and the normaliser's statistics).
+
+    Returns, per architecture, each prompt's chosen step count under the plateau rule at its fold's
+    calibrated ε (``steps``, aligned with ``rows``), the ε per fold and each prompt's predicted
+    curves in metric units (``predicted``, (N, M, G + 1)); ``mean_curve``: the same from each
+    fold's train-mean curve (the prompt-blind baseline)."""
+    if folds < 3:
+        raise ValueError(f"cross_validation.folds: needs at least 3 (test, val, train), got {folds}")
+    curves = dataset_curves(table, cfg.get("metrics"))
+    n = len(curves.prompts)
+    if n < folds:
+        raise ValueError(f"cross_validation.folds: {folds} folds but only {n} prompts")
+    order = np.random.default_rng(seed).permutation(n)
+    fold_of = np.empty(n, dtype=int)
+    fold_of[order] = np.arange(n) % folds
+    _, (encoder, tokenizer, max_length) = load_text_encoder(cfg["model"])
+    emb = embed_prompts(curves.prompts, encoder, tokenizer, max_length)
+    model = model_record(cfg["model"])
+    quiet = {**cfg, "progress": False}
+    rule_metrics = make_config("mlp", cfg["mlp"], text_dim=1, max_text_length=1, step_grid=curves.step_grid,
+                               reference_steps=curves.reference_steps, metrics=curves.metrics,
+                               rule_metrics=cfg.get("rule_metrics") or DEFAULT_RULE_METRICS,
+                               normalizer=TargetNormalizer.fit(curves.metrics, curves.values), model={})["rule_metrics"]
+    out: dict[str, Any] = {"rows": np.arange(n), "fold": fold_of, "curves": curves, "levels": rule_metrics,
+                           "mean_curve": {"predicted": np.full(curves.values.shape, np.nan)}}
+    for arch in ARCHITECTURES:
+        out[arch] = {"steps": np.zeros(n, dtype=int), "epsilon": [], "predicted": np.full(curves.values.shape, np.nan)}
+    for k in range(folds):
+        test, val = np.flatnonzero(fold_of == k), np.flatnonzero(fold_of == (k + 1) % folds)
+        train_rows = np.flatnonzero((fold_of != k) & (fold_of != (k + 1) % folds))
+        normalizer = TargetNormalizer.fit(curves.metrics, curves.values[train_rows])
+        z = normalizer.normalize(curves.values)
+        train_values = curves.values[train_rows]
+        seen = np.isfinite(train_values).sum(0)
+        out["mean_curve"]["predicted"][test] = np.where(seen > 0, np.nansum(train_values, 0) / np.maximum(seen, 1), np.nan)
+        for arch in ARCHITECTURES:
+            network, _ = fit_network(arch, network_config(arch, quiet, emb, max_length, curves, normalizer, model,
+                                                          cfg["plateau_epsilon"]), quiet, emb, z, train_rows, val)
+            epsilon = cfg["plateau_epsilon"]
+            if cfg.get("calibrate_epsilon"):
+                c = cfg["calibrate_epsilon"]
+                predictor = BudgetPredictor(network, network_config(arch, quiet, emb, max_length, curves, normalizer,
+                                                                    model, epsilon))
+                epsilon, _ = calibrate_epsilon(predictor, predict_z(network, emb, val), curves, val, c["candidates"],
+                                               int(c["full_steps"]), float(c["max_drop_pct"]))
+            predictor = BudgetPredictor(network, network_config(arch, quiet, emb, max_length, curves, normalizer,
+                                                                model, epsilon))
+            z_test = predict_z(network, emb, test)
+            out[arch]["predicted"][test] = normalizer.denormalize(z_test)
+            predicted = predictor.curves_from_normalized(z_test, [emb.truncated[i] for i in test])
+            out[arch]["steps"][test] = [choose_steps(c, PlateauRule(epsilon)).steps for c in predicted]
+            out[arch]["epsilon"].append(float(epsilon))
+        if progress is not None:
+            progress(k + 1, folds)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # train(cfg)
 # ------------------------------------------------------------------------------------------------
@@ -353,11 +424,7 @@ def train(cfg: dict) -> dict[str, Any]:
     points = [str(s) for s in curves.step_grid] + [f"reference_{curves.reference_steps}"]
 
     def config_for(arch: str, epsilon: float, extra: dict | None = None) -> dict:
-        return make_config(arch, cfg[arch], text_dim=emb.hidden.shape[-1], max_text_length=max_length,
-                           step_grid=curves.step_grid, reference_steps=curves.reference_steps,
-                           metrics=curves.metrics, rule_metrics=cfg.get("rule_metrics") or DEFAULT_RULE_METRICS,
-                           normalizer=normalizer, model=model, plateau_epsilon=epsilon,
-                           psnr_cap_db=cfg["psnr_cap_db"], extra=extra)
+        return network_config(arch, cfg, emb, max_length, curves, normalizer, model, epsilon, extra)
 
     # The train-mean curve: what a predictor that ignores the prompt scores.
     train_values = curves.values[train_rows]

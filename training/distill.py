@@ -34,7 +34,9 @@ grid, t_i = round(1000 − i·1000/N) − 1 (999, 874, ..., 124 for N = 8), and 
 ``DDIMScheduler.step`` does, at t'' = t − 1000 // N (−1 = the clean image after the last step).
 The teacher's midpoint t' is the timestep of its own 2N-step trailing grid between them (937 for
 t = 999, N = 8); the 2N grid's even entries are exactly the N grid. So "32 -> 16, then 16 -> 8"
-is ``student_steps: 16`` from models/base, then ``student_steps: 8`` from models/student-16.
+is ``student_steps: 16`` from models/base, then ``student_steps: 8`` from models/student-16; the
+default workflow's 8-step students take the base model at 16 steps as their teacher instead
+(params.yaml says why: the 16-step student is measurably worse than the base at 16 steps).
 
 ``train(cfg) -> metrics`` is the plain entry point (DVC stages, tests); ``python -m
 training.distill distill_16`` or ``python -m training.distill distill_8 VARIANT`` runs a stage of
