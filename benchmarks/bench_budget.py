@@ -268,7 +268,7 @@ def cross_validation(cv_cfg: dict, train_cfg: dict, table: pd.DataFrame, full_st
     if full_steps not in curves.step_grid:
         raise ValueError(f"bench_budget.full_steps: {full_steps} is not a grid step count {curves.step_grid}")
     quality = level_quality(curves, rows, cv["levels"], train_cfg["psnr_cap_db"])
-    points = [str(s) for s in curves.step_grid] + [f"reference_{curves.reference_steps}"]
+    points = curves.points
     rule_metrics = list(cv["levels"].values())
     out = {"folds": folds, "seed": int(cv_cfg.get("seed", 0)), "prompts": int(len(rows)),
            "prompts_per_fold": [int((cv["fold"] == k).sum()) for k in range(folds)],
@@ -320,12 +320,9 @@ def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dic
     oracle = true_curves(curves, rows, main_predictor)
 
     # Predictor error (metric units), with the train-mean curve as the prompt-blind baseline.
-    points = [str(s) for s in curves.step_grid] + [f"reference_{curves.reference_steps}"]
+    points = curves.points
     true = curves.values[rows][:, idx]
-    train_rows = curves.subset("train")
-    train_vals = curves.values[train_rows][:, idx]
-    seen = np.isfinite(train_vals).sum(0)
-    mean_curve = np.where(seen > 0, np.nansum(train_vals, 0) / np.maximum(seen, 1), np.nan)
+    mean_curve = curves.mean_curve(curves.subset("train"))[idx]
     errors = {}
     for name, p in predictors.items():
         pred = p.normalizer.denormalize(z[name])

@@ -50,6 +50,7 @@ from budgetdiff.budget import (
     metric_kind,
     model_record,
     quality_fraction,
+    resolve_metric,
     save_budget_model,
     text_encoder_of,
 )
@@ -80,6 +81,17 @@ class CurveTable:
     def subset(self, split: str) -> np.ndarray:
         """Row indices of ``split``."""
         return np.flatnonzero(self.splits == split)
+
+    @property
+    def points(self) -> list[str]:
+        """Names of the last axis of ``values``: the grid step counts, then the reference."""
+        return [str(s) for s in self.step_grid] + [f"reference_{self.reference_steps}"]
+
+    def mean_curve(self, rows: np.ndarray) -> np.ndarray:
+        """(M, G + 1) mean of ``rows``' values, NaN where none is finite: the prompt-blind baseline."""
+        values = self.values[rows]
+        seen = np.isfinite(values).sum(0)
+        return np.where(seen > 0, np.nansum(values, 0) / np.maximum(seen, 1), np.nan)
 
 
 def dataset_curves(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> CurveTable:
@@ -334,10 +346,8 @@ def cross_validate(cfg: dict, table: pd.DataFrame, folds: int, seed: int = 0, pr
     emb = embed_prompts(curves.prompts, encoder, tokenizer, max_length)
     model = model_record(cfg["model"])
     quiet = {**cfg, "progress": False}
-    rule_metrics = make_config("mlp", cfg["mlp"], text_dim=1, max_text_length=1, step_grid=curves.step_grid,
-                               reference_steps=curves.reference_steps, metrics=curves.metrics,
-                               rule_metrics=cfg.get("rule_metrics") or DEFAULT_RULE_METRICS,
-                               normalizer=TargetNormalizer.fit(curves.metrics, curves.values), model={})["rule_metrics"]
+    rule_metrics = {level: resolve_metric(name, curves.metrics)
+                    for level, name in (cfg.get("rule_metrics") or DEFAULT_RULE_METRICS).items()}
     out: dict[str, Any] = {"rows": np.arange(n), "fold": fold_of, "curves": curves, "levels": rule_metrics,
                            "mean_curve": {"predicted": np.full(curves.values.shape, np.nan)}}
     for arch in ARCHITECTURES:
@@ -347,21 +357,16 @@ def cross_validate(cfg: dict, table: pd.DataFrame, folds: int, seed: int = 0, pr
         train_rows = np.flatnonzero((fold_of != k) & (fold_of != (k + 1) % folds))
         normalizer = TargetNormalizer.fit(curves.metrics, curves.values[train_rows])
         z = normalizer.normalize(curves.values)
-        train_values = curves.values[train_rows]
-        seen = np.isfinite(train_values).sum(0)
-        out["mean_curve"]["predicted"][test] = np.where(seen > 0, np.nansum(train_values, 0) / np.maximum(seen, 1), np.nan)
+        out["mean_curve"]["predicted"][test] = curves.mean_curve(train_rows)
         for arch in ARCHITECTURES:
-            network, _ = fit_network(arch, network_config(arch, quiet, emb, max_length, curves, normalizer, model,
-                                                          cfg["plateau_epsilon"]), quiet, emb, z, train_rows, val)
             epsilon = cfg["plateau_epsilon"]
+            config = network_config(arch, quiet, emb, max_length, curves, normalizer, model, epsilon)
+            network, _ = fit_network(arch, config, quiet, emb, z, train_rows, val)
+            predictor = BudgetPredictor(network, config)
             if cfg.get("calibrate_epsilon"):
                 c = cfg["calibrate_epsilon"]
-                predictor = BudgetPredictor(network, network_config(arch, quiet, emb, max_length, curves, normalizer,
-                                                                    model, epsilon))
                 epsilon, _ = calibrate_epsilon(predictor, predict_z(network, emb, val), curves, val, c["candidates"],
                                                int(c["full_steps"]), float(c["max_drop_pct"]))
-            predictor = BudgetPredictor(network, network_config(arch, quiet, emb, max_length, curves, normalizer,
-                                                                model, epsilon))
             z_test = predict_z(network, emb, test)
             out[arch]["predicted"][test] = normalizer.denormalize(z_test)
             predicted = predictor.curves_from_normalized(z_test, [emb.truncated[i] for i in test])
@@ -421,15 +426,13 @@ def train(cfg: dict) -> dict[str, Any]:
     encode_seconds = time.time() - t0
     model = model_record(cfg["model"])
     rendered_with = rendered_settings(cfg.get("render_report"))
-    points = [str(s) for s in curves.step_grid] + [f"reference_{curves.reference_steps}"]
+    points = curves.points
 
     def config_for(arch: str, epsilon: float, extra: dict | None = None) -> dict:
         return network_config(arch, cfg, emb, max_length, curves, normalizer, model, epsilon, extra)
 
     # The train-mean curve: what a predictor that ignores the prompt scores.
-    train_values = curves.values[train_rows]
-    seen = np.isfinite(train_values).sum(0)
-    mean_curve = np.where(seen > 0, np.nansum(train_values, 0) / np.maximum(seen, 1), np.nan)
+    mean_curve = curves.mean_curve(train_rows)
     true_val = curves.values[val_rows]
     baseline = mae_by_metric(np.broadcast_to(mean_curve, true_val.shape), true_val, curves.metrics, points)
 
