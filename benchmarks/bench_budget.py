@@ -22,7 +22,8 @@ realised quality of any step choice is looked up, not re-rendered. Reported (rep
   95 % percentile interval and the fraction of resamples at or below zero.
 - **Cross-validation** (``cross_validation``): ``train_budget``'s recipe re-run in k folds over
   every prompt of the dataset (fold k tests, fold k + 1 validates, the rest trains), so that the
-  allocation and the targets also rest on all the prompts rather than the test split's few.
+  allocation and the targets also rest on all the prompts rather than the test split's few;
+  repeated over ``repeats`` random fold assignments, judged together, with each repeat's margins.
 - **Regret against the oracle**: the same rule applied to each prompt's true curves: extra and
   missing steps against it, and for the quality target the fraction of prompts whose realised
   quality meets q on every level.
@@ -113,16 +114,21 @@ def headline_name(cfg: dict, predictor: BudgetPredictor) -> str:
 def margin_bootstrap(steps: np.ndarray, quality: dict, grid: list[int], resamples: int, seed: int = 0) -> dict:
     """Per level, a 95 % percentile interval of the margin over uniform at equal mean steps (both
     recomputed on prompts resampled with replacement: the allocation's mean steps, so the uniform
-    point, moves with the resample) and the fraction of resamples whose margin is <= 0."""
+    point, moves with the resample) and the fraction of resamples whose margin is <= 0.
+
+    ``steps``: (n,), or (R, n) for R allocations of the same n prompts (repeated cross-validation);
+    a resample then draws prompts, each with all R of its allocations."""
     rng = np.random.default_rng(seed)
-    n = len(steps)
+    steps = np.atleast_2d(np.asarray(steps))
+    n = steps.shape[1]
     idx = rng.integers(0, n, size=(resamples, n))
-    col = np.array([grid.index(int(s)) for s in steps])[idx]                      # (B, n)
-    mean_steps = steps[idx].mean(1)
+    col = np.array([[grid.index(int(s)) for s in row] for row in steps])[:, idx]  # (R, B, n)
+    mean_steps = steps[:, idx].mean((0, 2))                                       # (B,)
     out = {}
     for level, q in quality.items():
-        at = np.take_along_axis(q[idx], col[..., None], 2)[..., 0].mean(1)      # (B,)
-        curves = q[idx].mean(1)                                                  # (B, G)
+        qi = q[idx]                                                              # (B, n, G)
+        at = np.mean([np.take_along_axis(qi, c[..., None], 2)[..., 0].mean(1) for c in col], axis=0)  # (B,)
+        curves = qi.mean(1)                                                      # (B, G)
         uniform = np.array([np.interp(m, grid, c) for m, c in zip(mean_steps, curves)])
         margin = at - uniform
         out[level] = {"ci95": [round(float(np.percentile(margin, 2.5)), 5), round(float(np.percentile(margin, 97.5)), 5)],
@@ -133,8 +139,14 @@ def margin_bootstrap(steps: np.ndarray, quality: dict, grid: list[int], resample
 def allocation(steps: np.ndarray, curves: CurveTable, rows: np.ndarray, quality: dict, full_steps: int,
                metric_names: list[str], bootstrap: int = 0) -> dict:
     """What a per-prompt step allocation realises on the rendered ground truth; with ``bootstrap``
-    resamples, each level's margin over uniform also gets its interval (``margin_bootstrap``)."""
+    resamples, each level's margin over uniform also gets its interval (``margin_bootstrap``).
+    ``steps``: (n,) for the prompts ``rows`` (aligned with ``quality``'s rows), or (R, n) for R
+    allocations of them (repeated cross-validation), judged together: means over all R x n, the
+    histogram counts allocations."""
     grid = curves.step_grid
+    by_repeat = np.atleast_2d(np.asarray(steps))
+    pos = np.tile(np.arange(by_repeat.shape[1]), len(by_repeat))  # each allocation's row in quality / rows
+    steps = by_repeat.ravel()
     col = np.array([grid.index(int(s)) for s in steps])
     full = grid.index(full_steps)
     mean_steps = float(steps.mean())
@@ -143,7 +155,7 @@ def allocation(steps: np.ndarray, curves: CurveTable, rows: np.ndarray, quality:
            "histogram": {str(s): int((steps == s).sum()) for s in grid if (steps == s).any()}}
     levels = {}
     for level, q in quality.items():
-        at = q[np.arange(len(rows)), col].mean()
+        at = q[pos, col].mean()
         at_full = q[:, full].mean()
         uniform_curve = q.mean(0)
         uniform = float(np.interp(mean_steps, grid, uniform_curve))
@@ -155,10 +167,10 @@ def allocation(steps: np.ndarray, curves: CurveTable, rows: np.ndarray, quality:
             "uniform_rounded_up": {"steps": int(hi), "quality": round(float(uniform_curve[grid.index(hi)]), 5)},
         }
     if bootstrap:
-        for level, b in margin_bootstrap(steps, quality, grid, bootstrap).items():
+        for level, b in margin_bootstrap(by_repeat, quality, grid, bootstrap).items():
             levels[level]["margin_vs_uniform_bootstrap"] = b
     out["levels"] = levels
-    out["metrics"] = {m: round(float(np.mean(curves.values[rows, curves.metrics.index(m), col])), 5)
+    out["metrics"] = {m: round(float(np.mean(curves.values[rows[pos], curves.metrics.index(m), col])), 5)
                       for m in metric_names}
     return out
 
@@ -259,29 +271,49 @@ def cross_validation(cv_cfg: dict, train_cfg: dict, table: pd.DataFrame, full_st
                      bootstrap: int = 0) -> dict:
     """``train_budget``'s recipe judged on every prompt of the dataset by k-fold cross-validation
     (``training.budget.cross_validate``): each prompt's steps are chosen by networks trained
-    without it, so the allocation and the targets rest on all the prompts, not the test split's few."""
+    without it, so the allocation and the targets rest on all the prompts, not the test split's few.
+
+    With ``repeats`` R > 1 the k-fold split is drawn R times (seeds ``seed`` .. ``seed`` + R - 1)
+    and the R allocations of every prompt are judged together (``allocation`` with (R, n) steps;
+    the bootstrap resamples prompts with all their allocations): which prompts share a fold moves
+    single-split margins by more than they measure. Each repeat's own margins are kept under
+    ``repeats``."""
     t0 = time.time()
-    folds = int(cv_cfg["folds"])
-    cv = cross_validate(train_cfg, table, folds, int(cv_cfg.get("seed", 0)),
-                        progress=lambda k, n: print(f"bench_budget: cross-validation fold {k}/{n}", flush=True))
-    curves, rows = cv["curves"], cv["rows"]
+    folds, repeats, seed = int(cv_cfg["folds"]), int(cv_cfg.get("repeats", 1)), int(cv_cfg.get("seed", 0))
+    if repeats < 1:
+        raise ValueError(f"bench_budget.cross_validation.repeats: needs at least 1, got {repeats}")
+    runs = []
+    for r in range(repeats):
+        def progress(k, n, r=r):
+            print(f"bench_budget: cross-validation repeat {r + 1}/{repeats}, fold {k}/{n}", flush=True)
+        runs.append(cross_validate(train_cfg, table, folds, seed + r, progress=progress))
+    curves, rows, levels = runs[0]["curves"], runs[0]["rows"], runs[0]["levels"]
     if full_steps not in curves.step_grid:
         raise ValueError(f"bench_budget.full_steps: {full_steps} is not a grid step count {curves.step_grid}")
-    quality = level_quality(curves, rows, cv["levels"], train_cfg["psnr_cap_db"])
+    quality = level_quality(curves, rows, levels, train_cfg["psnr_cap_db"])
     points = curves.points
-    rule_metrics = list(cv["levels"].values())
-    out = {"folds": folds, "seed": int(cv_cfg.get("seed", 0)), "prompts": int(len(rows)),
-           "prompts_per_fold": [int((cv["fold"] == k).sum()) for k in range(folds)],
+    rule_metrics = list(levels.values())
+    out = {"folds": folds, "repeats": repeats, "seeds": [seed + r for r in range(repeats)],
+           "prompts": int(len(rows)),
+           "prompts_per_fold": [int((runs[0]["fold"] == k).sum()) for k in range(folds)],
            "scheme": "fold k tests, fold k+1 validates (early stopping, plateau ε), the rest trains and normalises",
            "predictor_mae_mean": {}}
     for name in ("bilstm", "mlp", "mean_curve"):
-        mae = mae_by_metric(cv[name]["predicted"], curves.values, curves.metrics, points)
-        out["predictor_mae_mean"][name] = {m: round(mae[m]["mean"], 5) for m in rule_metrics}
+        maes = [mae_by_metric(cv[name]["predicted"], curves.values, curves.metrics, points) for cv in runs]
+        out["predictor_mae_mean"][name] = {m: round(float(np.mean([mae[m]["mean"] for mae in maes])), 5)
+                                           for m in rule_metrics}
     for arch in ("bilstm", "mlp"):
-        row = allocation(cv[arch]["steps"], curves, rows, quality, full_steps, curves.metrics,
-                         bootstrap)
-        row["plateau_epsilon_per_fold"] = cv[arch]["epsilon"]
+        steps = np.stack([cv[arch]["steps"] for cv in runs])                       # (R, n)
+        row = allocation(steps, curves, rows, quality, full_steps, curves.metrics, bootstrap)
+        row["plateau_epsilon_per_fold"] = [cv[arch]["epsilon"] for cv in runs]     # per repeat
         row["targets"] = targets_for(row, targets)
+        row["repeats"] = []
+        for r, cv in enumerate(runs):
+            one = allocation(steps[r], curves, rows, quality, full_steps, curves.metrics)
+            margins = {lv: v["margin_vs_uniform"] for lv, v in one["levels"].items()}
+            row["repeats"].append({"seed": seed + r, "mean_steps": one["mean_steps"], "margin_vs_uniform": margins,
+                                   "beats_uniform": bool(all(m > 0 for m in margins.values()))})
+        row["beats_uniform_repeats"] = f"{sum(x['beats_uniform'] for x in row['repeats'])} of {repeats}"
         out[arch] = row
     out["targets"] = out["bilstm"]["targets"]
     out["seconds"] = round(time.time() - t0, 1)
@@ -541,7 +573,8 @@ def main() -> None:
                       "seconds_total": report["seconds_total"]}))
     if "cross_validation" in report:
         cv = report["cross_validation"]
-        print(json.dumps({"cross_validation": {"prompts": cv["prompts"], "folds": cv["folds"],
+        print(json.dumps({"cross_validation": {"prompts": cv["prompts"], "folds": cv["folds"], "repeats": cv["repeats"],
+                                               "beats_uniform_repeats": cv["bilstm"]["beats_uniform_repeats"],
                                                "mean_steps": cv["bilstm"]["mean_steps"],
                                                "steps_saved_pct": cv["bilstm"]["steps_saved_pct"],
                                                "drop_vs_full_pct": {lv: v["drop_vs_full_pct"]

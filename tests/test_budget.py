@@ -475,6 +475,37 @@ def test_margin_bootstrap():
     steps = np.where(np.arange(40) < 20, 8, 2)
     good = margin_bootstrap(steps, q2, grid, 200)["pixel"]
     assert good["ci95"][0] > 0 and good["fraction_le_0"] == 0.0
+    # R allocations of the same prompts (repeated cross-validation): the good allocation and its
+    # reverse judged together land between the two.
+    reverse = np.where(np.arange(40) < 20, 2, 8)
+    bad = margin_bootstrap(reverse, q2, grid, 200)["pixel"]
+    mixed = margin_bootstrap(np.stack([steps, reverse]), q2, grid, 200)["pixel"]
+    assert bad["ci95"][1] < 0 and bad["fraction_le_0"] == 1.0
+    assert bad["ci95"][0] < mixed["ci95"][0] < good["ci95"][0] and bad["ci95"][1] < mixed["ci95"][1] < good["ci95"][1]
+    twice = margin_bootstrap(np.stack([steps, steps]), q2, grid, 200)["pixel"]
+    assert twice == good
+
+
+def test_allocation_judges_repeated_allocations_together():
+    from benchmarks.bench_budget import allocation
+    from training.budget import CurveTable
+
+    grid = [2, 4, 8]
+    values = np.stack([np.tile([[0.5, 0.6, 1.0, 1.0]], (20, 1)), np.tile([[0.9, 0.9, 0.9, 1.0]], (20, 1))]).reshape(40, 1, 4)
+    curves = CurveTable(prompt_ids=np.arange(40), prompts=[f"p{i}" for i in range(40)], splits=np.array(["test"] * 40),
+                        complexity=np.ones(40, dtype=int), step_grid=grid, reference_steps=16, metrics=["pixel/ssim"],
+                        values=values)
+    q = {"pixel": values[:, 0, :3]}
+    good, bad = np.where(np.arange(40) < 20, 8, 2), np.where(np.arange(40) < 20, 2, 8)
+    rows = np.arange(40)
+    one = allocation(good, curves, rows, q, 8, curves.metrics)
+    both = allocation(np.stack([good, bad]), curves, rows, q, 8, curves.metrics)
+    reversed_ = allocation(bad, curves, rows, q, 8, curves.metrics)
+    assert one["levels"]["pixel"]["margin_vs_uniform"] > 0 > reversed_["levels"]["pixel"]["margin_vs_uniform"]
+    assert both["levels"]["pixel"]["quality"] == pytest.approx(
+        (one["levels"]["pixel"]["quality"] + reversed_["levels"]["pixel"]["quality"]) / 2, abs=1e-5)
+    assert both["mean_steps"] == 5.0 and sum(both["histogram"].values()) == 80
+    assert both["metrics"]["pixel/ssim"] == pytest.approx(both["levels"]["pixel"]["quality"], abs=1e-5)
 
 
 def test_cross_validation_predicts_every_prompt_once_without_seeing_it(trained, tiny_model_dir, monkeypatch):
@@ -502,13 +533,26 @@ def test_cross_validation_predicts_every_prompt_once_without_seeing_it(trained, 
     assert sorted(len(t) for t in tested) == [6] * 4 and set().union(*tested) == set(range(24))
     for arch in ("bilstm", "mlp"):
         row = cv[arch]
-        assert len(row["plateau_epsilon_per_fold"]) == 4 and set(row["targets"]) == {"steps_saved_at_quality",
-                                                                                   "beats_uniform"}
+        assert len(row["plateau_epsilon_per_fold"]) == 1 and len(row["plateau_epsilon_per_fold"][0]) == 4
+        assert set(row["targets"]) == {"steps_saved_at_quality", "beats_uniform"}
+        assert len(row["repeats"]) == 1 and row["repeats"][0]["seed"] == 1
+        assert row["repeats"][0]["mean_steps"] == row["mean_steps"]
         assert row["steps_saved_pct"] == pytest.approx(100 * (1 - row["mean_steps"] / 20), abs=0.01)
     assert set(cv["predictor_mae_mean"]) == {"bilstm", "mlp", "mean_curve"}
     assert all(np.isfinite(v) for by_m in cv["predictor_mae_mean"].values() for v in by_m.values())
     with pytest.raises(ValueError, match="at least 3"):
         tb.cross_validate(cfg, table, 2)
+
+    # Repeated: two fold assignments (seeds 1, 2), each prompt allocated once per repeat, judged together.
+    seen.clear()
+    twice = bench_budget.cross_validation({"folds": 4, "seed": 1, "repeats": 2}, cfg, table, 20,
+                                          {"min_steps_saved_pct": 50.0, "max_drop_pct": 2.0})
+    assert twice["repeats"] == 2 and twice["seeds"] == [1, 2] and len(seen) == 2 * 4 * 2
+    row = twice["bilstm"]
+    assert [r["seed"] for r in row["repeats"]] == [1, 2] and len(row["plateau_epsilon_per_fold"]) == 2
+    assert sum(row["histogram"].values()) == 2 * 24
+    assert row["mean_steps"] == pytest.approx(np.mean([r["mean_steps"] for r in row["repeats"]]), abs=1e-3)
+    assert row["beats_uniform_repeats"].endswith(" of 2")
 
 
 def test_bench_budget_rejects_another_grid(trained, tiny_model_dir):
