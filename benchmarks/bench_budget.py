@@ -457,16 +457,47 @@ def log_steps_axis(ax, grid: list[int]) -> None:
     ax.minorticks_off()
 
 
+def cv_margin_panel(ax, cv: dict, levels: list[str]) -> None:
+    """Cross-validated margin over uniform per level: each repeat (small marks) and all repeats
+    together (large, with the bootstrap interval), in units of that interval's half-width where
+    there is one (the levels' margins differ by 10x in scale), so |y| < 1 is within the noise."""
+    unit = "half the 95 % interval"
+    for k, (arch, colour) in enumerate((("bilstm", "tab:blue"), ("mlp", "tab:orange"))):
+        row = cv[arch]
+        for i, level in enumerate(levels):
+            pooled = row["levels"][level]
+            ci = pooled.get("margin_vs_uniform_bootstrap", {}).get("ci95")
+            scale = (ci[1] - ci[0]) / 2 if ci and ci[1] > ci[0] else 1.0
+            if not ci:
+                unit = "quality"
+            x = i + (k - 0.5) * 0.3
+            ax.scatter([x] * len(row["repeats"]), [r["margin_vs_uniform"][level] / scale for r in row["repeats"]],
+                       s=10, color=colour, alpha=0.6)
+            err = None if not ci else [[(pooled["margin_vs_uniform"] - ci[0]) / scale],
+                                       [(ci[1] - pooled["margin_vs_uniform"]) / scale]]
+            ax.errorbar([x], [pooled["margin_vs_uniform"] / scale], yerr=err, fmt="D", ms=6, color=colour, capsize=3,
+                        label=f"{arch} ({row['beats_uniform_repeats']} repeats beat uniform)" if i == 0 else None)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(levels)), levels, fontsize=8)
+    ax.set_ylabel(f"margin vs uniform / {unit}", fontsize=8)
+    ax.set_title(f"{cv['repeats']} x {cv['folds']}-fold CV, {cv['prompts']} prompts: margin over uniform", fontsize=9)
+    ax.legend(fontsize=6)
+    ax.tick_params(labelsize=7)
+
+
 def figure(report: dict, csv_rows: list[dict], data: dict) -> bytes:
     """Quality vs mean steps per level (uniform curve, adaptive points), predictor error per step
-    count, chosen-steps histogram against the oracle, and a few predicted vs true curves."""
+    count, chosen-steps histogram against the oracle, a few predicted vs true curves and, with
+    cross-validation, each level's margin over uniform per repeat and pooled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     levels = list(data["levels"])
-    fig, axes = plt.subplots(2, max(3, len(levels)), figsize=(4.6 * max(3, len(levels)), 7.4), squeeze=False)
+    cv = report.get("cross_validation")
+    cols = max(3 + bool(cv), len(levels))
+    fig, axes = plt.subplots(2, cols, figsize=(4.6 * cols, 7.4), squeeze=False)
     frame = pd.DataFrame(csv_rows)
     styles = {"bilstm": ("tab:blue", "o"), "mlp": ("tab:orange", "s"), "oracle": ("tab:green", "^")}
     for ax, level in zip(axes[0], levels):
@@ -518,7 +549,9 @@ def figure(report: dict, csv_rows: list[dict], data: dict) -> bytes:
     ax.set_title(f"{metric}: true (solid) vs BiLSTM (dashed)", fontsize=9)
     ax.set_xlabel("steps", fontsize=8)
     ax.tick_params(labelsize=7)
-    for extra in list(axes[0][len(levels):]) + list(axes[1][3:]):
+    if cv:
+        cv_margin_panel(axes[1][3], cv, levels)
+    for extra in list(axes[0][len(levels):]) + list(axes[1][3 + bool(cv):]):
         extra.axis("off")
     fig.tight_layout()
     buffer = io.BytesIO()
