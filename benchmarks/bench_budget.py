@@ -406,8 +406,10 @@ def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dic
         "split": cfg["split"], "prompts": int(len(rows)), "step_grid": curves.step_grid,
         "reference_steps": curves.reference_steps, "full_steps": full_steps,
         "model": main_predictor.config["model"], "rendered_with": rendered,
+        "seeds_per_prompt": int(curves.seeds.max()),
         "levels": levels, "quality_definition": {
             lv: ("1 - " if m.startswith("mid/lpips") else "") + m + " (fraction of the reference; 1 = the reference)"
+            + (f", mean over each prompt's {int(curves.seeds.max())} seeds" if curves.seeds.max() > 1 else "")
             for lv, m in levels.items()},
         "normalization": "z-score per metric over the train split, step counts pooled; distances sign-flipped",
         "uniform_interpolation": "uniform quality at mean m: linear between the neighbouring grid counts, "

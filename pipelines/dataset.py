@@ -1,25 +1,26 @@
 """DVC stage ``dataset``: the prompt x step-count x metric table, its plots and its report.
 
-``data/dataset.parquet``, one row per rendered image:
+``data/dataset.parquet``, one row per rendered image (a prompt rendered with several seeds,
+``render.seeds_per_prompt``, has a row per seed at every step count):
 
 | column | dtype | meaning |
 |---|---|---|
 | prompt_id | int64 | the prompt's id in data/prompts.parquet |
 | prompt | string | the prompt text |
-| seed | int64 | the generation seed (same at every step count) |
+| seed | int64 | the image's generation seed (same at every step count and for its reference) |
 | split | string | train / val / test (by prompt, stratified by complexity) |
 | complexity | int64 | 1-4: objects in the scene (or word-count quartile for a user's prompt file) |
 | steps | int64 | denoising steps of this image |
 | is_reference | bool | True for the reference image (steps = the reference count) |
 | nfe | int64 | denoising-network evaluations (a CFG pair batched in one call counts once) |
 | seconds | float64 | wall-clock per image (its batch's time / batch size) |
-| knee_steps | int64 | the prompt's knee step (below; the same on every row of a prompt) |
+| knee_steps | int64 | the knee step of the prompt with this seed (below; the same at every step count) |
 | pixel/psnr ... domain/attr_acc | float64 | every metric, named as ``budgetdiff.metrics`` names it |
 
 Reference rows carry the metrics that need no reference (``pixel/lsnr``, ``high/clipt_*``,
 ``domain/attr_acc``); their reference-based metrics are NaN.
 
-**Knee step.** For each prompt and each grid step count s, the quality of the image relative to
+**Knee step.** For each prompt (and seed) and each grid step count s, the quality of the image relative to
 its reference on each level is Q_pixel(s) = SSIM, Q_mid(s) = 1 - LPIPS, Q_high(s) = I-CLIP
 (each is 1 for the reference itself; ``knee.metrics`` names them and whether each is a similarity
 or a distance). The knee step is the smallest grid step count s such that min over levels of
@@ -35,7 +36,10 @@ quality-target rule; its spread is what a per-prompt budget can exploit.
 Plots (declared at the end of dvc.yaml, rendered by ``dvc plots show``): ``curves/<metric>.csv``
 (mean metric vs steps, one column per complexity level), ``knee_histogram.csv`` (prompts per
 knee step) and a PNG with all of them. reports/dataset.json: rows, prompts, metric names, render
-throughput (images/s with 1 and 2 Ray workers, from the render stage) and the knee spread.
+throughput (images/s with 1 and 2 Ray workers, from the render stage), the knee spread and, with
+several seeds per prompt, ``seed_agreement``: per knee metric and step count, the correlation
+across prompts between two seeds of the same prompt (how much the prompt, rather than the seed,
+decides the curve).
 """
 
 from __future__ import annotations
@@ -61,16 +65,18 @@ PARAMS = (
 
 
 def build_table(prompts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
-    """Prompts joined to their images' records and metrics (knee column not yet added)."""
-    table = prompts[list(PROMPT_COLUMNS)].merge(scores, on="prompt_id", how="inner", validate="one_to_many")
+    """Prompts joined to their images' records and metrics (knee column not yet added); each
+    image's seed is the one it was rendered with (the scores' column)."""
+    columns = [c for c in PROMPT_COLUMNS if c != "seed"]
+    table = prompts[columns].merge(scores, on="prompt_id", how="inner", validate="one_to_many")
     if table["prompt_id"].nunique() != len(prompts):
         raise ValueError(f"dataset: scores cover {table['prompt_id'].nunique()} of {len(prompts)} prompts "
                          "(rerun render and score)")
     metrics = [c for c in scores.columns if c not in RECORD_COLUMNS]
-    columns = [*PROMPT_COLUMNS, *[c for c in RECORD_COLUMNS if c != "prompt_id"], *metrics]
+    columns = [*PROMPT_COLUMNS, *[c for c in RECORD_COLUMNS if c not in PROMPT_COLUMNS], *metrics]
     table = table[columns].astype({"prompt": "string", "split": "string", "seed": "int64", "complexity": "int64",
                                    "steps": "int64", "nfe": "int64", "seconds": "float64", "is_reference": "bool"})
-    return table.sort_values(["prompt_id", "steps"], ignore_index=True)
+    return table.sort_values(["prompt_id", "seed", "steps"], ignore_index=True)
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
@@ -93,19 +99,46 @@ def resolve_knee_metrics(table: pd.DataFrame, spec: dict[str, str]) -> dict[str,
 
 
 def knee_steps(table: pd.DataFrame, metrics: dict[str, str], quality: float, reference_steps: int) -> pd.Series:
-    """Each prompt's knee step (module docstring), indexed by prompt_id."""
+    """Each image series' knee step (module docstring), indexed by prompt_id, or by (prompt_id,
+    seed) when the table has a seed column (a prompt rendered with several seeds has a knee per seed)."""
+    keys = ["prompt_id", "seed"] if "seed" in table.columns else ["prompt_id"]
     grid = table[~table["is_reference"]]
     q = pd.DataFrame({m: (grid[m] if kind == "similarity" else 1.0 - grid[m]) for m, kind in metrics.items()})
     reached = (q.min(axis=1) >= quality).to_numpy()
-    frame = pd.DataFrame({"prompt_id": grid["prompt_id"].to_numpy(), "steps": grid["steps"].to_numpy(),
-                          "reached": reached}).sort_values(["prompt_id", "steps"])
+    frame = pd.DataFrame({**{k: grid[k].to_numpy() for k in keys}, "steps": grid["steps"].to_numpy(),
+                          "reached": reached}).sort_values([*keys, "steps"])
     out = {}
-    for pid, rows in frame.groupby("prompt_id", sort=True):
+    for key, rows in frame.groupby(keys if len(keys) > 1 else keys[0], sort=True):
         steps, ok = rows["steps"].to_numpy(), rows["reached"].to_numpy()
         # Suffix "all reached": the knee is the first step count from which every count is reached.
         stays = np.flip(np.logical_and.accumulate(np.flip(ok)))
-        out[pid] = int(steps[np.argmax(stays)]) if stays.any() else int(reference_steps)
-    return pd.Series(out, name="knee_steps", dtype="int64")
+        out[key] = int(steps[np.argmax(stays)]) if stays.any() else int(reference_steps)
+    series = pd.Series(out, name="knee_steps", dtype="int64")
+    if len(keys) > 1:
+        series.index = pd.MultiIndex.from_tuples(list(out), names=keys)
+    return series
+
+
+def seed_agreement(table: pd.DataFrame, metrics: list[str]) -> dict | None:
+    """How much of a prompt's curve its words decide: across prompts, the Pearson correlation of a
+    metric between two seeds of the same prompt at each grid step count (averaged over every pair
+    of the prompt's seeds, ordered by seed). 1: the seed does not matter, so one seed gives the
+    prompt's curve; 0: the seed alone decides. None with one seed per prompt."""
+    grid = table[~table["is_reference"]].sort_values(["prompt_id", "seed"])
+    seeds = grid.groupby("prompt_id")["seed"].nunique()
+    if seeds.min() < 2:
+        return None
+    n = int(seeds.min())
+    rank = grid.groupby(["prompt_id", "steps"]).cumcount()
+    out = {}
+    for m in metrics:
+        wide = grid.assign(rank=rank).pivot_table(index="prompt_id", columns=["steps", "rank"], values=m)
+        by_steps = {}
+        for s in sorted(grid["steps"].unique()):
+            r = [np.corrcoef(wide[(s, a)], wide[(s, b)])[0, 1] for a in range(n) for b in range(a + 1, n)]
+            by_steps[str(int(s))] = round(float(np.nanmean(r)), 3)
+        out[m] = {"by_steps": by_steps, "mean": round(float(np.nanmean(list(by_steps.values()))), 3)}
+    return out
 
 
 def slug(metric: str) -> str:
@@ -128,7 +161,8 @@ def curves(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def knee_histogram(knees: pd.Series, complexity: pd.Series, step_grid: list[int], reference_steps: int) -> pd.DataFrame:
-    """Prompts per knee step (all, and per complexity level); labels sort as numbers."""
+    """Prompts (prompt-seed pairs, with several seeds per prompt) per knee step, all and per
+    complexity level; labels sort as numbers."""
     labels = {s: f"{s:03d}" for s in step_grid}
     labels[reference_steps] = f"not reached by {max(step_grid)}"
     frame = pd.DataFrame({"knee": knees, "complexity": complexity.reindex(knees.index)})
@@ -231,7 +265,7 @@ def run(cfg: dict) -> dict:
     knee_metrics = resolve_knee_metrics(table, knee_cfg["metrics"])
     knees = knee_steps(table, knee_metrics, quality, reference_steps)
     metrics = metric_columns(table)
-    table["knee_steps"] = table["prompt_id"].map(knees).astype("int64")
+    table["knee_steps"] = knees.reindex(pd.MultiIndex.from_frame(table[["prompt_id", "seed"]])).to_numpy(np.int64)
     table = table[[c for c in table.columns if c not in metrics] + metrics]
     write_parquet(table, cfg["output"])
 
@@ -240,7 +274,9 @@ def run(cfg: dict) -> dict:
     curve_tables = curves(table)
     for metric, frame in curve_tables.items():
         write_csv(frame, plots / "curves" / f"{slug(metric)}.csv")
-    complexity = prompts.set_index("prompt_id")["complexity"]
+    # One knee per (prompt, seed): each counts once, with its prompt's complexity.
+    complexity = pd.Series(prompts.set_index("prompt_id")["complexity"].reindex(
+        knees.index.get_level_values("prompt_id")).to_numpy(), index=knees.index)
     histogram = knee_histogram(knees, complexity, step_grid, reference_steps)
     write_csv(histogram, plots / "knee_histogram.csv")
     knee_text = f"q = {quality}: " + ", ".join(
@@ -252,6 +288,7 @@ def run(cfg: dict) -> dict:
     report = {
         "rows": int(len(table)),
         "prompts": int(len(per_prompt)),
+        "seeds_per_prompt": int(table.groupby("prompt_id")["seed"].nunique().max()),
         "images_per_prompt": int(len(table) // max(1, len(per_prompt))),
         "per_split": {s: int((per_prompt["split"] == s).sum()) for s in SPLITS},
         "per_complexity": {str(k): int(v) for k, v in per_prompt["complexity"].value_counts().sort_index().items()},
@@ -272,6 +309,7 @@ def run(cfg: dict) -> dict:
                            "1 - metric for a distance; the reference step count when never reached"),
             "quality": quality, "metrics": knee_metrics, **knee_spread(knees, complexity, step_grid, reference_steps),
         },
+        "seed_agreement": seed_agreement(table, list(knee_metrics)),
         "mean_metric_at_steps": {m: {str(int(s)): round(float(v), 5)
                                      for s, v in frame.set_index("steps")["all"].items()}
                                  for m, frame in curve_tables.items()},

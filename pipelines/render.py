@@ -15,6 +15,14 @@ the workers, e.g. a shared filesystem or the cluster's image). Each task asks fo
 ``cpus_per_task`` CPUs (its torch threads) and, when the cluster has GPUs, ``gpus_per_task``
 GPUs. ``executor: local`` renders in this process instead (no Ray; for debugging).
 
+**Seeds per prompt.** ``seeds_per_prompt`` R (default 1) renders every prompt with R seeds: the
+prompt's own seed (data/prompts.parquet) and seed + j·``seed_stride`` for j = 1 .. R − 1, each a
+replicate with its own shards (``s<steps>-p<k>`` for replicate 0, the names of a single-seed run, so
+raising R keeps what was rendered; ``s<steps>-r<j>-p<k>`` for the others). A prompt's curve depends
+on its seed as well as on its words; averaged over R seeds it is the expected curve that a
+predictor reading only the prompt can learn (``training/budget.py``). The index lists each shard's
+replicate and seeds, which the score stage reads.
+
 Each image records its NFE (network evaluations; a CFG pair batched in one call counts once)
 and seconds (its batch's wall-clock divided by the batch size). The same prompt and seed get
 the same initial noise at every step count, so an image and its reference differ only in the
@@ -52,6 +60,7 @@ PARAMS = (
     "model", "prompts", "step_grid", "reference_steps", "scheduler", "batch_size", "workers",
     "output_dir"
 )
+DEFAULT_SEED_STRIDE = 100_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class ShardSpec:
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     key: str
+    replicate: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,24 +100,38 @@ def check_steps(step_grid: list[int], reference_steps: int) -> None:
                          f"{max(step_grid)}, got {reference_steps}")
 
 
+def check_seeds(seeds_per_prompt, seed_stride) -> None:
+    if not isinstance(seeds_per_prompt, int) or isinstance(seeds_per_prompt, bool) or seeds_per_prompt < 1:
+        raise ValueError(f"render.seeds_per_prompt: must be a positive integer, got {seeds_per_prompt!r}")
+    if not isinstance(seed_stride, int) or isinstance(seed_stride, bool) or seed_stride < 1:
+        raise ValueError(f"render.seed_stride: must be a positive integer, got {seed_stride!r}")
+
+
 def plan_shards(prompts: pd.DataFrame, step_grid: list[int], reference_steps: int, batch_size: int,
-                settings: RenderSettings) -> list[ShardSpec]:
-    """Every (step count, batch of prompts) shard, the longest step counts first (they take
-    longest, so starting them first balances the workers)."""
+                settings: RenderSettings, seeds_per_prompt: int = 1,
+                seed_stride: int = DEFAULT_SEED_STRIDE) -> list[ShardSpec]:
+    """Every (step count, replicate, batch of prompts) shard, the longest step counts first (they
+    take longest, so starting them first balances the workers). Replicate j renders each prompt
+    with its seed + j·``seed_stride``."""
     check_steps(step_grid, reference_steps)
+    check_seeds(seeds_per_prompt, seed_stride)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"render.batch_size: must be a positive integer, got {batch_size}")
     ids = prompts["prompt_id"].astype(int).tolist()
-    texts, seeds = prompts["prompt"].tolist(), prompts["seed"].astype(int).tolist()
+    texts, base_seeds = prompts["prompt"].tolist(), prompts["seed"].astype(int).tolist()
     plan = []
     for steps in sorted([*step_grid, reference_steps], reverse=True):
-        for start in range(0, len(ids), batch_size):
-            chunk = slice(start, start + batch_size)
-            spec = {"settings": asdict(settings), "steps": steps, "prompt_ids": ids[chunk],
-                    "prompts": texts[chunk], "seeds": seeds[chunk]}
-            plan.append(ShardSpec(name=f"s{steps:04d}-p{start // batch_size:05d}", steps=steps,
-                                  is_reference=steps == reference_steps, prompt_ids=tuple(ids[chunk]),
-                                  prompts=tuple(texts[chunk]), seeds=tuple(seeds[chunk]), key=work_key(spec)))
+        for j in range(seeds_per_prompt):
+            seeds = [s + j * seed_stride for s in base_seeds]
+            for start in range(0, len(ids), batch_size):
+                chunk = slice(start, start + batch_size)
+                spec = {"settings": asdict(settings), "steps": steps, "prompt_ids": ids[chunk],
+                        "prompts": texts[chunk], "seeds": seeds[chunk]}
+                name = f"s{steps:04d}-p{start // batch_size:05d}" if j == 0 else \
+                    f"s{steps:04d}-r{j}-p{start // batch_size:05d}"
+                plan.append(ShardSpec(name=name, steps=steps, is_reference=steps == reference_steps,
+                                      prompt_ids=tuple(ids[chunk]), prompts=tuple(texts[chunk]),
+                                      seeds=tuple(seeds[chunk]), key=work_key(spec), replicate=j))
     return plan
 
 
@@ -314,7 +338,10 @@ def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> d
     returns the report. ``executor`` overrides ``cfg['executor']`` (tests)."""
     settings = resolve_settings(cfg)
     prompts = read_prompts(cfg["prompts"])
-    plan = plan_shards(prompts, list(cfg["step_grid"]), cfg["reference_steps"], cfg["batch_size"], settings)
+    seeds_per_prompt = cfg.get("seeds_per_prompt", 1)
+    seed_stride = cfg.get("seed_stride", DEFAULT_SEED_STRIDE)
+    plan = plan_shards(prompts, list(cfg["step_grid"]), cfg["reference_steps"], cfg["batch_size"], settings,
+                       seeds_per_prompt, seed_stride)
     store = ShardStore(cfg["output_dir"])
     (store.directory / INDEX_FILE).unlink(missing_ok=True)  # only a finished run has an index
     workers, cpus = int(cfg["workers"]), int(cfg.get("cpus_per_task", 1))
@@ -350,13 +377,15 @@ def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> d
     index = {"model": settings.model, "model_fingerprint": settings.model_fingerprint,
              "scheduler": settings.scheduler, "guidance": settings.guidance,
              "step_grid": sorted(cfg["step_grid"]), "reference_steps": cfg["reference_steps"],
-             "prompts": int(len(prompts)), "batch_size": cfg["batch_size"],
+             "prompts": int(len(prompts)), "seeds_per_prompt": seeds_per_prompt, "seed_stride": seed_stride,
+             "batch_size": cfg["batch_size"],
              "shards": [{"name": s.name, "steps": s.steps, "is_reference": s.is_reference, "rows": len(s.prompt_ids),
-                         "key": s.key} for s in plan]}
+                         "replicate": s.replicate, "seeds": list(s.seeds), "key": s.key} for s in plan]}
     atomic_write_json(store.directory / INDEX_FILE, index)
     report = {"model": settings.model, "scheduler": settings.scheduler, "guidance": settings.guidance,
               "step_grid": index["step_grid"], "reference_steps": index["reference_steps"],
-              "prompts": index["prompts"], "executor": kind, "workers": workers, "cpus_per_task": cpus,
+              "prompts": index["prompts"], "seeds_per_prompt": seeds_per_prompt,
+              "executor": kind, "workers": workers, "cpus_per_task": cpus,
               "run": run_stats, "throughput_probe": probe, "stale_files_removed": len(removed)}
     if cfg.get("report_path"):
         atomic_write_json(cfg["report_path"], report)
@@ -372,7 +401,8 @@ def main() -> None:
     except (ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     r = report["run"]
-    print(f"render: {r['images']} images in {r['shards']} shards ({r['shards_rendered']} rendered, "
+    print(f"render: {r['images']} images ({report['seeds_per_prompt']} seed(s) per prompt) in {r['shards']} shards "
+          f"({r['shards_rendered']} rendered, "
           f"{r['shards_reused']} reused) in {r['seconds']:.0f} s -> {cfg['output_dir']}")
 
 

@@ -1,7 +1,8 @@
 """DVC stage ``score``: every metric of ``budgetdiff.metrics`` for every rendered image, batched.
 
 Each image of the step grid is scored against its reference (the same prompt and seed at the
-reference step count): ``pixel/psnr``, ``pixel/ssim``, ``mid/lpips_*``, ``high/iclip_*``; and
+reference step count; with several seeds per prompt, ``render.seeds_per_prompt``, each seed has
+its own reference): ``pixel/psnr``, ``pixel/ssim``, ``mid/lpips_*``, ``high/iclip_*``; and
 against its prompt: ``high/clipt_*`` and ``domain/attr_acc`` (NaN for a prompt outside the scene
 domain); ``pixel/lsnr`` needs neither. The reference images get the metrics that need no
 reference (their reference-based columns are NaN: an image compared with itself says nothing).
@@ -11,7 +12,7 @@ Every shard's checksum is verified before scoring starts and again as it is read
 names it. Images of several shards are scored
 together in batches of ``batch_size``.
 
-Output: ``data/scores.parquet``, one row per image: prompt_id, steps, is_reference, nfe,
+Output: ``data/scores.parquet``, one row per image: prompt_id, seed, steps, is_reference, nfe,
 seconds, then one float column per metric.
 """
 
@@ -28,7 +29,7 @@ from budgetdiff.shards import ShardError, ShardStore
 from pipelines.prompts import write_parquet
 from pipelines.render import INDEX_FILE, read_prompts
 
-RECORD_COLUMNS = ("prompt_id", "steps", "is_reference", "nfe", "seconds")
+RECORD_COLUMNS = ("prompt_id", "seed", "steps", "is_reference", "nfe", "seconds")
 LEVEL_ORDER = ("pixel", "mid", "high", "domain", "dist")
 # The params.yaml keys this stage needs (main() names any that are missing).
 PARAMS = (
@@ -61,9 +62,21 @@ def make_scorer(cfg: dict):
                                       batch_size=int(cfg["batch_size"]), device=device))
 
 
-def _records(arrays: dict, steps: int, is_reference: bool) -> pd.DataFrame:
+def shard_seeds(shard: dict, arrays: dict) -> np.ndarray:
+    """The seed of every image of ``shard`` (an index entry), aligned with its arrays."""
+    if "seeds" not in shard:
+        raise ShardError(f"score: the render index lists no seeds for shard {shard['name']} (rerun the render stage)")
+    seeds = np.asarray(shard["seeds"], dtype=np.int64)
+    if len(seeds) != len(arrays["prompt_id"]):
+        raise ShardError(f"score: shard {shard['name']} holds {len(arrays['prompt_id'])} images, its index entry "
+                         f"{len(seeds)} seeds")
+    return seeds
+
+
+def _records(arrays: dict, seeds: np.ndarray, steps: int, is_reference: bool) -> pd.DataFrame:
     n = len(arrays["prompt_id"])
-    return pd.DataFrame({"prompt_id": arrays["prompt_id"].astype(np.int64), "steps": np.full(n, steps, np.int64),
+    return pd.DataFrame({"prompt_id": arrays["prompt_id"].astype(np.int64), "seed": seeds,
+                         "steps": np.full(n, steps, np.int64),
                          "is_reference": np.full(n, is_reference), "nfe": arrays["nfe"].astype(np.int64),
                          "seconds": arrays["seconds"].astype(np.float64)})
 
@@ -80,38 +93,43 @@ def score_renders(cfg: dict, scorer=None, progress: bool = True) -> pd.DataFrame
     batch_size = int(cfg["batch_size"])
     bar = tqdm(total=len(shards), desc="score shards", unit="shard", disable=not progress, dynamic_ncols=True)
 
-    # 1. References: kept in memory (one image per prompt) and scored without a reference.
-    refs: dict[int, np.ndarray] = {}
+    # 1. References: kept in memory (one image per prompt and seed) and scored without a reference.
+    refs: dict[tuple[int, int], np.ndarray] = {}
     parts: list[pd.DataFrame] = []
     for shard in (s for s in shards if s["is_reference"]):
         arrays, _ = store.read(shard["name"], key=shard["key"])
-        refs.update(zip(arrays["prompt_id"].tolist(), arrays["images"]))
+        seeds = shard_seeds(shard, arrays)
+        refs.update(zip(zip(arrays["prompt_id"].tolist(), seeds.tolist()), arrays["images"]))
         values = scorer.score(arrays["images"], prompts=prompts.loc[arrays["prompt_id"]].tolist())
-        parts.append(_records(arrays, shard["steps"], True).assign(**values))
+        parts.append(_records(arrays, seeds, shard["steps"], True).assign(**values))
         bar.update(1)
-    missing = sorted(set(prompts.index) - set(refs))
+    missing = sorted(set(prompts.index) - {pid for pid, _ in refs})
     if missing:
         raise ShardError(f"score: no reference image for {len(missing)} prompt(s) (first: {missing[0]})")
 
     # 2. The grid: shards gathered into blocks of at least batch_size images, scored together.
-    block: list[tuple[dict, dict]] = []
+    block: list[tuple[dict, dict, np.ndarray]] = []
 
     def flush():
         if not block:
             return
-        images = np.concatenate([a["images"] for a, _ in block])
-        ids = np.concatenate([a["prompt_id"] for a, _ in block])
-        values = scorer.score(images, refs=np.stack([refs[i] for i in ids.tolist()]),
-                              prompts=prompts.loc[ids].tolist())
-        records = pd.concat([_records(a, s["steps"], False) for a, s in block], ignore_index=True)
+        images = np.concatenate([a["images"] for a, _, _ in block])
+        ids = np.concatenate([a["prompt_id"] for a, _, _ in block])
+        seeds = np.concatenate([sd for _, _, sd in block])
+        keys = list(zip(ids.tolist(), seeds.tolist()))
+        lost = [k for k in keys if k not in refs]
+        if lost:
+            raise ShardError(f"score: no reference image for prompt {lost[0][0]} with seed {lost[0][1]}")
+        values = scorer.score(images, refs=np.stack([refs[k] for k in keys]), prompts=prompts.loc[ids].tolist())
+        records = pd.concat([_records(a, sd, s["steps"], False) for a, s, sd in block], ignore_index=True)
         parts.append(records.assign(**values))
         bar.update(len(block))
         block.clear()
 
     for shard in (s for s in shards if not s["is_reference"]):
         arrays, _ = store.read(shard["name"], key=shard["key"])
-        block.append((arrays, shard))
-        if sum(len(a["prompt_id"]) for a, _ in block) >= batch_size:
+        block.append((arrays, shard, shard_seeds(shard, arrays)))
+        if sum(len(a["prompt_id"]) for a, _, _ in block) >= batch_size:
             flush()
     flush()
     bar.close()
@@ -119,20 +137,24 @@ def score_renders(cfg: dict, scorer=None, progress: bool = True) -> pd.DataFrame
     table = pd.concat(parts, ignore_index=True)
     metrics = sorted((c for c in table.columns if c not in RECORD_COLUMNS), key=metric_order)
     table = table[list(RECORD_COLUMNS) + metrics].astype({m: "float64" for m in metrics})
-    check_complete(table, set(prompts.index), [*index["step_grid"], index["reference_steps"]])
-    return table.sort_values(["prompt_id", "steps"], ignore_index=True)
+    check_complete(table, set(prompts.index), [*index["step_grid"], index["reference_steps"]],
+                   int(index.get("seeds_per_prompt", 1)))
+    return table.sort_values(["prompt_id", "seed", "steps"], ignore_index=True)
 
 
-def check_complete(table: pd.DataFrame, prompt_ids: set[int], steps: list[int]) -> None:
-    """Exactly one row per (prompt, step count): no duplicate, nothing missing."""
-    dup = table.duplicated(["prompt_id", "steps"])
+def check_complete(table: pd.DataFrame, prompt_ids: set[int], steps: list[int], seeds_per_prompt: int = 1) -> None:
+    """Exactly one row per (prompt, seed, step count), ``seeds_per_prompt`` seeds for every prompt:
+    no duplicate, nothing missing."""
+    dup = table.duplicated(["prompt_id", "seed", "steps"])
     if dup.any():
         row = table[dup].iloc[0]
-        raise ShardError(f"score: duplicate image for prompt {row.prompt_id} at {row.steps} steps")
-    expected = len(prompt_ids) * len(steps)
-    if len(table) != expected or set(table["prompt_id"]) != prompt_ids or set(table["steps"]) != set(steps):
+        raise ShardError(f"score: duplicate image for prompt {row.prompt_id} with seed {row.seed} at {row.steps} steps")
+    expected = len(prompt_ids) * seeds_per_prompt * len(steps)
+    seeds = table.groupby("prompt_id")["seed"].nunique()
+    if (len(table) != expected or set(table["prompt_id"]) != prompt_ids or set(table["steps"]) != set(steps)
+            or (seeds != seeds_per_prompt).any()):
         raise ShardError(f"score: {len(table)} images, expected {expected} ({len(prompt_ids)} prompts x "
-                         f"{len(steps)} step counts)")
+                         f"{seeds_per_prompt} seed(s) x {len(steps)} step counts)")
 
 
 def run(cfg: dict, scorer=None, progress: bool = True) -> pd.DataFrame:

@@ -100,6 +100,7 @@ def test_dataset_table_plots_and_report(workspace):
                 **{m: "float64" for m in METRICS}}
     assert {c: str(t) for c, t in table.dtypes.items()} == expected and list(table.columns) == list(expected)
     assert report["rows"] == 32 and report["prompts"] == 8 and report["metrics"] == METRICS
+    assert report["seeds_per_prompt"] == 1 and report["seed_agreement"] is None
     assert report["per_complexity"] == {"1": 2, "2": 2, "3": 2, "4": 2}
     assert table.groupby("prompt_id")["split"].nunique().max() == 1  # split by prompt
     assert set(table["knee_steps"]) <= {1, 2, 4, 6} and sum(report["knee"]["histogram"].values()) == 8
@@ -115,6 +116,71 @@ def test_dataset_table_plots_and_report(workspace):
     assert histogram["knee_steps"].tolist() == ["001", "002", "004", "not reached by 4"]
     assert (root / "dataset.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((root / "dataset.json").read_text())["rows"] == 32
+
+
+def test_several_seeds_per_prompt(workspace, scorer, tiny_model_dir, tmp_path):
+    """render.seeds_per_prompt = 2: every image is scored against the reference of its own seed,
+    the dataset has a row (and a knee) per seed, and the budget curves average the seeds."""
+    import shutil
+
+    from training.budget import dataset_curves
+
+    root, cfg = workspace
+    shutil.copytree(root / "renders", tmp_path / "renders")
+    report = render.run({"model": str(tiny_model_dir), "prompts": str(root / "prompts.parquet"), "step_grid": [1, 2, 4],
+                         "reference_steps": 6, "scheduler": "ddim", "guidance": None, "batch_size": 3, "workers": 1,
+                         "seeds_per_prompt": 2, "output_dir": str(tmp_path / "renders"),
+                         "report_path": str(tmp_path / "render.json"), "throughput_probe": {"prompts": 0}},
+                        executor=render.local_executor(), progress=False)
+    assert report["run"]["shards_reused"] == 12 and report["run"]["shards_rendered"] == 12
+    scores = score.run({**cfg["score"], "renders": str(tmp_path / "renders"), "output": str(tmp_path / "s.parquet")},
+                       scorer=scorer, progress=False)
+    assert len(scores) == 8 * 2 * 4 and not scores.duplicated(["prompt_id", "seed", "steps"]).any()
+    single = pd.read_parquet(root / "scores.parquet")
+    first = scores.merge(single[["prompt_id", "seed"]].drop_duplicates(), on=["prompt_id", "seed"])
+    # The first seed's rows are the single-seed run's, reference-based metrics included.
+    pd.testing.assert_frame_equal(first.drop(columns="seconds").reset_index(drop=True),
+                                  single.drop(columns="seconds").reset_index(drop=True), check_exact=False, atol=1e-6)
+    second = scores[~scores.set_index(["prompt_id", "seed"]).index.isin(first.set_index(["prompt_id", "seed"]).index)]
+    assert (second["seed"].to_numpy() == second["prompt_id"].map(
+        single.drop_duplicates("prompt_id").set_index("prompt_id")["seed"]).to_numpy() + 100_000).all()
+    grid = second[~second["is_reference"]]
+    assert grid["pixel/ssim"].notna().all() and not np.allclose(
+        grid.sort_values(["prompt_id", "steps"])["pixel/ssim"].to_numpy(),
+        first[~first["is_reference"]].sort_values(["prompt_id", "steps"])["pixel/ssim"].to_numpy())
+
+    out = {**cfg["dataset"], "scores": str(tmp_path / "s.parquet"), "render_report": str(tmp_path / "render.json"),
+           "output": str(tmp_path / "d.parquet"), "plots_dir": str(tmp_path / "plots"),
+           "figure_path": str(tmp_path / "d.png"), "report_path": str(tmp_path / "d.json")}
+    report = dataset.run(out)
+    table = pd.read_parquet(tmp_path / "d.parquet")
+    assert report["rows"] == 64 and report["prompts"] == 8 and report["seeds_per_prompt"] == 2
+    assert sum(report["knee"]["histogram"].values()) == 16
+    assert (table.groupby(["prompt_id", "seed"])["knee_steps"].nunique() == 1).all()
+    agreement = report["seed_agreement"]
+    assert set(agreement) == set(report["knee"]["metrics"])
+    assert all(-1 <= r <= 1 for a in agreement.values() for r in a["by_steps"].values())
+    curves = dataset_curves(table)
+    assert (curves.seeds == 2).all()
+    i = curves.metrics.index("pixel/ssim")
+    expected = table[~table["is_reference"]].groupby(["prompt_id", "steps"])["pixel/ssim"].mean().unstack()
+    np.testing.assert_allclose(curves.values[:, i, :-1], expected.loc[curves.prompt_ids].to_numpy())
+
+
+def test_seed_agreement():
+    rng = np.random.default_rng(0)
+    prompt_effect = rng.normal(size=50)
+    rows = []
+    for pid in range(50):
+        for seed in (7, 3):  # ordered by seed, not by row order
+            same = prompt_effect[pid]
+            noise = rng.normal()
+            rows += [{"prompt_id": pid, "seed": seed, "steps": 2, "is_reference": False, "a": same, "b": noise},
+                     {"prompt_id": pid, "seed": seed, "steps": 9, "is_reference": True, "a": np.nan, "b": np.nan}]
+    out = dataset.seed_agreement(pd.DataFrame(rows), ["a", "b"])
+    assert out["a"] == {"by_steps": {"2": 1.0}, "mean": 1.0}   # the prompt decides
+    assert abs(out["b"]["mean"]) < 0.3                          # the seed decides
+    assert dataset.seed_agreement(pd.DataFrame(rows).query("seed == 7"), ["a"]) is None
 
 
 def test_knee_rule():

@@ -167,6 +167,28 @@ def test_ray_tasks(cfg):
     assert sorted(all_rows(cfg)) == expected_rows()
 
 
+def test_seeds_per_prompt_adds_replicates_and_keeps_single_seed_shards(cfg):
+    render.run(cfg, executor=render.local_executor(), progress=False)
+    log: list[str] = []
+    report = render.run({**cfg, "seeds_per_prompt": 2, "seed_stride": 1000},
+                        executor=counting(render.local_executor(), log), progress=False)
+    # Replicate 0 is the single-seed run: all of its shards are reused, only replicate 1 renders.
+    assert report["run"]["shards_reused"] == 6 and sorted(log) == sorted(
+        f"s{s:04d}-r1-p{k:05d}" for s in [*STEP_GRID, REFERENCE] for k in range(2))
+    assert report["seeds_per_prompt"] == 2
+    index = json.loads((render.Path(cfg["output_dir"]) / render.INDEX_FILE).read_text())
+    base = dict(zip(render.read_prompts(cfg["prompts"])["prompt_id"], render.read_prompts(cfg["prompts"])["seed"]))
+    store, images = ShardStore(cfg["output_dir"]), {}
+    for shard in index["shards"]:
+        arrays, _ = store.read(shard["name"], key=shard["key"])
+        ids = arrays["prompt_id"].tolist()
+        assert shard["seeds"] == [base[i] + 1000 * shard["replicate"] for i in ids]
+        images.update({(i, shard["replicate"], shard["steps"]): im for i, im in zip(ids, arrays["images"])})
+    assert len(images) == 6 * 2 * 3
+    # Another seed is another image (same prompt, same steps).
+    assert all((images[i, 0, 2] != images[i, 1, 2]).any() for i in range(6))
+
+
 def test_bad_input_is_one_line_error(cfg, tmp_path, monkeypatch):
     import yaml
 
@@ -175,6 +197,7 @@ def test_bad_input_is_one_line_error(cfg, tmp_path, monkeypatch):
     cases = {"step_grid": ([2, 2], "render.step_grid: repeated step counts"),
              "reference_steps": (2, "render.reference_steps: must be an integer above the grid's largest count 2"),
              "scheduler": ("plms", "render.scheduler: unknown scheduler 'plms'"),
+             "seeds_per_prompt": (0, "render.seeds_per_prompt: must be a positive integer, got 0"),
              "model": (str(tmp_path / "nowhere"), "model: directory"),
              "prompts": (str(tmp_path / "none.parquet"), "(run the prompts stage)")}
     for key, (value, message) in cases.items():

@@ -4,8 +4,11 @@ Recipe:
 - Data: ``data/dataset.parquet`` (the ``dataset`` stage). One example per prompt: its token
   embeddings from the budgeted model's own frozen text encoder (computed once, before training:
   the encoder never changes), and as targets every metric at every grid step count, plus the
-  reference-step value of each metric that needs no reference image. Targets are z-scored per
-  metric on the train split (``TargetNormalizer``; distances sign-flipped).
+  reference-step value of each metric that needs no reference image. A prompt rendered with
+  several seeds (``render.seeds_per_prompt``) has the mean over its seeds as targets: the
+  expected curve, which is what the prompt determines (one seed's curve also carries that seed's
+  noise, which no prompt-only predictor can learn). Targets are z-scored per metric on the train
+  split (``TargetNormalizer``; distances sign-flipped).
 - Loss: MSE on the normalised targets, masked where a value is missing (a reference-based metric
   at the reference step, a missing image).
 - Optimiser: AdamW; the learning rate halves when the val split's loss stalls for
@@ -67,7 +70,10 @@ ARCHITECTURES = ("bilstm", "mlp")
 class CurveTable:
     """The dataset as one row per prompt: ``values`` (N, M, G + 1) holds each metric at every grid
     step count and, in the last column, at the reference step count (NaN for the metrics that
-    compare with the reference, whose value there is trivially perfect)."""
+    compare with the reference, whose value there is trivially perfect). A prompt rendered with
+    several seeds holds the mean over its seeds (``seeds``: how many): its expected curve, the
+    target a predictor that reads only the prompt can learn, and the realised quality an
+    allocation gets on average (the rule metrics' quality is linear in the metric)."""
 
     prompt_ids: np.ndarray
     prompts: list[str]
@@ -77,6 +83,7 @@ class CurveTable:
     reference_steps: int
     metrics: list[str]
     values: np.ndarray
+    seeds: np.ndarray | None = None
 
     def subset(self, split: str) -> np.ndarray:
         """Row indices of ``split``."""
@@ -95,7 +102,8 @@ class CurveTable:
 
 
 def dataset_curves(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> CurveTable:
-    """Pivot the dataset (one row per image) to one row per prompt (``CurveTable``)."""
+    """Pivot the dataset (one row per image) to one row per prompt (``CurveTable``), averaging a
+    prompt's seeds."""
     if "is_reference" not in table or "steps" not in table:
         raise ValueError("dataset: needs the columns steps and is_reference")
     metrics = list(metrics) if metrics else [c for c in table.columns if "/" in c]
@@ -118,9 +126,13 @@ def dataset_curves(table: pd.DataFrame, metrics: Sequence[str] | None = None) ->
         if metric_kind(m) != "no_reference":
             values[:, i, -1] = np.nan
     values[~np.isfinite(values)] = np.nan
+    if "seed" in table:
+        seeds = table.groupby("prompt_id")["seed"].nunique().reindex(prompts["prompt_id"].to_numpy()).to_numpy()
+    else:
+        seeds = np.ones(len(prompts), dtype=np.int64)
     return CurveTable(prompts["prompt_id"].to_numpy(), prompts["prompt"].astype(str).tolist(),
                       prompts["split"].astype(str).to_numpy(), prompts["complexity"].to_numpy(),
-                      grid, int(refs[0]), metrics, values)
+                      grid, int(refs[0]), metrics, values, seeds.astype(np.int64))
 
 
 @dataclass
@@ -382,11 +394,12 @@ def cross_validate(cfg: dict, table: pd.DataFrame, folds: int, seed: int = 0, pr
 # ------------------------------------------------------------------------------------------------
 def rendered_settings(render_report: str | None) -> dict:
     """The scheduler and guidance the dataset's images were rendered with (reports/render.json):
-    the curves, and so the predictor, hold for these settings."""
+    the curves, and so the predictor, hold for these settings; and how many seeds each prompt's
+    curves average."""
     if not render_report or not Path(render_report).is_file():
         return {}
     report = json.loads(Path(render_report).read_text())
-    return {k: report[k] for k in ("scheduler", "guidance") if k in report}
+    return {k: report[k] for k in ("scheduler", "guidance", "seeds_per_prompt") if k in report}
 
 
 def flat_params(cfg: dict, prefix: str = "") -> dict[str, Any]:
