@@ -3,7 +3,10 @@
 
 Everything is judged on the dataset's held-out ``split`` (test) prompts, against their rendered
 ground truth: the dataset holds every prompt's image metrics at every grid step count, so the
-realised quality of any step choice is looked up, not re-rendered. Reported (reports/budget.json):
+realised quality of any step choice is looked up, not re-rendered. A prompt rendered with several
+seeds (``render.seeds_per_prompt``) counts with its mean over them: the quality an allocation
+realises on average over seeds, and the curve the oracle knows (``training.budget.CurveTable``).
+Reported (reports/budget.json):
 
 - **Predictor error**: MAE per metric and step count, in the metric's own units, for the BiLSTM
   (models/budget), the pooled-embedding MLP ablation (models/budget/mlp) and the train-mean curve

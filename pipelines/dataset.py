@@ -198,15 +198,16 @@ def knee_spread(knees: pd.Series, complexity: pd.Series, step_grid: list[int], r
 
 
 def figure(curve_tables: dict[str, pd.DataFrame], table: pd.DataFrame, histogram: pd.DataFrame,
-           knee_text: str) -> bytes:
+           knee_text: str, agreement: dict | None = None) -> bytes:
     """A PNG: one panel per metric (mean vs steps per complexity level; the reference's own
-    value dashed where it has one) and the knee-step histogram stacked by complexity."""
+    value dashed where it has one), the knee-step histogram stacked by complexity and, with
+    several seeds per prompt, the seed agreement of the knee metrics (``seed_agreement``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = len(curve_tables) + 1
+    panels = len(curve_tables) + 1 + (agreement is not None)
     cols = 4
     rows = (panels + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
@@ -231,10 +232,24 @@ def figure(curve_tables: dict[str, pd.DataFrame], table: pd.DataFrame, histogram
     for level, colour in zip(levels, colours):
         ax.bar(labels, histogram[level], bottom=bottom, color=colour, label=level.replace("_", " "))
         bottom += histogram[level].to_numpy()
-    ax.set_title(f"knee step per prompt ({knee_text})", fontsize=8)
+    per = "prompt and seed" if agreement is not None else "prompt"
+    ax.set_title(f"knee step per {per} ({knee_text})", fontsize=8)
     ax.set_xlabel("knee steps", fontsize=8)
-    ax.set_ylabel("prompts", fontsize=8)
+    ax.set_ylabel("prompts" if agreement is None else "prompt-seed pairs", fontsize=8)
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    if agreement is not None:
+        ax = axes.flat[len(curve_tables) + 1]
+        for metric, values in agreement.items():
+            steps = sorted(int(k) for k in values["by_steps"])
+            ax.plot(steps, [values["by_steps"][str(k)] for k in steps], marker="o", ms=3,
+                    label=f"{metric.split('_')[0]} (mean {values['mean']:.2f})")
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [str(k) for k in steps], fontsize=7)
+        ax.minorticks_off()
+        ax.set_ylim(0, 1)
+        ax.set_title("seed agreement: two seeds' metric, corr. across prompts", fontsize=8)
+        ax.set_xlabel("steps", fontsize=8)
+        ax.legend(fontsize=7)
     for extra in list(axes.flat)[panels:]:
         extra.axis("off")
     fig.tight_layout()
@@ -281,7 +296,8 @@ def run(cfg: dict) -> dict:
     write_csv(histogram, plots / "knee_histogram.csv")
     knee_text = f"q = {quality}: " + ", ".join(
         f"{'1 - ' if k == 'distance' else ''}{m.split('/')[1].split('_')[0]}" for m, k in knee_metrics.items())
-    atomic_write_bytes(cfg["figure_path"], figure(curve_tables, table, histogram, knee_text))
+    agreement = seed_agreement(table, list(knee_metrics))
+    atomic_write_bytes(cfg["figure_path"], figure(curve_tables, table, histogram, knee_text, agreement))
 
     per_prompt = table.drop_duplicates("prompt_id")
     probe = render.get("throughput_probe") or {}
@@ -309,7 +325,7 @@ def run(cfg: dict) -> dict:
                            "1 - metric for a distance; the reference step count when never reached"),
             "quality": quality, "metrics": knee_metrics, **knee_spread(knees, complexity, step_grid, reference_steps),
         },
-        "seed_agreement": seed_agreement(table, list(knee_metrics)),
+        "seed_agreement": agreement,
         "mean_metric_at_steps": {m: {str(int(s)): round(float(v), 5)
                                      for s, v in frame.set_index("steps")["all"].items()}
                                  for m, frame in curve_tables.items()},

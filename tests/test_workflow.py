@@ -49,13 +49,16 @@ def check_dataset(tmp_path, env):
                "high/iclip_domainclip", "domain/attr_acc"]
     assert list(table.columns) == ["prompt_id", "prompt", "seed", "split", "complexity", "steps", "is_reference",
                                    "nfe", "seconds", "knee_steps", *metrics]
-    assert len(table) == n * (len(grid) + 1) and not table.duplicated(["prompt_id", "steps"]).any()
+    seeds = params["render"].get("seeds_per_prompt", 1)
+    assert len(table) == n * seeds * (len(grid) + 1) and not table.duplicated(["prompt_id", "seed", "steps"]).any()
+    assert (table.groupby("prompt_id")["seed"].nunique() == seeds).all()
     assert set(table["steps"]) == {*grid, params["render"]["reference_steps"]}
     assert table.groupby("prompt_id")["split"].nunique().max() == 1 and set(table["complexity"]) == {1, 2, 3, 4}
     grid_rows = table[~table["is_reference"]]
     assert grid_rows[metrics].notna().all().all() and (grid_rows["nfe"] == grid_rows["steps"]).all()
     report = json.loads((tmp_path / "reports/dataset.json").read_text())
-    assert report["rows"] == len(table) and report["prompts"] == n
+    assert report["rows"] == len(table) and report["prompts"] == n and report["seeds_per_prompt"] == seeds
+    assert (report["seed_agreement"] is None) == (seeds == 1)
     assert set(report["render_throughput"]["images_per_s_by_workers"]) == {"1", "2"}
     assert {"median", "iqr", "histogram"} <= set(report["knee"])
     render = json.loads((tmp_path / "reports/render.json").read_text())
