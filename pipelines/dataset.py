@@ -130,14 +130,15 @@ def seed_agreement(table: pd.DataFrame, metrics: list[str]) -> dict | None:
         return None
     n = int(seeds.min())
     rank = grid.groupby(["prompt_id", "steps"]).cumcount()
+    steps = [int(s) for s in sorted(grid["steps"].unique())]
     out = {}
     for m in metrics:
         wide = grid.assign(rank=rank).pivot_table(index="prompt_id", columns=["steps", "rank"], values=m)
-        by_steps = {}
-        for s in sorted(grid["steps"].unique()):
+        corr = []
+        for s in steps:
             r = [np.corrcoef(wide[(s, a)], wide[(s, b)])[0, 1] for a in range(n) for b in range(a + 1, n)]
-            by_steps[str(int(s))] = round(float(np.nanmean(r)), 3)
-        out[m] = {"by_steps": by_steps, "mean": round(float(np.nanmean(list(by_steps.values()))), 3)}
+            corr.append(round(float(np.nanmean(r)), 3))
+        out[m] = {"steps": steps, "correlation": corr, "mean": round(float(np.nanmean(corr)), 3)}
     return out
 
 
@@ -240,8 +241,8 @@ def figure(curve_tables: dict[str, pd.DataFrame], table: pd.DataFrame, histogram
     if agreement is not None:
         ax = axes.flat[len(curve_tables) + 1]
         for metric, values in agreement.items():
-            steps = sorted(int(k) for k in values["by_steps"])
-            ax.plot(steps, [values["by_steps"][str(k)] for k in steps], marker="o", ms=3,
+            steps = values["steps"]
+            ax.plot(steps, values["correlation"], marker="o", ms=3,
                     label=f"{metric.split('_')[0]} (mean {values['mean']:.2f})")
         ax.set_xscale("log")
         ax.set_xticks(steps, [str(k) for k in steps], fontsize=7)

@@ -159,7 +159,7 @@ def test_several_seeds_per_prompt(workspace, scorer, tiny_model_dir, tmp_path):
     assert (table.groupby(["prompt_id", "seed"])["knee_steps"].nunique() == 1).all()
     agreement = report["seed_agreement"]
     assert set(agreement) == set(report["knee"]["metrics"])
-    assert all(-1 <= r <= 1 for a in agreement.values() for r in a["by_steps"].values())
+    assert all(a["steps"] == [1, 2, 4] and all(-1 <= r <= 1 for r in a["correlation"]) for a in agreement.values())
     curves = dataset_curves(table)
     assert (curves.seeds == 2).all()
     i = curves.metrics.index("pixel/ssim")
@@ -178,7 +178,7 @@ def test_seed_agreement():
             rows += [{"prompt_id": pid, "seed": seed, "steps": 2, "is_reference": False, "a": same, "b": noise},
                      {"prompt_id": pid, "seed": seed, "steps": 9, "is_reference": True, "a": np.nan, "b": np.nan}]
     out = dataset.seed_agreement(pd.DataFrame(rows), ["a", "b"])
-    assert out["a"] == {"by_steps": {"2": 1.0}, "mean": 1.0}   # the prompt decides
+    assert out["a"] == {"steps": [2], "correlation": [1.0], "mean": 1.0}   # the prompt decides
     assert abs(out["b"]["mean"]) < 0.3                          # the seed decides
     assert dataset.seed_agreement(pd.DataFrame(rows).query("seed == 7"), ["a"]) is None
 
