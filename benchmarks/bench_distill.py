@@ -12,6 +12,12 @@ noise for every run) with DDIM and measure
   GFLOPs per image (``torch.utils.flop_counter``), and wall-clock seconds per image at
   ``batch_size`` on this machine.
 
+The CLIP-T target compares two training methods (CFG-aware against vanilla), and one training run
+of each differs from another by its seed as well as its method, so it is judged on the mean over
+training-seed replicates (``training_seeds``: the runs of distill_8's ``*_seedN`` variants), paired
+by seed; the FD and attr_acc targets judge the shipped student, models/student-8. Replicates are
+scored like every run but stay out of the sample grid, and show as hollow markers in the plot.
+
 Writes reports/distill.json (every number, and the targets with pass/fail at the target
 guidance), reports/distill_tradeoff.csv and .png (FD against CLIP-T across guidance scales, as
 SnapFusion's Fig. 6) and reports/distill_samples.png (ground truth, then each run).
@@ -97,16 +103,21 @@ def sample_grid(columns: dict[str, list[Image.Image]], prompts: list[str], truth
     return grid
 
 
-def tradeoff_plot(results: dict, path: str, steps: dict[str, int] | None = None) -> None:
+def tradeoff_plot(results: dict, path: str, steps: dict[str, int] | None = None,
+                  training_seeds: dict[str, list[str]] | None = None) -> None:
     """FD (lower is better) against CLIP-T (higher is better), one curve per run, each point a
     guidance scale (SnapFusion Fig. 6): every run on the left, the 8-step runs (``steps``) alone on
-    the right, where they crowd together on the left."""
+    the right, where they crowd together on the left. A run's training-seed replicates
+    (``training_seeds``) are not curves of their own: they are hollow markers in its colour on
+    the right, to show how far one training run's luck moves a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = steps or {}
+    steps, training_seeds = steps or {}, training_seeds or {}
+    replicate_of = {r: base for base, reps in training_seeds.items() for r in reps}
+    results_all, results = results, {n: r for n, r in results.items() if n not in replicate_of}
     few = [n for n in results if steps.get(n, 0) and steps[n] <= 8] or list(results)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     colours = dict(zip(results, plt.cm.tab10.colors))
@@ -120,6 +131,12 @@ def tradeoff_plot(results: dict, path: str, steps: dict[str, int] | None = None)
             if ax is axes[1] or name not in few:
                 for g, x, y in zip(gs, xs, ys):
                     ax.annotate(f"w={g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if ax is axes[1]:
+                reps = [r for r in training_seeds.get(name, []) if r in results_all]
+                pts = [(v["clipt"], v["fd"]) for r in reps for v in results_all[r].values()]
+                if pts:
+                    ax.scatter(*zip(*pts), facecolors="none", edgecolors=colours[name], s=28,
+                               label=f"{name}: other training seeds ({len(reps)})")
         ax.set_xlabel("CLIP-T (high/clipt_domainclip, higher is better)")
         ax.set_ylabel("FD (dist/fd_domainclip vs rendered scenes, lower is better)")
         ax.set_title(f"FD vs CLIP-T across guidance scales: {title}", fontsize=10)
@@ -146,10 +163,31 @@ def paired_difference(a, b) -> dict | None:
             "prompts": int(len(d))}
 
 
+def seed_pairs(results: dict, guidance: str, cfg: dict) -> list[tuple[str, str]]:
+    """The (CFG-aware, vanilla) student runs trained with the same seed, seed 0 first: the runs
+    ``student_8_cfg`` and ``student_8_vanilla`` and, position by position, their replicates under
+    ``training_seeds``; only pairs with both results at ``guidance``."""
+    reps = cfg.get("training_seeds") or {}
+    cfg_runs = ["student_8_cfg", *reps.get("student_8_cfg", [])]
+    van_runs = ["student_8_vanilla", *reps.get("student_8_vanilla", [])]
+    if len(cfg_runs) != len(van_runs):
+        raise SystemExit(f"error: bench_distill: training_seeds lists {len(cfg_runs) - 1} replicate(s) of "
+                         f"student_8_cfg but {len(van_runs) - 1} of student_8_vanilla (they pair by position)")
+    return [(c, v) for c, v in zip(cfg_runs, van_runs)
+            if results.get(c, {}).get(guidance) is not None and results.get(v, {}).get(guidance) is not None]
+
+
 def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | None = None) -> dict:
     """The issue's targets at ``guidance`` (a key of each run's results); null when a run is absent.
     With ``per_prompt`` (run -> guidance -> metric -> per-prompt values), the two paired targets
-    also get the paired per-prompt difference (measured − limit) with its 95 % interval."""
+    also get the paired per-prompt difference (measured − limit) with its 95 % interval.
+
+    The FD and attr_acc targets judge the shipped student (``student_8_cfg``) against the teacher.
+    The CLIP-T target compares two training methods, so it is judged on the mean over the training
+    seeds in ``training_seeds`` (``seed_pairs``): measured and limit are the two methods' CLIP-T
+    averaged over the seeds, and the paired difference averages each prompt's difference over the
+    seeds; ``training_seeds`` adds each seed's difference, their spread and seed 0's run alone.
+    Without replicates this is the single pair."""
     at = {name: by_g.get(guidance) for name, by_g in results.items()}
 
     def value(run, key):
@@ -158,7 +196,9 @@ def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | No
     ratio = cfg["targets"]["fd_max_ratio_to_teacher_50"]
     fd_s, fd_t = value("student_8_cfg", "fd"), value("teacher_50", "fd")
     att_s, att_t = value("student_8_cfg", "attr_acc"), value("teacher_8", "attr_acc")
-    cl_s, cl_v = value("student_8_cfg", "clipt"), value("student_8_vanilla", "clipt")
+    pairs = seed_pairs(results, guidance, cfg)
+    cl_s = float(np.mean([value(c, "clipt") for c, _ in pairs])) if pairs else None
+    cl_v = float(np.mean([value(v, "clipt") for _, v in pairs])) if pairs else None
     targets = {
         "fd_student_8_cfg_le_1.1x_teacher_50": {"measured": fd_s, "limit": None if fd_t is None else ratio * fd_t},
         "attr_acc_student_8_cfg_ge_teacher_8": {"measured": att_s, "limit": att_t},
@@ -171,14 +211,44 @@ def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | No
 
     targets["attr_acc_student_8_cfg_ge_teacher_8"]["paired_difference"] = paired_difference(
         values("student_8_cfg", "attr_acc"), values("teacher_8", "attr_acc"))
-    targets["clipt_student_8_cfg_ge_student_8_vanilla"]["paired_difference"] = paired_difference(
-        values("student_8_cfg", "clipt"), values("student_8_vanilla", "clipt"))
+    clipt = targets["clipt_student_8_cfg_ge_student_8_vanilla"]
+    diffs = [None if values(c, "clipt") is None or values(v, "clipt") is None
+             else np.asarray(values(c, "clipt"), dtype=float) - np.asarray(values(v, "clipt"), dtype=float)
+             for c, v in pairs]
+    clipt["paired_difference"] = (paired_difference(np.mean(diffs, axis=0), np.zeros(len(diffs[0])))
+                                  if diffs and all(d is not None for d in diffs) else None)
+    if pairs:
+        by_seed = [value(c, "clipt") - value(v, "clipt") for c, v in pairs]
+        clipt["training_seeds"] = {
+            "pairs": [list(p) for p in pairs],
+            "difference_by_seed": [round(d, 5) for d in by_seed],
+            "difference_sd_across_seeds": round(float(np.std(by_seed, ddof=1)), 5) if len(by_seed) > 1 else None,
+            "seed_0_alone": {"measured": value(pairs[0][0], "clipt"), "limit": value(pairs[0][1], "clipt"),
+                             "met": bool(by_seed[0] >= 0)},
+        }
     for name, t in targets.items():
         if t["measured"] is None or t["limit"] is None:
             t["met"] = None
         else:
             t["met"] = bool(t["measured"] <= t["limit"]) if name.startswith("fd") else bool(t["measured"] >= t["limit"])
     return targets
+
+
+def training_seed_spread(results: dict, cfg: dict) -> dict:
+    """Per replicated run and guidance: each metric's mean, sample sd and values over its training
+    seeds (the run itself first): how much one training run's luck moves the numbers."""
+    out = {}
+    for base, reps in (cfg.get("training_seeds") or {}).items():
+        names = [n for n in (base, *reps) if n in results]
+        by_g = {}
+        for g in results.get(base, {}):
+            rows = [results[n][g] for n in names if g in results[n]]
+            if len(rows) > 1:
+                by_g[g] = {k: {"mean": float(np.mean([r[k] for r in rows])),
+                               "sd": float(np.std([r[k] for r in rows], ddof=1)),
+                               "values": [r[k] for r in rows]} for k in ("fd", "clipt", "attr_acc")}
+        out[base] = {"runs": names, "by_guidance": by_g}
+    return out
 
 
 def rendered(specs) -> torch.Tensor:
@@ -219,6 +289,10 @@ def run(cfg: dict) -> dict:
     results: dict[str, dict[str, dict]] = {}
     per_prompt: dict[str, dict[str, dict]] = {}  # run -> guidance -> metric -> values (cache entries since 12/2026)
     grid_columns: dict[str, list] = {}
+    replicates = {n for reps in (cfg.get("training_seeds") or {}).values() for n in reps}
+    unknown = sorted(replicates - set(cfg["runs"]))
+    if unknown:
+        raise SystemExit(f"error: bench_distill: training_seeds names run(s) not in runs: {', '.join(unknown)}")
     start = time.time()
     for name, spec in cfg["runs"].items():
         steps = int(spec["steps"])
@@ -233,7 +307,7 @@ def run(cfg: dict) -> dict:
                 r = results[name][str(g)] = json.loads(cached.read_text())
                 if "per_prompt" in r:
                     per_prompt.setdefault(name, {})[str(g)] = r.pop("per_prompt")
-                if g == target_guidance:  # the sample grid's few images again (same prompts and seeds)
+                if g == target_guidance and name not in replicates:  # the sample grid's images again
                     images = generate(pipe_for(spec["model"]), prompts[:grid_n], steps, g, cfg["scheduler"],
                                       grid_n, f"{name} w={g} (grid)")[0]
                     grid_columns[name] = pipe_for(spec["model"]).to_output(images * 2 - 1, "pil")
@@ -255,7 +329,7 @@ def run(cfg: dict) -> dict:
                       "clipt": np.asarray(values[CLIPT], dtype=float).tolist()}
             atomic_write_json(cached, {**r, "per_prompt": scores})
             per_prompt.setdefault(name, {})[str(g)] = scores
-            if g == target_guidance:
+            if g == target_guidance and name not in replicates:
                 grid_columns[name] = pipe.to_output(images[:grid_n] * 2 - 1, "pil")
             print(f"[{name} w={g}] fd={r['fd']:.4f} clipt={r['clipt']:.4f} attr_acc={r['attr_acc']:.3f} "
                   f"nfe={nfe:g} s/img={seconds:.4f}", flush=True)
@@ -272,9 +346,10 @@ def run(cfg: dict) -> dict:
         "results": results,
         "targets": check_targets(results, str(target_guidance), cfg, per_prompt),
         # The same targets at every guidance scale of the sweep (the headline is the target guidance).
-        "targets_by_guidance": {str(g): {name: {k: t[k] for k in ("measured", "limit", "met")}
+        "targets_by_guidance": {str(g): {name: {k: t[k] for k in ("measured", "limit", "met", "training_seeds") if k in t}
                                          for name, t in check_targets(results, str(g), cfg, per_prompt).items()}
                                 for g in guidances},
+        "training_seeds": training_seed_spread(results, cfg),
         "torch_threads": torch.get_num_threads(),
         "batch_size": cfg["batch_size"],
         "seconds_total": round(time.time() - start, 1),
@@ -286,7 +361,8 @@ def run(cfg: dict) -> dict:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(cfg["csv_path"], buffer.getvalue().encode())
-    tradeoff_plot(results, cfg["plot_path"], {n: int(s["steps"]) for n, s in cfg["runs"].items()})
+    tradeoff_plot(results, cfg["plot_path"], {n: int(s["steps"]) for n, s in cfg["runs"].items()},
+                  cfg.get("training_seeds"))
     grid = sample_grid(grid_columns, prompts[:grid_n], [render_scene_array(s) for s in specs[:grid_n]],
                        f"w={target_guidance}")
     png = io.BytesIO()

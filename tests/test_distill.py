@@ -326,6 +326,19 @@ def test_stage_config_merges_the_sections(monkeypatch):
     assert len({c["checkpoint_dir"] for c in by_variant.values()}) == 3
     with pytest.raises(SystemExit, match="unknown variant"):
         stage_config("distill_8", "nope")
+    # Training-seed replicates of the CFG-aware and vanilla students: the same config but the seed,
+    # paired by seed, each with its own output and checkpoint directory.
+    reps = {v: stage_config("distill_8", v) for v in ("cfg_seed1", "vanilla_seed1", "cfg_seed2", "vanilla_seed2")}
+    for v, c in reps.items():
+        base = by_variant[v.split("_seed")[0]]
+        assert c["seed"] == int(v[-1]) != base["seed"] == 0
+        assert {k: c[k] for k in c if k not in ("seed", "output_dir", "metrics_path", "checkpoint_dir", "stage")} == \
+            {k: base[k] for k in base if k not in ("seed", "output_dir", "metrics_path", "checkpoint_dir", "stage")}
+    dirs = [c["output_dir"] for c in (*by_variant.values(), *reps.values())]
+    assert len(set(dirs)) == len(dirs) == 7
+    bench = yaml_section("bench_distill")
+    assert {bench["runs"][r]["model"] for reps_ in bench["training_seeds"].values() for r in reps_} == \
+        {c["output_dir"] for c in reps.values()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +353,53 @@ def test_paired_difference():
     assert paired_difference(None, [1.0]) is None and paired_difference([1.0], [0.0]) is None
 
 
+def _clipt_results(values: dict[str, float], guidance="1.25"):
+    return {run: {guidance: {"fd": 0.05, "clipt": v, "attr_acc": 0.7}} for run, v in values.items()}
+
+
+def test_clipt_target_is_judged_on_the_mean_over_training_seeds():
+    from benchmarks.bench_distill import check_targets, training_seed_spread
+
+    cfg = {"targets": {"fd_max_ratio_to_teacher_50": 1.1},
+           "training_seeds": {"student_8_cfg": ["c1", "c2"], "student_8_vanilla": ["v1", "v2"]}}
+    # Seed 0 alone loses by 0.002; seeds 1 and 2 win by 0.004 and 0.001: the mean wins by 0.001.
+    results = _clipt_results({"student_8_cfg": 0.848, "student_8_vanilla": 0.850, "c1": 0.854, "v1": 0.850,
+                              "c2": 0.851, "v2": 0.850, "teacher_50": 0.85, "teacher_8": 0.85})
+    n = 50
+    rng = np.random.default_rng(0)
+    per_prompt = {run: {"1.25": {"clipt": (r["1.25"]["clipt"] + 0.01 * rng.standard_normal(n)).tolist()}}
+                  for run, r in results.items()}
+    t = check_targets(results, "1.25", cfg, per_prompt)["clipt_student_8_cfg_ge_student_8_vanilla"]
+    assert t["measured"] == pytest.approx((0.848 + 0.854 + 0.851) / 3)
+    assert t["limit"] == pytest.approx(0.850) and t["met"] is True
+    seeds = t["training_seeds"]
+    assert seeds["pairs"] == [["student_8_cfg", "student_8_vanilla"], ["c1", "v1"], ["c2", "v2"]]
+    assert seeds["difference_by_seed"] == pytest.approx([-0.002, 0.004, 0.001])
+    assert seeds["difference_sd_across_seeds"] == pytest.approx(np.std([-0.002, 0.004, 0.001], ddof=1), abs=1e-5)
+    assert seeds["seed_0_alone"]["met"] is False and seeds["seed_0_alone"]["measured"] == 0.848
+    # The paired difference averages each prompt's difference over the three seeds.
+    d = np.mean([np.subtract(per_prompt[c]["1.25"]["clipt"], per_prompt[v]["1.25"]["clipt"])
+                 for c, v in seeds["pairs"]], axis=0)
+    assert t["paired_difference"]["prompts"] == n and t["paired_difference"]["mean"] == pytest.approx(d.mean(), abs=1e-5)
+    # The other way round: seed 0 wins alone, the mean loses.
+    lose = {**results, **_clipt_results({"student_8_cfg": 0.851, "c1": 0.846, "c2": 0.849})}
+    t = check_targets(lose, "1.25", cfg)["clipt_student_8_cfg_ge_student_8_vanilla"]
+    assert t["met"] is False and t["training_seeds"]["seed_0_alone"]["met"] is True
+    assert t["paired_difference"] is None  # no per-prompt values given
+    # A seed whose pair is not scored at this guidance drops out; without replicates, the one pair.
+    partial = {k: v for k, v in results.items() if k != "v2"}
+    t = check_targets(partial, "1.25", cfg)["clipt_student_8_cfg_ge_student_8_vanilla"]
+    assert len(t["training_seeds"]["pairs"]) == 2 and t["measured"] == pytest.approx((0.848 + 0.854) / 2)
+    alone = check_targets(results, "1.25", {"targets": cfg["targets"]})["clipt_student_8_cfg_ge_student_8_vanilla"]
+    assert (alone["measured"], alone["limit"], alone["met"]) == (0.848, 0.850, False)
+    with pytest.raises(SystemExit, match="pair by position"):
+        check_targets(results, "1.25", {**cfg, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": []}})
+    spread = training_seed_spread(results, cfg)
+    assert spread["student_8_cfg"]["runs"] == ["student_8_cfg", "c1", "c2"]
+    s = spread["student_8_cfg"]["by_guidance"]["1.25"]["clipt"]
+    assert s["mean"] == pytest.approx(0.851) and s["sd"] == pytest.approx(0.003) and len(s["values"]) == 3
+
+
 def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_path, monkeypatch):
     import benchmarks.bench_distill as bench
     from test_metrics_helpers import tiny_backbone, tiny_checker
@@ -351,6 +411,7 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
            "guidance_scales": [1.0, 3.0], "guidance": 2.0,
            "runs": {"teacher_50": {"model": model, "steps": 4}, "teacher_8": {"model": model, "steps": 2},
                     "student_8_cfg": {"model": model, "steps": 2}},
+           "training_seeds": {},
            "csv_path": str(tmp_path / "t.csv"), "plot_path": str(tmp_path / "t.png"),
            "grid_path": str(tmp_path / "g.png"), "cache_dir": str(tmp_path / "cache")}
     report = bench.run(cfg)
@@ -380,3 +441,22 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
                                "student_8_cfg": {"model": str(tmp_path / "nope"), "steps": 2}}}
     with pytest.raises(SystemExit, match="nope not found"):
         bench.run(missing)
+
+    # Training-seed replicates: scored like any run (and cached), paired by seed in the CLIP-T
+    # target, kept out of the sample grid; a replicate that is not a run is named.
+    seeds = {**cfg, "guidance_scales": [], "runs": {**cfg["runs"], "student_8_vanilla": {"model": model, "steps": 2},
+                                                     "c1": {"model": model, "steps": 2}, "v1": {"model": model, "steps": 2}},
+             "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v1"]}}
+    report = bench.run(seeds)
+    clipt = report["targets"]["clipt_student_8_cfg_ge_student_8_vanilla"]
+    assert clipt["met"] is True and clipt["training_seeds"]["difference_by_seed"] == [0, 0]  # the same model
+    assert clipt["paired_difference"]["prompts"] == 4 and clipt["paired_difference"]["mean"] == 0
+    assert report["training_seeds"]["student_8_cfg"]["runs"] == ["student_8_cfg", "c1"]
+    assert report["training_seeds"]["student_8_cfg"]["by_guidance"]["2.0"]["clipt"]["sd"] == 0
+    assert "training_seeds" in report["targets_by_guidance"]["2.0"]["clipt_student_8_cfg_ge_student_8_vanilla"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "g.png") as grid:  # ground truth and the four runs, not the replicates
+        assert grid.width == 260 + 112 * 5
+    with pytest.raises(SystemExit, match="not in runs: v9"):
+        bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]}})

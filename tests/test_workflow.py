@@ -33,9 +33,9 @@ def make_workspace(path):
     (path / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def dvc(args, cwd, env):
+def dvc(args, cwd, env, timeout=600):
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=timeout)
 
 
 def check_dataset(tmp_path, env):
@@ -91,7 +91,7 @@ def test_tiny_profile_dvc_repro(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     assert dvc(["init", "--no-scm", "-q"], tmp_path, env).returncode == 0
-    first = dvc(["repro"], tmp_path, env)
+    first = dvc(["repro"], tmp_path, env, timeout=1200)  # about 10 min alone on two cores
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     assert (tmp_path / "models/base/model_index.json").is_file()
@@ -107,6 +107,11 @@ def test_tiny_profile_dvc_repro(tmp_path):
     assert (tmp_path / "models/base_pretrain/unet/config.json").is_file()
     check_dataset(tmp_path, env)
     check_budget(tmp_path)
+    # bench_distill pairs the CFG-aware and vanilla students of training seeds 0-2 (distill_8@*_seedN).
+    distill = json.loads((tmp_path / "reports/distill.json").read_text())
+    seeds = distill["targets"]["clipt_student_8_cfg_ge_student_8_vanilla"]["training_seeds"]
+    assert len(seeds["pairs"]) == len(seeds["difference_by_seed"]) == 3
+    assert (tmp_path / "models/student-8-vanilla-seed2/unet/config.json").is_file()
 
     second = dvc(["repro"], tmp_path, env)
     assert second.returncode == 0
