@@ -116,8 +116,8 @@ def tradeoff_plot(results: dict, path: str, steps: dict[str, int] | None = None,
     import matplotlib.pyplot as plt
 
     steps, training_seeds = steps or {}, training_seeds or {}
-    replicate_of = {r: base for base, reps in training_seeds.items() for r in reps}
-    results_all, results = results, {n: r for n, r in results.items() if n not in replicate_of}
+    replicates = {r for reps in training_seeds.values() for r in reps}
+    results_all, results = results, {n: r for n, r in results.items() if n not in replicates}
     few = [n for n in results if steps.get(n, 0) and steps[n] <= 8] or list(results)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     colours = dict(zip(results, plt.cm.tab10.colors))
@@ -163,17 +163,22 @@ def paired_difference(a, b) -> dict | None:
             "prompts": int(len(d))}
 
 
-def seed_pairs(results: dict, guidance: str, cfg: dict) -> list[tuple[str, str]]:
+def seed_runs(cfg: dict) -> list[tuple[str, str]]:
     """The (CFG-aware, vanilla) student runs trained with the same seed, seed 0 first: the runs
     ``student_8_cfg`` and ``student_8_vanilla`` and, position by position, their replicates under
-    ``training_seeds``; only pairs with both results at ``guidance``."""
+    ``training_seeds``. ``run`` calls it before any work, so a bad list fails at once."""
     reps = cfg.get("training_seeds") or {}
     cfg_runs = ["student_8_cfg", *reps.get("student_8_cfg", [])]
     van_runs = ["student_8_vanilla", *reps.get("student_8_vanilla", [])]
     if len(cfg_runs) != len(van_runs):
         raise SystemExit(f"error: bench_distill: training_seeds lists {len(cfg_runs) - 1} replicate(s) of "
                          f"student_8_cfg but {len(van_runs) - 1} of student_8_vanilla (they pair by position)")
-    return [(c, v) for c, v in zip(cfg_runs, van_runs)
+    return list(zip(cfg_runs, van_runs))
+
+
+def seed_pairs(results: dict, guidance: str, cfg: dict) -> list[tuple[str, str]]:
+    """``seed_runs`` with both results at ``guidance``."""
+    return [(c, v) for c, v in seed_runs(cfg)
             if results.get(c, {}).get(guidance) is not None and results.get(v, {}).get(guidance) is not None]
 
 
@@ -212,11 +217,12 @@ def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | No
     targets["attr_acc_student_8_cfg_ge_teacher_8"]["paired_difference"] = paired_difference(
         values("student_8_cfg", "attr_acc"), values("teacher_8", "attr_acc"))
     clipt = targets["clipt_student_8_cfg_ge_student_8_vanilla"]
-    diffs = [None if values(c, "clipt") is None or values(v, "clipt") is None
-             else np.asarray(values(c, "clipt"), dtype=float) - np.asarray(values(v, "clipt"), dtype=float)
-             for c, v in pairs]
-    clipt["paired_difference"] = (paired_difference(np.mean(diffs, axis=0), np.zeros(len(diffs[0])))
-                                  if diffs and all(d is not None for d in diffs) else None)
+    # Each prompt's CLIP-T averaged over the seeds, per method: their difference is the per-prompt
+    # difference averaged over the seeds.
+    by_run = {run: values(run, "clipt") for pair in pairs for run in pair}
+    clipt["paired_difference"] = (
+        paired_difference(*(np.mean([np.asarray(by_run[p[i]], dtype=float) for p in pairs], axis=0) for i in (0, 1)))
+        if pairs and all(v is not None for v in by_run.values()) else None)
     if pairs:
         by_seed = [value(c, "clipt") - value(v, "clipt") for c, v in pairs]
         clipt["training_seeds"] = {
@@ -256,6 +262,11 @@ def rendered(specs) -> torch.Tensor:
 
 
 def run(cfg: dict) -> dict:
+    seed_runs(cfg)  # a bad training_seeds fails here, not after hours of generation
+    replicates = {n for reps in (cfg.get("training_seeds") or {}).values() for n in reps}
+    unknown = sorted(replicates - set(cfg["runs"]))
+    if unknown:
+        raise SystemExit(f"error: bench_distill: training_seeds names run(s) not in runs: {', '.join(unknown)}")
     torch.manual_seed(0)
     clip = load_clip_backbone(cfg["clip_dir"])
     checker = load_attribute_checker(cfg["attributes_dir"])
@@ -289,10 +300,6 @@ def run(cfg: dict) -> dict:
     results: dict[str, dict[str, dict]] = {}
     per_prompt: dict[str, dict[str, dict]] = {}  # run -> guidance -> metric -> values (cache entries since 12/2026)
     grid_columns: dict[str, list] = {}
-    replicates = {n for reps in (cfg.get("training_seeds") or {}).values() for n in reps}
-    unknown = sorted(replicates - set(cfg["runs"]))
-    if unknown:
-        raise SystemExit(f"error: bench_distill: training_seeds names run(s) not in runs: {', '.join(unknown)}")
     start = time.time()
     for name, spec in cfg["runs"].items():
         steps = int(spec["steps"])

@@ -460,3 +460,9 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
         assert grid.width == 260 + 112 * 5
     with pytest.raises(SystemExit, match="not in runs: v9"):
         bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]}})
+    # Both list errors come before any model is loaded or image generated.
+    monkeypatch.setattr(bench, "load_clip_backbone", lambda _dir: pytest.fail("loaded before the check"))
+    with pytest.raises(SystemExit, match="pair by position"):
+        bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": []}})
+    with pytest.raises(SystemExit, match="not in runs: v9"):
+        bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]}})
