@@ -14,11 +14,13 @@ in a row; the first ``warmup`` steps always compute.
 
 Unlike the official code, decisions are per sample (the network runs only on the sub-batch that
 needs it: a batch of 8 with 3 skipping costs 5 sample evaluations), the state is created fresh
-for every call (a call is recognised by its timesteps starting again), and C_max holds from the
-first decision on.
+for every call, and C_max holds from the first decision on.
 
 The mechanism is a diffusers ``ModelHook`` on the UNet, fed with the latents by the pipeline's
-step callback: ``BudgetDiffusionPipeline(..., adaptive=config)`` uses it internally, and
+step callback. It is installed once per UNet; each generation call opens an
+``adaptive_skip_call`` that holds that call's config and state in a context variable, so calls
+from several threads on one UNet never see each other's state (and a UNet call outside any
+skip call runs unchanged). ``BudgetDiffusionPipeline(..., adaptive=config)`` uses it internally, and
 ``apply_adaptive_skip(pipe, config)`` attaches it to a stock StableDiffusionPipeline or
 StableDiffusionXLPipeline without copying their loops::
 
@@ -33,7 +35,10 @@ greedy oracle path that adds, one at a time, the skip that hurts the final image
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -287,19 +292,12 @@ def _take_rows(value: Any, rows: torch.Tensor, total: int) -> Any:
     return value
 
 
-class AdaptiveSkipHook(ModelHook):
-    """UNet hook: evaluates the network only for the samples that do not skip this step.
-
-    ``copies`` says how many stacked copies of the batch the UNet input holds (2 under
-    classifier-free guidance: unconditional rows then conditional rows); a callable is asked
-    at every call.
-    """
-
-    _is_stateful = True
+class AdaptiveSkipCall:
+    """One generation call's skipping: its config, how many stacked copies of the batch the UNet
+    sees (2 under classifier-free guidance), the reuse-space conversion, and fresh state."""
 
     def __init__(self, config: AdaptiveSkipConfig | SkipPlan, copies: int | Callable[[], int] = 1,
                  parametrization: Parametrization | Callable[[], Parametrization] | None = None):
-        super().__init__()
         self.config = config
         self.copies = copies
         self.space = getattr(config, "reuse", "output")
@@ -308,53 +306,135 @@ class AdaptiveSkipHook(ModelHook):
                              "prediction type: pass a scheduler when attaching the hook")
         self.parametrization = parametrization
         self.state = AdaptiveSkipState()
-        self._warned = False
+        self.warned = False
+
+    def skip_masks(self) -> list[list[bool]]:
+        return self.state.skip_masks()
+
+    def nfe(self) -> list[int]:
+        return self.state.nfe()
+
+
+_ACTIVE_CALL: contextvars.ContextVar[tuple[Any, AdaptiveSkipCall] | None] = contextvars.ContextVar(
+    "budgetdiff_adaptive_skip_call", default=None)
+_INSTALL_LOCK = threading.Lock()
+
+
+class AdaptiveSkipHook(ModelHook):
+    """UNet hook: evaluates the network only for the samples that do not skip this step.
+
+    The hook serves the ``AdaptiveSkipCall`` opened for it in the current thread or task
+    (``adaptive_skip_call``); with none open it passes through, unless it was attached with a
+    config of its own (``attach_adaptive_skip``, the stock-pipeline path), whose state then lives
+    on the hook and is renewed when a call's timesteps start again.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, config: AdaptiveSkipConfig | SkipPlan | None = None, copies: int | Callable[[], int] = 1,
+                 parametrization: Parametrization | Callable[[], Parametrization] | None = None):
+        super().__init__()
+        self.default_call = AdaptiveSkipCall(config, copies, parametrization) if config is not None else None
+
+    @property
+    def config(self):
+        return self.default_call.config if self.default_call is not None else None
+
+    @property
+    def state(self) -> AdaptiveSkipState:
+        active = _ACTIVE_CALL.get()
+        if active is not None and active[0] is self:
+            return active[1].state
+        return self.default_call.state if self.default_call is not None else AdaptiveSkipState()
 
     def reset_state(self, module):
-        self.state = AdaptiveSkipState()
+        if self.default_call is not None:
+            self.default_call.state = AdaptiveSkipState()
         return module
 
     def new_forward(self, module, sample, timestep, *args, **kwargs):
-        state = self.state
-        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if state.last_timestep is not None and t >= state.last_timestep:
-            state = self.state = AdaptiveSkipState()  # timesteps start again: a new call
-        state.last_timestep = t
-        copies = self.copies() if callable(self.copies) else self.copies
-        total = sample.shape[0]
-        if total % copies:
-            raise ValueError(f"UNet batch {total} is not {copies} stacked copies of the latents")
-        batch = total // copies
-        needs_latents = isinstance(self.config, AdaptiveSkipConfig) and state.step > self.config.warmup
-        if needs_latents and not state.history and not self._warned:
-            warnings.warn("adaptive skip saw no latents: pass callback_on_step_end=handle.callback", stacklevel=2)
-            self._warned = True
+        active = _ACTIVE_CALL.get()
+        if active is not None and active[0] is self:
+            call = active[1]
+        elif self.default_call is not None:
+            call = self.default_call
+            t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+            if call.state.last_timestep is not None and t >= call.state.last_timestep:
+                call.state = AdaptiveSkipState()  # legacy handle without a call scope: timesteps restarted
+            call.state.last_timestep = t
+        else:
+            return self.fn_ref.original_forward(sample, timestep, *args, **kwargs)
+        return _skip_forward(self.fn_ref.original_forward, call, sample, timestep, args, kwargs)
 
-        skip = state.decide(batch, self.config, sample.device)
-        original = self.fn_ref.original_forward
-        par = None
-        if self.space != "output":
-            par = self.parametrization() if callable(self.parametrization) else self.parametrization
-        if not bool(skip.any()):
-            output = original(sample, timestep, *args, **kwargs)
-            out = _output_tensor(output)
-            state.cache = out if self.space == "output" else par.to_space(out, sample, timestep, self.space)
-            return output
-        keep = (~skip).nonzero().flatten()
-        cached = state.cache
-        full = cached.clone() if self.space == "output" else par.from_space(cached, sample, timestep, self.space)
-        cache = cached.clone()
-        if keep.numel():
-            rows = torch.cat([keep + c * batch for c in range(copies)])
-            sub_t = _take_rows(timestep, rows, total)
-            sub = _output_tensor(original(
-                sample[rows], sub_t, *_take_rows(args, rows, total), **_take_rows(kwargs, rows, total),
-            ))
-            r = rows.to(full.device)
-            full[r] = sub
-            cache[r] = sub if self.space == "output" else par.to_space(sub, sample[rows], sub_t, self.space)
-        state.cache = cache
-        return _wrap_like(full, kwargs)
+
+def _skip_forward(original, call: AdaptiveSkipCall, sample, timestep, args, kwargs):
+    """The network on the samples of ``call`` that do not skip this step; the reused prediction
+    (re-expressed at the current latent and timestep) for the others."""
+    state = call.state
+    copies = call.copies() if callable(call.copies) else call.copies
+    total = sample.shape[0]
+    if total % copies:
+        raise ValueError(f"UNet batch {total} is not {copies} stacked copies of the latents")
+    batch = total // copies
+    needs_latents = isinstance(call.config, AdaptiveSkipConfig) and state.step > call.config.warmup
+    if needs_latents and not state.history and not call.warned:
+        warnings.warn("adaptive skip saw no latents: pass callback_on_step_end=handle.callback", stacklevel=3)
+        call.warned = True
+
+    skip = state.decide(batch, call.config, sample.device)
+    par = None
+    if call.space != "output":
+        par = call.parametrization() if callable(call.parametrization) else call.parametrization
+    if not bool(skip.any()):
+        output = original(sample, timestep, *args, **kwargs)
+        out = _output_tensor(output)
+        state.cache = out if call.space == "output" else par.to_space(out, sample, timestep, call.space)
+        return output
+    keep = (~skip).nonzero().flatten()
+    cached = state.cache
+    full = cached.clone() if call.space == "output" else par.from_space(cached, sample, timestep, call.space)
+    cache = cached.clone()
+    if keep.numel():
+        rows = torch.cat([keep + c * batch for c in range(copies)])
+        sub_t = _take_rows(timestep, rows, total)
+        sub = _output_tensor(original(
+            sample[rows], sub_t, *_take_rows(args, rows, total), **_take_rows(kwargs, rows, total),
+        ))
+        r = rows.to(full.device)
+        full[r] = sub
+        cache[r] = sub if call.space == "output" else par.to_space(sub, sample[rows], sub_t, call.space)
+    state.cache = cache
+    return _wrap_like(full, kwargs)
+
+
+def install_adaptive_skip(unet: torch.nn.Module) -> AdaptiveSkipHook:
+    """The adaptive-skip hook of ``unet``, installed (without a config of its own) if it has none.
+    Install it before serving concurrent calls: registering a hook is not thread-safe."""
+    with _INSTALL_LOCK:
+        registry = HookRegistry.check_if_exists_or_initialize(unet)
+        hook = registry.get_hook(HOOK_NAME)
+        if hook is None:
+            hook = AdaptiveSkipHook()
+            registry.register_hook(hook, HOOK_NAME)
+        return hook
+
+
+@contextlib.contextmanager
+def adaptive_skip_call(unet: torch.nn.Module, config: AdaptiveSkipConfig | SkipPlan,
+                       copies: int | Callable[[], int] = 1, scheduler: Any | None = None):
+    """Skip noise predictions of ``unet`` for the calls made inside this block, in this thread
+    or task only; yields the ``AdaptiveSkipCall`` whose ``state.observe(latents)`` the denoising
+    loop feeds after every step and whose ``nfe()`` and ``skip_masks()`` it reads afterwards."""
+    hook = install_adaptive_skip(unet)
+    par = None
+    if scheduler is not None:
+        par = _current_parametrization(scheduler) if callable(scheduler) else parametrization_of(scheduler)
+    call = AdaptiveSkipCall(config, copies, par)
+    token = _ACTIVE_CALL.set((hook, call))
+    try:
+        yield call
+    finally:
+        _ACTIVE_CALL.reset(token)
 
 
 def _output_tensor(output) -> torch.Tensor:

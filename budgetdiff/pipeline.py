@@ -11,6 +11,7 @@ returns this class.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .adaptive import AdaptiveSkipConfig, SkipPlan, attach_adaptive_skip
+from .adaptive import AdaptiveSkipConfig, SkipPlan, adaptive_skip_call, install_adaptive_skip
 from .text import MAX_TEXT_LENGTH, encode_prompts
 
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -76,7 +77,9 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
             v-prediction, ``class_embed_type="projection"`` over the pooled text embedding.
         text_encoder: frozen MiniLM ``BertModel``.
         tokenizer: its ``BertTokenizerFast``.
-        scheduler: any diffusers scheduler; swapped per call by name (``scheduler=`` argument).
+        scheduler: any diffusers scheduler: its config (noise schedule, prediction type) seeds the
+            fresh scheduler each call builds by name (``scheduler=`` argument); the pipeline's own
+            scheduler is never stepped or replaced, so one pipeline serves concurrent calls.
         default_guidance_scale: classifier-free guidance used when none is given, chosen by
             measurement when the model was trained.
         max_text_length: prompt tokens kept; longer prompts are truncated and say so in the record.
@@ -107,11 +110,18 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
     def image_channels(self) -> int:
         return int(self.unet.config.out_channels)
 
+    def install_adaptive_skip(self) -> None:
+        """Install the UNet's adaptive-skip hook now (calls with ``adaptive=`` install it on
+        first use; a server installs it before taking concurrent calls)."""
+        install_adaptive_skip(self.unet)
+
     # ------------------------------------------------------------------------------------------
     # Helpers
     # ------------------------------------------------------------------------------------------
     @staticmethod
     def check_inputs(prompts: list[str], num_inference_steps: int, guidance_scale: float) -> None:
+        """Raise ValueError naming the field for an empty prompt, steps outside 1..1000 or a
+        guidance scale that is not a finite number >= 0."""
         if not prompts:
             raise ValueError("prompt: at least one prompt is needed")
         for p in prompts:
@@ -132,11 +142,12 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         truncated = emb.truncated[len(prompts):] if do_cfg else emb.truncated
         return emb.hidden.to(dtype), emb.mask, emb.pooled.to(dtype), truncated
 
-    def prepare_latents(self, batch: int, generators: list[torch.Generator], device, dtype) -> torch.Tensor:
+    def prepare_latents(self, batch: int, generators: list[torch.Generator], device, dtype,
+                        scheduler=None) -> torch.Tensor:
         """Initial noise, one generator per image so an image does not depend on its batch."""
         shape = (1, self.image_channels, self.resolution, self.resolution)
         latents = torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
-        return latents * self.scheduler.init_noise_sigma
+        return latents * (scheduler or self.scheduler).init_noise_sigma
 
     def predict_noise(
         self,
@@ -146,14 +157,16 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         mask: torch.Tensor,
         pooled: torch.Tensor,
         guidance_scale: float,
+        scheduler=None,
     ) -> torch.Tensor:
-        """Guided model output for ``latents`` at timestep ``t`` (one batched network call).
+        """Guided model output for ``latents`` at timestep ``t`` (one batched network call);
+        ``scheduler`` scales the input (default: the pipeline's).
 
         Classifier-free guidance: out = out(∅) + w·(out(c) − out(∅)) (Ho & Salimans 2022, eq. 6).
         """
         do_cfg = guidance_scale != 1.0
         model_in = torch.cat([latents] * 2) if do_cfg else latents
-        model_in = self.scheduler.scale_model_input(model_in, t)
+        model_in = (scheduler or self.scheduler).scale_model_input(model_in, t)
         coords = coordinate_channels(model_in.shape[0], *model_in.shape[-2:], model_in.device, model_in.dtype)
         out = self.unet(
             torch.cat([model_in, coords], dim=1),
@@ -219,13 +232,14 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         device = self._execution_device
         start = time.perf_counter()
 
-        # 2. Scheduler: a fresh one per call (multistep schedulers keep state). Timesteps are
-        # "trailing" so every step count starts at the last training timestep (Lin et al. 2023,
-        # "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2).
-        sched_name = scheduler or scheduler_name(self.scheduler)
-        self.scheduler = make_scheduler(sched_name, self.scheduler.config, timestep_spacing="trailing")
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        # 2. Scheduler: a fresh one per call, never stored on the pipeline (multistep schedulers
+        # keep state, and concurrent calls must not share it). Timesteps are "trailing" so every
+        # step count starts at the last training timestep (Lin et al. 2023, "Common Diffusion
+        # Noise Schedules and Sample Steps are Flawed", table 2).
+        sched_name = (scheduler or scheduler_name(self.scheduler)).lower()
+        sched = make_scheduler(sched_name, self.scheduler.config, timestep_spacing="trailing")
+        sched.set_timesteps(num_inference_steps, device=device)
+        timesteps = sched.timesteps
 
         # 3. Encode the prompts
         do_cfg = guidance_scale != 1.0
@@ -241,26 +255,22 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         else:
             generator = generator if isinstance(generator, list) else [generator] * batch
             seeds = [g.initial_seed() for g in generator]
-        latents = self.prepare_latents(batch, generator, device, self.unet.dtype)
+        latents = self.prepare_latents(batch, generator, device, self.unet.dtype, sched)
 
-        # 5. Adaptive skipping: a UNet hook with fresh state for this call
-        skipper = (attach_adaptive_skip(self.unet, adaptive, copies=2 if do_cfg else 1,
-                                         scheduler=self.scheduler)
-                   if adaptive else None)
+        # 5. Adaptive skipping: the UNet's skip hook (installed once) with this call's own state
+        skip_scope = (adaptive_skip_call(self.unet, adaptive, copies=2 if do_cfg else 1, scheduler=sched)
+                      if adaptive else contextlib.nullcontext())
 
         # 6. Denoising loop
-        try:
+        with skip_scope as skipper:
             for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
-                model_output = self.predict_noise(latents, t, hidden, mask, pooled, guidance_scale)
-                latents = self.scheduler.step(model_output, t, latents).prev_sample
+                model_output = self.predict_noise(latents, t, hidden, mask, pooled, guidance_scale, sched)
+                latents = sched.step(model_output, t, latents).prev_sample
                 if callback_on_step_end is not None:
                     update = callback_on_step_end(self, i, t, {"latents": latents}) or {}
                     latents = update.get("latents", latents)
                 if skipper is not None:
-                    skipper.hook.state.observe(latents)
-        finally:
-            if skipper is not None:
-                skipper.remove()
+                    skipper.state.observe(latents)
 
         # 7. Post-process and records
         images = self.to_output(latents, output_type)
@@ -282,7 +292,7 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
             for p, s, tr, n in zip(prompts, seeds, truncated, nfes)
         ]
         if skipper is not None:
-            decision_seconds = skipper.hook.state.decision_seconds / batch
+            decision_seconds = skipper.state.decision_seconds / batch
             for record, m in zip(records, masks):
                 record.update(skip_mask=m, adaptive=adaptive.to_record(), decision_seconds=decision_seconds)
         return BudgetDiffusionOutput(images=images, records=records)

@@ -81,15 +81,19 @@ def tiny_pipe(tiny_components):
 
 @pytest.fixture()
 def unet_batch_sizes(tiny_pipe, monkeypatch) -> list[int]:
-    """The batch size of every UNet call tiny_pipe makes during the test, in order."""
+    """The batch size of every network evaluation tiny_pipe makes during the test, in order
+    (spied on beneath the adaptive-skip hook, which the pipeline installs once per UNet)."""
+    from budgetdiff.adaptive import install_adaptive_skip
+
     sizes: list[int] = []
-    original = tiny_pipe.unet.forward
+    hook = install_adaptive_skip(tiny_pipe.unet)
+    original = hook.fn_ref.original_forward
 
     def spy(sample, *args, **kwargs):
         sizes.append(sample.shape[0])
         return original(sample, *args, **kwargs)
 
-    monkeypatch.setattr(tiny_pipe.unet, "forward", spy)
+    monkeypatch.setattr(hook.fn_ref, "original_forward", spy)
     return sizes
 
 
@@ -179,3 +183,68 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     )
     pipe.save_pretrained(root / "sdxl")
     return root / "sdxl"
+
+
+# ------------------------------------------------------------------------------------------
+# A tiny model bundle (budgetdiff.bundle): base, student, budget predictor, skip policy.
+# ------------------------------------------------------------------------------------------
+TINY_BUDGET_METRICS = ["pixel/lsnr", "pixel/psnr", "pixel/ssim", "mid/lpips_alex_randinit",
+                       "high/clipt_domainclip", "high/iclip_domainclip", "domain/attr_acc"]
+TINY_BUDGET_GRID = [2, 3, 4, 6, 8, 12, 20]
+
+
+def tiny_skip_policy(thresholds=(0.05, 0.5), default: float = 0.5, schedulers=("ddim", "dpmpp", "euler")):
+    """A skip policy with made-up measurements: a lower δ keeps more quality and saves less."""
+    from budgetdiff.adaptive import AdaptiveSkipConfig
+    from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy
+
+    points = tuple(OperatingPoint(f"delta={d:g}", AdaptiveSkipConfig(threshold=d, max_skip=2, warmup=4,
+                                                                        reuse="epsilon"),
+                                  {"quality": round(1.0 - d / 10, 4), "nfe_speedup": 1.0 + d})
+                   for d in thresholds)
+    return SkipPolicy({s: SchedulerPolicy(f"delta={default:g}", points) for s in schedulers},
+                      {"stage": "tests"}, 20)
+
+
+def make_tiny_bundle(root: Path, components, student_max_steps: int = 8, policy=None) -> Path:
+    """Write a bundle of the tiny components under ``root``: base/, student/ (another random
+    UNet of the same shape), budget/ (a random BiLSTM for base's UNet), bundle/."""
+    import numpy as np
+
+    from budgetdiff.budget import TargetNormalizer, build_network, make_config, model_record, save_budget_model
+    from budgetdiff.bundle import write_bundle
+    from training.base import build_unet
+
+    root.mkdir(parents=True, exist_ok=True)
+    make_tiny_pipe(components).save_pretrained(root / "base")
+    torch.manual_seed(1)
+    student_unet = build_unet(tiny_unet_config()).eval()
+    make_tiny_pipe((student_unet, components[1], components[2])).save_pretrained(root / "student")
+    values = np.random.default_rng(0).normal(size=(8, len(TINY_BUDGET_METRICS), len(TINY_BUDGET_GRID) + 1))
+    config = make_config("bilstm", {"hidden": 8}, text_dim=TINY_TEXT_DIM, max_text_length=64,
+                         step_grid=TINY_BUDGET_GRID, reference_steps=30, metrics=TINY_BUDGET_METRICS,
+                         rule_metrics={"pixel": "pixel/ssim", "mid": "mid/lpips", "high": "high/iclip"},
+                         normalizer=TargetNormalizer.fit(TINY_BUDGET_METRICS, values),
+                         model=model_record(root / "base"))
+    torch.manual_seed(0)
+    save_budget_model(build_network(config), config, root / "budget")
+    raw = {"base": {"path": "../base", "scheduler": "ddim", "steps": 20},
+           "student": {"path": "../student", "steps": 4, "scheduler": "ddim", "guidance": 2.0},
+           "budget": {"path": "../budget", "plateau_epsilon": 0.01},
+           "auto": {"student_max_steps": student_max_steps, "student_guidance": 1.0, "scheduler": "ddim"}}
+    write_bundle(root / "bundle", raw, policy or tiny_skip_policy())
+    return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tiny_components, tmp_path_factory) -> Path:
+    """models/bundle's layout on the tiny components (read-only: copy it to change it)."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle"), tiny_components)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_bundle_dir):
+    """A Generator loaded from the tiny bundle, shared by a session's tests (it keeps no state)."""
+    from budgetdiff.engine import Generator
+
+    return Generator.load(tiny_bundle_dir, device="cpu")

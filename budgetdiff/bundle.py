@@ -1,0 +1,163 @@
+"""The model bundle: everything a ``Generator`` serves, described by one ``bundle.json``.
+
+A bundle names the base model, the step-distilled student, the budget predictor and the skip
+policy, with the settings each was measured at (the student's guidance, the budget rule's ε, the
+``auto`` routing rule). Paths are relative to the bundle directory, so a bundle copied together
+with its models (the registry does this) loads from anywhere::
+
+    {
+      "format": "budgetdiff-bundle/1",
+      "base":    {"path": "../base", "scheduler": "ddim", "steps": 50},
+      "student": {"path": "../student-8", "steps": 8, "scheduler": "ddim", "guidance": 1.25,
+                  "source": "reports/distill.json"},
+      "budget":  {"path": "../budget", "plateau_epsilon": 0.014},
+      "skip_policy": "skip_policy.json",
+      "auto":    {"student_max_steps": 30, "student_guidance": 1.0, "scheduler": "ddim",
+                  "source": "..."}
+    }
+
+The ``bundle`` DVC stage writes ``models/bundle`` from the reports of the stages that measured
+each setting; nothing in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .policy import PolicyError, SkipPolicy, content_sha256, load_skip_policy
+
+BUNDLE_FORMAT = "budgetdiff-bundle/1"
+BUNDLE_FILE = "bundle.json"
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, malformed, or names a part that is not there."""
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The step-distilled student: where it is, its step count and the guidance it was judged at."""
+
+    path: str
+    steps: int
+    guidance: float
+    scheduler: str = "ddim"
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """``auto`` mode's routing rule (see ``budgetdiff.engine``): prompts whose predicted budget is
+    at most ``student_max_steps`` go to the student at ``student_guidance``; the others run the
+    base model at their predicted budget with the skip policy."""
+
+    student_max_steps: int
+    student_guidance: float
+    scheduler: str = "ddim"
+    source: str | None = None
+
+    def to_record(self) -> dict:
+        return {"student_max_steps": self.student_max_steps, "student_guidance": self.student_guidance,
+                "scheduler": self.scheduler}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded ``bundle.json`` with its paths resolved against the bundle directory."""
+
+    root: str
+    base: str
+    base_scheduler: str
+    base_steps: int
+    student: StudentSpec | None
+    budget: str | None
+    plateau_epsilon: float | None
+    skip_policy: SkipPolicy
+    auto: AutoRule | None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        """The content hash of ``bundle.json`` (its settings; the models carry their own hashes)."""
+        return content_sha256(self.raw)
+
+    def describe(self) -> dict:
+        return {"path": self.root, "sha256": self.sha256}
+
+
+def _number(d: dict, key: str, where: str, kind=float, minimum=None):
+    if key not in d:
+        raise BundleError(f"{where}: lacks {key!r}")
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise BundleError(f"{where}: {key!r} must be a number, got {value!r}")
+    if kind is int and int(value) != value:
+        raise BundleError(f"{where}: {key!r} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise BundleError(f"{where}: {key!r} must be >= {minimum}, got {value!r}")
+    return kind(value)
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Read ``path/bundle.json`` and its skip policy; raise BundleError (one line) naming what is
+    missing or wrong. The model directories are checked to exist, not loaded."""
+    root = Path(path)
+    file = root / BUNDLE_FILE
+    if not root.is_dir():
+        raise BundleError(f"bundle: directory {str(root)!r} does not exist (build it: dvc repro bundle)")
+    if not file.is_file():
+        raise BundleError(f"bundle: {str(root)!r} has no {BUNDLE_FILE}")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle: {str(file)!r} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"bundle: {str(file)!r} is not a {BUNDLE_FORMAT} file")
+
+    def part(rel: str | None, what: str, required: bool = True) -> str | None:
+        if rel is None:
+            if required:
+                raise BundleError(f"bundle: {str(file)!r} names no {what}")
+            return None
+        resolved = (root / rel).resolve()
+        if not resolved.exists():
+            raise BundleError(f"bundle: {what} {str(resolved)!r} (from {str(file)!r}) does not exist")
+        return str(resolved)
+
+    base = raw.get("base") or {}
+    base_path = part(base.get("path"), "base model")
+    student = None
+    if raw.get("student"):
+        s = raw["student"]
+        student = StudentSpec(part(s.get("path"), "student"), _number(s, "steps", "bundle student", int, 1),
+                              _number(s, "guidance", "bundle student", float, 0), str(s.get("scheduler", "ddim")),
+                              s.get("source"))
+    budget = raw.get("budget") or {}
+    budget_path = part(budget.get("path"), "budget predictor", required=False)
+    epsilon = float(budget["plateau_epsilon"]) if budget.get("plateau_epsilon") is not None else None
+    try:
+        policy = load_skip_policy(part(raw.get("skip_policy"), "skip policy"))
+    except PolicyError as exc:
+        raise BundleError(str(exc)) from None
+    auto = None
+    if raw.get("auto"):
+        a = raw["auto"]
+        auto = AutoRule(_number(a, "student_max_steps", "bundle auto", int, 0),
+                        _number(a, "student_guidance", "bundle auto", float, 0), str(a.get("scheduler", "ddim")),
+                        a.get("source"))
+    return Bundle(str(root.resolve()), base_path, str(base.get("scheduler", "ddim")), int(base.get("steps", 50)),
+                  student, budget_path, epsilon, policy, auto, raw)
+
+
+def write_bundle(path: str | os.PathLike, raw: dict, policy: SkipPolicy) -> None:
+    """Write ``bundle.json`` and ``skip_policy.json`` into ``path`` atomically (file by file)."""
+    from .io import atomic_write_json
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    policy.save(root / "skip_policy.json")
+    atomic_write_json(root / BUNDLE_FILE, {**raw, "format": BUNDLE_FORMAT, "skip_policy": "skip_policy.json"})

@@ -1,0 +1,144 @@
+"""DVC stage ``bundle``: assemble the served model bundle (``models/bundle``) from what was measured.
+
+Nothing in the bundle is typed by hand:
+- the skip policy's operating points come from the benchmark or tuning report named in
+  ``bundle.skip_policy.report`` (today ``bench_adaptive``'s δ sweep: every paper-estimator row with
+  its NFE speed-up and its quality against the full-step image; the default point is the δ that
+  ``bench_adaptive`` tuned per scheduler);
+- the student's guidance is the one ``bench_distill`` judged its targets at;
+- ``auto``'s student guidance is the cheapest guidance (fewest UNet GFLOPs per image) at which
+  ``bench_distill`` measured the student within ``auto.tolerances`` of the reference run's
+  attr_acc and CLIP-T;
+- the budget rule's ε is the one ``train_budget`` calibrated (the predictor's config).
+
+Writes ``models/bundle/bundle.json`` and ``models/bundle/skip_policy.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from budgetdiff.bundle import write_bundle
+from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy, file_sha256, quality_of
+from budgetdiff.adaptive import AdaptiveSkipConfig
+from training.params import load_params
+
+QUALITY_LEVELS = ("pixel/ssim", "mid/lpips", "high/iclip")
+
+
+class BundleStageError(ValueError):
+    """A report the bundle is built from lacks what the stage needs."""
+
+
+def _read_json(path: str, what: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise BundleStageError(f"bundle.{what}: {path!r} does not exist (run the stage that writes it)")
+    return json.loads(p.read_text())
+
+
+def skip_policy_from_adaptive_report(report: dict, source: dict) -> SkipPolicy:
+    """The measured operating points of ``bench_adaptive``'s report: per scheduler, every
+    paper-estimator δ row (NFE speed-up, level metrics, quality); the tuned δ is the default."""
+    schedulers = {}
+    for name, entry in report["schedulers"].items():
+        reuse = report["reuse"][name] if isinstance(report["reuse"], dict) else report["reuse"]
+        points = []
+        for row in entry["rows"]:
+            if row.get("kind") != "adaptive" or "threshold" not in (row.get("params") or {}):
+                continue
+            delta = float(row["params"]["threshold"])
+            levels = {k: row[k] for k in row if k.startswith(QUALITY_LEVELS)}
+            measured = {"nfe_speedup": row["nfe_speedup"], "mean_nfe": row["mean_nfe"],
+                        "quality": round(quality_of(levels), 6),
+                        **{k: row[k] for k in sorted(levels)},
+                        **{k: row[k] for k in ("pixel/psnr", "domain/attr_acc_vs_full") if k in row}}
+            config = AdaptiveSkipConfig(threshold=delta, max_skip=int(report["max_skip"]),
+                                        warmup=int(report["warmup"]), reuse=reuse)
+            points.append(OperatingPoint(f"delta={delta:g}", config, measured))
+        if not points:
+            raise BundleStageError(f"bundle.skip_policy: the report has no adaptive rows for {name}")
+        tuned = report.get("tuned_thresholds", {}).get(name)
+        default = f"delta={float(tuned):g}" if tuned is not None else points[0].name
+        schedulers[name] = SchedulerPolicy(default, tuple(sorted(points, key=lambda p: p.config.threshold)))
+    return SkipPolicy(schedulers, source, int(report["steps"]))
+
+
+def cheapest_guidance_within(distill: dict, run: str, reference_run: str, reference_guidance: str,
+                             tolerances: dict) -> tuple[float, dict]:
+    """The guidance with the fewest GFLOPs per image at which ``run`` stays within
+    ``tolerances`` ({metric: allowed drop}) of ``reference_run`` at ``reference_guidance``."""
+    results = distill["results"]
+    if run not in results or reference_run not in results:
+        raise BundleStageError(f"bundle.auto: the distillation report has no run {run!r} or {reference_run!r}")
+    ref = results[reference_run][reference_guidance]
+    candidates = []
+    for g, m in results[run].items():
+        drops = {k: ref[k] - m[k] for k in tolerances}
+        if all(drops[k] <= tol for k, tol in tolerances.items()):
+            candidates.append((m["gflops_per_image"], -float(g), float(g), drops))
+    if not candidates:
+        raise BundleStageError(f"bundle.auto: no guidance keeps {run} within {tolerances} of {reference_run}")
+    gflops, _, guidance, drops = min(candidates)
+    return guidance, {"gflops_per_image": gflops, "drops_vs_reference": {k: round(v, 5) for k, v in drops.items()},
+                      "reference": f"{reference_run}@{reference_guidance}"}
+
+
+def build(cfg: dict) -> dict:
+    out = Path(cfg["output_dir"])
+    policy_cfg = cfg["skip_policy"]
+    report_path = policy_cfg["report"]
+    adaptive = _read_json(report_path, "skip_policy.report")
+    policy = skip_policy_from_adaptive_report(
+        adaptive, {"stage": policy_cfg.get("stage", "bench_adaptive"), "report": report_path,
+                   "report_sha256": file_sha256(report_path),
+                   "selection": "default: the delta bench_adaptive tuned per scheduler; points: its delta sweep"})
+
+    distill_path = cfg["student"]["report"]
+    distill = _read_json(distill_path, "student.report")
+    judged = distill["target_guidance"]
+    judged_key = next((k for k in distill["results"][cfg["student"]["run"]] if float(k) == float(judged)), None)
+    if judged_key is None:
+        raise BundleStageError(f"bundle.student: {distill_path} has no result at guidance {judged}")
+    auto_cfg = cfg["auto"]
+    auto_guidance, why = cheapest_guidance_within(distill, cfg["student"]["run"], auto_cfg["reference_run"],
+                                                  judged_key, auto_cfg["tolerances"])
+    budget_config = _read_json(os.path.join(cfg["budget"], "config.json"), "budget")
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, out)
+
+    raw = {
+        "base": {"path": rel(cfg["base"]["path"]), "scheduler": cfg["base"]["scheduler"],
+                 "steps": int(cfg["base"]["steps"])},
+        "student": {"path": rel(cfg["student"]["path"]), "steps": int(distill["runs"][cfg["student"]["run"]]["steps"]),
+                    "scheduler": distill.get("scheduler", "ddim"), "guidance": float(judged),
+                    "source": f"{distill_path}: target_guidance"},
+        "budget": {"path": rel(cfg["budget"]), "plateau_epsilon": float(budget_config["rules"]["plateau_epsilon"]),
+                   "source": f"{cfg['budget']}/config.json: rules.plateau_epsilon (calibrated by train_budget)"},
+        "auto": {"student_max_steps": int(auto_cfg["student_max_steps"]), "student_guidance": auto_guidance,
+                 "scheduler": cfg["base"]["scheduler"],
+                 "source": {"student_guidance": {"rule": "fewest GFLOPs within tolerances", "tolerances":
+                                                 auto_cfg["tolerances"], "report": distill_path, **why},
+                            "student_max_steps": "params.yaml bundle.auto.student_max_steps"}},
+    }
+    write_bundle(out, raw, policy)
+    return {"output_dir": str(out), "skip_policy_sha256": policy.sha256,
+            "defaults": {s: p.default for s, p in policy.schedulers.items()},
+            "student_guidance": float(judged), "auto_student_guidance": auto_guidance}
+
+
+def main() -> None:
+    try:
+        summary = build(load_params("bundle"))
+    except (BundleStageError, ValueError, KeyError) as exc:
+        print(f"error: bundle: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
