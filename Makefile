@@ -30,3 +30,20 @@ tiny: setup  ## the tiny profile of the whole workflow, as CI runs it
 
 clean-env:
 	rm -rf .venv .tools
+
+# --- MLflow tracking server (docs/registry.md): sqlite backend, local artifact root -----------------
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_WORKERS ?= 1
+MLFLOW_DB ?= $(CURDIR)/mlflow.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
+MLFLOW_PID_FILE ?= $(CURDIR)/logs/mlflow-server.pid
+
+.PHONY: mlflow-server mlflow-server-stop
+
+mlflow-server: setup  ## start mlflow server in the background; ready once /health answers
+	$(UV) run --frozen python -m registry.server start --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--db $(MLFLOW_DB) --artifacts $(MLFLOW_ARTIFACTS) --workers $(MLFLOW_WORKERS) --pid-file $(MLFLOW_PID_FILE)
+
+mlflow-server-stop:
+	$(UV) run --frozen python -m registry.server stop --pid-file $(MLFLOW_PID_FILE)

@@ -1,8 +1,10 @@
 """The ``budgetdiff`` command.
 
-    budgetdiff generate "PROMPT" [--model DIR] [--steps N|auto] [--quality-target Q]
-        [--budget-model DIR] [--scheduler ddim|dpmpp|euler] [--guidance G] [--seed S]
-        [--adaptive] [--threshold D] [--max-skip C] [--out FILE.png]
+    budgetdiff generate "PROMPT" [--mode full|budget|adaptive|student|auto] [--bundle DIR]
+        [--model DIR] [--steps N|auto] [--quality-target Q] [--budget-model DIR]
+        [--scheduler ddim|dpmpp|euler] [--guidance G] [--seed S] [--adaptive] [--threshold D]
+        [--max-skip C] [--reuse SPACE] [--out FILE.png]
+    budgetdiff batch PROMPTS.txt|.csv --out-dir DIR [--mode ...] [--batch-size N]
     budgetdiff score IMAGE [--ref REF.png] [--prompt TEXT] [--resize]
 
 The last line on stdout is one JSON object. Bad arguments exit with status 2 and one line on
@@ -25,8 +27,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
-DEFAULT_MODEL = os.environ.get("BUDGETDIFF_MODEL", "models/base")
-DEFAULT_BUDGET_MODEL = os.environ.get("BUDGETDIFF_BUDGET_MODEL", "models/budget")
+DEFAULT_BUNDLE = os.environ.get("BUDGETDIFF_BUNDLE", "models/bundle")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compute-budgeted text-to-image diffusion.")
@@ -48,82 +49,328 @@ def _check_output_path(out: Path) -> None:
         raise CliError(f"--out: {str(out)!r} cannot be written")
 
 
-@app.command()
-def generate(
-    prompt: str = typer.Argument(..., help="The text prompt."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Diffusers model directory: the embedded model, or a local SD 1.5 / SDXL."),
-    steps: str = typer.Option("50", "--steps", help="Denoising steps, 1..1000, or 'auto': chosen for this prompt by the budget predictor before generating."),
-    quality_target: Optional[float] = typer.Option(None, "--quality-target", help="With --steps auto: the fewest steps whose predicted quality reaches this fraction (0, 1] of the reference on every level (default: the plateau rule)."),
-    budget_model: str = typer.Option(DEFAULT_BUDGET_MODEL, "--budget-model", help="With --steps auto: the budget predictor directory (train_budget)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, dpmpp or euler (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the model's)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
-    out: Path = typer.Option(Path("out.png"), "--out", help="Where to write the PNG."),
-    upscale: int = typer.Option(1, "--upscale", help="Also enlarge the PNG by this integer factor (nearest), for viewing."),
-    adaptive: bool = typer.Option(False, "--adaptive", help="Skip redundant noise predictions (AdaptiveDiffusion)."),
-    threshold: float = typer.Option(0.01, "--threshold", help="Adaptive skip threshold δ (>= 0; 0 skips nothing)."),
-    max_skip: int = typer.Option(4, "--max-skip", help="Adaptive: most consecutive skipped predictions, C_max."),
-    reuse: str = typer.Option("epsilon", "--reuse", help="Adaptive: what a skipped step reuses: epsilon (the noise prediction, any model type), output (the raw network output, as the official code) or sample (the predicted clean image)."),
-) -> None:
-    """Generate one image; the last stdout line is a JSON record."""
-    from .generation import ModelDirectoryError, check_generation_args, generate as run, load_pipeline
+FIELD_FLAGS = {"steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "seed": "--seed",
+               "mode": "--mode", "quality_target": "--quality-target", "quality-target": "--quality-target",
+               "threshold": "--threshold", "max_skip": "--max-skip", "reuse": "--reuse", "warmup": "--warmup",
+               "model": "--model", "budget": "--budget-model", "budget model": "--budget-model",
+               "bundle": "--bundle", "skip policy": "--bundle"}
 
-    auto = steps.strip().lower() == "auto"
-    if auto:
-        n_steps = None
-    else:
+
+def _as_cli_error(exc: Exception) -> CliError:
+    """A library ValueError ("field: message") as a one-line CLI error naming the flag."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    field_name, sep, rest = message.partition(":")
+    flag = FIELD_FLAGS.get(field_name.strip())
+    return CliError(f"{flag}:{rest}" if sep and flag else message)
+
+
+def _resolve_mode(mode: str | None, steps: str | None, adaptive: bool, quality_target: float | None
+                  ) -> tuple[str, int | None, bool]:
+    """(mode, steps, skip at the budget's steps): the mode a command line asks for, old flags
+    included (``--steps auto`` is budget mode; ``--adaptive`` is adaptive mode)."""
+    from .engine import MODES
+
+    if mode is not None and mode not in MODES:
+        raise CliError(f"--mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    auto_steps = steps is not None and steps.strip().lower() == "auto"
+    n_steps = None
+    if steps is not None and not auto_steps:
         try:
             n_steps = int(steps)
         except ValueError:
             raise CliError(f"--steps: must be an integer or 'auto', got {steps!r}") from None
-    if quality_target is not None:
-        if not auto:
-            raise CliError("--quality-target: only applies with --steps auto")
-        if not (math.isfinite(quality_target) and 0 < quality_target <= 1):
-            raise CliError(f"--quality-target: must be in (0, 1], got {quality_target}")
+    if quality_target is not None and not (math.isfinite(quality_target) and 0 < quality_target <= 1):
+        raise CliError(f"--quality-target: must be in (0, 1], got {quality_target}")
+    budget_then_skip = False
+    if mode is None:
+        if auto_steps:
+            mode, budget_then_skip = "budget", adaptive
+        elif adaptive:
+            mode = "adaptive"
+        elif n_steps is not None:
+            mode = "full"
+        else:
+            mode = "auto"
+    elif auto_steps and mode not in ("budget", "auto"):
+        raise CliError(f"--steps: 'auto' chooses the steps (modes budget and auto), not mode {mode}")
+    elif adaptive and mode != "adaptive":
+        raise CliError(f"--adaptive: skipping is mode adaptive (or auto's base route), not mode {mode}")
+    if quality_target is not None and mode in ("full", "student"):
+        raise CliError(f"--quality-target: only applies with modes budget, adaptive and auto (or --steps auto), "
+                       f"not {mode}")
+    if n_steps is not None and mode not in ("full", "adaptive"):
+        raise CliError(f"--steps: mode {mode} chooses its own step count")
+    return mode, n_steps, budget_then_skip
+
+
+def _skip_override(threshold: float | None, max_skip: int | None, reuse: str | None, warmup: int | None):
+    """An explicit skip configuration from the flags given, or None to use the shipped policy."""
+    if threshold is None and max_skip is None and reuse is None and warmup is None:
+        return None
+    from .adaptive import AdaptiveSkipConfig
+
+    base = AdaptiveSkipConfig()
+    try:
+        return AdaptiveSkipConfig(threshold=base.threshold if threshold is None else threshold,
+                                  max_skip=base.max_skip if max_skip is None else max_skip,
+                                  warmup=base.warmup if warmup is None else warmup,
+                                  reuse=base.reuse if reuse is None else reuse)
+    except ValueError as exc:
+        raise _as_cli_error(exc) from None
+
+
+def build_generator(bundle: str, model: str | None, budget_model: str | None, need_budget: bool):
+    """The engine for a command line: the bundle's models, with ``--model`` / ``--budget-model``
+    replacing its base model / budget predictor when given. Returns (generator, model path)."""
+    from .bundle import BundleError, load_bundle
+    from .engine import Generator
+    from .generation import ModelDirectoryError, load_pipeline, model_class_name
+
+    if model is not None:
+        try:
+            model_class_name(model)
+        except ModelDirectoryError as exc:
+            raise _as_cli_error(exc) from None
+    try:
+        spec = load_bundle(bundle)
+    except BundleError as exc:
+        if model is None or need_budget and budget_model is None:
+            raise CliError(f"--bundle: {str(exc).removeprefix('bundle: ')}") from None
+        spec = None
+    if model is None or spec is not None and Path(model).resolve() == Path(spec.base).resolve():
+        if budget_model is None:
+            try:
+                return Generator.load(bundle), spec.base
+            except BundleError as exc:
+                raise CliError(f"--bundle: {str(exc).removeprefix('bundle: ')}") from None
+        model = spec.base
+    predictor = _load_budget_model(budget_model or spec.budget, model) if need_budget else None
+    try:
+        base = load_pipeline(model)
+    except ModelDirectoryError as exc:
+        raise _as_cli_error(exc) from None
+    student = None
+    if spec is not None and spec.student is not None:
+        student = load_pipeline(spec.student.path)
+    from .pipeline import BudgetDiffusionPipeline
+
+    if not isinstance(base, BudgetDiffusionPipeline):
+        return base, model  # a stock SD / SDXL pipeline: full and adaptive through budgetdiff.generation
+    kwargs = {}
+    if spec is not None:
+        kwargs = dict(student_steps=spec.student.steps if spec.student else 8,
+                      student_guidance=spec.student.guidance if spec.student else None,
+                      plateau_epsilon=spec.plateau_epsilon if budget_model is None else None,
+                      auto_student_max_steps=spec.auto.student_max_steps if spec.auto else None,
+                      auto_student_guidance=spec.auto.student_guidance if spec.auto else None,
+                      base_steps=spec.base_steps, base_scheduler=spec.base_scheduler, bundle=spec)
+    return Generator(base, student, predictor=predictor, skip_policy=spec.skip_policy if spec else None,
+                     model_paths={"base": model, "student": spec.student.path if spec and spec.student else None},
+                     **kwargs), model
+
+
+def _cli_record(record: dict) -> dict:
+    """The engine's record as the CLI prints it: ``model`` is the model directory."""
+    info = record.get("model") or {}
+    return {**record, "model": info.get("path"), "model_role": info.get("name"), "unet_sha256": info.get("unet_sha256")}
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The text prompt."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="full, budget, adaptive, student or auto (default: auto; --steps N means full, --steps auto budget, --adaptive adaptive)."),
+    bundle: str = typer.Option(DEFAULT_BUNDLE, "--bundle", help="Model bundle directory (base, student, budget predictor, skip policy): `dvc repro bundle` writes models/bundle."),
+    model: Optional[str] = typer.Option(None, "--model", help="Diffusers model directory instead of the bundle's base: the embedded model, or a local SD 1.5 / SDXL (modes full and adaptive)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Denoising steps, 1..1000 (modes full, adaptive; default 50), or 'auto': chosen for this prompt by the budget predictor."),
+    quality_target: Optional[float] = typer.Option(None, "--quality-target", help="Modes budget, adaptive, auto: the least quality, as a fraction (0, 1] of the full-step image's, to reach (default: the plateau rule / the default skip point)."),
+    budget_model: Optional[str] = typer.Option(None, "--budget-model", help="Budget predictor directory instead of the bundle's."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, dpmpp or euler (default: the bundle's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: what the mode was measured at)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    out: Path = typer.Option(Path("out.png"), "--out", help="Where to write the PNG."),
+    upscale: int = typer.Option(1, "--upscale", help="Also enlarge the PNG by this integer factor (nearest), for viewing."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="Skip redundant noise predictions (AdaptiveDiffusion) with the shipped skip policy."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Adaptive: skip threshold δ instead of the shipped policy's (>= 0; 0 skips nothing)."),
+    max_skip: Optional[int] = typer.Option(None, "--max-skip", help="Adaptive: most consecutive skipped predictions, C_max, instead of the policy's."),
+    reuse: Optional[str] = typer.Option(None, "--reuse", help="Adaptive: what a skipped step reuses (epsilon, output, sample) instead of the policy's."),
+) -> None:
+    """Generate one image; the last stdout line is a JSON record."""
+    from .engine import GenerationRequest
+
+    mode, n_steps, budget_then_skip = _resolve_mode(mode, steps, adaptive, quality_target)
     if guidance is not None and not math.isfinite(guidance):
         raise CliError(f"--guidance: must be finite, got {guidance}")
     if upscale < 1:
         raise CliError(f"--upscale: must be >= 1, got {upscale}")
+    skip = _skip_override(threshold, max_skip, reuse, None)
+    if skip is not None and mode != "adaptive" and not budget_then_skip:
+        raise CliError(f"--threshold: explicit skip settings apply to mode adaptive, not {mode}")
+    request = GenerationRequest(prompt, mode=mode, steps=n_steps, quality_target=quality_target,
+                                scheduler=scheduler, guidance=guidance, seed=seed,
+                                skip=skip if mode == "adaptive" else None)
     try:
-        check_generation_args([prompt], 1 if auto else n_steps, guidance, scheduler)
+        request.validate()
     except ValueError as exc:
-        raise CliError(f"--{exc}") from None
-    skip_config = None
-    if adaptive:
-        from .adaptive import AdaptiveSkipConfig
-
-        try:
-            skip_config = AdaptiveSkipConfig(threshold=threshold, max_skip=max_skip, reuse=reuse)
-        except ValueError as exc:
-            raise CliError(f"--{str(exc).replace('max_skip', 'max-skip')}") from None
+        raise _as_cli_error(exc) from None
     _check_output_path(out)
-    predictor = _load_budget_model(budget_model, model) if auto else None
+    gen, model_path = build_generator(bundle, model, budget_model, need_budget=mode in ("budget", "auto"))
     try:
-        pipe = load_pipeline(model)
-    except ModelDirectoryError as exc:
-        raise CliError(f"--{exc}") from None
-    budget = None
-    if predictor is not None:
-        n_steps, budget = _choose_budget(predictor, pipe, prompt, model, budget_model, quality_target,
-                                         scheduler, guidance)
-    images, records = run(pipe, [prompt], steps=n_steps, guidance=guidance, scheduler=scheduler, seed=seed,
-                          progress=sys.stderr.isatty(), adaptive=skip_config)
-    image = images[0]
+        if not hasattr(gen, "plan"):
+            record, image = _generate_stock(gen, request, model_path)
+        else:
+            budget = None
+            if budget_then_skip:  # old flags --steps auto --adaptive: the budget's steps, then skipping
+                budget = gen.plan([request])[0].info["budget"]
+                request = GenerationRequest(prompt, mode="adaptive", steps=budget["chosen_steps"],
+                                            quality_target=quality_target, scheduler=scheduler, guidance=guidance,
+                                            seed=seed, skip=skip)
+            result = gen(request, progress=False)[0]
+            record, image = _cli_record(result.record), result.image
+            if budget is not None:
+                record["budget"] = budget
+    except ValueError as exc:
+        raise _as_cli_error(exc) from None
+    for note in (record.get("budget") or {}).get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    if record.get("budget") is not None:
+        record["steps_auto"] = True
     if upscale > 1:
         from PIL import Image
 
         image = image.resize((image.width * upscale, image.height * upscale), Image.Resampling.NEAREST)
-    from .io import atomic_write_bytes
+    _write_png(out, image)
+    print(json.dumps({**record, "out": str(out)}))
+
+
+def _write_png(out: Path, image) -> None:
     import io as _io
+
+    from .io import atomic_write_bytes
 
     buffer = _io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
-    record = {**records[0], "model": str(model), "out": str(out)}
-    if budget is not None:
-        record.update(steps_auto=True, budget=budget)
-    print(json.dumps(record))
+
+
+def _generate_stock(pipe, request, model_path: str):
+    """Modes full and adaptive on a stock SD / SDXL pipeline (budgetdiff.generation)."""
+    from .adaptive import AdaptiveSkipConfig
+    from .generation import generate as run
+
+    if request.mode not in ("full", "adaptive"):
+        raise CliError(f"--mode: {request.mode} needs the embedded model's bundle; a stock SD/SDXL model runs "
+                       "modes full and adaptive")
+    skip = request.skip or (AdaptiveSkipConfig() if request.mode == "adaptive" else None)
+    images, records = run(pipe, [request.prompt], steps=request.steps or 50, guidance=request.guidance,
+                          scheduler=request.scheduler, seed=request.seed, progress=sys.stderr.isatty(), adaptive=skip)
+    return {**records[0], "mode": request.mode, "model": str(model_path)}, images[0]
+
+
+@app.command()
+def batch(
+    prompts_file: Path = typer.Argument(..., help="Prompt file: one prompt per line (.txt) or a CSV with a 'prompt' column (optional columns: seed, mode, quality_target)."),
+    out_dir: Path = typer.Option(..., "--out-dir", help="Folder for the PNGs and records.jsonl (created if missing)."),
+    mode: str = typer.Option("auto", "--mode", help="full, budget, adaptive, student or auto (a CSV 'mode' column overrides it per prompt)."),
+    bundle: str = typer.Option(DEFAULT_BUNDLE, "--bundle", help="Model bundle directory."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps for modes full and adaptive."),
+    quality_target: Optional[float] = typer.Option(None, "--quality-target", help="Quality target for modes budget, adaptive, auto."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, dpmpp or euler."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first prompt; prompt i uses seed + i unless the CSV gives one."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per pipeline call."),
+) -> None:
+    """Generate one image per prompt of a file into a folder, with one JSON record per image in
+    records.jsonl. Re-running skips images already written, so an interrupted run resumes."""
+    from .engine import GenerationRequest
+    from .prompt_files import PromptFileError, read_prompt_file
+
+    if batch_size < 1:
+        raise CliError(f"--batch-size: must be >= 1, got {batch_size}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--out-dir: {str(out_dir)!r} is not a directory")
+    try:
+        read = read_prompt_file(prompts_file)
+    except PromptFileError as exc:
+        raise CliError(f"PROMPTS_FILE: {exc}") from None
+    for bad in read.rejected:
+        print(f"note: skipped {bad}", file=sys.stderr)
+    extra = _csv_extras(prompts_file) if prompts_file.suffix.lower() == ".csv" else {}
+    requests = []
+    for i, line in enumerate(read.prompts):
+        row = extra.get(line.line, {})
+        try:
+            request = GenerationRequest(
+                line.text, mode=row.get("mode") or mode, steps=steps,
+                quality_target=float(row["quality_target"]) if row.get("quality_target") else quality_target,
+                scheduler=scheduler, guidance=guidance, seed=int(row["seed"]) if row.get("seed") else seed + i,
+                request_id=f"{prompts_file.name}:{line.line}")
+            request.validate()
+        except ValueError as exc:
+            raise CliError(f"{prompts_file}:{line.line}: {_as_cli_error(exc)}") from None
+        requests.append(request)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records_path = out_dir / "records.jsonl"
+    done = _finished_images(records_path, out_dir)
+    todo = [(i, r) for i, r in enumerate(requests) if _image_name(i, r) not in done]
+    print(f"{len(requests)} prompts, {len(requests) - len(todo)} already done, {len(todo)} to generate",
+          file=sys.stderr)
+    if not todo:
+        print(json.dumps({"images": len(requests), "generated": 0, "out_dir": str(out_dir)}))
+        return
+    need_budget = any(r.mode in ("budget", "auto") for _, r in todo)
+    gen, _ = build_generator(bundle, None, None, need_budget)
+    from tqdm import tqdm
+
+    generated = nfe = 0
+    with tqdm(total=len(todo), desc="batch", unit="image", disable=None) as bar:
+        for start in range(0, len(todo), batch_size * 4):  # write after each slice: little lost on interrupt
+            chunk = todo[start:start + batch_size * 4]
+            try:
+                results = gen([r for _, r in chunk], batch_size=batch_size, progress=bar.update)
+            except ValueError as exc:
+                raise _as_cli_error(exc) from None
+            with open(records_path, "a") as log:
+                for (i, r), result in zip(chunk, results):
+                    name = _image_name(i, r)
+                    _write_png(out_dir / name, result.image)
+                    log.write(json.dumps({**_cli_record(result.record), "image": name}) + "\n")
+                    generated += 1
+                    nfe += result.record["nfe"]
+    print(json.dumps({"images": len(requests), "generated": generated, "mean_nfe": round(nfe / generated, 3),
+                      "out_dir": str(out_dir), "records": str(records_path)}))
+
+
+def _image_name(index: int, request) -> str:
+    return f"{index:05d}_seed{request.seed}.png"
+
+
+def _finished_images(records_path: Path, out_dir: Path) -> set[str]:
+    """Images with both a PNG and a record (a record written without its PNG, or the other way
+    round, is redone)."""
+    if not records_path.is_file():
+        return set()
+    names = set()
+    for line in records_path.read_text().splitlines():
+        try:
+            names.add(json.loads(line)["image"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by an interrupted write
+    return {n for n in names if (out_dir / n).is_file()}
+
+
+def _csv_extras(path: Path) -> dict[int, dict]:
+    """Per CSV line: the optional seed, mode and quality_target columns."""
+    import csv
+
+    rows = {}
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                rows[reader.line_num] = {k: (row.get(k) or "").strip() for k in ("seed", "mode", "quality_target")}
+    except OSError:
+        return {}
+    return rows
 
 
 def _load_budget_model(path: str, model: str):
@@ -141,41 +388,6 @@ def _load_budget_model(path: str, model: str):
     except BudgetModelError as exc:
         raise CliError(f"--budget-model: {exc}") from None
     return predictor
-
-
-def _choose_budget(predictor, pipe, prompt: str, model: str, budget_model: str, quality_target: float | None,
-                   scheduler: str | None, guidance: float | None) -> tuple[int, dict]:
-    """Predict the prompt's metric curves and choose its step count (BudgetFusion); returns the
-    steps and the record's ``budget`` entry (rule, choice, predicted curves, prediction time)."""
-    import time
-
-    from .budget import BudgetModelError, choose_steps, text_encoder_of
-
-    try:
-        encoder, tokenizer, _ = text_encoder_of(pipe)
-        start = time.perf_counter()
-        curves = predictor.predict([prompt], encoder, tokenizer)[0]
-        choice = choose_steps(curves, predictor.default_rule(quality_target))
-        prediction_ms = (time.perf_counter() - start) * 1000
-    except BudgetModelError as exc:
-        raise CliError(f"--budget-model: {exc}") from None
-    notes = [choice.note] if choice.note else []
-    if curves.prompt_truncated:
-        notes.append(f"prompt longer than {predictor.config['max_text_length']} tokens: "
-                     "the predictor read the truncated prompt")
-    # The curves were learned at the dataset's scheduler and guidance; others may need other budgets.
-    rendered = predictor.config.get("rendered_with") or {}
-    if scheduler is not None and "scheduler" in rendered and scheduler.lower() != rendered["scheduler"]:
-        notes.append(f"the budget model learned curves with scheduler {rendered['scheduler']}, not {scheduler}")
-    if guidance is not None and "guidance" in rendered and float(guidance) != float(rendered["guidance"]):
-        notes.append(f"the budget model learned curves at guidance {rendered['guidance']}, not {guidance}")
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    budget = {"budget_model": str(budget_model), "chosen_steps": choice.steps, "rule": choice.rule,
-              "reached": choice.reached, "per_level": choice.per_level, "prediction_ms": round(prediction_ms, 3),
-              "prompt_truncated": curves.prompt_truncated, "predicted_curves": curves.to_record(),
-              "notes": notes}
-    return choice.steps, budget
 
 
 def _load_image(path: Path, argument: str):

@@ -309,12 +309,27 @@ class Generator:
             predicted = {level: float(quality_fraction(m, c.values[m][k:k + 1], c.reference.get(m),
                                                        rules["psnr_cap_db"])[0])
                          for level, m in c.levels.items()}
-            out.append({"chosen_steps": choice.steps, "rule": choice.rule, "reached": choice.reached,
-                        "per_level": choice.per_level, "note": choice.note,
-                        "predicted_quality": predicted,
-                        "predicted_quality_min": min(predicted.values()) if predicted else None,
-                        "prediction_ms": round(prediction_ms, 3), "prompt_truncated": c.prompt_truncated})
+            out.append({"budget_model": self.predictor.path, "chosen_steps": choice.steps, "rule": choice.rule,
+                        "reached": choice.reached, "per_level": choice.per_level,
+                        "predicted_quality": {k_: round(v, 5) for k_, v in predicted.items()},
+                        "predicted_quality_min": round(min(predicted.values()), 5) if predicted else None,
+                        "prediction_ms": round(prediction_ms, 3), "prompt_truncated": c.prompt_truncated,
+                        "predicted_curves": c.to_record(), "notes": self._budget_notes(r, c, choice)})
         return out
+
+    def _budget_notes(self, r: GenerationRequest, curves, choice) -> list[str]:
+        """Why a predicted budget may not hold for this request."""
+        notes = [choice.note] if choice.note else []
+        if curves.prompt_truncated:
+            notes.append(f"prompt longer than {self.predictor.config['max_text_length']} tokens: "
+                         "the predictor read the truncated prompt")
+        # The curves were learned at the dataset's scheduler and guidance; others may need other budgets.
+        rendered = self.predictor.config.get("rendered_with") or {}
+        if r.scheduler is not None and "scheduler" in rendered and r.scheduler.lower() != rendered["scheduler"]:
+            notes.append(f"the budget model learned curves with scheduler {rendered['scheduler']}, not {r.scheduler}")
+        if r.guidance is not None and "guidance" in rendered and float(r.guidance) != float(rendered["guidance"]):
+            notes.append(f"the budget model learned curves at guidance {rendered['guidance']}, not {r.guidance}")
+        return notes
 
     def _skip_point(self, scheduler: str, quality_target: float | None):
         point = self.skip_policy.for_scheduler(scheduler).point_for_quality(quality_target)

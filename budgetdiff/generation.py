@@ -57,6 +57,8 @@ def load_pipeline(model_dir: str | Path, device: torch.device | str | None = Non
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()  # loading bars: noise on stderr around one-line errors
+    transformers.utils.logging.disable_progress_bar()
     model_class_name(model_dir)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)

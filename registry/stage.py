@@ -1,0 +1,64 @@
+"""DVC stage ``register``: the last stage of ``dvc repro``.
+
+Registers the bundle the pipeline built (a new version with alias ``challenger``, unless a
+version already holds a bundle with the same content hash), runs the gate on the challenger,
+and writes ``reports/registry.json``. A refused challenger is recorded in the report, not
+raised: the pipeline's outputs stay valid and ``champion`` stays where it was
+(``registry.fail_on_refusal: true`` makes a refusal fail the stage instead).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from budgetdiff.io import atomic_write_json
+
+from . import MODEL_NAME, RegistryError
+from .cli import load_registry_params
+from .promote import format_gate, promote
+from .store import aliases, champion_history, connect, register, tracking_uri
+
+
+def run(cfg: dict, client=None, scorer=None, evaluator_id=None) -> dict:
+    start = time.perf_counter()
+    client = client or connect()
+    registered = register(cfg["bundle"], cfg["reports"], client)
+    print(f"register: {'version ' + registered['version'] if registered['registered'] else registered['why']}")
+    gate = promote(cfg["gate"], client=client, scorer=scorer, evaluator_id=evaluator_id,
+                   log=lambda m: print(m, file=sys.stderr))
+    print(format_gate(gate))
+    uri = tracking_uri()
+    return {
+        "model": MODEL_NAME,
+        "tracking_uri": uri if uri.startswith(("http://", "https://")) else "sqlite (MLFLOW_TRACKING_URI default)",
+        "bundle": cfg["bundle"],
+        "bundle_sha256": registered["bundle_sha256"],
+        "registered": registered["registered"],
+        "version": registered["version"],
+        "gate": {k: gate.get(k) for k in ("verdict", "challenger", "against", "champion", "failed", "rows",
+                                          "challenger_metrics", "champion_metrics", "validation_set", "why")
+                 if k in gate},
+        "aliases": aliases(client),
+        "champion_history": [h["version"] for h in champion_history(client)],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main() -> int:
+    try:
+        cfg = load_registry_params()
+        report = run(cfg)
+    except (RegistryError, ValueError, KeyError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    atomic_write_json(cfg.get("report_path", "reports/registry.json"), report)
+    print(f"wrote {cfg.get('report_path', 'reports/registry.json')}: {report['gate']['verdict']}, "
+          f"champion {report['aliases'].get('champion')}")
+    if report["gate"]["verdict"] == "refused" and cfg.get("fail_on_refusal"):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""The model deployment: one ``Generator`` per replica, dynamic batching, in-place model swaps.
+
+``ImageModel`` (the Serve deployment, bound in ``serving.app``) takes a call from the ingress (one
+HTTP request: a prompt, n images, the request's options), checks it against the loaded bundle,
+splits it into one job per image and hands the jobs to ``@serve.batch``. A batch may mix
+requests: the engine groups compatible ones (same model, steps, scheduler, guidance, skip config)
+into one pipeline call and every image keeps its own seed, so an image does not depend on the batch
+it ran in. Per-sample skipping happens inside the engine.
+
+Swapping a model (``reconfigure`` with a new ``model_source`` or ``skip_policy``) loads the new
+``Generator`` in a thread while the old one keeps serving, then replaces one reference. A call
+holds the ``ServedModel`` it was checked against until its images are done, so no request fails
+or mixes versions during a switch, and every reply names the version that produced it.
+
+``LocalImageModel`` is the same logic without Ray (no ``@serve.batch``): tests and the in-process
+benchmark baseline use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+
+from .config import ModelOptions
+
+logger = logging.getLogger("ray.serve")
+
+# Record keys a reply carries per image (the engine's record has more: skip masks, policies).
+RECORD_KEYS = ("mode", "steps", "nfe", "skipped", "skip_mask", "scheduler", "guidance", "seed", "batch_size",
+               "quality_target", "unet_sample_evals", "prompt_truncated", "request_id")
+
+
+@dataclass
+class ServedModel:
+    """A loaded generator and what replies say about it."""
+
+    generator: Any
+    options: ModelOptions
+    version: dict
+    native_sizes: list[str]
+    loaded_at: float = field(default_factory=time.time)
+
+    def describe(self) -> dict:
+        gen = self.generator
+        return {"version": self.version, "sizes": self.native_sizes,
+                "modes": available_modes(gen), "max_batch_size": self.options.max_batch_size,
+                "device": str(gen.models["base"].pipe.device), "loaded_at": self.loaded_at}
+
+
+@dataclass
+class ImageJob:
+    """One image to generate, with the model it was checked against."""
+
+    served: ServedModel
+    request: Any  # budgetdiff.engine.GenerationRequest
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class ModelCallError(Exception):
+    """A call the model cannot serve: carries the HTTP status and the API field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def to_dict(self) -> dict:
+        return {"error": {"status": self.status, "message": self.message, "param": self.param, "code": self.code}}
+
+
+def available_modes(gen) -> list[str]:
+    """The modes this generator can serve (``check_request`` accepts them)."""
+    from budgetdiff.engine import MODES, GenerationRequest
+
+    modes = []
+    for mode in MODES:
+        try:
+            gen.check_request(GenerationRequest("a red circle", mode=mode))
+            modes.append(mode)
+        except ValueError:
+            pass
+    return modes
+
+
+def model_version(gen, source) -> dict:
+    """What produced an image: the bundle (settings hash), each model's UNet hash, the skip policy,
+    and the registry version when the source is a registry URI. ``id`` hashes all of them."""
+    from budgetdiff.policy import content_sha256
+
+    parts = {
+        "bundle_sha256": gen.bundle.sha256 if gen.bundle else None,
+        "unet_sha256": {name: m.unet_sha256 for name, m in gen.models.items()},
+        "skip_policy_sha256": gen.skip_policy.sha256 if gen.skip_policy else None,
+        "registry_version": source.registry_version,
+    }
+    return {"id": "bd-" + content_sha256(parts, 12), "source": source.source, "bundle_dir": source.bundle_dir,
+            **parts, **({"registry": source.info} if source.info else {})}
+
+
+def _torch_threads(options: ModelOptions) -> int | None:
+    if options.torch_threads:
+        return options.torch_threads
+    try:  # inside a Ray replica: the CPUs it was given
+        import ray
+
+        if not ray.is_initialized():  # get_runtime_context() would start a local Ray
+            return None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        return max(1, int(round(cpus))) if cpus else None
+    except Exception:
+        return None
+
+
+def load_served_model(options: ModelOptions) -> ServedModel:
+    """Load ``options``' bundle (and skip-policy override) into a new ``ServedModel``; warm it up."""
+    import torch
+
+    from budgetdiff.engine import GenerationRequest, Generator
+    from budgetdiff.policy import load_skip_policy
+
+    from .sources import resolve_model_source
+
+    threads = _torch_threads(options)
+    if threads:
+        torch.set_num_threads(threads)
+    source = resolve_model_source(options.model_source)
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
+    start = time.perf_counter()
+    gen = Generator.load(source.bundle_dir, device=device, dtype=dtype)
+    if options.skip_policy:
+        gen.skip_policy = load_skip_policy(options.skip_policy)  # not shared yet: safe to set
+    if options.warmup:
+        gen([GenerationRequest("a red circle", mode="full", steps=2)], batch_size=1)
+    size = gen.models["base"].pipe.resolution
+    served = ServedModel(gen, options, model_version(gen, source), [f"{size}x{size}"])
+    logger.info("loaded %s from %s in %.2fs", served.version["id"], source.bundle_dir, time.perf_counter() - start)
+    return served
+
+
+def encode_png_b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return str(value)
+
+
+def image_record(record: dict, version: dict) -> dict:
+    """The per-image record a reply carries: what ran, what it cost, and which model ran it."""
+    out = {k: record.get(k) for k in RECORD_KEYS}
+    out["model"] = (record.get("model") or {}).get("name")
+    out["model_version"] = version["id"]
+    out["generate_seconds"] = record.get("seconds")
+    policy = record.get("policy") or {}
+    if policy.get("auto"):
+        out["route"] = policy["auto"].get("route")
+    if policy.get("skip"):
+        out["skip_point"] = policy["skip"].get("point")
+    if record.get("budget"):
+        b = record["budget"]
+        out["budget"] = {"chosen_steps": b.get("chosen_steps"), "rule": b.get("rule"),
+                         "predicted_quality_min": b.get("predicted_quality_min")}
+    return _jsonable(out)
+
+
+def run_jobs(jobs: list[ImageJob], batch_size: int | None = None) -> list[dict]:
+    """Generate every job's image (the body of one ``@serve.batch`` call; runs in a thread).
+    Jobs checked against different ``ServedModel``\\ s (a swap in between) run on their own model.
+    Returns, per job, ``{"b64_json", "record"}`` or ``{"error": {...}}``."""
+    results: list[dict | None] = [None] * len(jobs)
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(id(job.served), []).append(i)
+    for indices in groups.values():
+        served = jobs[indices[0]].served
+        start = time.perf_counter()
+        try:
+            out = served.generator([jobs[i].request for i in indices], output_type="pil",
+                                   batch_size=batch_size or served.options.max_batch_size)
+        except ValueError as exc:  # checked before batching; a bug if it happens
+            err = ModelCallError(422, str(exc), str(exc).split(":", 1)[0], "invalid_request").to_dict()
+            for i in indices:
+                results[i] = err
+            continue
+        except Exception as exc:  # keep the other groups of the batch alive
+            logger.exception("generation failed")
+            err = ModelCallError(500, f"generation failed: {type(exc).__name__}: {exc}", None,
+                                 "generation_failed").to_dict()
+            for i in indices:
+                results[i] = err
+            continue
+        done = time.perf_counter()
+        for i, result in zip(indices, out):
+            record = image_record(result.record, served.version)
+            record["queue_ms"] = round((start - jobs[i].enqueued) * 1000, 2)
+            record["batch_ms"] = round((done - start) * 1000, 2)
+            record["batch_images"] = len(jobs)
+            results[i] = {"b64_json": encode_png_b64(result.image), "record": record}
+    return results
+
+
+class ImageModelBase:
+    """The model deployment's logic; subclasses say how jobs are batched (``_run``)."""
+
+    def __init__(self):
+        self._served: ServedModel | None = None
+        self._options: ModelOptions | None = None
+        self._reconfigure_lock: asyncio.Lock | None = None
+        self.swaps = 0
+
+    # -- configuration ----------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict | None) -> None:
+        """Apply a user_config: load a new model when its source, policy, device or dtype changed
+        (in a thread, while the current one keeps serving), then swap; update batch settings."""
+        options = ModelOptions.from_dict(user_config).resolved()
+        if self._reconfigure_lock is None:
+            self._reconfigure_lock = asyncio.Lock()
+        async with self._reconfigure_lock:
+            if self._served is None or not options.loads_same_model(self._options):
+                served = await asyncio.to_thread(load_served_model, options)
+                if self._served is not None:
+                    logger.info("swapping %s -> %s", self._served.version["id"], served.version["id"])
+                    self.swaps += 1
+                self._served = served  # one reference: calls already running keep their own
+            else:
+                self._served.options = options
+            self._options = options
+            self._apply_batch_options(options)
+
+    def _apply_batch_options(self, options: ModelOptions) -> None:
+        pass
+
+    def check_health(self) -> None:
+        if self._served is None:
+            raise RuntimeError("no model loaded yet")
+
+    async def info(self) -> dict:
+        if self._served is None:
+            raise ModelCallError(503, "the model is loading", None, "model_loading")
+        return self._served.describe()
+
+    # -- generation -------------------------------------------------------------------------
+    def _jobs(self, served: ServedModel, call: dict) -> list[ImageJob]:
+        from budgetdiff.engine import GenerationRequest
+
+        size = call.get("size")
+        if size is not None and size != "auto" and size not in served.native_sizes:
+            raise ModelCallError(400, f"size: {size} is not supported; this model generates "
+                                      f"{', '.join(served.native_sizes)} (or auto)", "size", "invalid_size")
+        jobs = []
+        for i in range(int(call.get("n", 1))):
+            request = GenerationRequest(call["prompt"], mode=call.get("mode", "auto"), steps=call.get("steps"),
+                                        quality_target=call.get("quality_target"),
+                                        scheduler=call.get("scheduler"), guidance=call.get("guidance"),
+                                        seed=int(call.get("seed", 0)) + i,
+                                        request_id=f"{call.get('request_id')}/{i}")
+            try:
+                served.generator.check_request(request)
+            except ValueError as exc:
+                field_name = str(exc).split(":", 1)[0].strip()
+                # request-level problems were caught by the ingress: what is left is what this model
+                # cannot do (a mode without its component, a scheduler the student lacks)
+                raise ModelCallError(422, str(exc), field_name, "unsupported_by_model") from None
+            jobs.append(ImageJob(served, request))
+        return jobs
+
+    async def generate(self, call: dict) -> dict:
+        """One API request -> ``{"model_version", "images": [...]}`` or ``{"error": {...}}``."""
+        served = self._served
+        if served is None:
+            return ModelCallError(503, "the model is loading; retry shortly", None, "model_loading").to_dict()
+        try:
+            jobs = self._jobs(served, call)
+        except ModelCallError as exc:
+            return exc.to_dict()
+        images = await self._run(served, jobs)
+        errors = [img for img in images if "error" in img]
+        if errors:
+            return errors[0]
+        return {"model_version": served.version, "images": images}
+
+    async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
+        raise NotImplementedError
+
+
+class LocalImageModel(ImageModelBase):
+    """``ImageModel`` in the current process: a request's images run as one batch (no Ray)."""
+
+    async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
+        return await asyncio.to_thread(run_jobs, jobs)
+
+
+class ImageModel(ImageModelBase):
+    """The Serve model deployment: images from concurrent requests share ``@serve.batch`` calls
+    (``max_batch_size`` / ``batch_wait_timeout_s`` come from user_config)."""
+
+    async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
+        return list(await asyncio.gather(*(self._batched(job) for job in jobs)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, jobs: list[ImageJob]) -> list[dict]:
+        return await asyncio.to_thread(run_jobs, jobs)
+
+    def _apply_batch_options(self, options: ModelOptions) -> None:
+        self._batched.set_max_batch_size(options.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s)

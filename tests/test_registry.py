@@ -1,0 +1,344 @@
+"""The MLflow model registry (registry/): register, the promotion gate, rollback, loading
+``models:/budgetdiff@champion`` in a fresh process, concurrent registrations, ``mlflow server``.
+
+Everything runs on tiny bundles (tests/conftest.py) in a temporary sqlite registry; the gate's
+thresholds are synthetic (``GATE``), not today's params."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, make_tiny_bundle, tiny_skip_policy
+
+GATE = {
+    "prompts": 4, "seed_offset": 95_000_000, "mode": "auto", "batch_size": 8,
+    "floors": {"pixel/ssim": 0.5, "mid/lpips_alex_randinit": 0.5},
+    "max_worse": {"pixel/ssim": 0.005, "mid/lpips_alex_randinit": 0.001, "high/iclip_domainclip": 0.01,
+                  "high/clipt_domainclip": 0.05, "domain/attr_acc": 0.1},
+    "max_worse_pct": {"cost/gflops_per_image": 5.0, "cost/mean_nfe": 5.0},
+}
+PROMPT = "a small red circle at the top left on a white background"
+
+
+def _env(uri: str, cache: Path) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "BUDGETDIFF_REGISTRY_CACHE": str(cache),
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: two-thread OpenMP on a shared 2-core machine spins instead of working."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    from test_metrics_helpers import tiny_backbone, tiny_checker
+
+    from budgetdiff.metrics import MetricScorer, ScoringConfig
+    from budgetdiff.metrics.perceptual import LpipsMetric
+
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path_factory.mktemp("hub")))  # no ImageNet AlexNet: the randinit backend
+    try:
+        lpips = LpipsMetric()
+    finally:
+        torch.hub.set_dir(previous)
+    return MetricScorer(ScoringConfig(batch_size=64), lpips=lpips, clip=tiny_backbone(), checker=tiny_checker())
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_components, tmp_path_factory) -> dict[str, Path]:
+    """good: every auto request runs the base model with the skip policy (δ = 0.5); worse: the
+    same with δ = 10; same_behaviour: good's policy plus an unused point (another content hash,
+    the same images)."""
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        "good": make_tiny_bundle(root / "good", tiny_components, student_max_steps=0),
+        "worse": make_tiny_bundle(root / "worse", tiny_components, student_max_steps=0,
+                                  policy=tiny_skip_policy(thresholds=(0.05, 10.0), default=10.0)),
+        "same_behaviour": make_tiny_bundle(root / "same", tiny_components, student_max_steps=0,
+                                           policy=tiny_skip_policy(thresholds=(0.05, 0.2, 0.5), default=0.5)),
+    }
+
+
+@pytest.fixture(scope="module")
+def registry_env(tmp_path_factory):
+    """A fresh sqlite registry (created before use) on MLFLOW_TRACKING_URI for the module."""
+    import mlflow
+
+    from registry.server import create_database
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = create_database(root / "mlflow.db", root / "mlartifacts")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("BUDGETDIFF_REGISTRY_CACHE", str(root / "cache"))
+        yield {"uri": uri, "root": root}
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reports") / "adaptive.json"
+    path.write_text(json.dumps({"targets": {"ddim": {"nfe_speedup_at_psnr": {"met": True, "nfe_speedup": 2.82}},
+                                            "deepcache N=2": True}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def flow(registry_env, bundles, scorer, report):
+    """register good -> promote (first champion, floors) -> register worse -> promote (refused)
+    -> register same_behaviour -> promote (passes) ; the results of each step."""
+    from registry.promote import promote
+    from registry.store import connect, register
+
+    client = connect()
+    out = {"client": client}
+    out["reg_good"] = register(str(bundles["good"]), [str(report)], client)
+    out["gate_good"] = promote(GATE, client=client, scorer=scorer, evaluator_id="tiny")
+    out["reg_worse"] = register(str(bundles["worse"]), [str(report)], client)
+    out["gate_worse"] = promote(GATE, client=client, scorer=scorer, evaluator_id="tiny")
+    out["reg_same"] = register(str(bundles["same_behaviour"]), [str(report)], client)
+    out["gate_same"] = promote(GATE, client=client, scorer=scorer, evaluator_id="tiny")
+    return out
+
+
+def test_first_version_is_promoted_on_floors(flow):
+    assert flow["reg_good"]["registered"] and flow["reg_good"]["version"] == "1"
+    gate = flow["gate_good"]
+    assert gate["verdict"] == "promoted" and gate["against"].startswith("floors")
+    assert {r["from"] for r in gate["rows"]} == {"floor"}  # nothing to compare with yet
+
+
+def test_worse_challenger_is_refused_with_its_numbers(flow):
+    from registry.promote import format_gate
+    from registry.store import aliases
+
+    gate = flow["gate_worse"]
+    assert gate["verdict"] == "refused" and gate["challenger"] == "2" and gate["champion"] == "1"
+    assert "pixel/ssim" in gate["failed"]
+    ssim = next(r for r in gate["rows"] if r["metric"] == "pixel/ssim")
+    assert ssim["challenger"] < ssim["champion"] - GATE["max_worse"]["pixel/ssim"] and not ssim["passed"]
+    assert "pixel/ssim" in gate["message"]  # mlflow.validate_evaluation_results said so too
+    table = format_gate(gate)
+    assert "REFUSED" in table and f"{ssim['challenger']:.4f}" in table and "failing: " in table
+    assert aliases(flow["client"]) == {"champion": "1", "challenger": "2"}
+    tags = flow["client"].get_model_version("budgetdiff", "2").tags
+    assert tags["gate.verdict"] == "refused" and "pixel/ssim" in tags["gate.failed"]
+    assert float(tags["gate.value.pixel/ssim"]) == pytest.approx(ssim["challenger"], rel=1e-4)
+    run = flow["client"].get_run(tags["gate.run_id"])
+    assert run.data.metrics["challenger/pixel/ssim"] == pytest.approx(ssim["challenger"])
+    assert run.data.metrics["champion/pixel/ssim"] == pytest.approx(ssim["champion"])
+
+
+def test_good_challenger_is_promoted_and_champion_metrics_are_reused(flow):
+    gate = flow["gate_same"]
+    assert gate["verdict"] == "promoted" and gate["champion"] == "3" and not gate["failed"]
+    assert gate["reused_metrics"] == {"challenger": False, "champion": True}
+    assert gate["challenger_metrics"] == pytest.approx(gate["champion_metrics"])
+
+
+def test_lineage_tags(flow, bundles):
+    from budgetdiff.budget import model_fingerprint
+
+    tags = flow["client"].get_model_version("budgetdiff", "1").tags
+    assert tags["bundle_sha256"] == flow["reg_good"]["bundle_sha256"]
+    assert tags["unet_fingerprint"] == model_fingerprint(bundles["good"].parent / "base")
+    assert tags["student_unet_fingerprint"] == model_fingerprint(bundles["good"].parent / "student")
+    assert len(tags["git_commit"]) >= 7
+    assert len([k for k in tags if k.startswith("dvc.")]) == 4  # base, student, budget, bundle
+    assert tags["bench.adaptive.ddim.nfe_speedup_at_psnr.nfe_speedup"] == "2.82"
+    assert tags["bench.adaptive.deepcache N_2"] == "true"
+    assert tags["shared.base/text_encoder.sha256"] == tags["shared.student/text_encoder.sha256"]
+
+
+def test_dvc_lock_hashes_of_the_real_models():
+    from registry.store import dvc_lock_hashes
+
+    hashes = dvc_lock_hashes(["models/base", "models/bundle", "models/nonexistent"])
+    assert hashes["dvc.models/base"].endswith(".dir") and hashes["dvc.models/nonexistent"] == "unknown"
+
+
+def test_reregistering_the_same_bundle_registers_nothing(flow, bundles, report):
+    from registry.store import register, versions
+
+    again = register(str(bundles["good"]), [str(report)], flow["client"])
+    assert not again["registered"] and again["version"] == "1"
+    assert len(versions(flow["client"])) == 3
+
+
+def test_version_holds_the_bundle_without_the_text_encoder(flow):
+    import mlflow
+
+    from registry.artifacts import MANIFEST
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/budgetdiff/1"))
+    bundle = local / "artifacts" / "bundle"
+    raw = json.loads((bundle / "bundle.json").read_text())
+    assert raw["base"]["path"] == "base" and raw["student"]["path"] == "student" and raw["budget"]["path"] == "budget"
+    assert not (bundle / "base" / "text_encoder").exists()  # referenced by content hash
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    assert set(manifest["shared"]) == {"base/text_encoder", "student/text_encoder"}
+    assert all(ref["uri"].startswith("runs:/") for ref in manifest["shared"].values())
+    suffixes = {Path(f).suffix for f in manifest["files"]}
+    assert suffixes <= {".safetensors", ".json", ".txt"}
+
+
+def test_rollback_restores_the_previous_champion(flow, capsys):
+    from registry.cli import main
+    from registry.store import aliases, champion_history
+
+    client = flow["client"]
+    assert [h["version"] for h in champion_history(client)] == ["1", "3"]
+    assert main(["rollback"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"champion": "1", "previous": "3"}
+    assert aliases(client)["champion"] == "1"
+    assert main(["rollback"]) == 2  # version 1 was the first champion
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "champion" in listing and "refused" in listing and "promoted" in listing
+    # put version 3 back for the tests that follow (the gate reuses both versions' numbers)
+    from registry.store import set_champion
+
+    set_champion(client, "3", by="test")
+
+
+def test_cli_bad_input_is_one_line(flow, capsys, tmp_path, monkeypatch):
+    from registry.cli import main
+
+    assert main(["promote", "--version", "99", "--params", str(REPO / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "99" in err
+    assert main(["register", "--bundle", str(tmp_path / "nope"), "--params", str(REPO / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    with pytest.raises(SystemExit) as exc:
+        main(["promote", "--bogus"])
+    assert exc.value.code == 2 and capsys.readouterr().err.strip().startswith("error: ")
+    assert main(["promote", "--params", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cli_refused_promotion_prints_failing_metrics(flow, capsys, monkeypatch, scorer, tmp_path):
+    import yaml
+
+    import registry.promote as promote_module
+    from registry.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"registry": {"bundle": "x", "reports": [], "gate": GATE}}))
+    monkeypatch.setattr(promote_module, "scorer_from_params", lambda cfg: (scorer, "tiny"))
+    assert main(["promote", "--version", "2", "--params", str(params)]) == 1  # reuses version 2's numbers
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "pixel/ssim" in out.split("failing:")[1]
+    assert json.loads(out.strip().splitlines()[-1])["verdict"] == "refused"
+
+
+def test_champion_generates_in_a_fresh_process(flow, registry_env, tmp_path):
+    png = tmp_path / "out.png"
+    cache = tmp_path / "empty-cache"  # the text encoder comes from the artifact store
+    proc = subprocess.run([sys.executable, "-m", "registry", "generate", PROMPT, "--alias", "champion", "--seed", "3",
+                           "--out", str(png)], cwd=tmp_path, env=_env(registry_env["uri"], cache),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["model_uri"] == "models:/budgetdiff@champion" and record["nfe"] > 0
+    from PIL import Image
+
+    assert Image.open(png).size == (16, 16)
+    assert any((cache / "sha256").iterdir())
+
+
+def test_missing_text_encoder_fails_with_one_line(flow, registry_env, tmp_path):
+    from registry.artifacts import resolve_shared_parts
+
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/budgetdiff/1", dst_path=str(tmp_path / "v1")))
+    manifest_file = local / "artifacts" / "bundle" / "registry_manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for ref in manifest["shared"].values():
+        ref["uri"] = "runs:/0123456789abcdef0123456789abcdef/text_encoder"  # a run that does not exist
+    manifest_file.write_text(json.dumps(manifest))
+    from registry import RegistryError
+
+    with pytest.raises(RegistryError) as exc:
+        resolve_shared_parts(local / "artifacts" / "bundle", cache_dir=tmp_path / "empty")
+    message = str(exc.value)
+    assert "\n" not in message and "text_encoder" in message and "is missing" in message
+
+
+def _register_in_subprocess(bundle: Path, uri: str, cache: Path, cwd: Path):
+    return subprocess.Popen([sys.executable, "-m", "registry", "register", "--bundle", str(bundle),
+                             "--params", str(REPO / "params.yaml")], cwd=cwd, env=_env(uri, cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_concurrent_registrations_do_not_corrupt_the_registry(bundles, tmp_path):
+    from mlflow import MlflowClient
+
+    from registry.server import create_database
+
+    uri = create_database(tmp_path / "mlflow.db", tmp_path / "mlartifacts")  # before the racing processes
+    procs = [_register_in_subprocess(bundles[name], uri, tmp_path / "cache", tmp_path) for name in ("good", "worse")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sorted(r["version"] for r in results) == ["1", "2"]
+    client = MlflowClient(uri, uri)
+    found = {str(v.version): v for v in client.search_model_versions("name='budgetdiff'")}
+    assert set(found) == {"1", "2"}
+    assert {found[r["version"]].tags["bundle_sha256"] for r in results} == {r["bundle_sha256"] for r in results}
+    assert client.get_registered_model("budgetdiff").aliases["challenger"] in {"1", "2"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_server_http_uri(bundles, scorer, tmp_path, monkeypatch):
+    """The same register / promote / list through `mlflow server`'s http URI."""
+    import mlflow
+
+    from registry.cli import main
+    from registry.promote import promote
+    from registry.server import healthy, start, stop
+    from registry.store import aliases, connect, register
+
+    pid_file = tmp_path / "server.pid"
+    url = start(port=_free_port(), db=tmp_path / "mlflow.db", artifacts=tmp_path / "mlartifacts", pid_file=pid_file,
+                timeout=300)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        assert healthy(url)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("BUDGETDIFF_REGISTRY_CACHE", str(tmp_path / "cache"))
+        client = connect()
+        reg = register(str(bundles["good"]), [], client)
+        assert reg["registered"] and reg["version"] == "1"
+        gate = promote(GATE, client=client, scorer=scorer, evaluator_id="tiny")
+        assert gate["verdict"] == "promoted" and aliases(client)["champion"] == "1"
+        assert main(["list", "--json"]) == 0
+    finally:
+        assert stop(pid_file)
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    assert not healthy(url) and not pid_file.exists()
