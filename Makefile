@@ -47,3 +47,21 @@ mlflow-server: setup  ## start mlflow server in the background; ready once /heal
 
 mlflow-server-stop:
 	$(UV) run --frozen python -m registry.server stop --pid-file $(MLFLOW_PID_FILE)
+
+# --- The Ray Serve service (serving/, docs/serving.md) ---------------------------------------------
+.PHONY: serve serve-stop serve-status setup-system-serving
+SERVE_CONFIG ?= serving/configs/cpu.yaml
+SERVE_TEMP_DIR ?= /tmp/bdserve
+SERVE_ARGS ?=
+
+serve: setup  ## start a private Ray head on 127.0.0.1, deploy $(SERVE_CONFIG), print the URL
+	$(UV) run --frozen python -m serving start --config $(SERVE_CONFIG) --temp-dir $(SERVE_TEMP_DIR) $(SERVE_ARGS)
+
+serve-stop:  ## shut the service down and end that Ray cluster's processes (only those)
+	$(UV) run --frozen python -m serving stop --temp-dir $(SERVE_TEMP_DIR)
+
+serve-status:
+	$(UV) run --frozen python -m serving status --temp-dir $(SERVE_TEMP_DIR)
+
+setup-system-serving:  ## (root) headless chromium + chromedriver for the playground browser test
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver

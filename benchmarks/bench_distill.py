@@ -43,7 +43,6 @@ from budgetdiff.generation import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
-from budgetdiff.pipeline import coordinate_channels
 from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt
 from budgetdiff.shards import directory_fingerprint
 
@@ -65,21 +64,6 @@ def generate(pipe, prompts: list[str], steps: int, guidance: float, scheduler: s
         seconds += sum(r["seconds"] for r in out.records)
         nfe += [r["nfe"] for r in out.records]
     return torch.cat(images), seconds / len(prompts), float(np.mean(nfe))
-
-
-def unet_gflops(pipe, guidance: float) -> float:
-    """GFLOPs of one denoising-network evaluation for one image (the CFG pair: both halves)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    res, ch = pipe.resolution, pipe.image_channels
-    batch = 2 if guidance != 1.0 else 1
-    hidden, mask, pooled, _ = pipe.encode_prompt(["a small red circle at the top left"], batch == 2, pipe.device)
-    x = torch.zeros(batch, ch, res, res, device=pipe.device, dtype=pipe.unet.dtype)
-    coords = coordinate_channels(batch, res, res, x.device, x.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        pipe.unet(torch.cat([x, coords], 1), torch.tensor([500] * batch), encoder_hidden_states=hidden,
-                  encoder_attention_mask=mask, class_labels=pooled)
-    return counter.get_total_flops() / 1e9
 
 
 def sample_grid(columns: dict[str, list[Image.Image]], prompts: list[str], truth: list[np.ndarray],
@@ -329,7 +313,7 @@ def run(cfg: dict) -> dict:
                 "clipt": float(np.nanmean(values[CLIPT])),
                 "attr_acc": float(np.nanmean(values[ATTR])),
                 "nfe": nfe,
-                "gflops_per_image": round(nfe * unet_gflops(pipe, g), 3),
+                "gflops_per_image": round(nfe * pipe.unet_gflops(g), 3),
                 "seconds_per_image": seconds,
             }
             scores = {"attr_acc": np.asarray(values[ATTR], dtype=float).tolist(),

@@ -116,7 +116,8 @@ class GenerationRequest:
 @dataclass
 class GenerationResult:
     """One generated image (PIL, numpy (H, W, 3) in [0, 1] or torch (3, H, W) in [0, 1]) and its
-    record: mode, model, policy (source and hash), steps, NFE, skip mask, seed, timings."""
+    record: mode, model, policy (source and hash), steps, NFE, skip mask, UNet GFLOPs, seed,
+    timings."""
 
     image: Any
     record: dict
@@ -194,9 +195,14 @@ class Generator:
         self.student_scheduler = student_scheduler
         self.bundle = bundle
         self._encoder_lock = threading.Lock()
-        for model in self.models.values():
+        # UNet GFLOPs of one evaluation per (model, CFG on): counted once here, since the flop
+        # counter is not thread-safe; records multiply them by each image's evaluations.
+        self.gflops_per_evaluation: dict[tuple[str, bool], float] = {}
+        for name, model in self.models.items():
             model.pipe.set_progress_bar_config(disable=True)
             model.pipe.install_adaptive_skip()  # hooks once, before any concurrent call
+            for cfg_on in (False, True):
+                self.gflops_per_evaluation[(name, cfg_on)] = model.pipe.unet_gflops(2.0 if cfg_on else 1.0)
 
     @staticmethod
     def _describe(name: str, pipe, path: str | None) -> LoadedModel:
@@ -432,6 +438,7 @@ class Generator:
                 "skip_mask": mask,
                 "cfg": p.guidance != 1.0,
                 "unet_sample_evals": rec["nfe"] * (2 if p.guidance != 1.0 else 1),
+                "unet_gflops": round(rec["nfe"] * self.gflops_per_evaluation[(model.name, p.guidance != 1.0)], 4),
                 "policy": {
                     "skip": ({**p.info.get("skip_policy", {}), "config": p.skip.to_record()} if p.skip else None),
                     "budget": ({"path": self.predictor.path, "rule": p.info["budget"]["rule"]}

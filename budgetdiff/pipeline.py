@@ -110,6 +110,24 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
     def image_channels(self) -> int:
         return int(self.unet.config.out_channels)
 
+    @torch.no_grad()
+    def unet_gflops(self, guidance_scale: float | None = None) -> float:
+        """GFLOPs of one denoising-network evaluation for one image at ``guidance_scale``
+        (under classifier-free guidance both halves of the pair), counted by
+        ``torch.utils.flop_counter`` on one UNet call. Not thread-safe: call it before serving."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        batch = 2 if guidance_scale != 1.0 else 1
+        hidden, mask, pooled, _ = self.encode_prompt(["a small red circle at the top left"], batch == 2, self.device)
+        res, ch = self.resolution, self.image_channels
+        x = torch.zeros(batch, ch, res, res, device=self.device, dtype=self.unet.dtype)
+        coords = coordinate_channels(batch, res, res, x.device, x.dtype)
+        with FlopCounterMode(display=False) as counter:
+            self.unet(torch.cat([x, coords], 1), torch.tensor([500] * batch, device=self.device),
+                      encoder_hidden_states=hidden, encoder_attention_mask=mask, class_labels=pooled)
+        return counter.get_total_flops() / 1e9
+
     def install_adaptive_skip(self) -> None:
         """Install the UNet's adaptive-skip hook now (calls with ``adaptive=`` install it on
         first use; a server installs it before taking concurrent calls)."""

@@ -1,10 +1,10 @@
 """DVC stage ``bundle``: assemble the served model bundle (``models/bundle``) from what was measured.
 
 Nothing in the bundle is typed by hand:
-- the skip policy's operating points come from the benchmark or tuning report named in
-  ``bundle.skip_policy.report`` (today ``bench_adaptive``'s δ sweep: every paper-estimator row with
-  its NFE speed-up and its quality against the full-step image; the default point is the δ that
-  ``bench_adaptive`` tuned per scheduler);
+- the skip policy is the file Ray Tune's ``tune_skip`` wrote (``bundle.skip_policy.policy``), or
+  the operating points of a benchmark report (``bundle.skip_policy.report``: ``bench_adaptive``'s
+  δ sweep, every paper-estimator row with its NFE speed-up and its quality against the full-step
+  image, the default point being the δ ``bench_adaptive`` tuned per scheduler);
 - the student's guidance is the one ``bench_distill`` judged its targets at;
 - ``auto``'s student guidance is the cheapest guidance (fewest UNet GFLOPs per image) at which
   ``bench_distill`` measured the student within ``auto.tolerances`` of the reference run's
@@ -67,10 +67,33 @@ def skip_policy_from_adaptive_report(report: dict, source: dict) -> SkipPolicy:
     return SkipPolicy(schedulers, source, int(report["steps"]))
 
 
+def skip_policy_for(policy_cfg: dict) -> SkipPolicy:
+    """The bundle's skip policy: a policy file a tuning stage wrote (``policy``: tune_skip's
+    models/skip_policy/skip_policy.json), or the operating points of a benchmark report
+    (``report``: bench_adaptive's δ sweep)."""
+    if policy_cfg.get("policy"):
+        from budgetdiff.policy import PolicyError, load_skip_policy
+
+        path = policy_cfg["policy"]
+        try:
+            loaded = load_skip_policy(path)
+        except PolicyError as exc:
+            raise BundleStageError(f"bundle.skip_policy.policy: {exc}") from None
+        source = {**loaded.source, "policy_file": path, "policy_file_sha256": file_sha256(path)}
+        return SkipPolicy(loaded.schedulers, source, loaded.steps)
+    report_path = policy_cfg["report"]
+    adaptive = _read_json(report_path, "skip_policy.report")
+    return skip_policy_from_adaptive_report(
+        adaptive, {"stage": policy_cfg.get("stage", "bench_adaptive"), "report": report_path,
+                   "report_sha256": file_sha256(report_path),
+                   "selection": "default: the delta bench_adaptive tuned per scheduler; points: its delta sweep"})
+
+
 def cheapest_guidance_within(distill: dict, run: str, reference_run: str, reference_guidance: str,
                              tolerances: dict) -> tuple[float, dict]:
     """The guidance with the fewest GFLOPs per image at which ``run`` stays within
-    ``tolerances`` ({metric: allowed drop}) of ``reference_run`` at ``reference_guidance``."""
+    ``tolerances`` ({metric: allowed drop}) of ``reference_run`` at ``reference_guidance`` (the
+    guidance the student was judged at; at equal cost the nearest to it wins)."""
     results = distill["results"]
     if run not in results or reference_run not in results:
         raise BundleStageError(f"bundle.auto: the distillation report has no run {run!r} or {reference_run!r}")
@@ -79,24 +102,23 @@ def cheapest_guidance_within(distill: dict, run: str, reference_run: str, refere
     for g, m in results[run].items():
         drops = {k: ref[k] - m[k] for k in tolerances}
         if all(drops[k] <= tol for k, tol in tolerances.items()):
-            candidates.append((m["gflops_per_image"], -float(g), float(g), drops))
-    if not candidates:
-        raise BundleStageError(f"bundle.auto: no guidance keeps {run} within {tolerances} of {reference_run}")
+            # equal cost: the guidance nearest the one the student was judged at
+            candidates.append((m["gflops_per_image"], abs(float(g) - float(reference_guidance)), float(g), drops))
+    if not candidates:  # none is within: the guidance the student was judged at, flagged
+        m = results[run][reference_guidance]
+        drops = {k: ref[k] - m[k] for k in tolerances}
+        return float(reference_guidance), {"within_tolerances": False, "gflops_per_image": m["gflops_per_image"],
+                                           "drops_vs_reference": {k: round(v, 5) for k, v in drops.items()},
+                                           "reference": f"{reference_run}@{reference_guidance}"}
     gflops, _, guidance, drops = min(candidates)
-    return guidance, {"gflops_per_image": gflops, "drops_vs_reference": {k: round(v, 5) for k, v in drops.items()},
+    return guidance, {"within_tolerances": True, "gflops_per_image": gflops,
+                      "drops_vs_reference": {k: round(v, 5) for k, v in drops.items()},
                       "reference": f"{reference_run}@{reference_guidance}"}
 
 
 def build(cfg: dict) -> dict:
     out = Path(cfg["output_dir"])
-    policy_cfg = cfg["skip_policy"]
-    report_path = policy_cfg["report"]
-    adaptive = _read_json(report_path, "skip_policy.report")
-    policy = skip_policy_from_adaptive_report(
-        adaptive, {"stage": policy_cfg.get("stage", "bench_adaptive"), "report": report_path,
-                   "report_sha256": file_sha256(report_path),
-                   "selection": "default: the delta bench_adaptive tuned per scheduler; points: its delta sweep"})
-
+    policy = skip_policy_for(cfg["skip_policy"])
     distill_path = cfg["student"]["report"]
     distill = _read_json(distill_path, "student.report")
     judged = distill["target_guidance"]

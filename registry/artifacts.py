@@ -20,6 +20,7 @@ fails with one line naming the part, its hash and where it looked.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -27,8 +28,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from budgetdiff.bundle import BUNDLE_FILE, load_bundle, write_bundle
 
 from . import RegistryError
 
@@ -105,7 +104,7 @@ def _copy_model_dir(src: Path, dst: Path, rel: str, shared: dict, left_out: list
 def stage_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike) -> StagedBundle:
     """Copy the bundle at ``bundle_dir`` with its model directories into ``out`` (module
     docstring). Raises RegistryError (one line) when the bundle does not load."""
-    from budgetdiff.bundle import BundleError
+    from budgetdiff.bundle import BUNDLE_FILE, BundleError, load_bundle, write_bundle
 
     try:
         bundle = load_bundle(bundle_dir)
@@ -159,21 +158,23 @@ def _fetch(uri: str, sha: str, cache: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_shared_parts(bundle_root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> list[str]:
-    """Put every referenced part of a staged bundle back in place (a symlink into the cache,
-    fetched from its artifact URI when the cache lacks it). Returns the parts it resolved.
+def resolve_shared_parts(bundle_root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A directory where the staged bundle at ``bundle_root`` loads with ``Generator.load``:
+    ``bundle_root`` itself when nothing is referenced, else an overlay of symlinks (the stored
+    artifact is never written to: a local artifact store hands out its own directory) with every
+    referenced part linked from the cache, fetched from its artifact URI when the cache lacks it.
     Raises RegistryError, one line naming what is missing, when a part cannot be had."""
-    root = Path(bundle_root)
+    root = Path(bundle_root).resolve()
     manifest_file = root / MANIFEST
     if not manifest_file.is_file():
         raise RegistryError(f"model version: {str(root)!r} has no {MANIFEST}; it is not a budgetdiff registry bundle")
     manifest = json.loads(manifest_file.read_text())
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    done = []
-    for rel, ref in sorted(manifest.get("shared", {}).items()):
-        target = root / rel
-        if target.exists():
-            continue
+    missing = {rel: ref for rel, ref in sorted(manifest.get("shared", {}).items()) if not (root / rel).exists()}
+    if not missing:
+        return root
+    parts = {}
+    for rel, ref in missing.items():
         sha, uri = ref["sha256"], ref.get("uri")
         cache = cache_root / "sha256" / sha
         if not cache.is_dir():
@@ -186,9 +187,23 @@ def resolve_shared_parts(bundle_root: str | os.PathLike, cache_dir: str | os.Pat
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise RegistryError(f"model version: {rel} (sha256 {sha[:16]}) is missing: not in {cache} "
                                     f"and {uri} could not be downloaded ({reason})") from None
-        try:
-            target.symlink_to(cache.resolve(), target_is_directory=True)
-        except OSError:
-            shutil.copytree(cache, target)
-        done.append(rel)
-    return done
+        parts[rel] = cache.resolve()
+    overlay = Path(tempfile.mkdtemp(prefix="budgetdiff-bundle-"))
+    atexit.register(shutil.rmtree, overlay, True)  # symlinks only: their targets stay
+    _link_tree(root, overlay, parts, "")
+    return overlay
+
+
+def _link_tree(src: Path, dst: Path, parts: dict, rel: str) -> None:
+    """Mirror ``src`` in ``dst`` with symlinks, descending only into directories that lead to a
+    referenced part, and link each part (``parts``: {relative path: cached directory})."""
+    for entry in src.iterdir():
+        sub = f"{rel}{entry.name}"
+        if entry.is_dir() and any(p.startswith(sub + "/") for p in parts):
+            (dst / entry.name).mkdir()
+            _link_tree(entry, dst / entry.name, parts, sub + "/")
+        else:
+            (dst / entry.name).symlink_to(entry)
+    for p, target in parts.items():
+        if p.rsplit("/", 1)[0] + "/" == rel or ("/" not in p and rel == ""):
+            (dst / p.rsplit("/", 1)[-1]).symlink_to(target, target_is_directory=True)

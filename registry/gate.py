@@ -78,24 +78,6 @@ def scorer_from_params(cfg: dict):
     return scorer, "-".join(ids)
 
 
-def unet_gflops(pipe, cfg_pair: bool) -> float:
-    """GFLOPs of one denoising-network evaluation for one image (both halves of a CFG pair);
-    as benchmarks/bench_distill.py counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from budgetdiff.pipeline import coordinate_channels
-
-    res, ch = pipe.resolution, pipe.image_channels
-    batch = 2 if cfg_pair else 1
-    hidden, mask, pooled, _ = pipe.encode_prompt(["a small red circle at the top left"], cfg_pair, pipe.device)
-    x = torch.zeros(batch, ch, res, res, device=pipe.device, dtype=pipe.unet.dtype)
-    coords = coordinate_channels(batch, res, res, x.device, x.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        pipe.unet(torch.cat([x, coords], 1), torch.tensor([500] * batch), encoder_hidden_states=hidden,
-                  encoder_attention_mask=mask, class_labels=pooled)
-    return counter.get_total_flops() / 1e9
-
-
 def evaluate(generator, valset: ValidationSet, scorer, batch_size: int = 16) -> dict[str, float]:
     """The gate's numbers for one generator: quality in ``valset.mode`` against its own
     full-step images, and cost, from one Generator call."""
@@ -111,13 +93,7 @@ def evaluate(generator, valset: ValidationSet, scorer, batch_size: int = 16) -> 
     metrics = {name: float(np.nanmean(v)) for name, v in values.items()
                if name not in ("pixel/lsnr", "pixel/psnr")}  # psnr is unbounded at identical images
     records = [r.record for r in results[:n]]
-    flops: dict[tuple, float] = {}
-    gflops = []
-    for rec in records:
-        key = (rec["model"]["name"], rec["cfg"])
-        if key not in flops:
-            flops[key] = unet_gflops(generator.models[key[0]].pipe, key[1])
-        gflops.append(rec["nfe"] * flops[key])
+    gflops = [rec["unet_gflops"] for rec in records]
     metrics["cost/mean_nfe"] = float(np.mean([r["nfe"] for r in records]))
     metrics["cost/unet_sample_evals"] = float(np.mean([r["unet_sample_evals"] for r in records]))
     metrics["cost/gflops_per_image"] = float(np.mean(gflops))

@@ -41,9 +41,7 @@ class BudgetdiffModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from budgetdiff.engine import Generator
 
-        bundle_dir = context.artifacts["bundle"]
-        resolve_shared_parts(bundle_dir)
-        self.generator = Generator.load(bundle_dir)
+        self.generator = Generator.load(resolve_shared_parts(context.artifacts["bundle"]))
 
     def predict(self, context, model_input, params=None):
         import numpy as np

@@ -76,8 +76,10 @@ def start(host: str = "127.0.0.1", port: int = 5000, db: str | os.PathLike = REP
            "--default-artifact-root", str(Path(artifacts).resolve()), "--host", host, "--port", str(port),
            "--workers", str(workers)]
     with open(log_file, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "MLFLOW_TRACKING_URI": backend})
+        # MLflow's job runner (GenAI jobs: a pool of huey consumers) is not used by the registry
+        # and costs eight processes on two cores; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true restores it.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_TRACKING_URI": backend}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     pid_file.write_text(f"{proc.pid} {url}\n")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -9,6 +9,7 @@ raised: the pipeline's outputs stay valid and ``champion`` stays where it was
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -28,6 +29,10 @@ def run(cfg: dict, client=None, scorer=None, evaluator_id=None) -> dict:
     gate = promote(cfg["gate"], client=client, scorer=scorer, evaluator_id=evaluator_id,
                    log=lambda m: print(m, file=sys.stderr))
     print(format_gate(gate))
+    if gate["verdict"] == "unchanged":  # nothing judged now: report the numbers the champion was judged with
+        tags = client.get_model_version(MODEL_NAME, gate["champion"]).tags
+        gate["champion_metrics"] = json.loads(tags.get("gate.metrics", "null"))
+        gate["against"] = f"champion's own gate ({tags.get('gate.verdict', 'none')} vs {tags.get('gate.against', '-')})"
     uri = tracking_uri()
     return {
         "model": MODEL_NAME,

@@ -16,10 +16,12 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME, RegistryError
-from .artifacts import StagedBundle, stage_bundle
+
+if TYPE_CHECKING:
+    from .artifacts import StagedBundle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HISTORY_TAG = "champion_history"  # registered-model tag: JSON list of {version, at, by}
@@ -232,6 +234,7 @@ def register(bundle_dir: str, reports: list[str], client=None) -> dict:
     return it. Returns {"registered", "version", "bundle_sha256", "run_id"}."""
     import mlflow
 
+    from .artifacts import stage_bundle
     from .model import signature
 
     client = client or connect()

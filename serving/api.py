@@ -53,6 +53,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 503: "server_error", 504: "server_error", 500: "server_error"}
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class APIError(Exception):
@@ -185,7 +186,9 @@ def parse_image_request(body: dict, options: IngressOptions, native_sizes: list[
         request.validate()
     except ValueError as exc:
         raise field_error(exc) from None
-    return {"request_id": request_id or uuid.uuid4().hex[:16], "prompt": prompt, "n": n, "size": size,
+    if not request_id or not REQUEST_ID_RE.match(request_id):
+        request_id = uuid.uuid4().hex[:16]  # never echo an arbitrary header into records and logs
+    return {"request_id": request_id, "prompt": prompt, "n": n, "size": size,
             "mode": mode, "steps": steps, "quality_target": request.quality_target,
             "scheduler": request.scheduler, "guidance": request.guidance, "seed": seed, "user": user}
 
@@ -402,7 +405,8 @@ def create_api(state: IngressState) -> FastAPI:
                 return {"status": "saturated", "model_version": (state._info or {}).get("version", {}).get("id")}
             return APIError(503, f"unhealthy: {exc.message}", None, "unhealthy",
                             state.options.retry_after_s).response()
-        return {"status": "ok", "model_version": info["version"]["id"], "sizes": info["sizes"]}
+        return {"status": "ok", "model_version": info["version"]["id"], "sizes": info["sizes"],
+                "replica": info.get("replica"), "swaps": info.get("swaps"), "cpu_s": info.get("cpu_s")}
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
@@ -171,13 +170,17 @@ def start(
     for name, p in (("--http-port", port), ("--ray-port", ray_port), ("--dashboard-port", dashboard_port)):
         if _port_in_use(p):
             _fail(f"{name}: port {p} on 127.0.0.1 is in use; choose another", 2)
+    for name, p in (("--ray-port", ray_port), ("--dashboard-port", dashboard_port)):
+        if 10002 <= p <= 19999:
+            _fail(f"{name}: {p} is inside Ray's worker port range 10002-19999; choose another", 2)
     metrics_port = metrics_port or _free_port()
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     cmd = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ray_port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
            f"--temp-dir={Path(temp_dir).resolve()}", f"--metrics-export-port={metrics_port}",
            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-           f"--runtime-env-agent-port={_free_port()}", "--disable-usage-stats"]
+           f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+           "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
@@ -223,11 +226,12 @@ def stop(temp_dir: str = typer.Option(DEFAULT_TEMP_DIR, help="the temp dir `star
     """Shut the application down and end the processes of the cluster `start` began (by PID)."""
     state = _read_state(temp_dir)
     if state:
+        from .deploy import shutdown_rest
+
         try:  # graceful: let replicas drain
-            req = urllib.request.Request(f"{state['dashboard']}/api/serve/applications/", method="DELETE")
-            urllib.request.urlopen(req, timeout=30).read()
-        except OSError:
-            pass
+            shutdown_rest(state["dashboard"])
+        except Exception as exc:
+            typer.echo(f"serve shutdown did not answer ({type(exc).__name__}); ending the processes", err=True)
     pids = _session_pids_from_workers(temp_dir)
     if not pids:
         _state_path(temp_dir).unlink(missing_ok=True)

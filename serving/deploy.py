@@ -1,6 +1,7 @@
-"""Deploy a validated config: to a running Serve through the dashboard's REST API (what
-``serve deploy`` does; the CLI's path), or in this process with ``serve.run`` (tests, benchmarks).
-Both take the same YAML profile, so what a test runs is what ``make serve`` deploys."""
+"""Deploy a validated config: to a running cluster through the dashboard's REST API (what
+``serve deploy`` does; the CLI's path), or from a Ray driver through the Serve controller's
+``deploy_apps`` (what that REST handler calls; tests and benchmarks). Both take the same YAML
+profile, so what a test runs is what ``make serve`` deploys."""
 
 from __future__ import annotations
 
@@ -9,52 +10,54 @@ import time
 import urllib.error
 import urllib.request
 
-from .config import INGRESS, MODEL, resolve_paths, validate_serve_config
+from .config import resolve_paths, validate_serve_config
 
 
-def application_from_config(config: dict, app: int = 0):
-    """The bound Serve application with every deployment's options taken from ``config``."""
-    from .app import ImageIngress, ImageModel
+def deploy_in_process(config: dict) -> None:
+    """Deploy ``config`` from this Ray driver exactly as the dashboard's REST handler does
+    (controller ``deploy_apps``): the same code-version rules, so changing only a user_config
+    reconfigures the running replicas in place. Starts Serve with the config's http_options."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
     config = resolve_paths(validate_serve_config(config))
-    deps = {d["name"]: {k: v for k, v in d.items() if k != "name"}
-            for d in config["applications"][app].get("deployments") or []}
-    model = ImageModel.options(**deps.get(MODEL, {}))
-    ingress = ImageIngress.options(**deps.get(INGRESS, {}))
-    return ingress.bind(model.bind())
+    http = config.get("http_options") or {}
+    serve.start(http_options={k: v for k, v in http.items() if k in ("host", "port", "request_timeout_s")})
+    _get_global_client().deploy_apps(ServeDeploySchema(**config))
 
 
 def run_in_process(config: dict, app: int = 0, wait_s: float = 300.0) -> str:
-    """``serve.start`` with the config's http_options and ``serve.run`` of its application in the
-    current Ray session; returns the base URL once /healthz answers."""
-    from ray import serve
-
-    config = validate_serve_config(config)
-    http = config.get("http_options") or {}
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000),
-                              **({"request_timeout_s": http["request_timeout_s"]}
-                                 if http.get("request_timeout_s") else {})})
-    spec = config["applications"][app]
-    serve.run(application_from_config(config, app), name=spec.get("name", "default"),
-              route_prefix=spec.get("route_prefix", "/"))
+    """``deploy_in_process`` and wait until /healthz answers; returns the base URL."""
+    deploy_in_process(config)
     url = base_url(config, app)
     wait_healthy(url, wait_s)
     return url
 
 
+def serve_client(dashboard_url: str):
+    """Ray's Serve REST client (what ``serve deploy`` uses; it adds the cluster's auth token)."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available)
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return ServeSubmissionClient(dashboard_url)
+
+
 def deploy_rest(config: dict, dashboard_url: str) -> None:
-    """PUT the config (paths resolved) to a cluster's Serve REST API, as ``serve deploy`` does."""
-    body = json.dumps(resolve_paths(validate_serve_config(config))).encode()
-    request = urllib.request.Request(f"{dashboard_url.rstrip('/')}/api/serve/applications/", data=body,
-                                     method="PUT", headers={"Content-Type": "application/json"})
+    """Send the config (paths resolved) to a cluster's Serve REST API, as ``serve deploy`` does."""
+    config = resolve_paths(validate_serve_config(config))
     try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            reply.read()
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"deploy: the dashboard at {dashboard_url} refused the config "
-                           f"({exc.code}: {exc.read().decode(errors='replace')[:500]})") from None
-    except OSError as exc:
-        raise RuntimeError(f"deploy: cannot reach the dashboard at {dashboard_url} ({exc})") from None
+        serve_client(dashboard_url).deploy_applications(config)
+    except Exception as exc:  # connection refused, 401, schema rejected: one line each
+        raise RuntimeError(f"deploy: the dashboard at {dashboard_url} did not take the config "
+                           f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:400] if str(exc).strip() else ''})") from None
+
+
+def shutdown_rest(dashboard_url: str) -> None:
+    """Delete every Serve application of the cluster (``serve shutdown``)."""
+    serve_client(dashboard_url).delete_applications()
 
 
 def base_url(config: dict, app: int = 0) -> str:

@@ -23,6 +23,7 @@ import base64
 import io
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,6 +230,9 @@ class ImageModelBase:
         self._options: ModelOptions | None = None
         self._reconfigure_lock: asyncio.Lock | None = None
         self.swaps = 0
+        # called as fn(call, reply) after every answered call (metrics, shadow sampling): must be
+        # quick and must not raise into the request; monitoring registers its exporters here
+        self.observers: list = []
 
     # -- configuration ----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -259,7 +263,11 @@ class ImageModelBase:
     async def info(self) -> dict:
         if self._served is None:
             raise ModelCallError(503, "the model is loading", None, "model_loading")
-        return self._served.describe()
+        return {**self._served.describe(), "swaps": self.swaps, "replica": self._replica_id(),
+                "pid": os.getpid(), "cpu_s": round(time.process_time(), 3)}  # this replica's CPU time
+
+    def _replica_id(self) -> str | None:
+        return None
 
     # -- generation -------------------------------------------------------------------------
     def _jobs(self, served: ServedModel, call: dict) -> list[ImageJob]:
@@ -297,9 +305,13 @@ class ImageModelBase:
             return exc.to_dict()
         images = await self._run(served, jobs)
         errors = [img for img in images if "error" in img]
-        if errors:
-            return errors[0]
-        return {"model_version": served.version, "images": images}
+        reply = errors[0] if errors else {"model_version": served.version, "images": images}
+        for observe in self.observers:
+            try:
+                observe(call, reply)
+            except Exception:
+                logger.exception("observer %r failed", observe)
+        return reply
 
     async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
         raise NotImplementedError
@@ -322,6 +334,12 @@ class ImageModel(ImageModelBase):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, jobs: list[ImageJob]) -> list[dict]:
         return await asyncio.to_thread(run_jobs, jobs)
+
+    def _replica_id(self) -> str | None:
+        try:
+            return serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            return None
 
     def _apply_batch_options(self, options: ModelOptions) -> None:
         self._batched.set_max_batch_size(options.max_batch_size)

@@ -35,6 +35,8 @@ def test_every_mode_runs_and_records_what_it_did(tiny_generator, tiny_bundle_dir
             assert key in rec, (rec["mode"], key)
         assert rec["seed"] == 4 and rec["nfe"] == rec["steps"] - rec["skipped"]
         assert rec["policy"]["bundle"]["sha256"] == load_bundle(tiny_bundle_dir).sha256
+        per_eval = tiny_generator.gflops_per_evaluation[(rec["model"]["name"], rec["cfg"])]
+        assert rec["unet_gflops"] == pytest.approx(rec["nfe"] * per_eval, rel=1e-3)
     full, budget, adaptive, student, auto = (r.record for r in results)
     assert full["steps"] == 20 and full["nfe"] == 20 and full["model"]["name"] == "base"
     assert full["skip_mask"] is None and full["policy"]["skip"] is None
@@ -45,6 +47,8 @@ def test_every_mode_runs_and_records_what_it_did(tiny_generator, tiny_bundle_dir
     assert student["model"]["name"] == "student" and student["steps"] == 4 and student["guidance"] == 2.0
     assert auto["policy"]["auto"]["route"] in ("student", "base+skip")
     assert full["model"]["unet_sha256"] != student["model"]["unet_sha256"]
+    per_eval = tiny_generator.gflops_per_evaluation
+    assert per_eval[("base", True)] == pytest.approx(2 * per_eval[("base", False)], rel=0.01)  # the CFG pair
 
 
 def test_auto_routes_by_the_predicted_budget(tiny_bundle_dir):

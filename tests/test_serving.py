@@ -79,6 +79,15 @@ def test_generation_reply_is_openai_shaped_with_records(client):
     assert body["usage"]["images"] == 2 and body["usage"]["nfe"] == 6
 
 
+def test_request_ids_are_echoed_only_when_safe(client):
+    body = {"prompt": "a red circle", "mode": "full", "steps": 2}
+    r = client.post(URL, json=body, headers={"x-request-id": "job-42.a"})
+    assert r.json()["id"] == "job-42.a" and r.headers["x-request-id"] == "job-42.a"
+    assert r.json()["data"][0]["record"]["request_id"] == "job-42.a/0"
+    r = client.post(URL, json=body, headers={"x-request-id": "<script>" + "x" * 100})
+    assert r.status_code == 200 and "<" not in r.json()["id"]
+
+
 def test_auto_mode_is_the_default_and_records_its_route(client):
     body = client.post(URL, json={"prompt": "a blue square", "seed": 1, "quality_target": 0.9}).json()
     rec = body["data"][0]["record"]

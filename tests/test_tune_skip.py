@@ -50,10 +50,13 @@ def base_cfg(model, tmp_path, **over) -> dict:
 @pytest.fixture(scope="module")
 def private_ray():
     """One private local Ray for the module's tunings (tune() leaves a Ray it did not start running)."""
+    import os
+
     import ray
 
     started = not ray.is_initialized()
     if started:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as tune_skip.start_ray: not starved on a busy machine
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     if started:
@@ -133,7 +136,7 @@ def test_selection_rule():
     assert sel["levels"][0.9]["nfe"] == 20 and sel["levels"][0.99]["nfe"] == 40
     # nothing dominates (baseline faster than every point at its loss): fewest NFE at no more loss
     sel = ts.select_points(front, {"nfe": 10, "lpips": 0.1}, {})
-    assert sel["default"]["nfe"] == 40
+    assert sel["default"]["nfe"] == 20 and "no front point dominates" in sel["why"]
     # a stricter loss_ratio moves the default towards quality
     sel = ts.select_points(front, {"nfe": 20, "lpips": 0.3}, {"loss_ratio": 0.1})
     assert sel["default"]["nfe"] == 40

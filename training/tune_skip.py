@@ -221,12 +221,11 @@ def render(ctx: dict, scheduler: str, skip: dict | None, prompts: list[str] | No
                            seed=s, output_type="pt", progress=False, adaptive=config)
                 imgs, records = out.images.float().cpu(), out.records
             else:  # stock SD / SDXL: budgetdiff.generation's path (image i uses seed + i)
-                import numpy as np_
                 from budgetdiff.generation import generate
 
                 pil, records = generate(pipe, p, steps=ctx["steps"], guidance=ctx["guidance"], scheduler=scheduler,
                                         seed=int(s[0]), progress=False, adaptive=config)
-                imgs = torch.from_numpy(np_.stack([np_.asarray(im, dtype=np_.float32) / 255.0 for im in pil])
+                imgs = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pil])
                                         ).permute(0, 3, 1, 2)
             images.append(imgs)
             nfe += [int(r["nfe"]) for r in records]
@@ -391,32 +390,46 @@ def start_ray(cfg: dict) -> bool:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
+        # Ray starts its workers at niceness 15; on a shared machine that starves the trials.
+        os.environ.setdefault("RAY_worker_niceness", str(int(cfg.get("worker_niceness", 0))))
         ray.init(address="local", num_cpus=int(cfg.get("ray_num_cpus") or os.cpu_count() or 2),
                  include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     return True
 
 
-class _ProgressCallback:
-    """A tqdm bar over a tuner's trials (Tune's own status tables are too chatty for a log)."""
+def progress_callback(total: int, desc: str):
+    """A tqdm bar over a tuner's trials (Tune's own status tables are too chatty for a log).
+    Tune pickles its callbacks with the experiment state: the bar is made lazily, not pickled."""
+    from ray.tune import Callback
 
-    def __new__(cls, total: int, desc: str):
-        from ray.tune import Callback
-        from tqdm import tqdm
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.total, self.desc, self.bar = total, desc, None
 
-        class Bar(Callback):
-            def __init__(self):
-                self.bar = tqdm(total=total, desc=desc, unit="trial", file=sys.stderr, mininterval=5)
+        def __getstate__(self):
+            return {"total": self.total, "desc": self.desc, "bar": None}
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                r = trial.last_result or {}
-                if "nfe" in r:
-                    self.bar.set_postfix(nfe=f"{r['nfe']:.1f}", lpips=f"{r['lpips']:.2e}")
-                self.bar.update(1)
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            from tqdm import tqdm
 
-            def on_experiment_end(self, trials, **info):
+            if self.bar is None:
+                self.bar = tqdm(total=self.total, desc=self.desc, unit="trial", mininterval=5)
+            r = trial.last_result or {}
+            if "nfe" in r:
+                self.bar.set_postfix(nfe=f"{r['nfe']:.1f}", lpips=f"{r['lpips']:.2e}")
+            self.bar.update(1)
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
                 self.bar.close()
 
-        return Bar()
+    return TrialProgress()
+
+
+def _in_space(c: dict, space: dict) -> bool:
+    return (float(space["threshold_min"]) <= c["threshold"] <= float(space["threshold_max"])
+            and int(space["max_skip_min"]) <= c["max_skip"] <= int(space["max_skip_max"])
+            and int(space["warmup_min"]) <= c["warmup"] <= int(space["warmup_max"]) and c["reuse"] in space["reuse"])
 
 
 def run_search(cfg: dict, ctx: dict, refs_ref, scheduler: str, search: str) -> dict:
@@ -440,7 +453,13 @@ def run_search(cfg: dict, ctx: dict, refs_ref, scheduler: str, search: str) -> d
                                              n_startup_trials=int(cfg.get("optuna_startup_trials", 8)))
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
-    searcher = OptunaSearch(metric=["nfe", "lpips"], mode=["min", "min"], sampler=sampler)
+    # Warm start (both searches alike): the baseline configs are evaluated first, as a Tune user
+    # seeds a search with known-good points; the rest of the budget is the sampler's.
+    warm = [baseline_configs(cfg, scheduler)[k] for k in ("hand", "paper")
+            if cfg.get("warm_start", True) and k in baseline_configs(cfg, scheduler)]
+    warm = [w for w in warm if _in_space(w, space)]
+    searcher = OptunaSearch(metric=["nfe", "lpips"], mode=["min", "min"], sampler=sampler,
+                            points_to_evaluate=warm or None)
     if cfg.get("max_concurrent"):
         searcher = ConcurrencyLimiter(searcher, max_concurrent=int(cfg["max_concurrent"]))
     trial_ctx = {**ctx, "scheduler": scheduler}
@@ -451,7 +470,7 @@ def run_search(cfg: dict, ctx: dict, refs_ref, scheduler: str, search: str) -> d
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=int(cfg["num_samples"]), reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(Path(cfg["work_dir"]) / "ray_results"), verbose=0,
-                                  callbacks=[_ProgressCallback(int(cfg["num_samples"]), f"{scheduler} {search}")]),
+                                  callbacks=[progress_callback(int(cfg["num_samples"]), f"{scheduler} {search}")]),
     )
     start = time.time()
     grid = tuner.fit()
@@ -473,7 +492,7 @@ def run_search(cfg: dict, ctx: dict, refs_ref, scheduler: str, search: str) -> d
     ok = sorted([t for t in trials if "error" not in t], key=lambda t: (t["timestamp"] or 0, t["order"]))
     for k, t in enumerate(ok):
         t["order"] = k
-    return {"search": search, "sampler": type(sampler).__name__, "seed": seed, "trials": ok,
+    return {"search": search, "sampler": type(sampler).__name__, "seed": seed, "warm_start": warm, "trials": ok,
             "errors": [t for t in trials if "error" in t], "wall_seconds": round(wall, 1),
             "trial_cpu_seconds": round(sum(t["seconds"] for t in ok), 1)}
 
@@ -481,10 +500,13 @@ def run_search(cfg: dict, ctx: dict, refs_ref, scheduler: str, search: str) -> d
 # ------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------
-def run_key(cfg: dict) -> str:
-    """What a checkpoint is valid for: everything that changes a trial's result."""
-    keys = ("model", "steps", "guidance", "prompts_per_level", "seed_offset", "search_space", "num_samples", "seed",
-            "optuna_startup_trials", "clip_dir", "baseline", "holdout")
+REFERENCE_KEYS = ("model", "steps", "guidance", "prompts_per_level", "seed_offset", "clip_dir", "baseline")
+
+
+def run_key(cfg: dict, keys: tuple = REFERENCE_KEYS + ("search_space", "num_samples", "seed", "warm_start",
+                                                       "optuna_startup_trials", "max_concurrent")) -> str:
+    """What a checkpoint is valid for: everything that changes its result (the references and
+    the held-out checks depend on ``REFERENCE_KEYS`` only; the searches on more)."""
     blob = json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -562,11 +584,10 @@ def tune(cfg: dict) -> dict:
 def _tune(cfg: dict) -> dict:
     import ray
 
-    from budgetdiff.policy import quality_of  # noqa: F401  (the quality definition the policy uses)
-
     t0 = time.time()
     key = run_key(cfg)
     ck = Checkpoints(cfg["work_dir"], key)
+    ref_ck = Checkpoints(cfg["work_dir"], "references-" + run_key(cfg, REFERENCE_KEYS))
     prompts, seeds = tuning_prompts(cfg["prompts_per_level"], int(cfg["seed_offset"]))
     steps, cpus = int(cfg["steps"]), int(cfg.get("cpus_per_trial", 1))
     guidance = cfg.get("guidance")
@@ -593,8 +614,8 @@ def _tune(cfg: dict) -> dict:
     pending = {}
     refs: dict[str, Any] = {}
     for s in cfg["schedulers"]:
-        cached = ck.get(f"reference_{s}")
-        path = ck.dir / f"refs_{s}.pt"
+        cached = ref_ck.get(f"reference_{s}")
+        path = ref_ck.dir / f"refs_{s}.pt"
         if cached and path.is_file():
             import torch
 
@@ -607,9 +628,9 @@ def _tune(cfg: dict) -> dict:
         import torch
 
         res = ray.get(obj)
-        torch.save(res["refs"], ck.dir / f"refs_{s}.pt")
+        torch.save(res["refs"], ref_ck.dir / f"refs_{s}.pt")
         refs[s] = ray.put(res["refs"])
-        ck.put(f"reference_{s}", {"reference_seconds": res["reference_seconds"], "baselines": res["baselines"]})
+        ref_ck.put(f"reference_{s}", {"reference_seconds": res["reference_seconds"], "baselines": res["baselines"]})
         report["schedulers"][s] = {"reference_seconds": res["reference_seconds"], "baselines_tuning": res["baselines"]}
         print(f"[tune_skip] {s}: references ready ({res['reference_seconds']:.0f} s)", file=sys.stderr, flush=True)
 
@@ -629,7 +650,7 @@ def _tune(cfg: dict) -> dict:
 
     # 3. Held-out check of the default points on bench_adaptive's prompts.
     if cfg.get("holdout"):
-        holdout(cfg, ctx, ck, report, chosen)
+        holdout(cfg, ctx, ref_ck, report, chosen)
         write_outputs(cfg, report, chosen, t0)
 
     # 4. The ablation: the same budget with random search; hypervolumes.
@@ -686,7 +707,8 @@ def holdout(cfg: dict, ctx: dict, ck: Checkpoints, report: dict, chosen: dict) -
         configs = {"tuned": _point_config(sel["default"])}
         if hold.get("remeasure_baseline"):
             configs["hand"] = baseline_configs(cfg, s).get("hand")
-        name = f"holdout_{s}_{hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:8]}"
+        what = json.dumps({"configs": configs, "holdout": hold}, sort_keys=True, default=str)
+        name = f"holdout_{s}_{hashlib.sha256(what.encode()).hexdigest()[:8]}"
         cached = ck.get(name)
         if cached is None:
             pending[s] = (name, remote.remote(hctx, s, configs))
@@ -778,6 +800,11 @@ def pareto_plot(report: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    floor = 1e-7  # LPIPS can be exactly 0 (no skip): keep such points on the log axis
+
+    def y(v):
+        return max(float(v), floor)
+
     scheds = list(report["schedulers"])
     fig, axes = plt.subplots(1, len(scheds), figsize=(5.2 * len(scheds), 4.4), squeeze=False)
     steps = report["steps"]
@@ -785,10 +812,10 @@ def pareto_plot(report: dict) -> bytes:
         res = report["schedulers"][s]
         colours = {"optuna": "tab:blue", "random": "tab:gray"}
         for name, r in res.get("searches", {}).items():
-            ax.scatter([steps / t["nfe"] for t in r["trials"]], [t["lpips"] for t in r["trials"]], s=14,
+            ax.scatter([steps / t["nfe"] for t in r["trials"]], [y(t["lpips"]) for t in r["trials"]], s=14,
                        alpha=0.5, color=colours[name], label=f"{name} trials ({len(r['trials'])})")
         front = res.get("pareto_front", [])
-        ax.plot([steps / p["nfe"] for p in front], [p["lpips"] for p in front], "-o", color="tab:blue", ms=4,
+        ax.plot([steps / p["nfe"] for p in front], [y(p["lpips"]) for p in front], "-o", color="tab:blue", ms=4,
                 label="Optuna Pareto front")
         for name, marker, colour in (("hand", "s", "tab:red"), ("paper", "^", "tab:green")):
             b = res.get("baselines_tuning", {}).get(name)
@@ -796,17 +823,26 @@ def pareto_plot(report: dict) -> bytes:
                 c = b["config"]
                 label = (f"hand-tuned δ={c['threshold']:g}, C_max {c['max_skip']}" if name == "hand"
                          else f"paper default δ={c['threshold']:g}, C_max {c['max_skip']}")
-                ax.scatter([steps / b["nfe"]], [b["lpips"]], marker=marker, s=70, color=colour, label=label, zorder=5)
+                ax.scatter([steps / b["nfe"]], [y(b["lpips"])], marker=marker, s=70, color=colour, label=label, zorder=5)
         d = res.get("chosen", {}).get("default")
         if d:
-            ax.scatter([d["nfe_speedup"]], [d["lpips"]], marker="*", s=160, color="black", zorder=6,
+            ax.scatter([d["nfe_speedup"]], [y(d["lpips"])], marker="*", s=160, color="black", zorder=6,
                        label=f"chosen default δ={d['threshold']:.3g}, C_max {d['max_skip']}, "
                              f"w {d['warmup']}, {d['reuse']}")
         h = res.get("holdout", {})
+        if h.get("rows", {}).get("tuned"):  # hollow: the same two points on the held-out prompts
+            t = h["rows"]["tuned"]
+            n = (h.get("prompts") or {}).get("count")
+            ax.scatter([t["nfe_speedup"]], [y(t["lpips"])], marker="*", s=160, facecolors="none",
+                       edgecolors="black", zorder=6, label=f"chosen default, {n} held-out prompts")
+            if h.get("hand"):
+                ax.scatter([h["hand"]["nfe_speedup"]], [y(h["hand"]["lpips"])], marker="s", s=70,
+                           facecolors="none", edgecolors="tab:red", zorder=5,
+                           label="hand-tuned, held-out (reports/adaptive.json)")
         if h.get("target"):
             t = h["target"]
-            ax.set_title(f"{s}: held-out {t['nfe_speedup']:.2f}x (hand {h['hand']['nfe_speedup']:.2f}x), "
-                         f"met={t['met']}", fontsize=9)
+            hand = f" (hand {h['hand']['nfe_speedup']:.2f}x)" if h.get("hand") else ""
+            ax.set_title(f"{s}: held-out {t['nfe_speedup']:.2f}x{hand}, target met: {t['met']}", fontsize=9)
         else:
             ax.set_title(f"{s} (tuning prompts)", fontsize=9)
         ax.set_yscale("log")

@@ -1,0 +1,632 @@
+"""Benchmark stage ``bench_serve``: the Ray Serve service under load, on loopback, bounded.
+
+One private local Ray (``address="local"``, ``num_cpus`` from params, no dashboard), the bench
+profile (``serving/configs/bench.yaml``: the CPU profile with short autoscaling delays), the
+embedded bundle. Every scenario is a fixed number of requests or a fixed duration, every request
+has a client timeout, and the cluster is shut down at the end, so the stage stops by itself.
+
+| scenario | what | target |
+|---|---|---|
+| ``throughput`` | images/s and p50/p95/p99 latency of the service in ``auto`` mode (batching on) against a naive deployment of the same replica: ``full`` 50 steps, ``max_batch_size`` 1 | >= 5x images/s |
+| ``batching`` | ``auto`` images/s with ``max_batch_size`` 8 vs 1 at the same concurrency | reported |
+| ``overhead`` | end-to-end images/s at saturation (HTTP, validation, PNG, base64 included) against the in-process ``Generator`` at the same batch size and threads | >= 0.85x |
+| ``autoscale`` | replicas under a load step (low, high, idle): 1 -> 2 -> 1, timeline plotted | observed |
+| ``overload`` | open-loop arrivals at ``factor`` x the measured capacity: every request 200 or 429/503 with Retry-After, no 5xx, nothing lost, queue bounded | 0 lost |
+| ``kill`` | a replica of two killed mid-load: time until two run again, every request accounted for | reported |
+| ``bad_inputs`` | >= 25 malformed or unauthorised requests -> 4xx with a clear OpenAI-shaped error each, service healthy after | all 4xx |
+
+Writes reports/serve.json (everything), reports/serve_headline.json (the numbers and targets),
+reports/serve.png (latency/throughput bars and the autoscaling timeline) and
+reports/serve_playground.png (the playground driven by headless chromium).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+APP = "budgetdiff"
+
+
+# ----------------------------------------------------------------------------------------------
+# Load generation
+# ----------------------------------------------------------------------------------------------
+def prompts(n: int, seed: int) -> list[str]:
+    from budgetdiff.scenes import sample_scene, spec_to_prompt
+
+    return [spec_to_prompt(sample_scene(seed + i), seed=seed + i) for i in range(n)]
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    a = np.asarray(values)
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p95": round(float(np.percentile(a, 95)), 3),
+            "p99": round(float(np.percentile(a, 99)), 3), "max": round(float(a.max()), 3)}
+
+
+class Client:
+    """An httpx client for the service that records every request's outcome."""
+
+    def __init__(self, url: str, key: str, timeout_s: float):
+        self.url, self.key, self.timeout_s = url, key, timeout_s
+
+    async def one(self, client, body: dict) -> dict:
+        import httpx
+
+        start = time.perf_counter()
+        out = {"t_start": time.monotonic()}
+        try:
+            r = await client.post("/v1/images/generations", json=body,
+                                  headers={"Authorization": f"Bearer {self.key}"})
+            out.update(status=r.status_code, retry_after=r.headers.get("retry-after"))
+            if r.status_code == 200:
+                j = r.json()
+                out["images"] = len(j["data"])
+                out["records"] = [{k: d["record"].get(k) for k in ("steps", "nfe", "skipped", "route",
+                                                                     "batch_images", "model_version")}
+                                  for d in j["data"]]
+            else:
+                try:
+                    out["error"] = r.json().get("error")
+                except ValueError:
+                    out["error"] = {"message": r.text[:200], "type": "not_json"}
+        except httpx.TimeoutException:
+            out.update(status="timeout")
+        except httpx.HTTPError as exc:
+            out.update(status="connection_error", error={"message": str(exc)[:200]})
+        out["latency_s"] = time.perf_counter() - start
+        out["t_end"] = time.monotonic()
+        return out
+
+    async def closed_loop(self, bodies: list[dict], concurrency: int) -> dict:
+        """Send ``bodies`` with at most ``concurrency`` in flight; images/s over the whole run."""
+        import httpx
+
+        queue = list(bodies)
+        results = []
+        limits = httpx.Limits(max_connections=concurrency + 4)
+        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, limits=limits) as client:
+            async def worker():
+                while queue:
+                    results.append(await self.one(client, queue.pop(0)))
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            wall = time.perf_counter() - start
+        return summarise(results, wall)
+
+    async def open_loop(self, make_body, rate: float, duration_s: float) -> dict:
+        """Poisson-free fixed-rate arrivals for ``duration_s``: the load does not wait for answers."""
+        import httpx
+
+        tasks, i = [], 0
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, limits=limits) as client:
+            start = time.perf_counter()
+            while time.perf_counter() - start < duration_s:
+                tasks.append(asyncio.create_task(self.one(client, make_body(i))))
+                i += 1
+                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            results = await asyncio.gather(*tasks)
+            wall = time.perf_counter() - start
+        return summarise(list(results), wall)
+
+
+def summarise(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if r["status"] == 200]
+    images = sum(r.get("images", 0) for r in ok)
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+    steps = [rec["steps"] for r in ok for rec in r["records"]]
+    nfe = [rec["nfe"] for r in ok for rec in r["records"]]
+    batch = [rec["batch_images"] for r in ok for rec in r["records"] if rec.get("batch_images")]
+    return {"requests": len(results), "ok": len(ok), "images": images, "wall_s": round(wall, 3),
+            "images_per_s": round(images / wall, 4) if wall > 0 else None, "statuses": statuses,
+            "latency_s": _percentiles([r["latency_s"] for r in ok]),
+            "mean_steps": round(float(np.mean(steps)), 2) if steps else None,
+            "mean_nfe": round(float(np.mean(nfe)), 2) if nfe else None,
+            "mean_batch_images": round(float(np.mean(batch)), 2) if batch else None,
+            "_results": results}
+
+
+def _strip(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if not k.startswith("_")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The cluster
+# ----------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_config(base: dict, *, replicas: int | None = None, autoscale: bool = False, **user_config) -> dict:
+    """The bench profile with fixed replicas (or its autoscaling) and user_config overrides."""
+    from serving.config import MODEL, deployment, with_overrides
+
+    dep = dict(deployment(json.loads(json.dumps(base)), MODEL))
+    extra = {"autoscaling_config": dep.get("autoscaling_config") if autoscale else None,
+             "num_replicas": None if autoscale else (replicas or 1)}
+    return with_overrides(base, model=user_config, deployments={MODEL: extra})
+
+
+def replica_counts() -> dict:
+    """ImageModel's replicas by state, from the Serve controller."""
+    from ray import serve
+
+    status = serve.status().applications.get(APP)
+    if status is None:
+        return {}
+    dep = status.deployments.get("ImageModel")
+    return {str(k.value if hasattr(k, "value") else k): v for k, v in (dep.replica_states or {}).items()} if dep else {}
+
+
+def running_replicas() -> int:
+    return int(replica_counts().get("RUNNING", 0))
+
+
+def wait_replicas(n: int, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if running_replicas() == n and sum(replica_counts().values()) == n:
+            return time.monotonic() - start
+        time.sleep(0.5)
+    raise RuntimeError(f"replicas: {n} did not run within {timeout_s:.0f}s ({replica_counts()})")
+
+
+@contextmanager
+def replica_sampler(period_s: float = 0.5):
+    """Sample the replica count in a thread; yields the list of (monotonic time, counts)."""
+    samples: list[tuple[float, dict]] = []
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                samples.append((time.monotonic(), replica_counts()))
+            except Exception:
+                pass
+            stop.wait(period_s)
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def replica_cpu_s(url: str) -> float:
+    """CPU seconds the (single) ImageModel replica's process has used so far (from /healthz)."""
+    import httpx
+
+    return float(httpx.get(f"{url}/healthz", timeout=60).json()["cpu_s"])
+
+
+def measured(client: "Client", url: str, bodies: list[dict], concurrency: int) -> dict:
+    """A closed-loop run plus the replica's CPU seconds per image: other tenants of the machine
+    slow the wall clock, not the CPU time a replica spends on an image."""
+    before = replica_cpu_s(url)
+    out = asyncio.run(client.closed_loop(bodies, concurrency))
+    cpu = replica_cpu_s(url) - before
+    out["replica_cpu_s_per_image"] = round(cpu / max(1, out["images"]), 4)
+    return out
+
+
+def kill_one_replica(url: str, key: str) -> str:
+    """Kill one ImageModel replica actor (found by its Serve actor name in the GCS; no HTTP call,
+    which could queue behind the load)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP}#ImageModel#"
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == "serve" and a["name"].startswith(prefix))
+    if not names:
+        raise RuntimeError("kill: no ImageModel replica actor found")
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    return names[0][len(prefix):]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenarios
+# ----------------------------------------------------------------------------------------------
+def bad_input_cases(key: str) -> list[dict]:
+    """(name, headers, raw body) cases that must each get a 4xx with a clear error."""
+    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    def j(body):
+        return json.dumps(body).encode()
+    cases = [
+        ("empty prompt", auth, j({"prompt": ""})),
+        ("blank prompt", auth, j({"prompt": "   \n"})),
+        ("missing prompt", auth, j({"n": 1})),
+        ("huge prompt", auth, j({"prompt": "red circle " * 200})),
+        ("non-UTF-8 prompt", auth, b'{"prompt": "a \xff\xfe red circle"}'),
+        ("prompt is a number", auth, j({"prompt": 7})),
+        ("n = 0", auth, j({"prompt": "a red circle", "n": 0})),
+        ("n = 11", auth, j({"prompt": "a red circle", "n": 11})),
+        ("n is a string", auth, j({"prompt": "a red circle", "n": "3"})),
+        ("unknown size", auth, j({"prompt": "a red circle", "size": "1024x1024"})),
+        ("malformed size", auth, j({"prompt": "a red circle", "size": "large"})),
+        ("unknown mode", auth, j({"prompt": "a red circle", "mode": "turbo"})),
+        ("unknown scheduler", auth, j({"prompt": "a red circle", "mode": "full", "scheduler": "pndm"})),
+        ("negative steps", auth, j({"prompt": "a red circle", "mode": "full", "steps": -5})),
+        ("steps with auto", auth, j({"prompt": "a red circle", "steps": 20})),
+        ("NaN guidance", auth, b'{"prompt": "a red circle", "guidance_scale": NaN}'),
+        ("negative guidance", auth, j({"prompt": "a red circle", "guidance_scale": -2})),
+        ("quality_target > 1", auth, j({"prompt": "a red circle", "quality_target": 2})),
+        ("quality_target is a string", auth, j({"prompt": "a red circle", "quality_target": "high"})),
+        ("negative seed", auth, j({"prompt": "a red circle", "seed": -1})),
+        ("url response_format", auth, j({"prompt": "a red circle", "response_format": "url"})),
+        ("unknown field", auth, j({"prompt": "a red circle", "negative_prompt": "blue"})),
+        ("streaming", auth, j({"prompt": "a red circle", "stream": True})),
+        ("unknown model", auth, j({"prompt": "a red circle", "model": "dall-e-3"})),
+        ("malformed JSON", auth, b'{"prompt": "a red circle"'),
+        ("JSON array", auth, b'["a red circle"]'),
+        ("empty body", auth, b""),
+        ("oversized body", auth, j({"prompt": "x" * 200_000})),
+        ("missing key", {"Content-Type": "application/json"}, j({"prompt": "a red circle"})),
+        ("wrong key", {"Authorization": "Bearer not-the-key", "Content-Type": "application/json"},
+         j({"prompt": "a red circle"})),
+        ("basic auth", {"Authorization": "Basic dXNlcjpwYXNz", "Content-Type": "application/json"},
+         j({"prompt": "a red circle"})),
+    ]
+    return [{"name": n, "headers": h, "body": b} for n, h, b in cases]
+
+
+def run_bad_inputs(url: str, key: str, timeout_s: float) -> dict:
+    import httpx
+
+    rows = []
+    with httpx.Client(base_url=url, timeout=timeout_s) as client:
+        for case in bad_input_cases(key):
+            r = client.post("/v1/images/generations", content=case["body"], headers=case["headers"])
+            try:
+                err = r.json().get("error") or {}
+            except ValueError:
+                err = {}
+            clear = bool(err.get("message")) and set(err) >= {"message", "type", "param", "code"}
+            rows.append({"case": case["name"], "status": r.status_code, "param": err.get("param"),
+                         "message": err.get("message"), "ok": 400 <= r.status_code < 500 and clear})
+        health = client.get("/healthz")
+        good = client.post("/v1/images/generations", json={"prompt": "a red circle", "seed": 1},
+                           headers={"Authorization": f"Bearer {key}"})
+    return {"cases": rows, "n": len(rows), "all_4xx_clear": all(r["ok"] for r in rows),
+            "healthy_after": health.status_code == 200 and good.status_code == 200}
+
+
+def in_process_baseline(bundle: str, bodies: list[dict], batch_size: int, threads: int) -> dict:
+    """The same requests through ``Generator`` in this process (PIL images, no HTTP, no PNG)."""
+    import torch
+
+    from budgetdiff.engine import GenerationRequest, Generator
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = Generator.load(bundle, device="cpu")
+        gen([GenerationRequest("a red circle", mode="full", steps=2)])  # warm-up, as replicas do
+        requests = [GenerationRequest(b["prompt"], mode=b.get("mode", "auto"), seed=b["seed"]) for b in bodies]
+        start, cpu = time.perf_counter(), time.process_time()
+        gen(requests, batch_size=batch_size)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        torch.set_num_threads(before)
+    return {"images": len(requests), "wall_s": round(wall, 3), "images_per_s": round(len(requests) / wall, 4),
+            "cpu_s_per_image": round(cpu / len(requests), 4), "batch_size": batch_size, "threads": threads}
+
+
+def screenshot_playground(url: str, key: str, path: str, timeout_s: float = 120) -> dict:
+    """Drive the playground in headless chromium: generate one image, save a screenshot."""
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,820"):
+        options.add_argument(arg)
+    options.binary_location = "/usr/bin/chromium"
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService("/usr/bin/chromedriver"))
+    try:
+        driver.get(url + "/")
+        prompt = driver.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("a large red circle at the top left and a small blue square at the bottom right")
+        Select(driver.find_element(By.ID, "mode")).select_by_value("auto")
+        driver.find_element(By.ID, "seed").clear()
+        driver.find_element(By.ID, "seed").send_keys("7")
+        driver.find_element(By.ID, "use-quality").click()  # send quality_target 0.90
+        driver.find_element(By.ID, "api-key").send_keys(key)
+        driver.find_element(By.ID, "generate").click()
+        WebDriverWait(driver, timeout_s).until(
+            lambda d: d.find_element(By.ID, "stat-steps").text not in ("", "-")
+            or d.find_element(By.ID, "error").is_displayed())
+        stats = {k: driver.find_element(By.ID, f"stat-{k}").text for k in ("mode", "steps", "nfe", "skipped", "latency")}
+        error = driver.find_element(By.ID, "error").text
+        driver.save_screenshot(path)
+    finally:
+        driver.quit()
+    return {"stats": stats, "error": error, "path": path}
+
+
+# ----------------------------------------------------------------------------------------------
+def run(cfg: dict, progress=print) -> dict:
+    import ray
+    from ray import serve
+
+    from serving.config import load_serve_config, with_overrides
+    from serving.deploy import deploy_in_process, wait_healthy
+
+    t0 = time.perf_counter()
+    key = secrets.token_hex(16)
+    os.environ["BENCH_SERVE_API_KEY"] = key  # the local raylet, hence the replicas, inherit it
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    base = with_overrides(load_serve_config(cfg["config"]), http_port=cfg.get("http_port") or _free_port(),
+                          model_source=cfg["model_source"], ingress={"api_key_env": "BENCH_SERVE_API_KEY"})
+    threads = int(cfg["torch_threads"])
+    timeout_s = float(cfg["request_timeout_s"])
+    report: dict = {"config": cfg, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
+    all_prompts = prompts(int(cfg["prompts"]), int(cfg["prompt_seed"]))
+
+    def bodies(n: int, seed0: int = 0, **extra) -> list[dict]:
+        return [{"prompt": all_prompts[(seed0 + i) % len(all_prompts)], "seed": seed0 + i, **extra}
+                for i in range(n)]
+
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy 2-core machine starts slowly
+    ray.init(address="local", num_cpus=int(cfg["num_cpus"]), include_dashboard=False, log_to_driver=False)
+    try:
+        def deploy(config, what):
+            progress(f"[bench_serve] deploy: {what}")
+            start = time.perf_counter()
+            deploy_in_process(config)
+            wait_healthy(url, 600)
+            return round(time.perf_counter() - start, 2)
+
+        from serving.deploy import base_url
+
+        url = base_url(base)
+        client = Client(url, key, timeout_s)
+        tp = cfg["throughput"]
+        # 1. auto mode, batching on, one replica
+        one = model_config(base, replicas=1, torch_threads=threads, max_batch_size=int(tp["max_batch_size"]))
+        report["deploy_s"] = {"auto_batch": deploy(one, "auto, max_batch_size %d" % tp["max_batch_size"])}
+        asyncio.run(client.closed_loop(bodies(4, 10_000), 4))  # warm the path end to end
+        progress("[bench_serve] throughput: auto")
+        auto = measured(client, url, bodies(int(tp["requests"])), int(tp["concurrency"]))
+        # 2. overload at factor x the capacity just measured (same deployment)
+        ov = cfg["overload"]
+        rate = float(auto["images_per_s"]) * float(ov["factor"])
+        progress(f"[bench_serve] overload: {rate:.2f} req/s for {ov['duration_s']}s")
+        over = asyncio.run(client.open_loop(lambda i: bodies(1, 20_000 + i)[0], rate, float(ov["duration_s"])))
+        over_results = over["_results"]
+        bad_status = [r for r in over_results if r["status"] not in (200, 429, 503)]
+        no_retry = [r for r in over_results if r["status"] in (429, 503) and not r.get("retry_after")]
+        model_dep = [d for d in base["applications"][0]["deployments"] if d["name"] == "ImageModel"][0]
+        report["overload"] = {
+            **_strip(over), "offered_rate_rps": round(rate, 3), "capacity_images_per_s": auto["images_per_s"],
+            "lost": len(bad_status), "rejected_without_retry_after": len(no_retry),
+            "queue_bound": int(model_dep["max_queued_requests"]) + int(model_dep["max_ongoing_requests"]),
+            "max_ok_latency_s": over["latency_s"]["max"],
+            "met": not bad_status and not no_retry and over["ok"] > 0}
+        # 3. bad inputs, health after, and the playground
+        progress("[bench_serve] bad inputs")
+        report["bad_inputs"] = run_bad_inputs(url, key, timeout_s)
+        try:
+            progress("[bench_serve] playground screenshot")
+            report["playground"] = screenshot_playground(url, key, cfg["screenshot_path"])
+        except Exception as exc:  # chromium missing: say so, keep the numbers
+            report["playground"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        # 4. batching off (same replica: a user_config change reconfigures in place)
+        bt = cfg["batching"]
+        report["deploy_s"]["auto_nobatch"] = deploy(
+            model_config(base, replicas=1, torch_threads=threads, max_batch_size=1), "auto, max_batch_size 1")
+        progress("[bench_serve] batching: max_batch_size 1")
+        auto_nobatch = measured(client, url, bodies(int(tp["requests"])), int(tp["concurrency"]))
+        # 5. the naive deployment: full 50 steps, no batching, same replica
+        progress("[bench_serve] throughput: naive (full 50 steps, max_batch_size 1)")
+        naive = measured(client, url, bodies(int(tp["naive_requests"]), 0, mode="full", steps=50),
+                         int(tp["concurrency"]))
+        # 6. overhead: saturation vs the in-process Generator at the same batch size and threads
+        oh = cfg["overhead"]
+        report["deploy_s"]["overhead"] = deploy(
+            model_config(base, replicas=1, torch_threads=threads, max_batch_size=int(oh["batch_size"])),
+            "overhead")
+        progress("[bench_serve] overhead: service at saturation")
+        service = measured(client, url, bodies(int(oh["requests"]), 30_000), int(oh["concurrency"]))
+        progress("[bench_serve] overhead: in-process Generator")
+        local = in_process_baseline(base_bundle(base), bodies(int(oh["requests"]), 30_000), int(oh["batch_size"]),
+                                    threads)
+        ratio = service["images_per_s"] / local["images_per_s"]
+        report["overhead"] = {"service": _strip(service), "in_process": local, "ratio": round(ratio, 3),
+                              "ratio_cpu_time": round(local["cpu_s_per_image"] / service["replica_cpu_s_per_image"], 3),
+                              "target": oh["target"], "met": ratio >= float(oh["target"])}
+        speedup = auto["images_per_s"] / naive["images_per_s"]
+        cpu_speedup = naive["replica_cpu_s_per_image"] / auto["replica_cpu_s_per_image"]
+        report["throughput"] = {"auto": _strip(auto), "naive": _strip(naive), "speedup": round(speedup, 2),
+                                "speedup_replica_cpu_time": round(cpu_speedup, 2),
+                                "target": tp["target_speedup"], "met": speedup >= float(tp["target_speedup"])}
+        report["batching"] = {"max_batch_size_8": _strip(auto), "max_batch_size_1": _strip(auto_nobatch),
+                              "gain": round(auto["images_per_s"] / auto_nobatch["images_per_s"], 3),
+                              "concurrency": int(tp["concurrency"]), "note": bt.get("note")}
+        # 7. autoscaling under a load step
+        au = cfg["autoscale"]
+        report["deploy_s"]["autoscale"] = deploy(model_config(base, autoscale=True, torch_threads=threads),
+                                                 "autoscaling 1..2")
+        wait_replicas(1, 120)
+        progress("[bench_serve] autoscale: load step")
+        with replica_sampler() as samples:
+            t_start = time.monotonic()
+
+            async def step():
+                low = await client.closed_loop(bodies(int(au["low_requests"]), 40_000), 1)
+                t_high = time.monotonic()
+                high = asyncio.create_task(client.closed_loop(bodies(int(au["high_requests"]), 41_000),
+                                                              int(au["high_concurrency"])))
+                return low, t_high, await high
+            low, t_high, high = asyncio.run(step())
+            t_idle = time.monotonic()
+            try:
+                down_s = wait_replicas(1, float(au["idle_timeout_s"]))
+            except RuntimeError:
+                down_s = None
+        timeline = [{"t": round(t - t_start, 2), **c} for t, c in samples]
+        peak = max((c.get("RUNNING", 0) for _, c in samples), default=0)
+        first_two = next((s["t"] for s in timeline if s.get("RUNNING", 0) >= 2), None)
+        report["autoscale"] = {"low": _strip(low), "high": _strip(high), "timeline": timeline,
+                               "t_high_start": round(t_high - t_start, 2), "t_idle_start": round(t_idle - t_start, 2),
+                               "peak_replicas": peak, "t_two_replicas": first_two,
+                               "scale_down_s_after_idle": round(down_s, 2) if down_s is not None else None,
+                               "met": peak >= 2 and down_s is not None}
+        # 8. a replica killed mid-load (two fixed replicas)
+        kl = cfg["kill"]
+        report["deploy_s"]["kill"] = deploy(model_config(base, replicas=2, torch_threads=threads), "2 replicas")
+        wait_replicas(2, 180)
+        progress("[bench_serve] kill: one replica of two mid-load")
+
+        async def killed():
+            load = asyncio.create_task(client.closed_loop(bodies(int(kl["requests"]), 50_000), int(kl["concurrency"])))
+            await asyncio.sleep(float(kl["kill_after_s"]))
+            t_kill = time.monotonic()
+            replica = await asyncio.to_thread(kill_one_replica, url, key)
+            return t_kill, replica, await load
+        with replica_sampler(0.25) as kill_samples:
+            t_kill, replica, load = asyncio.run(killed())
+            deadline = time.monotonic() + float(kl["recovery_timeout_s"])
+            while time.monotonic() < deadline:  # until the controller noticed and two run again
+                noticed = any(t > t_kill and c.get("RUNNING", 0) < 2 for t, c in kill_samples)
+                if noticed and kill_samples and kill_samples[-1][1].get("RUNNING", 0) == 2 \
+                        and sum(kill_samples[-1][1].values()) == 2:
+                    break
+                time.sleep(0.5)
+        after = [(t, c) for t, c in kill_samples if t > t_kill]
+        t_noticed = next((t for t, c in after if c.get("RUNNING", 0) < 2), None)
+        t_back = next((t for t, c in after if t_noticed and t > t_noticed and c.get("RUNNING", 0) == 2
+                       and sum(c.values()) == 2), None)
+        results = load["_results"]
+        first_ok = min((r["t_end"] for r in results if r["status"] == 200 and r["t_start"] > t_kill), default=None)
+        unaccounted = [r for r in results if r["status"] not in (200, 503, 429)]
+        report["kill"] = {**_strip(load), "killed_replica": replica,
+                          "noticed_s": round(t_noticed - t_kill, 2) if t_noticed else None,
+                          "recovery_s": round(t_back - t_kill, 2) if t_back else None,
+                          "first_ok_after_kill_s": round(first_ok - t_kill, 2) if first_ok else None,
+                          "timeline": [{"t": round(t - t_kill, 2), **c} for t, c in kill_samples],
+                          "failed": sum(1 for r in results if r["status"] != 200),
+                          "errors": [(r.get("error") or {}).get("code") for r in results if r["status"] != 200],
+                          "unaccounted": len(unaccounted), "met": not unaccounted and t_back is not None}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    report["seconds_total"] = round(time.perf_counter() - t0, 1)
+    report["load_average_end"] = os.getloadavg()
+    return report
+
+
+def base_bundle(config: dict) -> str:
+    from serving.config import MODEL, ModelOptions, deployment
+
+    return ModelOptions.from_dict(deployment(json.loads(json.dumps(config)), MODEL).get("user_config")).resolved().model_source
+
+
+def headline(report: dict) -> dict:
+    t, o, a = report["throughput"], report["overhead"], report["autoscale"]
+    return {
+        "auto_images_per_s": t["auto"]["images_per_s"], "naive_images_per_s": t["naive"]["images_per_s"],
+        "speedup_vs_naive": t["speedup"], "speedup_met": t["met"],
+        "speedup_vs_naive_replica_cpu_time": t["speedup_replica_cpu_time"],
+        "auto_replica_cpu_s_per_image": t["auto"]["replica_cpu_s_per_image"],
+        "naive_replica_cpu_s_per_image": t["naive"]["replica_cpu_s_per_image"],
+        "auto_latency_p50_s": t["auto"]["latency_s"]["p50"], "auto_latency_p95_s": t["auto"]["latency_s"]["p95"],
+        "auto_latency_p99_s": t["auto"]["latency_s"]["p99"],
+        "naive_latency_p50_s": t["naive"]["latency_s"]["p50"], "naive_latency_p99_s": t["naive"]["latency_s"]["p99"],
+        "batching_gain_8_vs_1": report["batching"]["gain"],
+        "overhead_ratio": o["ratio"], "overhead_met": o["met"], "overhead_ratio_cpu_time": o["ratio_cpu_time"],
+        "load_average_start": report["load_average_start"][0], "load_average_end": report["load_average_end"][0],
+        "autoscale_peak_replicas": a["peak_replicas"], "autoscale_down_s": a["scale_down_s_after_idle"],
+        "autoscale_met": a["met"],
+        "overload_lost": report["overload"]["lost"], "overload_met": report["overload"]["met"],
+        "overload_statuses": report["overload"]["statuses"],
+        "kill_recovery_s": report["kill"]["recovery_s"], "kill_first_ok_s": report["kill"]["first_ok_after_kill_s"],
+        "kill_failed": report["kill"]["failed"], "kill_unaccounted": report["kill"]["unaccounted"],
+        "bad_inputs": report["bad_inputs"]["n"], "bad_inputs_all_4xx": report["bad_inputs"]["all_4xx_clear"],
+        "healthy_after_bad_inputs": report["bad_inputs"]["healthy_after"],
+        "seconds_total": report["seconds_total"],
+    }
+
+
+def plot(report: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    t = report["throughput"]
+    rows = [("naive\nfull 50, bs 1", t["naive"]), ("auto\nbs 1", report["batching"]["max_batch_size_1"]),
+            ("auto\nbs 8", t["auto"]), ("auto bs 8\nsaturated", report["overhead"]["service"])]
+    ax = axes[0]
+    ax.bar([r[0] for r in rows], [r[1]["images_per_s"] for r in rows], color=["#999", "#7aa", "#3a7", "#385"])
+    ax.axhline(report["overhead"]["in_process"]["images_per_s"], color="k", ls="--", lw=1,
+               label="in-process Generator")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"throughput (auto vs naive: {t['speedup']:.1f}x)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    x = np.arange(3)
+    for k, (name, r) in enumerate(rows[:3]):
+        lat = r["latency_s"]
+        ax.bar(x + (k - 1) * 0.27, [lat["p50"], lat["p95"], lat["p99"]], 0.27, label=name.replace("\n", " "))
+    ax.set_xticks(x, ["p50", "p95", "p99"])
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (s)")
+    ax.set_title("latency")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    a = report["autoscale"]
+    tl = a["timeline"]
+    ax.step([s["t"] for s in tl], [s.get("RUNNING", 0) for s in tl], where="post", label="running replicas")
+    ax.step([s["t"] for s in tl], [sum(v for k, v in s.items() if k != "t") for s in tl], where="post",
+            ls=":", label="all replicas (incl. starting/stopping)")
+    for key, label in (("t_high_start", "high load"), ("t_idle_start", "idle")):
+        ax.axvline(a[key], color="grey", lw=1, ls="--")
+        ax.text(a[key], 0.1, f" {label}", fontsize=8)
+    ax.set_ylim(0, 3)
+    ax.set_xlabel("seconds")
+    ax.set_title("autoscaling under a load step")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main() -> None:
+    from budgetdiff.io import atomic_write_bytes, atomic_write_json
+    from training.params import load_params
+
+    cfg = load_params("bench_serve")
+    report = run(cfg)
+    atomic_write_json(cfg["report_path"], report)
+    atomic_write_json(cfg["headline_path"], headline(report))
+    atomic_write_bytes(cfg["plot_path"], plot(report))
+    print(json.dumps(headline(report)))
+
+
+if __name__ == "__main__":
+    main()
