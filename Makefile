@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 TEST_ARGS ?=
 
-.PHONY: setup repro test test-all tiny clean-env
+.PHONY: setup setup-system repro test test-all tiny clean-env
 
 $(CURDIR)/.tools/bin/uv:
 	python3 -m pip install --quiet --disable-pip-version-check --target $(CURDIR)/.tools uv
@@ -16,13 +16,19 @@ $(CURDIR)/.tools/bin/uv:
 setup: $(UV)
 	$(UV) sync --frozen
 
+# System packages the tests drive for real: Debian's chromium + chromium-driver (the playground's
+# browser test). Installed with apt-get (root, as here and in CI) only when missing.
+setup-system:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
 repro: setup  ## the default workflow: dvc repro on the embedded model
 	$(UV) run --frozen dvc repro
 
-test: setup  ## the default test run (slow tests excluded)
-	$(UV) run --frozen pytest -m "not slow" $(TEST_ARGS)
+test: setup setup-system  ## the default test run (slow tests excluded)
+	$(UV) run --frozen pytest -m "not slow" --durations=15 $(TEST_ARGS)
 
-test-all: setup
+test-all: setup setup-system
 	$(UV) run --frozen pytest $(TEST_ARGS)
 
 tiny: setup  ## the tiny profile of the whole workflow, as CI runs it
@@ -63,5 +69,4 @@ serve-stop:  ## shut the service down and end that Ray cluster's processes (only
 serve-status:
 	$(UV) run --frozen python -m serving status --temp-dir $(SERVE_TEMP_DIR)
 
-setup-system-serving:  ## (root) headless chromium + chromedriver for the playground browser test
-	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+setup-system-serving: setup-system  ## (root) headless chromium + chromedriver for the playground browser test
