@@ -53,9 +53,9 @@ class BenchAutoError(ValueError):
 def realised_quality(values: dict[str, np.ndarray]) -> np.ndarray:
     """Per image: the lowest of SSIM, 1 − LPIPS and I-CLIP against the full-step image (the
     quality fraction ``quality_target`` and the skip policy's ``measured.quality`` speak of)."""
-    lpips = next(v for k, v in values.items() if k.startswith("mid/lpips"))
-    iclip = next(v for k, v in values.items() if k.startswith("high/iclip"))
-    return np.minimum.reduce([values["pixel/ssim"], 1.0 - lpips, iclip])
+    from budgetdiff.auto_policy import quality_from_values
+
+    return quality_from_values(values)
 
 
 def run_mode(gen: Generator, requests: list[GenerationRequest], batch_size: int, desc: str):
@@ -173,14 +173,23 @@ def check_targets(results: dict, overhead: dict, cfg: dict) -> dict:
     }
 
 
-def calibration(results: dict, per_image_quality: dict, targets: list[float]) -> list[dict]:
-    """For each quality target q: the share of prompts whose realised quality reaches q, and the
-    mean cost, of auto run with that target."""
+def calibration(results: dict, per_image_quality: dict, targets: list[float], coverage: float | None = None
+                ) -> list[dict]:
+    """For each quality target q: the share of prompts whose realised quality reaches q (the auto
+    policy promises ``coverage``), and the mean cost, of auto run with that target."""
     rows = []
     for q in targets:
         name = f"auto_q{q:g}"
         quality = per_image_quality[name]
-        rows.append({"quality_target": q, "share_reaching_target": float(np.mean(quality >= q)),
+        share = float(np.mean(quality >= q))
+        n = len(quality)
+        # a one-sided 95 % lower confidence bound of the share (Wilson): is the promise held?
+        z = 1.645
+        centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        rows.append({"quality_target": q, "share_reaching_target": share,
+                     "share_lower_95": float(centre - half), "promised_coverage": coverage,
+                     "promise_met": None if coverage is None else bool(centre + half >= coverage),
                      "mean_realised_quality": float(quality.mean()), "nfe": results[name]["nfe"],
                      "gflops_per_image": results[name]["gflops_per_image"], "routes": results[name]["routes"]})
     return rows
@@ -202,8 +211,12 @@ def run(cfg: dict) -> dict:
     seeds = [cfg["seed_offset"] + i for i in range(len(prompts))]
     gflops = gen.gflops_per_evaluation
     cache = Path(cfg["cache_dir"])
-    bundle_key = [gen.bundle.sha256, gen.skip_policy.sha256,
-                  *(directory_fingerprint(Path(m.path) / "unet") for m in gen.models.values())]
+    from budgetdiff.policy import content_sha256
+
+    # a run depends on the whole bundle only in auto mode: other modes are cached across auto-policy changes
+    models_key = [gen.skip_policy.sha256, *(directory_fingerprint(Path(m.path) / "unet") for m in gen.models.values())]
+    no_auto_key = [content_sha256({k: v for k, v in gen.bundle.raw.items() if k != "auto"}), *models_key]
+    auto_key = [gen.bundle.sha256, *models_key]
 
     def requests_for(mode: str, **kw) -> list[GenerationRequest]:
         return [GenerationRequest(p, mode=mode, seed=s, **kw) for p, s in zip(prompts, seeds)]
@@ -211,6 +224,7 @@ def run(cfg: dict) -> dict:
     images, records, secs = {}, {}, {}
 
     def measure(name: str, requests: list[GenerationRequest]) -> None:
+        bundle_key = auto_key if any(r.mode == "auto" for r in requests) else no_auto_key
         key = hashlib.sha256(json.dumps([bundle_key, name, [r.__repr__() for r in requests], cfg["batch_size"]],
                                         default=str).encode()).hexdigest()[:16]
         path = cache / f"{name}_{key}.pt"
@@ -263,6 +277,7 @@ def run(cfg: dict) -> dict:
         "prompts": len(prompts), "seed_offset": cfg["seed_offset"], "batch_size": cfg["batch_size"],
         "bundle": gen.bundle.describe(), "skip_policy": gen.skip_policy.describe(),
         "auto_rule": gen.bundle.auto.to_record() if gen.bundle.auto else None,
+        "auto_policy": gen.auto_policy.to_dict() if gen.auto_policy else None,
         "gflops_per_evaluation": {f"{m}/{'cfg' if c else 'nocfg'}": round(v, 4) for (m, c), v in gflops.items()},
         "definitions": {"quality": "per image min(pixel/ssim, 1 - mid/lpips_alex_randinit, high/iclip_domainclip) "
                                    "against the full 50-step image of the same seed (LPIPS without ImageNet weights)",
@@ -271,7 +286,8 @@ def run(cfg: dict) -> dict:
                         "uniform_equal_gflops": f"base model, {uniform_gflops} uniform steps "
                                                 f"(auto's mean GFLOPs {auto_gflops:.2f})"},
         "results": results,
-        "calibration": calibration(results, per_image_quality, [float(q) for q in cfg["quality_targets"]]),
+        "calibration": calibration(results, per_image_quality, [float(q) for q in cfg["quality_targets"]],
+                                   gen.auto_policy.coverage if gen.auto_policy else None),
         "engine_overhead": overhead,
         "targets": check_targets(results, overhead, cfg),
         "torch_threads": torch.get_num_threads(),
@@ -288,6 +304,8 @@ def headline(report: dict) -> dict:
             "auto_attr_acc_minus_full": round(auto[ATTR] - full[ATTR], 5),
             "auto_clipt_minus_full": round(auto[CLIPT] - full[CLIPT], 5),
             "auto_quality": round(auto["quality"], 5), "engine_overhead_pct": report["engine_overhead"]["overhead_pct"],
+            "quality_target_share_reaching": {f"{c['quality_target']:g}": round(c["share_reaching_target"], 4)
+                                              for c in report["calibration"]},
             "targets_met": {k: v["met"] for k, v in report["targets"].items() if "met" in v}}
 
 

@@ -13,8 +13,12 @@ with its models (the registry does this) loads from anywhere::
       "budget":  {"path": "../budget", "plateau_epsilon": 0.014},
       "skip_policy": "skip_policy.json",
       "auto":    {"student_max_steps": 30, "student_guidance": 1.0, "scheduler": "ddim",
-                  "source": "..."}
+                  "source": "...", "policy": {...}}
     }
+
+``auto.policy`` (optional) is the calibrated auto policy (``budgetdiff.auto_policy``) the
+``calibrate_auto`` stage measured; when present ``auto`` routes by it, otherwise by the older
+student-threshold rule.
 
 The ``bundle`` DVC stage writes ``models/bundle`` from the reports of the stages that measured
 each setting; nothing in it is typed by hand.
@@ -28,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .auto_policy import AutoPolicy, AutoPolicyError
 from .policy import PolicyError, SkipPolicy, content_sha256, load_skip_policy
 
 BUNDLE_FORMAT = "budgetdiff-bundle/1"
@@ -59,8 +64,11 @@ class AutoRule:
     student_guidance: float
     scheduler: str = "ddim"
     source: str | None = None
+    policy: AutoPolicy | None = None  # the calibrated auto policy; when set it replaces the rule above
 
     def to_record(self) -> dict:
+        if self.policy is not None:
+            return {"policy": self.policy.describe(), "scheduler": self.policy.scheduler}
         return {"student_max_steps": self.student_max_steps, "student_guidance": self.student_guidance,
                 "scheduler": self.scheduler}
 
@@ -146,9 +154,16 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     auto = None
     if raw.get("auto"):
         a = raw["auto"]
+        auto_policy = None
+        if a.get("policy") is not None:
+            try:
+                auto_policy = AutoPolicy.from_dict(a["policy"], f"bundle {str(file)!r} auto.policy",
+                                                   f"{file}#auto.policy")
+            except AutoPolicyError as exc:
+                raise BundleError(str(exc)) from None
         auto = AutoRule(_number(a, "student_max_steps", "bundle auto", int, 0),
                         _number(a, "student_guidance", "bundle auto", float, 0), str(a.get("scheduler", "ddim")),
-                        a.get("source"))
+                        a.get("source"), auto_policy)
     return Bundle(str(root.resolve()), base_path, str(base.get("scheduler", "ddim")), int(base.get("steps", 50)),
                   student, budget_path, epsilon, policy, auto, raw)
 

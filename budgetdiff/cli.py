@@ -6,6 +6,7 @@
         [--max-skip C] [--reuse SPACE] [--out FILE.png]
     budgetdiff batch PROMPTS.txt|.csv --out-dir DIR [--mode ...] [--batch-size N]
     budgetdiff score IMAGE [--ref REF.png] [--prompt TEXT] [--resize]
+    budgetdiff drift PROMPT_LOG --out REPORT.html [--window N] [--alpha A] [--permutations P]
 
 The last line on stdout is one JSON object. Bad arguments exit with status 2 and one line on
 stderr naming the argument; never a traceback.
@@ -467,6 +468,72 @@ def score(
         except PromptParseError as exc:
             print(f"note: domain/attr_acc left out: {exc}", file=sys.stderr)
     print(json.dumps({k: round(v, 6) for k, v in values.items()}))
+
+
+@app.command()
+def drift(
+    prompt_log: Path = typer.Argument(..., help="Served prompts: .txt (one per line) or .jsonl (records with a 'prompt' key, e.g. batch's records.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="The HTML report to write (.html)."),
+    window: int = typer.Option(100, "--window", help="Prompts per tested window (>= 10)."),
+    alpha: float = typer.Option(0.01, "--alpha", help="Family-wise level: a window is flagged when min(p_MMD, p_C2ST) < alpha/2."),
+    permutations: int = typer.Option(999, "--permutations", help="MMD permutations per window."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the permutations and classifier splits."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference prompts (.txt/.jsonl) instead of the budget predictor's training prompts."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml that the training prompts are regenerated from."),
+) -> None:
+    """Test served prompts for drift from the budget predictor's training prompts (kernel MMD and
+    classifier two-sample tests per window) and write an HTML report; the last stdout line is a
+    JSON summary."""
+    from .drift import MIN_WINDOW, PromptLogError, ReportWriteError, drift_report, read_prompt_log, reference_prompts
+
+    if window < MIN_WINDOW:
+        raise CliError(f"--window: must be >= {MIN_WINDOW}, got {window}")
+    if not (0 < alpha < 1):
+        raise CliError(f"--alpha: must be in (0, 1), got {alpha}")
+    if permutations < 1:
+        raise CliError(f"--permutations: must be >= 1, got {permutations}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise CliError(f"--out: {str(out)!r} must end in .html")
+    if out.is_dir():
+        raise CliError(f"--out: {str(out)!r} is a directory")
+    if not out.resolve().parent.is_dir():
+        raise CliError(f"--out: directory {str(out.resolve().parent)!r} does not exist")
+    try:
+        prompts, skipped = read_prompt_log(prompt_log)
+    except PromptLogError as exc:
+        raise CliError(f"PROMPT_LOG: {exc}") from None
+    if len(prompts) < MIN_WINDOW:
+        raise CliError(f"PROMPT_LOG: {len(prompts)} prompt(s) in {prompt_log}, the drift tests need at least {MIN_WINDOW}")
+    if skipped:
+        print(f"note: skipped {skipped} line(s) of {prompt_log} without a 'prompt' string", file=sys.stderr)
+    if 1 / (1 + permutations) >= alpha / 2:
+        print(f"note: with {permutations} permutations the smallest MMD p-value is {1 / (1 + permutations):.3g}, "
+              f"not below alpha/2 = {alpha / 2:g}: only the classifier test can flag a window", file=sys.stderr)
+    if reference is not None:
+        try:
+            ref_prompts, _ = read_prompt_log(reference)
+        except PromptLogError as exc:
+            raise CliError(f"--reference: {exc}") from None
+        source = str(reference)
+    else:
+        try:
+            ref_prompts = reference_prompts(params)
+        except ValueError as exc:
+            message = str(exc).splitlines()[0]
+            raise CliError(f"--params: {message.removeprefix('params: ')}") from None
+        source = f"the budget predictor's training prompts, regenerated from {params}"
+    if len(ref_prompts) < MIN_WINDOW:
+        raise CliError(f"--reference: {len(ref_prompts)} prompt(s), need at least {MIN_WINDOW}")
+    try:
+        summary = drift_report(prompts, ref_prompts, out, window=window, alpha=alpha, n_permutations=permutations,
+                               seed=seed, prompt_log=str(prompt_log), reference_source=source)
+    except ReportWriteError as exc:
+        raise CliError(f"--out: {exc}") from None
+    except ValueError as exc:
+        raise _as_cli_error(exc) from None
+    print(f"{summary['flagged_windows']} of {summary['windows']} window(s) flagged at alpha {alpha:g} -> {out}",
+          file=sys.stderr)
+    print(json.dumps(summary))
 
 
 @app.callback()

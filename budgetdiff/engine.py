@@ -18,10 +18,15 @@ Modes (``MODES``):
   operating point for the scheduler (the default point, or with ``quality_target`` the fastest
   point measured at or above it); ``skip`` overrides it.
 - ``student``: the step-distilled student at its step count and the guidance it was judged at.
-- ``auto``: all three. The budget predictor chooses the prompt's step count S as in ``budget``;
-  when S <= the bundle's ``auto.student_max_steps`` the student runs (at ``auto.student_guidance``,
-  the cheapest guidance measured to keep attr_acc and CLIP-T at the full model's), otherwise the
-  base model runs S steps with the skip policy's point for ``quality_target``.
+- ``auto``: the methods together, routed by the bundle's calibrated auto policy
+  (``budgetdiff.auto_policy``, measured by ``calibrate_auto``): each candidate plan (the base
+  model at a few steps, the student, BudgetFusion's per-prompt budget under a rule) was rendered on
+  calibration prompts; without ``quality_target`` auto runs the cheapest plan that kept attr_acc
+  and CLIP-T within tolerance of the full-step model, with ``quality_target`` q the cheapest plan
+  whose conformal lower bound of realised quality reaches q (so q is met for the policy's coverage,
+  95 %, of requests, not on average). A bundle without a policy falls back to the older rule:
+  predicted budget S <= ``auto.student_max_steps`` -> the student at ``auto.student_guidance``,
+  otherwise the base model at S steps with the skip policy's point for ``quality_target``.
 
 Compatible requests (same model, steps, scheduler, guidance and skip configuration) run as one
 batched pipeline call; every request keeps its own seed (one noise generator per image), so an
@@ -194,6 +199,7 @@ class Generator:
         self.base_scheduler = base_scheduler
         self.student_scheduler = student_scheduler
         self.bundle = bundle
+        self.auto_policy = None  # budgetdiff.auto_policy.AutoPolicy: set by load() from the bundle
         self._encoder_lock = threading.Lock()
         # UNet GFLOPs of one evaluation per (model, CFG on): counted once here, since the flop
         # counter is not thread-safe; records multiply them by each image's evaluations.
@@ -246,7 +252,7 @@ class Generator:
             except BudgetModelError as exc:
                 raise BundleError(f"budget: {exc}") from None
         auto = bundle.auto
-        return cls(base, student, student_steps=bundle.student.steps if bundle.student else 8,
+        gen = cls(base, student, student_steps=bundle.student.steps if bundle.student else 8,
                    student_guidance=bundle.student.guidance if bundle.student else None,
                    predictor=predictor, skip_policy=bundle.skip_policy, plateau_epsilon=bundle.plateau_epsilon,
                    auto_student_max_steps=auto.student_max_steps if auto else None,
@@ -255,6 +261,8 @@ class Generator:
                    student_scheduler=bundle.student.scheduler if bundle.student else "ddim",
                    bundle=bundle, model_paths={"base": bundle.base,
                                                "student": bundle.student.path if bundle.student else None})
+        gen.auto_policy = auto.policy if auto else None
+        return gen
 
     # ------------------------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
@@ -265,7 +273,7 @@ class Generator:
             raise ValueError(f"mode: {mode} needs a student model, and this bundle has none")
         if mode in ("budget", "auto") and self.predictor is None:
             raise ValueError(f"mode: {mode} needs a budget predictor, and this bundle has none")
-        if mode == "auto" and self.auto_student_max_steps is None:
+        if mode == "auto" and self.auto_student_max_steps is None and self.auto_policy is None:
             raise ValueError("mode: auto needs the bundle's auto rule, and this bundle has none")
         if mode == "adaptive" and request.skip is None and self.skip_policy is None:
             raise ValueError("mode: adaptive needs a skip policy, and this bundle has none")
@@ -286,14 +294,53 @@ class Generator:
                 self.check_request(r)
             except ValueError as exc:
                 raise ValueError(f"{exc} (request {i})" if len(requests) > 1 else str(exc)) from None
-        budgeted = [i for i, r in enumerate(requests) if r.mode in ("budget", "auto")]
-        choices = self._choose_budgets([requests[i] for i in budgeted]) if budgeted else []
+        routes = {i: self._auto_route(r) for i, r in enumerate(requests)
+                  if r.mode == "auto" and self.auto_policy is not None}
+        budgeted, overrides = [], []
+        for i, r in enumerate(requests):
+            if r.mode == "budget" or (r.mode == "auto" and i not in routes):
+                budgeted.append(i)
+                overrides.append(None)
+            elif i in routes and routes[i][0] is not None and routes[i][0].kind == "budget":
+                budgeted.append(i)
+                overrides.append(routes[i][0])
+        choices = self._choose_budgets([requests[i] for i in budgeted], overrides) if budgeted else []
         by_index = dict(zip(budgeted, choices))
-        return [self._plan_one(r, by_index.get(i)) for i, r in enumerate(requests)]
+        return [self._plan_auto(r, routes[i], by_index.get(i)) if i in routes else self._plan_one(r, by_index.get(i))
+                for i, r in enumerate(requests)]
 
-    def _choose_budgets(self, requests: list[GenerationRequest]) -> list[dict]:
+    def _auto_route(self, r: GenerationRequest):
+        return self.auto_policy.choose(None if r.quality_target is None else float(r.quality_target))
+
+    def _plan_auto(self, r: GenerationRequest, route: tuple, budget: dict | None) -> Plan:
+        """An auto request under the calibrated auto policy."""
+        cand, why = route
+        base_guidance = float(self.models["base"].pipe.config.default_guidance_scale)
+        scheduler = (r.scheduler or self.auto_policy.scheduler or self.base_scheduler).lower()
+        info = {"auto": {"route": cand.name if cand else "reference", "why": why,
+                         "policy": self.auto_policy.describe(),
+                         "measured": ({k: cand.measured.get(k) for k in ("gflops_per_image", "quality_mean",
+                                                                        "quality_lower_bound")} if cand else None)}}
+        if cand is None:
+            g = float(r.guidance) if r.guidance is not None else base_guidance
+            return Plan("base", int(self.auto_policy.reference.get("steps") or self.base_steps), scheduler, g, info=info)
+        if cand.model == "student":
+            g = float(r.guidance) if r.guidance is not None else float(cand.guidance if cand.guidance is not None
+                                                                        else self.student_guidance or base_guidance)
+            return Plan("student", cand.steps or self.student_steps, self.student_scheduler, g, info=info)
+        g = float(r.guidance) if r.guidance is not None else float(cand.guidance if cand.guidance is not None
+                                                                    else base_guidance)
+        if cand.kind == "uniform" and cand.skip:
+            config, policy = self._skip_point(scheduler, None)
+            return Plan("base", int(cand.steps), scheduler, g, config, info={**info, "skip_policy": policy})
+        if cand.kind == "uniform":
+            return Plan("base", int(cand.steps), scheduler, g, info=info)
+        return Plan("base", int(budget["chosen_steps"]), scheduler, g, info={**info, "budget": budget})
+
+    def _choose_budgets(self, requests: list[GenerationRequest], overrides: list | None = None) -> list[dict]:
         """BudgetFusion: each prompt's predicted curves and chosen step count, one batched
-        prediction for all the prompts."""
+        prediction for all the prompts. ``overrides``: per request an auto candidate whose budget
+        rule (quality q' or plateau ε) replaces the request's own."""
         from .budget import PlateauRule, QualityTargetRule, choose_steps, quality_fraction, text_encoder_of
 
         base = self.models["base"].pipe
@@ -304,8 +351,13 @@ class Generator:
         prediction_ms = (time.perf_counter() - start) * 1000 / len(requests)
         rules = self.predictor.config["rules"]
         out = []
-        for r, c in zip(requests, curves):
-            if r.quality_target is not None:
+        overrides = overrides or [None] * len(requests)
+        for r, c, cand in zip(requests, curves, overrides):
+            if cand is not None and cand.budget_quality is not None:
+                rule = QualityTargetRule(float(cand.budget_quality), rules["psnr_cap_db"])
+            elif cand is not None:
+                rule = PlateauRule(float(cand.budget_epsilon))
+            elif r.quality_target is not None:
                 rule = QualityTargetRule(float(r.quality_target), rules["psnr_cap_db"])
             else:
                 eps = self.plateau_epsilon if self.plateau_epsilon is not None else rules["plateau_epsilon"]

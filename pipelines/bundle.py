@@ -9,7 +9,9 @@ Nothing in the bundle is typed by hand:
 - ``auto``'s student guidance is the cheapest guidance (fewest UNet GFLOPs per image) at which
   ``bench_distill`` measured the student within ``auto.tolerances`` of the reference run's
   attr_acc and CLIP-T;
-- the budget rule's ε is the one ``train_budget`` calibrated (the predictor's config).
+- the budget rule's ε is the one ``train_budget`` calibrated (the predictor's config);
+- ``auto``'s calibrated policy is the file ``calibrate_auto`` wrote (``bundle.auto.policy``),
+  embedded in bundle.json so the bundle's hash covers it.
 
 Writes ``models/bundle/bundle.json`` and ``models/bundle/skip_policy.json``.
 """
@@ -147,8 +149,16 @@ def build(cfg: dict) -> dict:
                                                  auto_cfg["tolerances"], "report": distill_path, **why},
                             "student_max_steps": "params.yaml bundle.auto.student_max_steps"}},
     }
+    auto_policy = None
+    if auto_cfg.get("policy"):
+        from budgetdiff.auto_policy import load_auto_policy
+
+        auto_policy = load_auto_policy(auto_cfg["policy"])
+        raw["auto"]["policy"] = auto_policy.to_dict()
+        raw["auto"]["source"]["policy"] = f"{auto_cfg['policy']} (calibrate_auto)"
     write_bundle(out, raw, policy)
     return {"output_dir": str(out), "skip_policy_sha256": policy.sha256,
+            "auto_policy": {"default": auto_policy.default, "sha256": auto_policy.sha256} if auto_policy else None,
             "defaults": {s: p.default for s, p in policy.schedulers.items()},
             "student_guidance": float(judged), "auto_student_guidance": auto_guidance}
 

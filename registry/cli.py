@@ -1,4 +1,4 @@
-"""``budgetdiff-registry`` / ``python -m registry``: register | promote | rollback | list | generate.
+"""``budgetdiff-registry`` / ``python -m registry``: register | promote | rollback | list | generate | fetch.
 
 Errors are one line (``error: ...``, exit 2); a refused promotion prints the gate's table with
 the failing metrics and exits 1. The last stdout line of register / promote / rollback is one
@@ -125,6 +125,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    """Write a version's bundle to a directory, verified (``registry.resolve.fetch``): the container
+    entrypoint's first step. Skipped when the directory already holds that version."""
+    from .resolve import fetch
+
+    # no MLflow progress bars (a pod's log, and errors stay one line) unless asked for
+    bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(bar)
+    os.environ[bar] = before if before is not None else "false"
+    try:
+        result = fetch(args.uri, args.out, args.cache)
+    finally:
+        if before is None:
+            os.environ.pop(bar, None)
+    what = "fetched" if result["fetched"] else "already in place:"
+    print(f"{what} {result['uri']} = version {result['version']} -> {result['bundle_dir']}", file=sys.stderr)
+    _print_json(result)
+    return 0
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -154,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mode", default="auto")
     gen.add_argument("--out", default="registry_sample.png")
     gen.set_defaults(fn=cmd_generate)
+    f = sub.add_parser("fetch", help="write a version's bundle to a directory, verified against its manifest")
+    f.add_argument("uri", nargs="?", default=f"models:/{MODEL_NAME}@{CHAMPION}",
+                   help="models:/NAME@ALIAS or models:/NAME/VERSION (default: the champion)")
+    f.add_argument("--out", default="models/registry",
+                   help="the bundle directory to (re)place (default: models/registry)")
+    f.add_argument("--cache", default=None, help="cache of referenced parts (default: BUDGETDIFF_REGISTRY_CACHE "
+                   "or ~/.cache/budgetdiff/registry)")
+    f.set_defaults(fn=cmd_fetch)
     return p
 
 

@@ -1,4 +1,5 @@
-"""The Serve application: ``ImageIngress`` -> ``ImageModel``. Configs name ``serving.app:app``.
+"""The Serve application: ``ImageIngress`` -> ``ImageModel`` -> (sampled) ``ShadowEvaluator``.
+Configs name ``serving.app:app``.
 
 Nothing about resources, replicas, queues or batching is set here: the YAML profile supplies it
 (``serving/configs``), checked by ``serving.config`` before deployment.
@@ -10,8 +11,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .api import HandleBackend, IngressState, create_api
-from .config import INGRESS, MODEL, IngressOptions
+from .config import INGRESS, MODEL, SHADOW, IngressOptions
 from .model import ImageModel as _ImageModel
+from .shadow import ShadowEvaluatorDeployment as _ShadowEvaluator
 
 
 @serve.deployment(name=INGRESS)
@@ -30,5 +32,6 @@ class ImageIngress:
 
 
 ImageModel = serve.deployment(name=MODEL)(_ImageModel)
+ShadowEvaluator = serve.deployment(name=SHADOW)(_ShadowEvaluator)
 
-app = ImageIngress.bind(ImageModel.bind())
+app = ImageIngress.bind(ImageModel.bind(ShadowEvaluator.bind()))

@@ -27,6 +27,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "cpu.yaml"
 APP_IMPORT_PATH = "serving.app:app"
 INGRESS = "ImageIngress"
 MODEL = "ImageModel"
+SHADOW = "ShadowEvaluator"
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -73,6 +74,13 @@ class ModelOptions:
         max_batch_size: the most images one ``@serve.batch`` call and one pipeline call take.
         batch_wait_timeout_s: how long a batch waits to fill after its first image.
         warmup: run one small generation after loading, before the model takes traffic.
+        shadow_sample_rate: the fraction of served images sent to the ShadowEvaluator (0: none).
+        shadow_queue_size: sampled images waiting in this replica, at most; more are dropped (counted).
+        shadow_max_in_flight: sampled images sent to the evaluator and not yet answered, at most.
+        shadow_seed: the sampling coin's seed.
+        registry_poll_s: with a registry alias as model_source (``models:/budgetdiff@champion``),
+            look the alias up every this many seconds and swap in the version it points at
+            (0: only on reconfigure).
     """
 
     model_source: str = "models/bundle"
@@ -83,6 +91,11 @@ class ModelOptions:
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.02
     warmup: bool = True
+    shadow_sample_rate: float = 0.0
+    shadow_queue_size: int = 32
+    shadow_max_in_flight: int = 1
+    shadow_seed: int = 0
+    registry_poll_s: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "user_config") -> "ModelOptions":
@@ -100,6 +113,11 @@ class ModelOptions:
         _check_number(f"{where}.batch_wait_timeout_s", o.batch_wait_timeout_s, float, 0, 10)
         if not isinstance(o.warmup, bool):
             raise ValueError(f"{where}.warmup: must be true or false, got {o.warmup!r}")
+        _check_number(f"{where}.shadow_sample_rate", o.shadow_sample_rate, float, 0, 1)
+        _check_number(f"{where}.shadow_queue_size", o.shadow_queue_size, int, 1, 100_000)
+        _check_number(f"{where}.shadow_max_in_flight", o.shadow_max_in_flight, int, 1, 64)
+        _check_number(f"{where}.shadow_seed", o.shadow_seed, int, 0)
+        _check_number(f"{where}.registry_poll_s", o.registry_poll_s, float, 0, 86_400)
         return o
 
     def resolved(self) -> "ModelOptions":
@@ -158,7 +176,78 @@ class IngressOptions:
         return o
 
 
-USER_CONFIGS = {INGRESS: IngressOptions, MODEL: ModelOptions}
+@dataclass(frozen=True)
+class ShadowOptions:
+    """``ShadowEvaluator``'s user_config (monitoring/shadow.py; docs/monitoring.md).
+
+    Args:
+        enabled: false: the deployment loads nothing and refuses jobs (the model replicas count
+            them as dropped); set ImageModel's shadow_sample_rate to 0 as well to stop sampling.
+        model_source: the bundle whose base model renders the reference images (local directory;
+            relative paths resolve against the repository). ``with_overrides(model_source=...)``
+            sets it together with ImageModel's.
+        clip_dir / attributes_dir: the domain CLIP and attribute checker the scorer loads.
+        reference_steps: the reference step count (None: the bundle's full steps).
+        default_quality_target: the target a request without ``quality_target`` is judged by.
+        objective: the quality SLO: the share of sampled requests that must be good.
+        window: shadow_score gauges average the last ``window`` evaluations.
+        device: "cpu" or "cuda".
+        torch_threads: intra-op threads of the evaluator (keep it small: it is low priority).
+        nice: niceness added to the evaluator's process (0-19), so serving replicas get the CPU first.
+        mlflow_log_every: log verdicts to MLflow every this many evaluations (0: off).
+        mlflow_experiment: the MLflow experiment of those runs.
+        drift_window: served prompts per drift test window (0: drift off).
+        drift_alpha: the drift tests' significance level.
+    """
+
+    enabled: bool = True
+    model_source: str = "models/bundle"
+    clip_dir: str = "models/clip"
+    attributes_dir: str = "models/attributes"
+    reference_steps: int | None = None
+    default_quality_target: float = 0.9
+    objective: float = 0.95
+    window: int = 50
+    device: str = "cpu"
+    torch_threads: int = 1
+    nice: int = 10
+    mlflow_log_every: int = 0
+    mlflow_experiment: str = "budgetdiff-shadow"
+    drift_window: int = 100
+    drift_alpha: float = 0.01
+
+    @classmethod
+    def from_dict(cls, d: dict | None, where: str = "user_config") -> "ShadowOptions":
+        d = dict(d or {})
+        _known_keys(cls, d, where)
+        o = cls(**d)
+        if not isinstance(o.enabled, bool):
+            raise ValueError(f"{where}.enabled: must be true or false, got {o.enabled!r}")
+        for key in ("model_source", "clip_dir", "attributes_dir", "mlflow_experiment"):
+            if not isinstance(getattr(o, key), str) or not getattr(o, key).strip():
+                raise ValueError(f"{where}.{key}: must be a non-empty string, got {getattr(o, key)!r}")
+        _check_number(f"{where}.reference_steps", o.reference_steps, int, 2, 1000, allow_none=True)
+        _check_number(f"{where}.default_quality_target", o.default_quality_target, float, 0.01, 1)
+        _check_number(f"{where}.objective", o.objective, float, 0.5, 0.9999)
+        _check_number(f"{where}.window", o.window, int, 1, 100_000)
+        _check_choice(f"{where}.device", o.device, ("cpu", "cuda"))
+        _check_number(f"{where}.torch_threads", o.torch_threads, int, 1, 256)
+        _check_number(f"{where}.nice", o.nice, int, 0, 19)
+        _check_number(f"{where}.mlflow_log_every", o.mlflow_log_every, int, 0, 100_000)
+        _check_number(f"{where}.drift_window", o.drift_window, int, 0, 100_000)
+        if 0 < o.drift_window < 10:
+            raise ValueError(f"{where}.drift_window: must be 0 (off) or >= 10, got {o.drift_window}")
+        _check_number(f"{where}.drift_alpha", o.drift_alpha, float, 1e-6, 0.5)
+        return o
+
+    def resolved(self) -> "ShadowOptions":
+        from .sources import resolve_local_path
+
+        return ShadowOptions(**{**asdict(self), **{k: resolve_local_path(getattr(self, k))
+                                                   for k in ("model_source", "clip_dir", "attributes_dir")}})
+
+
+USER_CONFIGS = {INGRESS: IngressOptions, MODEL: ModelOptions, SHADOW: ShadowOptions}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,6 +326,13 @@ def _validate_deployment(dep: dict, where: str) -> None:
             raise ValueError(f"{where}.ray_actor_options.num_gpus: device cuda needs num_gpus >= 1")
         if options.device == "cpu" and gpus:
             raise ValueError(f"{where}.user_config.device: num_gpus is {gpus} but device is cpu")
+    if name == SHADOW:
+        gpus = (actor or {}).get("num_gpus", 0) or 0
+        if options.enabled and options.device == "cuda" and not gpus:
+            raise ValueError(f"{where}.ray_actor_options.num_gpus: device cuda needs num_gpus > 0")
+        if dep.get("num_replicas") not in (None, 1) or "autoscaling_config" in dep:
+            raise ValueError(f"{where}.num_replicas: the shadow evaluator runs as exactly one replica "
+                             f"(its SLO window and MLflow run live in it)")
 
 
 def validate_serve_config(config: dict) -> dict:
@@ -301,9 +397,11 @@ def deployment(config: dict, name: str, app: int = 0) -> dict:
 
 def with_overrides(config: dict, *, http_port: int | None = None, host: str | None = None,
                    model_source: str | None = None, model: dict | None = None,
-                   ingress: dict | None = None, deployments: dict | None = None) -> dict:
-    """A validated copy of ``config`` with ports, the model source, user_config keys (``model``,
-    ``ingress``) or whole deployment keys (``deployments={name: {key: value}}``) replaced."""
+                   ingress: dict | None = None, shadow: dict | None = None,
+                   deployments: dict | None = None) -> dict:
+    """A validated copy of ``config`` with ports, the model source (the model's and the shadow's),
+    user_config keys (``model``, ``ingress``, ``shadow``) or whole deployment keys
+    (``deployments={name: {key: value}}``) replaced."""
     config = copy.deepcopy(config)
     http = config.setdefault("http_options", {})
     if http_port is not None:
@@ -312,7 +410,9 @@ def with_overrides(config: dict, *, http_port: int | None = None, host: str | No
         http["host"] = host
     if model_source is not None:
         model = {**(model or {}), "model_source": model_source}
-    for name, extra in ((MODEL, model), (INGRESS, ingress)):
+        if any(d.get("name") == SHADOW for d in config["applications"][0].get("deployments") or []):
+            shadow = {"model_source": model_source, **(shadow or {})}
+    for name, extra in ((MODEL, model), (INGRESS, ingress), (SHADOW, shadow)):
         if extra:
             dep = deployment(config, name)
             dep["user_config"] = {**(dep.get("user_config") or {}), **extra}
@@ -336,6 +436,10 @@ def resolve_paths(config: dict) -> dict:
                 dep["user_config"] = {**(dep.get("user_config") or {}),
                                       "model_source": options.model_source,
                                       "skip_policy": options.skip_policy}
+            elif dep.get("name") == SHADOW:
+                shadow = ShadowOptions.from_dict(dep.get("user_config")).resolved()
+                dep["user_config"] = {**(dep.get("user_config") or {}),
+                                      **{k: getattr(shadow, k) for k in ("model_source", "clip_dir", "attributes_dir")}}
     return config
 
 

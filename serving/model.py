@@ -36,7 +36,8 @@ logger = logging.getLogger("ray.serve")
 
 # Record keys a reply carries per image (the engine's record has more: skip masks, policies).
 RECORD_KEYS = ("mode", "steps", "nfe", "skipped", "skip_mask", "scheduler", "guidance", "seed", "batch_size",
-               "quality_target", "unet_sample_evals", "prompt_truncated", "request_id")
+               "quality_target", "unet_sample_evals", "unet_gflops", "prompt_truncated", "request_id")
+PROMPT_BATCH = 16  # served prompts forwarded to the shadow deployment's drift monitor per call
 
 
 @dataclass
@@ -222,17 +223,42 @@ def run_jobs(jobs: list[ImageJob], batch_size: int | None = None) -> list[dict]:
     return results
 
 
-class ImageModelBase:
-    """The model deployment's logic; subclasses say how jobs are batched (``_run``)."""
+async def refresh_gauges_forever(metrics, period_s: float = 5.0) -> None:
+    """Keep the replica's gauges exported (``MetricsSink.refresh_gauges``)."""
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            metrics.refresh_gauges()
+        except Exception:
+            logger.exception("gauge refresh failed")
 
-    def __init__(self):
+
+class ImageModelBase:
+    """The model deployment's logic; subclasses say how jobs are batched (``_run``).
+
+    Args:
+        shadow: the shadow evaluator (a Serve handle to ``ShadowEvaluator``, or a local object with
+            ``async evaluate(job)`` / ``async observe_prompts(prompts)``); None: no shadow.
+        metrics: a ``monitoring.metrics.MetricsSink`` (default: in memory).
+    """
+
+    def __init__(self, shadow=None, metrics=None):
+        from monitoring.metrics import MemoryMetrics, observe_call
+
         self._served: ServedModel | None = None
         self._options: ModelOptions | None = None
         self._reconfigure_lock: asyncio.Lock | None = None
         self.swaps = 0
-        # called as fn(call, reply) after every answered call (metrics, shadow sampling): must be
-        # quick and must not raise into the request; monitoring registers its exporters here
-        self.observers: list = []
+        self.metrics = metrics if metrics is not None else MemoryMetrics()
+        self._shadow = shadow
+        self.sampler = None  # monitoring.shadow.ShadowSampler, made by reconfigure when a shadow exists
+        self._prompts: list[str] = []
+        self._pending_images = 0
+        self._poller: asyncio.Task | None = None
+        self._gauge_refresher: asyncio.Task | None = None
+        # called as fn(call, reply, latency_s) after every answered call (metrics, shadow sampling):
+        # must be quick and must not raise into the request
+        self.observers: list = [lambda call, reply, latency: observe_call(self.metrics, call, reply, latency)]
 
     # -- configuration ----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -246,12 +272,97 @@ class ImageModelBase:
                 served = await asyncio.to_thread(load_served_model, options)
                 if self._served is not None:
                     logger.info("swapping %s -> %s", self._served.version["id"], served.version["id"])
-                    self.swaps += 1
-                self._served = served  # one reference: calls already running keep their own
+                self._swap(served)
             else:
                 self._served.options = options
             self._options = options
             self._apply_batch_options(options)
+            self._apply_shadow_options(options)
+        self._start_poller(options)
+        if self._gauge_refresher is None or self._gauge_refresher.done():
+            self._gauge_refresher = asyncio.get_running_loop().create_task(refresh_gauges_forever(self.metrics))
+
+    # -- registry alias polling ---------------------------------------------------------------
+    def _start_poller(self, options: ModelOptions) -> None:
+        wanted = options.registry_poll_s > 0 and options.model_source.startswith("models:/") \
+            and "@" in options.model_source
+        if self._poller is not None and (not wanted or self._poller.done()):
+            self._poller.cancel()
+            self._poller = None
+        if wanted and self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_registry())
+
+    async def poll_registry_once(self) -> bool:
+        """Look the alias up; when it points at another version than the one served, load that one
+        (in a thread, the current model serving on) and swap. True when it swapped."""
+        from .sources import registry_version
+
+        options = self._options
+        if options is None or self._served is None:
+            return False
+        try:
+            current = await asyncio.to_thread(registry_version, options.model_source)
+        except ValueError as exc:
+            logger.warning("registry poll: %s (keeping %s)", exc, self._served.version["id"])
+            return False
+        if current is None or current == self._served.version.get("registry_version"):
+            return False
+        async with self._reconfigure_lock:
+            if self._options is not options:
+                return False  # a reconfigure came in meanwhile: it wins
+            served = await asyncio.to_thread(load_served_model, options)
+            logger.info("registry alias %s moved: swapping %s -> %s", options.model_source,
+                        self._served.version["id"], served.version["id"])
+            self._swap(served)
+        return True
+
+    async def _poll_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self._options.registry_poll_s)
+            try:
+                await self.poll_registry_once()
+            except Exception:  # a failed load keeps the current model serving
+                logger.exception("registry poll failed")
+
+    def _swap(self, served: ServedModel) -> None:
+        old = self._served
+        self._served = served  # one reference: calls already running keep their own
+        self.swaps += old is not None
+        if old is not None:
+            self.metrics.set("budgetdiff_model_info", 0, {"model_version": old.version["id"]})
+        self.metrics.set("budgetdiff_model_info", 1, {"model_version": served.version["id"]})
+
+    def _apply_shadow_options(self, options: ModelOptions) -> None:
+        if self._shadow is None:
+            return
+        from monitoring.shadow import ShadowSampler
+
+        if self.sampler is None:
+            self.sampler = ShadowSampler(options.shadow_sample_rate, options.shadow_queue_size, self._send_shadow,
+                                         self.metrics, options.shadow_max_in_flight, options.shadow_seed)
+            self.observers.append(self._observe_shadow)
+        else:
+            self.sampler.configure(options.shadow_sample_rate, options.shadow_queue_size)
+
+    async def _send_shadow(self, job) -> Any:
+        return await self._shadow.evaluate.remote(job) if hasattr(self._shadow.evaluate, "remote") \
+            else await self._shadow.evaluate(job)
+
+    def _observe_shadow(self, call: dict, reply: dict, latency_s: float) -> None:
+        if self.sampler is not None:
+            self.sampler.offer(call, reply)
+        if "error" not in reply:
+            self._prompts.append(call["prompt"])
+            if len(self._prompts) >= PROMPT_BATCH:
+                batch, self._prompts = self._prompts, []
+                asyncio.get_running_loop().create_task(self._send_prompts(batch))
+
+    async def _send_prompts(self, prompts: list[str]) -> None:
+        try:
+            fn = self._shadow.observe_prompts
+            await (fn.remote(prompts) if hasattr(fn, "remote") else fn(prompts))
+        except Exception as exc:  # drift is best effort: never disturbs serving
+            logger.debug("drift prompts not delivered: %s", exc)
 
     def _apply_batch_options(self, options: ModelOptions) -> None:
         pass
@@ -264,6 +375,8 @@ class ImageModelBase:
         if self._served is None:
             raise ModelCallError(503, "the model is loading", None, "model_loading")
         return {**self._served.describe(), "swaps": self.swaps, "replica": self._replica_id(),
+                "shadow": dict(self.sampler.counts, depth=self.sampler.depth,
+                               rate=self.sampler.rate) if self.sampler is not None else None,
                 "pid": os.getpid(), "cpu_s": round(time.process_time(), 3)}  # this replica's CPU time
 
     def _replica_id(self) -> str | None:
@@ -296,22 +409,34 @@ class ImageModelBase:
 
     async def generate(self, call: dict) -> dict:
         """One API request -> ``{"model_version", "images": [...]}`` or ``{"error": {...}}``."""
+        start = time.perf_counter()
         served = self._served
         if served is None:
-            return ModelCallError(503, "the model is loading; retry shortly", None, "model_loading").to_dict()
-        try:
-            jobs = self._jobs(served, call)
-        except ModelCallError as exc:
-            return exc.to_dict()
-        images = await self._run(served, jobs)
-        errors = [img for img in images if "error" in img]
-        reply = errors[0] if errors else {"model_version": served.version, "images": images}
+            reply = ModelCallError(503, "the model is loading; retry shortly", None, "model_loading").to_dict()
+        else:
+            try:
+                jobs = self._jobs(served, call)
+            except ModelCallError as exc:
+                reply = exc.to_dict()
+            else:
+                self._queued(len(jobs))
+                try:
+                    images = await self._run(served, jobs)
+                finally:
+                    self._queued(-len(jobs))
+                errors = [img for img in images if "error" in img]
+                reply = errors[0] if errors else {"model_version": served.version, "images": images}
+        latency = time.perf_counter() - start
         for observe in self.observers:
             try:
-                observe(call, reply)
+                observe(call, reply, latency)
             except Exception:
                 logger.exception("observer %r failed", observe)
         return reply
+
+    def _queued(self, delta: int) -> None:
+        self._pending_images += delta
+        self.metrics.set("budgetdiff_queue_depth", self._pending_images)
 
     async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
         raise NotImplementedError
@@ -321,18 +446,26 @@ class LocalImageModel(ImageModelBase):
     """``ImageModel`` in the current process: a request's images run as one batch (no Ray)."""
 
     async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
+        self.metrics.observe("budgetdiff_batch_images", len(jobs), {})
         return await asyncio.to_thread(run_jobs, jobs)
 
 
 class ImageModel(ImageModelBase):
     """The Serve model deployment: images from concurrent requests share ``@serve.batch`` calls
-    (``max_batch_size`` / ``batch_wait_timeout_s`` come from user_config)."""
+    (``max_batch_size`` / ``batch_wait_timeout_s`` come from user_config); metrics go to Prometheus
+    through ``ray.serve.metrics``."""
+
+    def __init__(self, shadow=None):
+        from monitoring.metrics import RayMetrics
+
+        super().__init__(shadow=shadow, metrics=RayMetrics())
 
     async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
         return list(await asyncio.gather(*(self._batched(job) for job in jobs)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, jobs: list[ImageJob]) -> list[dict]:
+        self.metrics.observe("budgetdiff_batch_images", len(jobs), {})
         return await asyncio.to_thread(run_jobs, jobs)
 
     def _replica_id(self) -> str | None:

@@ -1,9 +1,10 @@
-"""Where the model deployment gets its bundle: a local directory today, a registry URI later.
+"""Where the model deployment gets its bundle: a local directory or a registry URI.
 
 ``resolve_model_source(source)`` turns a ``model_source`` string into a local bundle directory and
-what replies should say about it. A scheme (``models:/NAME@ALIAS`` once the registry lands) is
-served by a resolver registered with ``register_source_resolver("models", fn)``; ``fn(source)``
-returns ``ResolvedSource``. Without one, such a source is a one-line ValueError.
+what replies should say about it. ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` go through
+the MLflow registry (``registry.resolve``; ``MLFLOW_TRACKING_URI``); another scheme is served by a
+resolver registered with ``register_source_resolver(scheme, fn)``; ``fn(source)`` returns
+``ResolvedSource``. Without one, such a source is a one-line ValueError.
 """
 
 from __future__ import annotations
@@ -51,6 +52,37 @@ def resolve_local_path(path: str) -> str:
 def _scheme(source: str) -> str | None:
     head, sep, _ = source.partition(":/")
     return head if sep and head.isidentifier() and len(head) > 1 else None
+
+
+def _registry_resolver(source: str) -> ResolvedSource:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` through the MLflow registry (registry/)."""
+    from registry import RegistryError
+    from registry.resolve import resolve
+
+    try:
+        v = resolve(source)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
+    return ResolvedSource(v.bundle_dir, source, v.version,
+                          {"name": v.name, "alias": v.alias, "version": v.version, "run_id": v.run_id,
+                           "bundle_sha256": v.bundle_sha256})
+
+
+def registry_version(source: str) -> str | None:
+    """The version a registry source points at now (None for a local directory): what polling
+    compares with the loaded one."""
+    if _scheme(source) != "models":
+        return None
+    from registry import RegistryError
+    from registry.resolve import current_version
+
+    try:
+        return current_version(source)
+    except RegistryError as exc:
+        raise ValueError(str(exc)) from None
+
+
+_RESOLVERS["models"] = _registry_resolver
 
 
 def resolve_model_source(source: str) -> ResolvedSource:

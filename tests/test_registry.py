@@ -342,3 +342,55 @@ def test_mlflow_server_http_uri(bundles, scorer, tmp_path, monkeypatch):
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
     assert not healthy(url) and not pid_file.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Serving from the registry (serving.sources, registry.resolve, budgetdiff-registry fetch)
+# ------------------------------------------------------------------------------------------
+def test_service_loads_the_champion_and_follows_the_alias(flow, registry_env):
+    import asyncio
+
+    from registry.store import aliases, set_champion
+    from serving.model import LocalImageModel
+
+    client = flow["client"]
+    champion = aliases(client)["champion"]
+    model = LocalImageModel()
+
+    async def run():
+        await model.reconfigure({"model_source": "models:/budgetdiff@champion", "warmup": False})
+        first = await model.generate({"prompt": PROMPT, "n": 1, "mode": "full", "steps": 2, "seed": 1})
+        assert not await model.poll_registry_once()  # alias unchanged: nothing reloads
+        other = "1" if champion != "1" else "3"
+        set_champion(client, other, by="test")
+        try:
+            assert await model.poll_registry_once()
+            second = await model.generate({"prompt": PROMPT, "n": 1, "mode": "full", "steps": 2, "seed": 1})
+        finally:
+            set_champion(client, champion, by="test")
+        return first, second, other
+
+    first, second, other = asyncio.run(run())
+    assert first["model_version"]["registry_version"] == champion
+    assert first["model_version"]["registry"]["alias"] == "champion"
+    assert second["model_version"]["registry_version"] == other
+    assert second["model_version"]["id"] != first["model_version"]["id"] and model.swaps == 1
+
+
+def test_fetch_writes_a_bundle_that_loads(flow, registry_env, tmp_path, capsys):
+    from budgetdiff.engine import Generator
+    from registry.cli import main
+
+    assert main(["fetch", "models:/budgetdiff@champion", "--out", str(tmp_path / "dl")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    champion = flow["client"].get_model_version_by_alias("budgetdiff", "champion")
+    assert out["version"] == str(champion.version) and out["fetched"] is True
+    assert out["bundle_sha256"] == champion.tags["bundle_sha256"]
+    assert out["bundle_dir"] == str(tmp_path / "dl") and Path(out["bundle_dir"]).is_dir()
+    # self-contained: the referenced text encoder is a real copy, nothing links into the cache
+    assert not any(p.is_symlink() for p in Path(out["bundle_dir"]).rglob("*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"]
+    gen = Generator.load(out["bundle_dir"])
+    assert gen.models["base"].pipe is not None
+    assert main(["fetch", "models:/budgetdiff@nosuchalias", "--out", str(tmp_path / "dl2")]) == 2
+    assert "no such alias" in capsys.readouterr().err

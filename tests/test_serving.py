@@ -350,8 +350,10 @@ def test_skip_policy_override_changes_the_version(tiny_bundle_dir, tmp_path):
 def test_unknown_model_source_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="^model_source: bundle directory"):
         load_served_model(ModelOptions(model_source=str(tmp_path / "missing")))
-    with pytest.raises(ValueError, match="^model_source: no resolver for models:/"):
-        load_served_model(ModelOptions(model_source="models:/budgetdiff@champion"))
+    with pytest.raises(ValueError, match="^model_source: no resolver for s3:/"):
+        load_served_model(ModelOptions(model_source="s3://bucket/bundle"))
+    with pytest.raises(ValueError, match="^model_source: 'models:/x' is not models:/NAME@ALIAS"):
+        load_served_model(ModelOptions(model_source="models:/x"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,15 +10,19 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import REPO
 
-CODE_DIRS = ("budgetdiff", "training", "benchmarks", "pipelines", "registry", "serving")
+pytestmark = pytest.mark.workflow  # `make test` runs it as its own step, after the fast tests
+
+CODE_DIRS = ("budgetdiff", "training", "benchmarks", "pipelines", "registry", "serving", "monitoring")
 # Stages left out of the tiny run: bench_serve starts a Ray Serve cluster and drives load for
 # minutes (tests/test_serving_e2e.py covers the service end to end); tune_skip runs Ray Tune
-# trials (tests/test_tune_skip.py covers its tuning, the Ray runs marked slow).
-EXCLUDED_STAGES = {"bench_serve", "tune_skip"}
+# trials (tests/test_tune_skip.py covers its tuning, the Ray runs marked slow); bench_monitor runs a
+# Serve cluster and Prometheus under load (tests/test_monitoring*.py cover its parts).
+EXCLUDED_STAGES = {"bench_serve", "tune_skip", "bench_monitor"}
 
 
 def targets() -> list[str]:

@@ -1,0 +1,176 @@
+"""The calibrated auto policy: conformal bounds, the choice rule, the file format, the bundle, the
+engine's routing by it, and the calibrate_auto stage on the tiny components."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from budgetdiff.auto_policy import (AUTO_POLICY_FORMAT, AutoCandidate, AutoPolicy, AutoPolicyError,
+                                    conformal_lower_bound, load_auto_policy, quality_from_values)
+from budgetdiff.engine import GenerationRequest, Generator
+
+PROMPT = "a small red circle at the top left on a white background"
+
+
+def _cand(name, kind, model, gflops, lower95, **kw):
+    return AutoCandidate(name, kind, model, measured={"gflops_per_image": gflops,
+                                                       "quality_lower_bound": {"0.95": lower95}}, **kw)
+
+
+def synthetic_policy(default="base@3") -> AutoPolicy:
+    """Made-up measurements: cheaper plans reach lower quality."""
+    return AutoPolicy("ddim", 0.95, {"attr_acc": 0.01, "clipt": 0.005}, default, (
+        _cand("student@4,w1", "uniform", "student", 1.0, 0.70, steps=4, guidance=1.0),
+        _cand("base@3", "uniform", "base", 3.0, 0.80, steps=3),
+        _cand("budget q'0.9", "budget", "base", 6.0, 0.90, budget_quality=0.9),
+        _cand("base@10+skip", "uniform", "base", 8.0, 0.95, steps=10, skip=True),
+        _cand("base@12", "uniform", "base", 12.0, 0.97, steps=12),
+    ), reference={"model": "base", "steps": 20, "gflops_per_image": 20.0},
+        source={"default_rule": "synthetic"})
+
+
+def test_conformal_lower_bound_is_the_right_order_statistic():
+    values = np.arange(1, 100)  # n = 99: k = floor(100 * 0.05) = 5 -> the 5th smallest
+    assert conformal_lower_bound(values, 0.95) == 5
+    assert conformal_lower_bound(values, 0.8) == 20
+    assert conformal_lower_bound(np.arange(10), 0.95) == -math.inf  # too few values for 95 %
+
+
+def test_conformal_bound_covers_new_draws():
+    rng = np.random.default_rng(0)
+    hits = []
+    for _ in range(400):
+        cal, new = rng.normal(size=60), rng.normal()
+        hits.append(new >= conformal_lower_bound(cal, 0.9))
+    assert np.mean(hits) >= 0.87  # >= 0.9 in expectation; binomial slack over 400 trials
+
+
+def test_quality_from_values_is_the_lowest_level():
+    q = quality_from_values({"pixel/ssim": [0.9, 0.5], "mid/lpips_alex": [0.05, 0.1], "high/iclip_x": [0.99, 0.99],
+                             "pixel/psnr": [30, 20]})
+    assert q.tolist() == pytest.approx([0.9, 0.5])
+
+
+def test_choice_rule():
+    p = synthetic_policy()
+    assert p.choose(None)[0].name == "base@3"
+    assert p.choose(0.7)[0].name == "student@4,w1"
+    assert p.choose(0.85)[0].name == "budget q'0.9"
+    assert p.choose(0.95)[0].name == "base@10+skip"
+    assert p.choose(0.96)[0].name == "base@12"
+    cand, why = p.choose(0.99)
+    assert cand is None and "reference plan" in why
+
+
+def test_format_round_trip_and_errors(tmp_path):
+    p = synthetic_policy()
+    p.save(tmp_path / "a.json")
+    q = load_auto_policy(tmp_path / "a.json")
+    assert q.to_dict() == p.to_dict() and q.sha256 == p.sha256
+    d = p.to_dict()
+    with pytest.raises(AutoPolicyError, match="not a budgetdiff-auto-policy/1"):
+        AutoPolicy.from_dict({**d, "format": "x"})
+    with pytest.raises(AutoPolicyError, match="no candidate named 'nope'"):
+        AutoPolicy.from_dict({**d, "default": "nope"})
+    bad = json.loads(json.dumps(d))
+    bad["candidates"][2]["budget_epsilon"] = 0.1  # both rules
+    with pytest.raises(AutoPolicyError, match="exactly one of"):
+        AutoPolicy.from_dict(bad)
+    with pytest.raises(AutoPolicyError, match="does not exist"):
+        load_auto_policy(tmp_path / "missing.json")
+    assert d["format"] == AUTO_POLICY_FORMAT
+
+
+@pytest.fixture()
+def policy_bundle(tiny_bundle_dir, tmp_path):
+    """The tiny bundle with the synthetic auto policy embedded in bundle.json."""
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_dir, out)
+    raw = json.loads((out / "bundle.json").read_text())
+    for key in ("base", "student", "budget"):
+        raw[key]["path"] = str((tiny_bundle_dir / raw[key]["path"]).resolve())
+    raw["auto"]["policy"] = synthetic_policy().to_dict()
+    (out / "bundle.json").write_text(json.dumps(raw))
+    return out
+
+
+def test_engine_routes_auto_by_the_policy_and_records_it(policy_bundle):
+    gen = Generator.load(policy_bundle)
+    assert gen.auto_policy is not None and gen.bundle.auto.policy.default == "base@3"
+    reqs = [GenerationRequest(PROMPT, mode="auto", seed=1),
+            GenerationRequest(PROMPT, mode="auto", seed=2, quality_target=0.7),
+            GenerationRequest(PROMPT, mode="auto", seed=3, quality_target=0.85),
+            GenerationRequest(PROMPT, mode="auto", seed=4, quality_target=0.99)]
+    plans = gen.plan(reqs)
+    assert (plans[0].model, plans[0].steps) == ("base", 3)
+    assert (plans[1].model, plans[1].steps, plans[1].guidance) == ("student", 4, 1.0)
+    assert plans[2].model == "base" and plans[2].info["budget"]["rule"]["name"] == "quality_target"
+    assert plans[2].steps == plans[2].info["budget"]["chosen_steps"]
+    assert (plans[3].model, plans[3].steps) == ("base", 20) and plans[3].info["auto"]["route"] == "reference"
+    skip = gen.plan([GenerationRequest(PROMPT, mode="auto", quality_target=0.95)])[0]
+    assert (skip.model, skip.steps) == ("base", 10) and skip.skip is not None
+    assert skip.info["skip_policy"]["point"] == gen.skip_policy.for_scheduler("ddim").default
+    results = gen(reqs[:2], output_type="np")
+    auto = results[0].record["policy"]["auto"]
+    assert auto["route"] == "base@3" and auto["policy"]["sha256"] == gen.auto_policy.sha256
+    assert auto["policy"]["path"].endswith("bundle.json#auto.policy")
+    assert results[1].record["model"]["name"] == "student" and results[1].record["steps"] == 4
+    # an explicit guidance still wins over the candidate's
+    plan = gen.plan([GenerationRequest(PROMPT, mode="auto", guidance=3.0)])[0]
+    assert plan.guidance == 3.0
+
+
+def test_a_bad_embedded_policy_is_one_bundle_error(policy_bundle):
+    from budgetdiff.bundle import BundleError, load_bundle
+
+    raw = json.loads((policy_bundle / "bundle.json").read_text())
+    raw["auto"]["policy"]["coverage"] = 2
+    (policy_bundle / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="coverage must be in"):
+        load_bundle(policy_bundle)
+
+
+def test_calibrate_auto_stage_on_tiny_components(tiny_bundle_dir, tmp_path, monkeypatch):
+    """The stage end to end on the tiny models: every candidate measured, the default picked by the
+    rule, conformal bounds present, a resumed run reads its cache."""
+    import torch
+
+    import pipelines.calibrate_auto as stage
+    from test_metrics_helpers import tiny_backbone, tiny_checker
+
+    monkeypatch.setattr("budgetdiff.metrics.semantic.load_clip_backbone", lambda *a, **k: tiny_backbone())
+    monkeypatch.setattr("budgetdiff.evaluators.load_attribute_checker", lambda *a, **k: tiny_checker())
+    root = tiny_bundle_dir.parent
+    cfg = {"base": str(root / "base"), "student": str(root / "student"), "student_steps": 4,
+           "budget": str(root / "budget"), "clip_dir": "unused", "attributes_dir": "unused", "scheduler": "ddim",
+           "reference_steps": 6, "prompts": 12, "seed_offset": 5000, "count_weights": [0.5, 0.5, 0, 0],
+           "batch_size": 8, "torch_threads": 1,
+           "candidates": {"base_steps": [2, 3], "base_steps_skip": [8], "student_guidance": [1.0],
+                          "budget_quality": [0.9], "budget_plateau": [0.1]},
+           "skip_policy": {"policy": str(root / "bundle" / "skip_policy.json")},
+           "tolerances": {"attr_acc": 1.0, "clipt": 1.0}, "se_margin": 0.0, "coverage": 0.8,
+           "coverages": [0.8, 0.9], "cache_dir": str(tmp_path / "cache")}
+    before = torch.get_num_threads()
+    try:
+        policy, report = stage.run(cfg)
+        again, _ = stage.run(cfg)  # every candidate from the cache
+    finally:
+        torch.set_num_threads(before)
+    names = [c.name for c in policy.candidates]
+    assert names == ["base@2", "base@3", "base@8+skip", "student@4,w1", "budget q'0.9", "budget eps0.1"]
+    skip = policy.candidate("base@8+skip")
+    assert skip.skip and skip.measured["mean_nfe"] < 8  # the skip policy skipped something
+    cheapest = min(policy.candidates, key=lambda c: c.measured["gflops_per_image"])
+    assert policy.default == cheapest.name  # tolerances of 1.0: every candidate qualifies
+    for c in policy.candidates:
+        m = c.measured
+        assert m["n"] == 12 and set(m["quality_lower_bound"]) == {"0.8", "0.9"}
+        assert m["quality_lower_bound"]["0.9"] <= m["quality_lower_bound"]["0.8"] <= m["quality_mean"] + 1e-9
+    assert policy.reference["steps"] == 6 and again.to_dict()["candidates"] == policy.to_dict()["candidates"]
+    with pytest.raises(stage.CalibrateAutoError, match="coverage"):
+        stage.run({**cfg, "coverage": 0.5})
+    with pytest.raises(stage.CalibrateAutoError, match="no candidate keeps"):
+        stage.select_default(policy.candidates, {"attr_acc": -1.0, "clipt": -1.0}, 0.0)
