@@ -182,6 +182,18 @@ class Prometheus:
         return self.get("/api/v1/query?query=" + urllib.parse.quote(expr))["data"]["result"]
 
 
+def wait_for_ray_target(prom: "Prometheus", timeout_s: float) -> None:
+    """Wait until Prometheus scrapes a Ray metrics target (found through Ray's file-SD list)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        targets = prom.get("/api/v1/targets")["data"]["activeTargets"]
+        if any(t["health"] == "up" and t["labels"].get("job") != "prometheus" for t in targets):
+            return
+        time.sleep(2)
+    raise RuntimeError(f"prometheus: no Ray metrics target up within {timeout_s:.0f}s "
+                       f"(targets: {[(t['scrapeUrl'], t['health']) for t in targets]})")
+
+
 def alert_watch(prom: Prometheus, prefix: str, period_s: float, stop: threading.Event, out: list) -> None:
     while not stop.is_set():
         try:
@@ -337,6 +349,7 @@ def run(cfg: dict, progress=print) -> dict:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ["RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS"] = ",".join(str(b) for b in LATENCY_MS_BUCKETS)
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # a busy 2-core machine starts the proxy slowly
     work = Path(tempfile.mkdtemp(prefix="bench_monitor_"))
     temp_dir = str(work / "ray")
     shadow_cfg = {"enabled": True, "mlflow_log_every": 0, "drift_window": 0,
@@ -352,8 +365,10 @@ def run(cfg: dict, progress=print) -> dict:
     report: dict = {"config": cfg, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
     degraded_dir = degraded_bundle(cfg["model_source"], work / "degraded_bundle", int(cfg["slo"]["degraded_steps"]))
     metrics_port = _free_port()
-    ray.init(address="local", num_cpus=int(cfg["num_cpus"]), include_dashboard=False, log_to_driver=False,
-             _temp_dir=temp_dir, _metrics_export_port=metrics_port)
+    # the dashboard writes the Prometheus file-SD list (<temp_dir>/prom_metrics_service_discovery.json)
+    # that monitoring.prom scrapes, as on a `make serve` cluster
+    ray.init(address="local", num_cpus=int(cfg["num_cpus"]), include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), log_to_driver=False, _temp_dir=temp_dir, _metrics_export_port=metrics_port)
     prom = Prometheus(temp_dir, work / "prometheus", cfg["prometheus_interval"])
     try:
         url = base_url(base)
@@ -363,6 +378,7 @@ def run(cfg: dict, progress=print) -> dict:
         asyncio.run(client.closed_loop(bodies(4, 50_000), 4))
         prom.start()
         progress(f"[bench_monitor] prometheus at {prom.url}")
+        wait_for_ray_target(prom, 120)
         report["latency"] = latency_phase(cfg, base, client, url, bodies, progress)
         report["slo"] = slo_phase(cfg, base, client, url, bodies, prom, degraded_dir, progress)
         try:

@@ -387,6 +387,7 @@ def run(cfg: dict, progress=print) -> dict:
                 for i in range(n)]
 
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy 2-core machine starts slowly
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # ...and so does the HTTP proxy
     ray.init(address="local", num_cpus=int(cfg["num_cpus"]), include_dashboard=False, log_to_driver=False)
     try:
         def deploy(config, what):

@@ -410,10 +410,15 @@ def mlflow_batch_logger(experiment: str, run_name: str = "shadow", tracking_uri:
 
         from training.tracking import tracking_uri as default_uri
 
-        client = mlflow.MlflowClient(tracking_uri or default_uri())
+        from registry.store import artifact_location
+
+        uri = tracking_uri or default_uri()
+        client = mlflow.MlflowClient(uri)
         if state["run_id"] is None:
             exp = client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+            # a sqlite store keeps artifacts beside the database, not in the replica's working dir
+            exp_id = exp.experiment_id if exp else client.create_experiment(
+                experiment, artifact_location=artifact_location(uri))
             state["run_id"] = client.create_run(exp_id, run_name=run_name, tags={"component": "shadow"}).info.run_id
         state["step"] += len(batch)
         scored = [v for v in batch if v.get("good") is not None]

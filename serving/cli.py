@@ -186,6 +186,10 @@ def start(
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # the proxy starts slowly on a busy machine
+    from monitoring.names import LATENCY_MS_BUCKETS
+
+    env.setdefault("RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS", ",".join(str(b) for b in LATENCY_MS_BUCKETS))
     console.print(f"[bold]ray start[/] --head on 127.0.0.1:{ray_port} (temp dir {temp_dir})")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

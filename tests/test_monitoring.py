@@ -335,3 +335,27 @@ def test_gauges_are_refreshed_with_their_last_values():
     assert sink.refresh_gauges() == 2
     assert sorted(emitted) == sorted([("budgetdiff_shadow_last_eval_timestamp_seconds", "set", 123.0, ()),
                                       ("budgetdiff_model_info", "set", 0.0, (("model_version", "a"),))])
+
+
+def test_verdicts_are_logged_to_mlflow_in_batches(tmp_path, monkeypatch):
+    import mlflow
+
+    from monitoring.shadow import mlflow_batch_logger
+
+    uri = f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+    (tmp_path / "db").mkdir()
+    monkeypatch.chdir(tmp_path)  # a replica's working directory: nothing may land there
+    log = mlflow_batch_logger("shadow-test", tracking_uri=uri)
+    verdicts = [{"good": i % 4 != 0, "realised_quality": 0.9 + 0.01 * i, "levels": {"pixel/ssim": 0.9}}
+                for i in range(8)]
+    log(verdicts[:4])
+    log(verdicts[4:] + [{"good": None, "realised_quality": None, "error": "x"}])
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("shadow-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["component"] == "shadow"
+    history = client.get_metric_history(runs[0].info.run_id, "shadow/share_good")
+    assert [(m.step, m.value) for m in history] == [(4, 0.75), (9, 0.75)]
+    artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "shadow")]
+    assert artifacts == ["shadow/verdicts_00000004.json", "shadow/verdicts_00000009.json"]
+    assert not (tmp_path / "mlruns").exists() and (tmp_path / "db" / "mlartifacts").is_dir()

@@ -39,6 +39,7 @@ def served(tiny_bundle_dir):
         deployments={"ImageModel": {"autoscaling_config": None, "num_replicas": 1, "max_ongoing_requests": 8,
                                     "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}})
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy 2-core machine starts slowly
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # ...and so does the HTTP proxy
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
     try:
