@@ -352,8 +352,8 @@ def run(cfg: dict, progress=print) -> dict:
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # a busy 2-core machine starts the proxy slowly
     work = Path(tempfile.mkdtemp(prefix="bench_monitor_"))
     temp_dir = str(work / "ray")
-    shadow_cfg = {"enabled": True, "mlflow_log_every": 0, "drift_window": 0,
-                  "default_quality_target": float(cfg["slo"]["quality_target"])}
+    # requests without quality_target (the latency phase) are judged by their auto route's promise
+    shadow_cfg = {"enabled": True, "mlflow_log_every": 0, "drift_window": 0}
     base = with_overrides(load_serve_config(cfg["config"]), http_port=cfg.get("http_port") or _free_port(),
                           model_source=cfg["model_source"], ingress={"api_key_env": "BENCH_MONITOR_API_KEY"},
                           shadow={**shadow_cfg, "model_source": str(Path(cfg["model_source"]).resolve())})

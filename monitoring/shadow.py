@@ -13,7 +13,9 @@ deployment, which
 3. computes the realised quality exactly as ``quality_target`` and ``bench_auto`` define it: the
    lowest of SSIM, 1 - LPIPS and I-CLIP (``budgetdiff.policy.quality_of``);
 4. judges the request: **good** when the realised quality reaches the quality target the request
-   asked for (or the service's ``default_quality_target`` when it gave none). The quality SLO is
+   asked for; a request that gave none is judged against what the auto policy promised for the
+   plan it ran (its route's conformal lower bound at the policy's coverage), or against the
+   service's ``default_quality_target`` when one is set. The quality SLO is
    the share of good sampled requests (``slo_summary``).
 
 Everything is exported as metrics (``monitoring.names``) and, in batches, logged to MLflow.
@@ -215,7 +217,7 @@ class ShadowSettings:
     clip_dir: str
     attributes_dir: str
     reference_steps: int | None = None    # None: the bundle's full steps
-    default_quality_target: float = 0.9
+    default_quality_target: float | None = None  # None: the auto route's promise (requests without a target)
     objective: float = 0.95
     window: int = 50                  # shadow_score gauges: the mean over the last `window` evaluations
     device: str = "cpu"
@@ -300,6 +302,29 @@ class ShadowEvaluator:
             self._refs.popitem(last=False)
         return image
 
+    def target_for(self, job: ShadowJob) -> tuple[float | None, str]:
+        """The quality a served image is judged against, and where it comes from: the request's
+        ``quality_target``; else the service's ``default_quality_target`` when set; else, for an
+        ``auto`` request, what the bundle's auto policy promised for the route it ran (the
+        candidate's conformal lower bound at the policy's coverage; the reference plan is the
+        full-step image itself). None when nothing was promised (the verdict is then unscored)."""
+        if job.quality_target is not None:
+            return float(job.quality_target), "request"
+        if self.settings.default_quality_target is not None:
+            return float(self.settings.default_quality_target), "service_default"
+        policy = getattr(self.generator, "auto_policy", None)
+        route = (job.record or {}).get("route")
+        if job.mode == "auto" and policy is not None and route:
+            if route == "reference":
+                return 1.0 - 1e-6, "auto_route_promise"
+            try:
+                bound = policy.candidate(route).lower_bound(policy.coverage)
+            except ValueError:
+                bound = None
+            if bound is not None:
+                return float(bound), "auto_route_promise"
+        return None, "none"
+
     def _attr_acc(self, image, prompt: str) -> tuple[float | None, str | None]:
         from budgetdiff.evaluators import check_scenes, scene_attr_acc
         from budgetdiff.parse import parse_prompt_lenient
@@ -318,10 +343,9 @@ class ShadowEvaluator:
         from budgetdiff.policy import PolicyError, quality_of
 
         start = time.perf_counter()
-        target = float(job.quality_target) if job.quality_target is not None else self.settings.default_quality_target
+        target, target_from = self.target_for(job)
         verdict = {"prompt": job.prompt, "mode": job.mode, "seed": job.seed, "scheduler": job.scheduler,
-                   "model_version": job.model_version, "quality_target": target,
-                   "target_from": "request" if job.quality_target is not None else "service_default",
+                   "model_version": job.model_version, "quality_target": target, "target_from": target_from,
                    "reference_steps": self.reference_steps, "steps": job.record.get("steps"),
                    "nfe": job.record.get("nfe"), "route": job.record.get("route"), "sampled_at": job.sampled_at}
         with self._lock:
@@ -344,7 +368,7 @@ class ShadowEvaluator:
                     realised = quality_of(levels)
                 except PolicyError:
                     realised = None
-                good = is_good(realised, target)
+                good = is_good(realised, target) if target is not None else None
                 verdict.update({"levels": levels, "realised_quality": realised, "good": good,
                                 "attr_parse_error": reason, "seconds": round(time.perf_counter() - start, 3)})
                 self.evaluated += 1

@@ -188,7 +188,8 @@ class ShadowOptions:
             sets it together with ImageModel's.
         clip_dir / attributes_dir: the domain CLIP and attribute checker the scorer loads.
         reference_steps: the reference step count (None: the bundle's full steps).
-        default_quality_target: the target a request without ``quality_target`` is judged by.
+        default_quality_target: the target a request without ``quality_target`` is judged by; None
+            (the default): what the bundle's auto policy promised for the route the request ran.
         objective: the quality SLO: the share of sampled requests that must be good.
         window: shadow_score gauges average the last ``window`` evaluations.
         device: "cpu" or "cuda".
@@ -205,7 +206,7 @@ class ShadowOptions:
     clip_dir: str = "models/clip"
     attributes_dir: str = "models/attributes"
     reference_steps: int | None = None
-    default_quality_target: float = 0.9
+    default_quality_target: float | None = None
     objective: float = 0.95
     window: int = 50
     device: str = "cpu"
@@ -227,7 +228,7 @@ class ShadowOptions:
             if not isinstance(getattr(o, key), str) or not getattr(o, key).strip():
                 raise ValueError(f"{where}.{key}: must be a non-empty string, got {getattr(o, key)!r}")
         _check_number(f"{where}.reference_steps", o.reference_steps, int, 2, 1000, allow_none=True)
-        _check_number(f"{where}.default_quality_target", o.default_quality_target, float, 0.01, 1)
+        _check_number(f"{where}.default_quality_target", o.default_quality_target, float, 0.01, 1, allow_none=True)
         _check_number(f"{where}.objective", o.objective, float, 0.5, 0.9999)
         _check_number(f"{where}.window", o.window, int, 1, 100_000)
         _check_choice(f"{where}.device", o.device, ("cpu", "cuda"))

@@ -122,7 +122,10 @@ def test_sampler_queue_is_bounded_and_drops_are_counted():
         assert queued == 2 and sampler.depth == 2
         assert sink.counter("budgetdiff_shadow_sampled", outcome="dropped") == 3
         assert sink.gauge("budgetdiff_shadow_queue_depth") == 2
-        await asyncio.sleep(0.05)  # the worker takes one job and waits in send
+        for _ in range(200):  # the worker takes one job and waits in send
+            if sampler.depth == 1:
+                break
+            await asyncio.sleep(0.01)
         assert sampler.depth == 1
         gate.set()
         for _ in range(100):
@@ -224,7 +227,7 @@ def evaluator(tiny_generator):
     scorer = MetricScorer(ScoringConfig(clip_dir="/nonexistent", attributes_dir="/nonexistent",
                                         skip_missing_models=True))
     settings = ShadowSettings(model_source="unused", clip_dir="/nonexistent", attributes_dir="/nonexistent",
-                              reference_steps=6, default_quality_target=0.9, window=4)
+                              reference_steps=6, default_quality_target=0.9, window=4)  # a service-wide default
     logged = []
     ev = ShadowEvaluator(settings, MemoryMetrics(), generator=tiny_generator, scorer=scorer,
                          log_batch=logged.append, log_every=2)
@@ -359,3 +362,23 @@ def test_verdicts_are_logged_to_mlflow_in_batches(tmp_path, monkeypatch):
     artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "shadow")]
     assert artifacts == ["shadow/verdicts_00000004.json", "shadow/verdicts_00000009.json"]
     assert not (tmp_path / "mlruns").exists() and (tmp_path / "db" / "mlartifacts").is_dir()
+
+
+def test_a_request_without_target_is_judged_by_its_routes_promise(tiny_generator):
+    """default_quality_target None: an auto request is judged against the auto policy's promise for
+    the route it ran; a request with nothing promised is unscored, not bad."""
+    from dataclasses import replace
+
+    from monitoring.shadow import ShadowEvaluator, ShadowSettings
+    from test_auto_policy import synthetic_policy
+
+    settings = ShadowSettings(model_source="unused", clip_dir="/x", attributes_dir="/x", reference_steps=6)
+    ev = ShadowEvaluator.__new__(ShadowEvaluator)  # only target_for: no models needed
+    ev.settings, ev.generator = settings, type("G", (), {"auto_policy": synthetic_policy()})()
+    job = ShadowJob(PROMPT, "auto", 1, None, None, None, "", "bd-1", {"route": "budget q'0.9"})
+    assert ev.target_for(job) == (0.9, "auto_route_promise")
+    assert ev.target_for(replace(job, quality_target=0.5)) == (0.5, "request")
+    assert ev.target_for(replace(job, record={"route": "reference"}))[0] > 0.999
+    assert ev.target_for(replace(job, mode="full", record={})) == (None, "none")
+    ev.settings = replace(settings, default_quality_target=0.8)
+    assert ev.target_for(job) == (0.8, "service_default")
