@@ -163,18 +163,6 @@ class ShadowSampler:
                 self.sink.inc("budgetdiff_shadow_sampled", 1, {"outcome": "dropped"})
                 logger.debug("shadow job dropped: %s: %s", type(exc).__name__, exc)
 
-    async def drain(self, timeout_s: float = 60.0) -> None:
-        """Wait until the queue is empty and every sent job is answered (tests, shutdown)."""
-        deadline = time.monotonic() + timeout_s
-        while (self._queue or any(not w.done() and w is not None for w in self._workers)) \
-                and time.monotonic() < deadline:
-            if not self._queue and self._wake is not None:
-                # workers idle on the event: let them exit by timing out quickly
-                for w in self._workers:
-                    if not w.done():
-                        w.cancel()
-            await asyncio.sleep(0.05)
-
 
 # ------------------------------------------------------------------------------------------------
 # The SLO arithmetic
