@@ -124,12 +124,13 @@ def wait_shadow_drained(timeout_s: float) -> dict:
 
 
 def deploy(config: dict, url: str, progress, what: str) -> float:
-    from serving.deploy import deploy_in_process, wait_healthy
+    from serving.deploy import deploy_in_process, wait_deployed, wait_healthy
 
     progress(f"[bench_monitor] deploy: {what}")
     start = time.perf_counter()
     deploy_in_process(config)
     wait_healthy(url, 900)
+    wait_deployed(config, 900)  # deploy_apps returns before a user_config change reaches the replicas
     return round(time.perf_counter() - start, 2)
 
 

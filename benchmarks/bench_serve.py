@@ -216,6 +216,15 @@ def replica_cpu_s(url: str) -> float:
     return float(httpx.get(f"{url}/healthz", timeout=60).json()["cpu_s"])
 
 
+def served_batch_size(url: str, key: str) -> int | None:
+    """The max_batch_size a model replica reports (/v1/models asks one)."""
+    import httpx
+
+    r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    r.raise_for_status()
+    return r.json()["data"][0].get("max_batch_size")
+
+
 def measured(client: "Client", url: str, bodies: list[dict], concurrency: int) -> dict:
     """A closed-loop run plus the replica's CPU seconds per image: other tenants of the machine
     slow the wall clock, not the CPU time a replica spends on an image."""
@@ -367,8 +376,8 @@ def run(cfg: dict, progress=print) -> dict:
     import ray
     from ray import serve
 
-    from serving.config import load_serve_config, with_overrides
-    from serving.deploy import deploy_in_process, wait_healthy
+    from serving.config import MODEL, load_serve_config, user_config, with_overrides
+    from serving.deploy import deploy_in_process, wait_deployed, wait_healthy
 
     t0 = time.perf_counter()
     key = secrets.token_hex(16)
@@ -391,10 +400,18 @@ def run(cfg: dict, progress=print) -> dict:
     ray.init(address="local", num_cpus=int(cfg["num_cpus"]), include_dashboard=False, log_to_driver=False)
     try:
         def deploy(config, what):
+            """Deploy and wait until it is applied (deploy_apps returns before a user_config
+            change reaches the replicas; an earlier version of this bench measured the overhead
+            phase with the previous phase's max_batch_size 1), then check what the replicas say."""
             progress(f"[bench_serve] deploy: {what}")
             start = time.perf_counter()
             deploy_in_process(config)
             wait_healthy(url, 600)
+            wait_deployed(config, 600)
+            want = user_config(config, MODEL).max_batch_size
+            served = served_batch_size(url, key)
+            if served != want:
+                raise RuntimeError(f"bench_serve: deployed max_batch_size {want}, replicas report {served}")
             return round(time.perf_counter() - start, 2)
 
         from serving.deploy import base_url

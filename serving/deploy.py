@@ -27,11 +27,39 @@ def deploy_in_process(config: dict) -> None:
     _get_global_client().deploy_apps(ServeDeploySchema(**config))
 
 
+def wait_deployed(config: dict, timeout_s: float = 300.0, poll_s: float = 0.5) -> float:
+    """Wait until every application of ``config`` is RUNNING with all deployments HEALTHY.
+    ``deploy_apps`` returns once the controller has the new target; a user_config change is
+    applied (``reconfigure``) and new replicas start after that, while the old replicas keep
+    answering /healthz. Returns the seconds waited; RuntimeError naming the state after
+    ``timeout_s``."""
+    from ray import serve
+
+    names = [a["name"] for a in config.get("applications") or []]
+    start = time.monotonic()
+    last = "no status"
+    while True:
+        time.sleep(poll_s)  # the controller's loop marks the new target DEPLOYING / UPDATING first
+        apps = serve.status().applications
+        states = {n: apps.get(n) for n in names}
+        ok = all(a is not None and str(a.status) in ("RUNNING", "ApplicationStatus.RUNNING") and
+                 all(str(d.status) in ("HEALTHY", "DeploymentStatus.HEALTHY") for d in a.deployments.values())
+                 for a in states.values())
+        if ok:
+            return time.monotonic() - start
+        last = "; ".join(f"{n}: {a.status if a else 'missing'} "
+                         + (", ".join(f"{dn} {d.status}" for dn, d in a.deployments.items()) if a else "")
+                         for n, a in states.items())
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"serve: the deployment did not finish within {timeout_s:.0f}s ({last[:300]})")
+
+
 def run_in_process(config: dict, app: int = 0, wait_s: float = 300.0) -> str:
     """``deploy_in_process`` and wait until /healthz answers; returns the base URL."""
     deploy_in_process(config)
     url = base_url(config, app)
     wait_healthy(url, wait_s)
+    wait_deployed(config, wait_s)
     return url
 
 

@@ -143,6 +143,33 @@ def test_selection_rule():
     assert ts.select_points(front, None, {})["default"]["lpips"] == 0.01
 
 
+def test_confirmation_candidates_and_choice():
+    trials = [{"trial_id": f"t{i}", "config": {"threshold": th, "max_skip": 4, "warmup": 4, "reuse": "sample"},
+               "nfe": n, "lpips": lp, "quality": 0.9} for i, (th, n, lp) in
+              enumerate([(0.1, 18, 0.3), (0.5, 13, 0.2), (0.3, 16, 0.1), (0.9, 10, 0.5), (0.05, 30, 0.05)])]
+    base = {"config": _cfg(0.1), "nfe": 18, "lpips": 0.3}
+    front = ts.pareto_front(trials)
+    # the baseline itself is not a candidate; points that lose on either objective are not either
+    cands = ts.confirm_candidates(front, base, {"confirm": {"candidates": 3}})
+    # margins: t1 min(18/13 - 1, .3/.2 - 1) = .385, t2 min(18/16 - 1, .3/.1 - 1) = .125
+    assert [c["trial_id"] for c in cands] == ["t1", "t2"]
+    assert ts.confirm_candidates(front, base, {"confirm": {"candidates": 1}}) == cands[:1]
+    assert ts.confirm_candidates(front, base, {"loss_ratio": 0.4, "confirm": {}}) == [trials[2]]
+    # on the confirmation prompts: the one that still beats the baseline by the largest margin ships
+    rows = {"baseline": {"nfe": 18.0, "lpips": 0.30}, "t1": {"nfe": 13.0, "lpips": 0.35},
+            "t2": {"nfe": 16.0, "lpips": 0.25}}
+    assert ts.confirm_choice(rows)[0] == "t2"
+    rows["t2"]["lpips"] = 0.31  # a lucky draw on the tuning prompts: the baseline ships
+    pick, why = ts.confirm_choice(rows)
+    assert pick == "baseline" and "baseline ships" in why
+    rows["t2"]["lpips"] = 0.40
+    assert ts.confirm_choice(rows, ratio=1.2)[0] == "t1"  # a looser loss ratio admits t1 (0.35 <= 1.2 x 0.30)
+
+
+def _cfg(th):
+    return {"threshold": th, "max_skip": 4, "warmup": 4, "reuse": "sample"}
+
+
 # ------------------------------------------------------------------------------------------
 # A 4-trial tuning on the tiny components
 # ------------------------------------------------------------------------------------------
