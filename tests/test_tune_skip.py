@@ -188,7 +188,11 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
     base = (tiny_bundle_dir / "../base").resolve()
     hold = {"seed_offset": 90000000, "prompts_per_level": {1: 1}, "batch_size": 4,
             "targets": {"nfe_speedup": {"ddim": 1.0}}}
-    cfg = base_cfg(base, tmp_path, holdout=hold)
+    # the confirmation step: a loss_ratio this loose makes every front point with fewer NFE than the
+    # baseline (δ 0.5, C_max 2: far fewer skips than δ >= 2, C_max >= 6) a candidate, on both prompt sets
+    selection = {"loss_ratio": 1000.0, "quality_levels": [0.99, 0.5],
+                 "confirm": {"seed_offset": 94000000, "prompts_per_level": {1: 1}, "candidates": 2}}
+    cfg = base_cfg(base, tmp_path, holdout=hold, selection=selection)
     report = ts.tune(cfg)
 
     # the policy file loads and holds the tuned points, each within the search space
@@ -205,6 +209,10 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
     # the default is the rule's choice from the front
     res = report["schedulers"]["ddim"]
     assert len(res["searches"]["optuna"]["trials"]) == 4
+    conf = res["confirm"]
+    assert conf["candidates"] and set(conf["rows"]) == {"baseline", *conf["candidates"]}
+    assert conf["prompts"]["count"] == 1 and conf["chosen"] == ts.confirm_choice(conf["rows"], 1000.0)[0]
+    assert conf["chosen"] != "baseline" and res["chosen"]["default"]["trial_id"] == conf["chosen"]
     assert res["chosen"]["default"]["trial_id"] in {p["trial_id"] for p in res["pareto_front"]}
     assert default.config.threshold == pytest.approx(res["chosen"]["default"]["threshold"])
 
