@@ -146,6 +146,11 @@ def check_config(cfg: dict) -> dict:
     for q in sel.get("quality_levels", []):
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
             raise TuneConfigError(f"tune_skip.selection.quality_levels: each level must be in (0, 1], got {q!r}")
+    extra = cfg.get("ablation_seeds") or []
+    if not isinstance(extra, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in extra):
+        raise TuneConfigError(f"tune_skip.ablation_seeds: must be a list of integer seeds, got {extra!r}")
+    if int(cfg.get("seed", 0)) in extra or len(set(extra)) != len(extra):
+        raise TuneConfigError("tune_skip.ablation_seeds: each seed once, and not tune_skip.seed itself")
     conf = sel.get("confirm")
     if conf:
         if not isinstance(conf, dict) or "prompts_per_level" not in conf or "seed_offset" not in conf:
@@ -508,7 +513,7 @@ def run_search(cfg: dict, ctx: dict, refs_ref, scheduler: str, search: str) -> d
     trial_ctx = {**ctx, "scheduler": scheduler}
     trainable = tune.with_resources(tune.with_parameters(skip_trial, ctx=trial_ctx, refs=refs_ref),
                                     {"cpu": int(cfg.get("cpus_per_trial", 1))})
-    name = f"{scheduler}_{search}_{ctx['key']}"
+    name = f"{scheduler}_{search}_{ctx['key']}" + (f"_seed{seed}" if cfg.get("_replicate") else "")
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=int(cfg["num_samples"]), reuse_actors=True),
@@ -706,6 +711,19 @@ def _tune(cfg: dict) -> dict:
                 res = run_search(cfg, ctx, refs[s], s, "random")
                 ck.put(f"search_{s}_random", res)
             report["schedulers"][s]["searches"]["random"] = res
+        # replicates of both searches at further seeds (ablation only: the policy comes from the
+        # first seed's Optuna search), so the comparison is not one draw per scheduler
+        for seed in cfg.get("ablation_seeds") or []:
+            rcfg = {**cfg, "seed": int(seed), "_replicate": True}
+            for s in cfg["schedulers"]:
+                runs = report["schedulers"][s].setdefault("replicates", {}).setdefault(str(seed), {})
+                for search in searches:
+                    res = ck.get(f"search_{s}_{search}_seed{seed}")
+                    if res is None:
+                        res = run_search(rcfg, ctx, refs[s], s, search)
+                        ck.put(f"search_{s}_{search}_seed{seed}", res)
+                    runs[search] = res
+            write_outputs(cfg, report, chosen, t0)
         ablation(report)
     report["seconds_total"] = round(time.time() - t0, 1)
     write_outputs(cfg, report, chosen, t0, final=True)
@@ -857,25 +875,50 @@ def holdout(cfg: dict, ctx: dict, ck: Checkpoints, report: dict, chosen: dict) -
 
 
 def ablation(report: dict) -> None:
-    """Hypervolume of each search's front (normalised: NFE / steps, loss / the largest loss
-    either search saw; reference point (1, 1)), after every trial and at the full budget."""
+    """Hypervolume of each search's front (normalised: NFE / steps, loss / the largest loss any
+    search of the scheduler saw, at any seed; reference point (1, 1)), after every trial and at the
+    full budget; with replicate seeds, per seed and their mean, and how often Optuna won."""
     steps = report["steps"]
     for s, res in report["schedulers"].items():
-        runs = res["searches"]
-        all_trials = [t for r in runs.values() for t in r["trials"]]
+        runs_by_seed = {str(res["searches"].get("optuna", {}).get("seed", 0)): res["searches"],
+                        **res.get("replicates", {})}
+        all_trials = [t for runs in runs_by_seed.values() for r in runs.values() for t in r["trials"]]
         if not all_trials:
             continue
         loss_ref = max(t["lpips"] for t in all_trials) * 1.0001
         out = {"reference_point": {"nfe": steps, "lpips": loss_ref},
                "normalisation": "nfe / steps and lpips / reference lpips; HV of the front below (1, 1)"}
-        for name, r in runs.items():
+
+        def summary(r: dict) -> dict:
             pts = [{"nfe": t["nfe"] / steps, "lpips": t["lpips"] / loss_ref} for t in r["trials"]]
             curve = [hypervolume(pts[:k], (1.0, 1.0)) for k in range(1, len(pts) + 1)]
-            out[name] = {"hypervolume": curve[-1] if curve else 0.0, "hypervolume_by_trial": curve,
-                         "trials": len(pts), "wall_seconds": r["wall_seconds"],
-                         "front_size": len(pareto_front(r["trials"]))}
+            return {"hypervolume": curve[-1] if curve else 0.0, "hypervolume_by_trial": curve,
+                    "trials": len(pts), "wall_seconds": r["wall_seconds"],
+                    "front_size": len(pareto_front(r["trials"]))}
+
+        for name, r in res["searches"].items():
+            out[name] = summary(r)
         if "optuna" in out and "random" in out:
             out["optuna_beats_random"] = bool(out["optuna"]["hypervolume"] > out["random"]["hypervolume"])
+        if len(runs_by_seed) > 1:
+            curves = {seed: {name: summary(r)["hypervolume_by_trial"] for name, r in runs.items()}
+                      for seed, runs in runs_by_seed.items()}
+            per_seed = {seed: {name: (c[-1] if c else 0.0) for name, c in cs.items()} for seed, cs in curves.items()}
+            both = {seed: hv for seed, hv in per_seed.items() if {"optuna", "random"} <= set(hv)}
+            agg = {"seeds": sorted(per_seed, key=int), "hypervolume_by_seed": per_seed,
+                   "hypervolume_by_trial_by_seed": curves}
+            for name in ("optuna", "random"):
+                vals = [hv[name] for hv in per_seed.values() if name in hv]
+                if vals:
+                    agg[name] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1
+                                 else 0.0, "n": len(vals)}
+            if both:
+                diffs = [hv["optuna"] - hv["random"] for hv in both.values()]
+                agg["optuna_wins"] = int(sum(d > 0 for d in diffs))
+                agg["pairs"] = len(diffs)
+                agg["mean_difference"] = float(np.mean(diffs))
+                agg["optuna_beats_random"] = bool(np.mean(diffs) > 0)
+            out["replicates"] = agg
         res["ablation"] = out
 
 
@@ -906,7 +949,8 @@ def _slim(report: dict) -> dict:
     """The report without per-trial level dicts duplicated into huge lists (keeps it readable)."""
     out = json.loads(json.dumps(report, default=float))
     for res in out.get("schedulers", {}).values():
-        for r in res.get("searches", {}).values():
+        for r in [*res.get("searches", {}).values(),
+                  *(x for runs in res.get("replicates", {}).values() for x in runs.values())]:
             r["trials"] = [{k: t[k] for k in ("trial_id", "order", "config", "nfe", "lpips", "quality", "seconds")}
                            for t in r["trials"]]
     return out
@@ -924,7 +968,9 @@ def pareto_plot(report: dict) -> bytes:
         return max(float(v), floor)
 
     scheds = list(report["schedulers"])
-    fig, axes = plt.subplots(1, len(scheds), figsize=(5.2 * len(scheds), 4.4), squeeze=False)
+    curves = any(report["schedulers"][s].get("ablation") for s in scheds)
+    rows = 2 if curves else 1
+    fig, axes = plt.subplots(rows, len(scheds), figsize=(5.2 * len(scheds), 4.4 * rows), squeeze=False)
     steps = report["steps"]
     for ax, s in zip(axes[0], scheds):
         res = report["schedulers"][s]
@@ -968,6 +1014,30 @@ def pareto_plot(report: dict) -> bytes:
         ax.set_ylabel(f"{report.get('lpips_backend') or 'LPIPS'} vs full-step image")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, loc="upper left")
+    if curves:  # second row: the ablation, hypervolume after each trial (thin: a seed; thick: the mean)
+        for ax, s in zip(axes[1], scheds):
+            ab = report["schedulers"][s].get("ablation") or {}
+            by_seed = (ab.get("replicates") or {}).get("hypervolume_by_trial_by_seed") or {
+                "0": {n: ab[n]["hypervolume_by_trial"] for n in ("optuna", "random") if n in ab}}
+            title = []
+            for name, colour in (("optuna", "tab:blue"), ("random", "tab:gray")):
+                runs = [c[name] for c in by_seed.values() if c.get(name)]
+                if not runs:
+                    continue
+                for c in runs:
+                    ax.plot(range(1, len(c) + 1), c, color=colour, lw=0.8, alpha=0.4)
+                n = min(len(c) for c in runs)
+                mean = np.mean([c[:n] for c in runs], axis=0)
+                ax.plot(range(1, n + 1), mean, color=colour, lw=2.2,
+                        label=f"{name}: mean of {len(runs)} seed(s), final {mean[-1]:.3f}")
+                title.append(f"{name} {mean[-1]:.3f}")
+            rep = ab.get("replicates") or {}
+            wins = f"; Optuna larger in {rep['optuna_wins']}/{rep['pairs']} seeds" if rep.get("pairs") else ""
+            ax.set_title(f"{s}: hypervolume by trial\n{', '.join(title)}{wins}", fontsize=9)
+            ax.set_xlabel("trials")
+            ax.set_ylabel("hypervolume (normalised NFE, LPIPS)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"tune_skip: Pareto fronts on {report['tuning_prompts']['count']} tuning prompts, "
                  f"{steps} steps, guidance {report['guidance']:g}", fontsize=10)
     fig.tight_layout()
@@ -1008,11 +1078,21 @@ def log_mlflow(cfg: dict, report: dict) -> str:
             for name, a in res.get("ablation", {}).items():
                 if isinstance(a, dict) and "hypervolume" in a:
                     mlflow.log_metric(f"{s}/hypervolume_{name}", a["hypervolume"])
-            for search, r in res.get("searches", {}).items():
+            seed0 = str(cfg.get("seed", 0))
+            runs = [(search, seed0, r) for search, r in res.get("searches", {}).items()]
+            runs += [(search, seed, r) for seed, rs in res.get("replicates", {}).items() for search, r in rs.items()]
+            rep = res.get("ablation", {}).get("replicates")
+            if rep:
+                for name in ("optuna", "random"):
+                    if name in rep:
+                        mlflow.log_metric(f"{s}/hypervolume_{name}_mean", rep[name]["mean"])
+            for search, seed, r in runs:
                 for t in r["trials"]:
-                    child = client.create_run(experiment.experiment_id, run_name=f"{s}/{search}/{t['trial_id']}",
+                    child = client.create_run(experiment.experiment_id,
+                                              run_name=f"{s}/{search}/seed{seed}/{t['trial_id']}",
                                               tags={**tags, "mlflow.parentRunId": pid, "scheduler": s,
-                                                    "search": search, "trial_id": t["trial_id"]})
+                                                    "search": search, "search_seed": seed,
+                                                    "trial_id": t["trial_id"]})
                     metrics = {"nfe": t["nfe"], "lpips": t["lpips"], "quality": t["quality"],
                                "nfe_speedup": report["steps"] / t["nfe"], "seconds": t["seconds"],
                                **{k.replace("/", "_"): v for k, v in t.get("levels", {}).items()}}
