@@ -30,10 +30,13 @@ setup-system:
 repro: setup  ## the default workflow: dvc repro on the embedded model
 	$(UV) run --frozen dvc repro
 
-test: test-fast test-workflow  ## the default test run: the fast tests, then the tiny workflow (slow tests excluded)
+test: test-fast test-integration test-workflow  ## the default test run: fast tests, Ray Tune runs, tiny workflow (no slow ones)
 
-test-fast: setup setup-system  ## every fast test (no slow ones, not the tiny dvc repro)
-	$(UV) run --frozen pytest -m "not slow and not workflow" --durations=15 $(TEST_ARGS)
+test-fast: setup setup-system  ## every fast test (no slow ones, not the Ray Tune runs, not the tiny dvc repro)
+	$(UV) run --frozen pytest -m "not slow and not workflow and not integration" --durations=15 $(TEST_ARGS)
+
+test-integration: setup  ## the Ray Tune runs on a private Ray (tests/test_tune_skip.py)
+	$(UV) run --frozen pytest -m "integration and not slow" --durations=15 $(TEST_ARGS)
 
 test-workflow: setup  ## the tiny profile of the whole workflow (dvc repro on params.tiny.yaml), as CI runs it
 	$(UV) run --frozen pytest -m "workflow and not slow" --durations=15 $(TEST_ARGS)

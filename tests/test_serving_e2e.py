@@ -83,7 +83,6 @@ def test_service_end_to_end_over_http(served, tiny_bundle_dir, tmp_path):
 
 
 
-@pytest.mark.slow
 def test_user_config_update_swaps_the_model_in_place_under_traffic(served, tiny_bundle_dir, tmp_path):
     """A new bundle through user_config: the replica reconfigures in place, no request fails."""
     from serving.config import with_overrides

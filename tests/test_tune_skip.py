@@ -173,7 +173,7 @@ def _cfg(th):
 # ------------------------------------------------------------------------------------------
 # A 4-trial tuning on the tiny components
 # ------------------------------------------------------------------------------------------
-@pytest.mark.slow  # a private Ray, its workers' environment and 4 trials: minutes on 2 busy cores
+@pytest.mark.integration  # a private Ray and 4 trials: about 1.5 minutes here (`make test-integration`)
 def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, tiny_bundle_dir, tiny_components,
                                                                  tmp_path, monkeypatch):
     import mlflow
@@ -256,7 +256,7 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
     assert again["schedulers"]["ddim"]["searches"]["optuna"]["trials"] == res["searches"]["optuna"]["trials"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_tunes_a_stock_sd_pipeline_with_the_random_ablation(private_ray, tiny_sd_dir, tmp_path, monkeypatch):
     from budgetdiff.policy import load_skip_policy
 

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.workflow  # `make test` runs it as its own step, after 
 CODE_DIRS = ("budgetdiff", "training", "benchmarks", "pipelines", "registry", "serving", "monitoring")
 # Stages left out of the tiny run: bench_serve starts a Ray Serve cluster and drives load for
 # minutes (tests/test_serving_e2e.py covers the service end to end); tune_skip runs Ray Tune
-# trials (tests/test_tune_skip.py covers its tuning, the Ray runs marked slow); bench_monitor runs a
-# Serve cluster and Prometheus under load (tests/test_monitoring*.py cover its parts).
-EXCLUDED_STAGES = {"bench_serve", "tune_skip", "bench_monitor"}
+# trials (tests/test_tune_skip.py covers its tuning, the Ray runs in `make test-integration`); bench_monitor runs a
+# Serve cluster and Prometheus under load (tests/test_monitoring*.py cover its parts); headlines
+# reads every stage's report, those three included (tests/test_headlines.py covers it).
+EXCLUDED_STAGES = {"bench_serve", "tune_skip", "bench_monitor", "headlines"}
 
 
 def targets() -> list[str]:
