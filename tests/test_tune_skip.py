@@ -271,3 +271,16 @@ def test_tunes_a_stock_sd_pipeline_with_the_random_ablation(private_ray, tiny_sd
     assert ab["optuna"]["trials"] == ab["random"]["trials"] == 2
     assert len(ab["optuna"]["hypervolume_by_trial"]) == 2 and ab["optuna"]["hypervolume"] >= 0
     assert isinstance(ab["optuna_beats_random"], bool)
+
+
+def test_seconds_all_phases_counts_resumed_phases_too():
+    report = {"schedulers": {
+        "ddim": {"reference_seconds": 10.0,
+                 "searches": {"optuna": {"wall_seconds": 100.0}, "random": {"wall_seconds": 50.0}},
+                 "replicates": {"1": {"optuna": {"wall_seconds": 20.0}}},
+                 "confirm": {"reference_seconds": 5.0, "rows": {"baseline": {"seconds": 1.0}, "t1": {"seconds": 2.0}}},
+                 "holdout": {"reference_seconds": 7.0, "rows": {"tuned": {"seconds": 3.0}}}},
+        "euler": {"reference_seconds": 1.0, "searches": {"optuna": {"wall_seconds": 4.0}},
+                  "confirm": {"candidates": [], "chosen": "x"}}}}
+    assert ts.seconds_all_phases(report) == {"references": 11.0, "searches": 174.0, "confirmation": 8.0,
+                                             "holdout": 10.0, "total": 203.0}

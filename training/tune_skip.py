@@ -758,6 +758,31 @@ def select_all(cfg: dict, report: dict, lpips_name: str) -> dict:
     return chosen
 
 
+def checked_tasks(ck: Checkpoints, what: str, jobs: dict, task, ctx: dict, cpus: int, post=None) -> dict:
+    """Run ``task(ctx, scheduler, configs)`` as a Ray task per scheduler in ``jobs``
+    ({scheduler: configs}), concurrently, unless a checkpoint of the same ``what`` and configs
+    exists; ``post`` shapes a fresh result before it is checkpointed. Returns {scheduler: result}."""
+    import ray
+
+    remote = ray.remote(num_cpus=cpus)(task)
+    out, pending = {}, {}
+    for s, (configs, key) in jobs.items():
+        blob = json.dumps({"configs": configs, what: key}, sort_keys=True, default=str)
+        name = f"{what}_{s}_{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+        cached = ck.get(name)
+        if cached is None:
+            pending[s] = (name, remote.remote(ctx, s, configs))
+        else:
+            out[s] = cached
+    for s, (name, obj) in pending.items():
+        res = ray.get(obj)
+        res = post(res) if post else res
+        ck.put(name, res)
+        out[s] = res
+        print(f"[tune_skip] {s}: {what} done", file=sys.stderr, flush=True)
+    return out
+
+
 def _baseline_trial(res: dict) -> dict | None:
     """The hand-tuned baseline as a trial-like dict (its warm-start trial when the search ran it)."""
     hand = res["baselines_tuning"].get("hand")
@@ -773,15 +798,12 @@ def _baseline_trial(res: dict) -> dict | None:
 def confirm(cfg: dict, ctx: dict, ck: Checkpoints, report: dict, chosen: dict) -> None:
     """Confirm each scheduler's default on prompts of their own (module docstring); updates
     ``chosen`` and the report in place. Checkpointed per scheduler and candidate set."""
-    import ray
-
     sel_cfg = cfg["selection"]
     conf = sel_cfg["confirm"]
     ratio = float(sel_cfg.get("loss_ratio", 1.0))
     prompts, seeds = tuning_prompts(conf["prompts_per_level"], int(conf["seed_offset"]))
     cctx = {**ctx, "prompts": prompts, "seeds": seeds, "batch_size": conf.get("batch_size")}
-    remote = ray.remote(num_cpus=int(cfg.get("cpus_per_trial", 1)))(holdout_task)
-    pending, plans = {}, {}
+    jobs, plans = {}, {}
     for s, sel in chosen.items():
         res = report["schedulers"][s]
         base = _baseline_trial(res)
@@ -794,21 +816,16 @@ def confirm(cfg: dict, ctx: dict, ck: Checkpoints, report: dict, chosen: dict) -
             res["confirm"] = {"candidates": [], "chosen": sel["default"]["trial_id"],
                               "why": "no front point beat the baseline on the tuning prompts: nothing to confirm"}
             continue
-        configs = {"baseline": _point_config(base), **{c["trial_id"]: _point_config(c) for c in cands}}
-        what = json.dumps({"configs": configs, "confirm": conf}, sort_keys=True, default=str)
-        name = f"confirm_{s}_{hashlib.sha256(what.encode()).hexdigest()[:8]}"
-        cached = ck.get(name)
-        if cached is None:
-            pending[s] = (name, remote.remote(cctx, s, configs))
-        else:
-            res["confirm"] = cached
-    for s, (name, obj) in pending.items():
-        out = ray.get(obj)
+        jobs[s] = ({"baseline": _point_config(base), **{c["trial_id"]: _point_config(c) for c in cands}}, conf)
+
+    def shape(out: dict) -> dict:
         out["rows"] = {n: {k: v for k, v in r.items() if k != "levels"} for n, r in out["rows"].items()}
         out["candidates"] = list(out["rows"])[1:]
-        ck.put(name, out)
+        return out
+
+    done = checked_tasks(ck, "confirm", jobs, holdout_task, cctx, int(cfg.get("cpus_per_trial", 1)), post=shape)
+    for s, out in done.items():
         report["schedulers"][s]["confirm"] = out
-        print(f"[tune_skip] {s}: confirmation done", file=sys.stderr, flush=True)
     for s, (base, cands) in plans.items():
         res = report["schedulers"][s]
         conf_res = res["confirm"]
@@ -829,29 +846,17 @@ def confirm(cfg: dict, ctx: dict, ck: Checkpoints, report: dict, chosen: dict) -
 
 
 def holdout(cfg: dict, ctx: dict, ck: Checkpoints, report: dict, chosen: dict) -> None:
-    import ray
-
     hold = cfg["holdout"]
     prompts, seeds = tuning_prompts(hold["prompts_per_level"], int(hold["seed_offset"]))
     hctx = {**ctx, "prompts": prompts, "seeds": seeds, "batch_size": hold.get("batch_size", 32)}
-    remote = ray.remote(num_cpus=int(cfg.get("cpus_per_trial", 1)))(holdout_task)
-    pending = {}
+    jobs = {}
     for s, sel in chosen.items():
         configs = {"tuned": _point_config(sel["default"])}
         if hold.get("remeasure_baseline"):
             configs["hand"] = baseline_configs(cfg, s).get("hand")
-        what = json.dumps({"configs": configs, "holdout": hold}, sort_keys=True, default=str)
-        name = f"holdout_{s}_{hashlib.sha256(what.encode()).hexdigest()[:8]}"
-        cached = ck.get(name)
-        if cached is None:
-            pending[s] = (name, remote.remote(hctx, s, configs))
-        else:
-            report["schedulers"][s]["holdout"] = cached
-    for s, (name, obj) in pending.items():
-        res = ray.get(obj)
-        ck.put(name, res)
+        jobs[s] = (configs, hold)
+    for s, res in checked_tasks(ck, "holdout", jobs, holdout_task, hctx, int(cfg.get("cpus_per_trial", 1))).items():
         report["schedulers"][s]["holdout"] = res
-        print(f"[tune_skip] {s}: held-out check done", file=sys.stderr, flush=True)
     b = cfg.get("baseline") or {}
     targets = (hold.get("targets") or {}).get("nfe_speedup") or {}
     for s in chosen:
@@ -938,11 +943,32 @@ def write_outputs(cfg: dict, report: dict, chosen: dict, t0: float, final: bool 
     policy.save(cfg["policy_path"])
     report["policy"] = {"path": os.path.relpath(cfg["policy_path"], Path.cwd()), "sha256": policy.sha256}
     report["complete"] = bool(final)
+    report["seconds_all_phases"] = seconds_all_phases(report)
     report.setdefault("seconds_total", round(time.time() - t0, 1))
     if not final:
         report["seconds_total"] = round(time.time() - t0, 1)
     atomic_write_json(cfg["report_path"], _slim(report))
     atomic_write_bytes(cfg["plot_path"], pareto_plot(report))
+
+
+def seconds_all_phases(report: dict) -> dict:
+    """What the whole tuning cost, whether this run computed a phase or resumed it from a
+    checkpoint (``seconds_total`` is this run's wall-clock only): the wall-clock of every search
+    and the duration of every reference, confirmation and held-out task. Tasks of different
+    schedulers ran side by side, so the sum is task time, not wall-clock."""
+    out = {"references": 0.0, "searches": 0.0, "confirmation": 0.0, "holdout": 0.0}
+    for res in report.get("schedulers", {}).values():
+        out["references"] += float(res.get("reference_seconds") or 0.0)
+        runs = [*res.get("searches", {}).values(),
+                *(r for rs in res.get("replicates", {}).values() for r in rs.values())]
+        out["searches"] += sum(float(r.get("wall_seconds") or 0.0) for r in runs)
+        for phase, key in (("confirmation", "confirm"), ("holdout", "holdout")):
+            task = res.get(key) or {}
+            out[phase] += float(task.get("reference_seconds") or 0.0)
+            out[phase] += sum(float(r.get("seconds") or 0.0) for r in (task.get("rows") or {}).values())
+    out = {k: round(v, 1) for k, v in out.items()}
+    out["total"] = round(sum(out.values()), 1)
+    return out
 
 
 def _slim(report: dict) -> dict:
