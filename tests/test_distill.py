@@ -2,10 +2,12 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDIMScheduler
 
 from conftest import REPO, tiny_unet_config
@@ -306,39 +308,59 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
     assert set(runs["tags.dvc_stage"]) == {"distill_test"} and runs["tags.git_commit"].notna().all()
 
 
-def test_stage_config_merges_the_sections(monkeypatch):
+def test_stage_config_merges_the_sections(monkeypatch, tmp_path):
+    """Synthetic params: the variant overrides the stage section, which overrides ``distill``."""
+    import training.params
+    from training.distill import stage_config
+
+    params = {
+        "distill": {"teacher": "models/t", "guidance_range": [1, 3], "p_cfg": 0.5, "seed": 0,
+                    "checkpoint_dir": "ck", "output_dir": "shared", "metrics_path": "m.json"},
+        "distill_16": {"student_steps": 16, "output_dir": "s16"},
+        "distill_8": {"student_steps": 8, "guidance_range": [1, 2]},
+        "distill_8_variants": {"cfg": {"p_cfg": 0.1, "output_dir": "s8"},
+                               "vanilla": {"p_cfg": 0.0, "output_dir": "s8v", "guidance_range": [1, 1.5]}},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(training.params, "PARAMS_FILE", tmp_path / "params.yaml")
+    c16 = stage_config("distill_16")
+    assert (c16["teacher"], c16["student_steps"], c16["output_dir"], c16["guidance_range"]) == \
+        ("models/t", 16, "s16", [1, 3])
+    assert c16["stage"] == "distill_16" and c16["checkpoint_dir"] == str(Path("ck") / "distill_16")
+    cfg, van = stage_config("distill_8", "cfg"), stage_config("distill_8", "vanilla")
+    assert (cfg["p_cfg"], cfg["guidance_range"], cfg["student_steps"], cfg["output_dir"]) == (0.1, [1, 2], 8, "s8")
+    assert (van["p_cfg"], van["guidance_range"], van["output_dir"]) == (0.0, [1, 1.5], "s8v")
+    assert van["stage"] == "distill_8@vanilla" and van["checkpoint_dir"] == str(Path("ck") / "distill_8_vanilla")
+    with pytest.raises(SystemExit, match="unknown variant"):
+        stage_config("distill_8", "nope")
+
+
+def test_distill_params_keep_their_couplings(monkeypatch):
+    """Invariants of the shipped params (not their values, which retuning changes): the 8-step
+    variants share teacher, steps and guidance range (their held-out CFG losses compare like for
+    like); a training-seed replicate differs from its variant only in seed and paths; every run
+    has its own output and checkpoint directory; dvc.yaml's foreach and bench_distill follow."""
     import training.params
     from training.distill import stage_config
 
     monkeypatch.setattr(training.params, "PARAMS_FILE", REPO / "params.yaml")
-    c16 = stage_config("distill_16")
-    assert c16["teacher"] == "models/base" and c16["student_steps"] == 16 and c16["output_dir"] == "models/student-16"
-    assert c16["stage"] == "distill_16" and c16["checkpoint_dir"].endswith("distill_16")
-    by_variant = {v: stage_config("distill_8", v) for v in ("cfg", "vanilla", "cfgonly")}
-    assert {v: c["p_cfg"] for v, c in by_variant.items()} == {"cfg": 0.1, "vanilla": 0.0, "cfgonly": 1.0}
-    # The 8-step students learn from the base model at 16 steps (bench_distill: student-16 loses
-    # CLIP-T and FD to base@16, and a chain through it compounds the loss).
-    assert all(c["teacher"] == "models/base" and c["student_steps"] == 8 for c in by_variant.values())
-    # One guidance range for all three, so their held-out CFG losses compare like for like.
-    assert {tuple(c["guidance_range"]) for c in by_variant.values()} == {(1.0, 1.5)}
-    assert by_variant["cfg"]["output_dir"] == "models/student-8"
-    assert by_variant["vanilla"]["stage"] == "distill_8@vanilla"
-    assert len({c["checkpoint_dir"] for c in by_variant.values()}) == 3
-    with pytest.raises(SystemExit, match="unknown variant"):
-        stage_config("distill_8", "nope")
-    # Training-seed replicates of the CFG-aware and vanilla students: the same config but the seed,
-    # paired by seed, each with its own output and checkpoint directory.
-    reps = {v: stage_config("distill_8", v) for v in ("cfg_seed1", "vanilla_seed1", "cfg_seed2", "vanilla_seed2")}
-    for v, c in reps.items():
-        base = by_variant[v.split("_seed")[0]]
-        assert c["seed"] == int(v[-1]) != base["seed"] == 0
-        assert {k: c[k] for k in c if k not in ("seed", "output_dir", "metrics_path", "checkpoint_dir", "stage")} == \
-            {k: base[k] for k in base if k not in ("seed", "output_dir", "metrics_path", "checkpoint_dir", "stage")}
-    dirs = [c["output_dir"] for c in (*by_variant.values(), *reps.values())]
-    assert len(set(dirs)) == len(dirs) == 7
+    variants = yaml_section("distill_8_variants")
+    configs = {v: stage_config("distill_8", v) for v in variants}
+    main = {v: c for v, c in configs.items() if "_seed" not in v}
+    assert len({(c["teacher"], c["student_steps"], tuple(c["guidance_range"])) for c in main.values()}) == 1
+    paths = ("seed", "output_dir", "metrics_path", "checkpoint_dir", "stage")
+    for v, c in configs.items():
+        if "_seed" in v:
+            base = configs[v.split("_seed")[0]]
+            assert c["seed"] != base["seed"]
+            assert {k: c[k] for k in c if k not in paths} == {k: base[k] for k in base if k not in paths}
+    for key in ("output_dir", "checkpoint_dir", "metrics_path"):
+        assert len({c[key] for c in configs.values()}) == len(configs), key
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["distill_8"]["foreach"] == "${distill_8_variants}"  # one list: the variants section
     bench = yaml_section("bench_distill")
-    assert {bench["runs"][r]["model"] for reps_ in bench["training_seeds"].values() for r in reps_} == \
-        {c["output_dir"] for c in reps.values()}
+    replicate_dirs = {c["output_dir"] for v, c in configs.items() if "_seed" in v}
+    assert {bench["runs"][r]["model"] for reps_ in bench["training_seeds"].values() for r in reps_} == replicate_dirs
 
 
 # ----------------------------------------------------------------------------------------------
