@@ -98,13 +98,17 @@ def ratio(numerator: Path_, denominator: Path_) -> Callable[[dict], float]:
     return f
 
 
+def _rows(report: dict, list_path: Path_) -> list:
+    rows = dig(report, list_path)
+    if not isinstance(rows, list) or not rows:
+        raise HeadlineError(f"{format_path(list_path)} is not a non-empty list")
+    return rows
+
+
 def every(list_path: Path_, field: str) -> Callable[[dict], bool]:
     """True when ``field`` is true in every row of the list at ``list_path`` (and there is a row)."""
     def f(report: dict) -> bool:
-        rows = dig(report, list_path)
-        if not isinstance(rows, list) or not rows:
-            raise HeadlineError(f"{format_path(list_path)} is not a non-empty list")
-        values = [dig(report, (*list_path, i, field)) for i in range(len(rows))]
+        values = [dig(report, (*list_path, i, field)) for i in range(len(_rows(report, list_path)))]
         if not all(isinstance(v, bool) for v in values):
             raise HeadlineError(f"{format_path((*list_path, '*', field))} holds a value that is not a bool")
         return all(values)
@@ -114,10 +118,8 @@ def every(list_path: Path_, field: str) -> Callable[[dict], bool]:
 def lowest(list_path: Path_, field: str) -> Callable[[dict], float]:
     """The smallest ``field`` over the rows of the list at ``list_path``."""
     def f(report: dict) -> float:
-        rows = dig(report, list_path)
-        if not isinstance(rows, list) or not rows:
-            raise HeadlineError(f"{format_path(list_path)} is not a non-empty list")
-        return min(_number(dig(report, (*list_path, i, field)), (*list_path, i, field)) for i in range(len(rows)))
+        return min(_number(dig(report, (*list_path, i, field)), (*list_path, i, field))
+                   for i in range(len(_rows(report, list_path))))
     return f
 
 

@@ -84,10 +84,9 @@ def test_format_round_trip_and_errors(tmp_path):
     assert d["format"] == AUTO_POLICY_FORMAT
 
 
-@pytest.fixture()
-def policy_bundle(tiny_bundle_dir, tmp_path):
-    """The tiny bundle with the synthetic auto policy embedded in bundle.json."""
-    out = tmp_path / "bundle"
+def bundle_with_policy(tiny_bundle_dir, out):
+    """A copy of the tiny bundle at ``out`` with the synthetic auto policy embedded in bundle.json
+    (its model paths made absolute, so the copy loads from anywhere)."""
     shutil.copytree(tiny_bundle_dir, out)
     raw = json.loads((out / "bundle.json").read_text())
     for key in ("base", "student", "budget"):
@@ -95,6 +94,12 @@ def policy_bundle(tiny_bundle_dir, tmp_path):
     raw["auto"]["policy"] = synthetic_policy().to_dict()
     (out / "bundle.json").write_text(json.dumps(raw))
     return out
+
+
+@pytest.fixture()
+def policy_bundle(tiny_bundle_dir, tmp_path):
+    """The tiny bundle with the synthetic auto policy embedded in bundle.json."""
+    return bundle_with_policy(tiny_bundle_dir, tmp_path / "bundle")
 
 
 def test_engine_routes_auto_by_the_policy_and_records_it(policy_bundle):

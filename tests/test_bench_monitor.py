@@ -1,25 +1,16 @@
 """bench_monitor's pieces that need no cluster: the degraded bundle, params checks, the report's
 headline and plot (the run itself is the DVC stage: a Serve cluster and Prometheus under load)."""
 
-import json
-import shutil
-
 import pytest
 
 from benchmarks import bench_monitor as bm
-from test_auto_policy import synthetic_policy
+from test_auto_policy import bundle_with_policy
 
 
 def test_degraded_bundle_routes_every_auto_request_to_the_cheap_plan(tiny_bundle_dir, tmp_path):
     from budgetdiff.engine import GenerationRequest, Generator
 
-    src = tmp_path / "src"
-    shutil.copytree(tiny_bundle_dir, src)
-    raw = json.loads((src / "bundle.json").read_text())
-    for key in ("base", "student", "budget"):
-        raw[key]["path"] = str((tiny_bundle_dir / raw[key]["path"]).resolve())
-    raw["auto"]["policy"] = synthetic_policy().to_dict()
-    (src / "bundle.json").write_text(json.dumps(raw))
+    src = bundle_with_policy(tiny_bundle_dir, tmp_path / "src")
     out = bm.degraded_bundle(str(src), tmp_path / "bad", steps=2)
     gen = Generator.load(out)
     for q in (None, 0.5, 0.99):

@@ -338,12 +338,9 @@ def select_points(front: list[dict], baseline: dict | None, selection: dict) -> 
     why = ""
     default = None
     if baseline is not None:
-        dominating = [p for p in front if p["nfe"] <= baseline["nfe"] and p["lpips"] <= ratio * baseline["lpips"]]
+        dominating = [p for p in front if _beats(p, baseline, ratio)]
         if dominating:
-            def margin(p):
-                return min(baseline["nfe"] / p["nfe"] - 1.0, ratio * baseline["lpips"] / max(p["lpips"], 1e-12) - 1.0)
-
-            default = max(dominating, key=margin)
+            default = max(dominating, key=lambda p: _margin(p, baseline, ratio))
             why = "dominates the baseline by the largest margin (min of the relative NFE and loss gains)"
         else:
             ok = [p for p in front if p["lpips"] <= ratio * baseline["lpips"]]
@@ -361,7 +358,13 @@ def select_points(front: list[dict], baseline: dict | None, selection: dict) -> 
     return {"default": default, "levels": levels, "why": why}
 
 
+def _beats(p: dict, baseline: dict, ratio: float) -> bool:
+    """``p`` is at least as good as ``baseline`` on both objectives (loss scaled by ``ratio``)."""
+    return p["nfe"] <= baseline["nfe"] and p["lpips"] <= ratio * baseline["lpips"]
+
+
 def _margin(p: dict, baseline: dict, ratio: float) -> float:
+    """By how much ``p`` beats ``baseline``: the smaller of the relative NFE and loss gains."""
     return min(baseline["nfe"] / p["nfe"] - 1.0, ratio * baseline["lpips"] / max(p["lpips"], 1e-12) - 1.0)
 
 
@@ -370,8 +373,7 @@ def confirm_candidates(front: list[dict], baseline: dict, selection: dict) -> li
     first, at most ``selection.confirm.candidates`` of them."""
     ratio = float(selection.get("loss_ratio", 1.0))
     k = int((selection.get("confirm") or {}).get("candidates", 3))
-    dominating = [p for p in front if p["nfe"] <= baseline["nfe"] and p["lpips"] <= ratio * baseline["lpips"]
-                  and _point_config(p) != baseline["config"]]
+    dominating = [p for p in front if _beats(p, baseline, ratio) and _point_config(p) != baseline["config"]]
     return sorted(dominating, key=lambda p: -_margin(p, baseline, ratio))[:k]
 
 
@@ -380,8 +382,7 @@ def confirm_choice(rows: dict, ratio: float = 1.0) -> tuple[str, str]:
     {"nfe", "lpips"} measured on the confirmation prompts. Returns (name, why): the candidate that
     beats the baseline on both objectives by the largest margin there, else "baseline"."""
     base = rows["baseline"]
-    ok = {n: r for n, r in rows.items() if n != "baseline" and r["nfe"] <= base["nfe"]
-          and r["lpips"] <= ratio * base["lpips"]}
+    ok = {n: r for n, r in rows.items() if n != "baseline" and _beats(r, base, ratio)}
     if not ok:
         return "baseline", ("no candidate from the tuning front beat the baseline on the confirmation "
                             "prompts: the baseline ships")
@@ -737,6 +738,12 @@ def default_guidance(cfg: dict) -> float:
     return float(index.get("default_guidance_scale", 7.5))
 
 
+def default_entry(trial: dict, steps: int, why: str) -> dict:
+    """The report's ``chosen.default``: the trial's config and objectives, and why it was chosen."""
+    return {"trial_id": trial["trial_id"], **_point_config(trial), "nfe": trial["nfe"],
+            "nfe_speedup": steps / trial["nfe"], "lpips": trial["lpips"], "quality": trial["quality"], "why": why}
+
+
 def select_all(cfg: dict, report: dict, lpips_name: str) -> dict:
     chosen = {}
     for s, res in report["schedulers"].items():
@@ -748,10 +755,7 @@ def select_all(cfg: dict, report: dict, lpips_name: str) -> dict:
         chosen[s] = sel
         res["pareto_front"] = [{"trial_id": t["trial_id"], **_point_config(t), "nfe": t["nfe"], "lpips": t["lpips"],
                                 "quality": t["quality"]} for t in front]
-        res["chosen"] = {"default": {"trial_id": sel["default"]["trial_id"], **_point_config(sel["default"]),
-                                     "nfe": sel["default"]["nfe"], "nfe_speedup": cfg["steps"] / sel["default"]["nfe"],
-                                     "lpips": sel["default"]["lpips"], "quality": sel["default"]["quality"],
-                                     "why": sel["why"]},
+        res["chosen"] = {"default": default_entry(sel["default"], cfg["steps"], sel["why"]),
                          "quality_levels": {f"{q:g}": {"trial_id": t["trial_id"], **_point_config(t), "nfe": t["nfe"],
                                                         "quality": t["quality"], "lpips": t["lpips"]}
                                             for q, t in sel["levels"].items()}}
@@ -838,11 +842,9 @@ def confirm(cfg: dict, ctx: dict, ck: Checkpoints, report: dict, chosen: dict) -
         winner = base if pick == "baseline" else next(c for c in cands if c["trial_id"] == pick)
         chosen[s]["default"] = winner
         chosen[s]["why"] = why
-        c = res["chosen"]["default"]
-        c.update({"trial_id": winner["trial_id"], **_point_config(winner), "nfe": winner["nfe"],
-                  "nfe_speedup": cfg["steps"] / winner["nfe"], "lpips": winner["lpips"],
-                  "quality": winner["quality"], "why": why,
-                  "confirmation": {k: conf_res["rows"][pick][k] for k in ("nfe", "lpips", "nfe_speedup", "quality")}})
+        res["chosen"]["default"] = {
+            **default_entry(winner, cfg["steps"], why),
+            "confirmation": {k: conf_res["rows"][pick][k] for k in ("nfe", "lpips", "nfe_speedup", "quality")}}
 
 
 def holdout(cfg: dict, ctx: dict, ck: Checkpoints, report: dict, chosen: dict) -> None:
@@ -885,8 +887,8 @@ def ablation(report: dict) -> None:
     full budget; with replicate seeds, per seed and their mean, and how often Optuna won."""
     steps = report["steps"]
     for s, res in report["schedulers"].items():
-        runs_by_seed = {str(res["searches"].get("optuna", {}).get("seed", 0)): res["searches"],
-                        **res.get("replicates", {})}
+        seed0 = str(res["searches"].get("optuna", {}).get("seed", 0))  # the shipped search's
+        runs_by_seed = {seed0: res["searches"], **res.get("replicates", {})}
         all_trials = [t for runs in runs_by_seed.values() for r in runs.values() for t in r["trials"]]
         if not all_trials:
             continue
@@ -901,13 +903,13 @@ def ablation(report: dict) -> None:
                     "trials": len(pts), "wall_seconds": r["wall_seconds"],
                     "front_size": len(pareto_front(r["trials"]))}
 
-        for name, r in res["searches"].items():
-            out[name] = summary(r)
+        summaries = {seed: {name: summary(r) for name, r in runs.items()} for seed, runs in runs_by_seed.items()}
+        out.update(summaries[seed0])
         if "optuna" in out and "random" in out:
             out["optuna_beats_random"] = bool(out["optuna"]["hypervolume"] > out["random"]["hypervolume"])
         if len(runs_by_seed) > 1:
-            curves = {seed: {name: summary(r)["hypervolume_by_trial"] for name, r in runs.items()}
-                      for seed, runs in runs_by_seed.items()}
+            curves = {seed: {name: sm["hypervolume_by_trial"] for name, sm in runs.items()}
+                      for seed, runs in summaries.items()}
             per_seed = {seed: {name: (c[-1] if c else 0.0) for name, c in cs.items()} for seed, cs in curves.items()}
             both = {seed: hv for seed, hv in per_seed.items() if {"optuna", "random"} <= set(hv)}
             agg = {"seeds": sorted(per_seed, key=int), "hypervolume_by_seed": per_seed,
