@@ -82,6 +82,23 @@ def test_service_end_to_end_over_http(served, tiny_bundle_dir, tmp_path):
         assert client.get("/").status_code == 200
 
 
+def test_wait_deployed_returns_once_the_replicas_run_the_new_user_config(served):
+    """deploy_apps returns before a user_config change reaches the replicas (the old ones keep
+    answering /healthz); wait_deployed returns only once Serve reports the update applied."""
+    from serving.config import with_overrides
+    from serving.deploy import deploy_in_process, wait_deployed
+
+    url, config = served
+    try:
+        for size in (2, 4):  # 4: the fixture's, restored for the tests after this one
+            deploy_in_process(with_overrides(config, model={"max_batch_size": size}))
+            wait_deployed(config, 120)
+            with httpx.Client(base_url=url, timeout=60) as client:
+                assert client.get("/v1/models").json()["data"][0]["max_batch_size"] == size
+    finally:
+        deploy_in_process(config)
+        wait_deployed(config, 120)
+
 
 def test_user_config_update_swaps_the_model_in_place_under_traffic(served, tiny_bundle_dir, tmp_path):
     """A new bundle through user_config: the replica reconfigures in place, no request fails."""
