@@ -70,7 +70,7 @@ from budgetdiff.evaluators import check_scenes, detect_scenes, scene_attr_acc
 from budgetdiff.generation import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig, psnr
-from budgetdiff.scenes import sample_scene, spec_to_prompt
+from budgetdiff.scenes import held_out_scenes, level_seed
 
 PAB_HOOK = "pyramid_attention_broadcast"  # diffusers.hooks.pyramid_attention_broadcast's hook name
 ATTR_VS_FULL = "domain/attr_acc_vs_full"
@@ -84,11 +84,9 @@ def scene_prompts(prompts_per_level: dict, offset: int):
     ``offset + 100_000·count + i``; each image's noise seed is its scene seed."""
     prompts, seeds, levels = [], [], []
     for n_obj, n in sorted((int(k), int(v)) for k, v in prompts_per_level.items()):
-        for i in range(n):
-            seed = offset + 100_000 * n_obj + i
-            prompts.append(spec_to_prompt(sample_scene(seed, n_objects=n_obj)))
-            seeds.append(seed)
-            levels.append(n_obj)
+        prompts += held_out_scenes(n, level_seed(offset, n_obj, 0), n_objects=n_obj)[1]
+        seeds += [level_seed(offset, n_obj, i) for i in range(n)]
+        levels += [n_obj] * n
     return prompts, seeds, levels
 
 
@@ -625,8 +623,8 @@ def run(cfg: dict) -> dict:
 
 
 def main() -> None:
-    from training.params import load_params
-    from training.tracking import EXPERIMENT, run_tags, tracking_uri
+    from mlops.params import load_params
+    from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
     cfg = load_params("bench_adaptive")
     report = run(cfg)

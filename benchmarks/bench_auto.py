@@ -33,14 +33,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.bench_distill import held_out_scenes, rendered
+from benchmarks.bench_distill import rendered
 from budgetdiff.engine import GenerationRequest, Generator
 from budgetdiff.evaluators import load_attribute_checker
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
 from budgetdiff.shards import directory_fingerprint
-from training.params import load_params
+from budgetdiff.scenes import held_out_scenes
+from mlops.params import load_params
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
 LEVELS = ("pixel/ssim", "pixel/psnr", "mid/lpips_alex_randinit", "high/iclip_domainclip")
@@ -206,7 +207,7 @@ def run(cfg: dict) -> dict:
     gen = Generator.load(cfg["bundle"])
     scorer = MetricScorer(ScoringConfig(batch_size=256), clip=load_clip_backbone(cfg["clip_dir"]),
                           checker=load_attribute_checker(cfg["attributes_dir"]))
-    specs, prompts = held_out_scenes(cfg["prompts"], cfg["seed_offset"], cfg["count_weights"])
+    specs, prompts = held_out_scenes(cfg["prompts"], cfg["seed_offset"], count_weights=cfg["count_weights"])
     truth = rendered(specs)
     seeds = [cfg["seed_offset"] + i for i in range(len(prompts))]
     gflops = gen.gflops_per_evaluation

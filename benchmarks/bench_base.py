@@ -25,14 +25,9 @@ from tqdm import tqdm
 from budgetdiff.evaluators import attr_check, check_scene_heuristic, load_attribute_checker, summarize_checks
 from budgetdiff.generation import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
-from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.scenes import held_out_scenes, level_seed, render_scene_array, sample_scene, spec_to_prompt
 
 CHECKERS = {"primary": "trained attribute checker (models/attributes)", "heuristic": "heuristic_v1"}
-
-
-def held_out_scenes(n: int, n_objects: int, offset: int):
-    specs = [sample_scene(offset + 100_000 * n_objects + i, n_objects=n_objects) for i in range(n)]
-    return specs, [spec_to_prompt(s) for s in specs]
 
 
 def generate_np(pipe, prompts, steps, guidance, scheduler, batch_size, desc):
@@ -86,7 +81,7 @@ def run(cfg: dict) -> dict:
               "guidance": guidance, "levels": {}}
     start = time.time()
     for n_obj, n in cfg["prompts_per_level"].items():
-        specs, prompts = held_out_scenes(n, int(n_obj), cfg["seed_offset"])
+        specs, prompts = held_out_scenes(n, level_seed(cfg["seed_offset"], int(n_obj), 0), n_objects=int(n_obj))
         images, sec = generate_np(pipe, prompts, steps, guidance, sched, bs, f"{n_obj} object(s)")
         if int(n_obj) == 1:
             one_object_images = images
@@ -102,7 +97,7 @@ def run(cfg: dict) -> dict:
     # Guidance sweep on the first 1-object prompts (same prompts and seeds as above, so the
     # default guidance's images are reused): how the default was chosen, measured again here.
     n_sweep = cfg["sweep_prompts"]
-    specs, prompts = held_out_scenes(n_sweep, 1, cfg["seed_offset"])
+    specs, prompts = held_out_scenes(n_sweep, level_seed(cfg["seed_offset"], 1, 0), n_objects=1)
     report["guidance_sweep_1_object"] = {"prompts": n_sweep}
     for g in sorted(set(cfg["guidance_sweep"]) | {guidance}):
         images = one_object_images[:n_sweep] if g == guidance else generate_np(
@@ -124,8 +119,8 @@ def run(cfg: dict) -> dict:
 
 
 def main() -> None:
-    from training.params import load_params
-    from training.tracking import EXPERIMENT, run_tags, tracking_uri
+    from mlops.params import load_params
+    from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
     cfg = load_params("bench_base")
     report = run(cfg)

@@ -64,6 +64,7 @@ from budgetdiff.budget import (
     load_budget_predictor,
 )
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
+from mlops.cli import command
 from training.budget import (
     CurveTable,
     cross_validate,
@@ -394,12 +395,13 @@ def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dic
                            for m in metrics},
                "reference_metrics": {m: round(float(np.nanmean(curves.values[rows, curves.metrics.index(m), -1])), 5)
                                      for m in metrics if np.isfinite(curves.values[rows, curves.metrics.index(m), -1]).any()}}
-    seconds = table[~table["is_reference"]].pivot_table(index="prompt_id", columns="steps", values="seconds")
-    seconds = seconds.reindex(index=curves.prompt_ids[rows], columns=curves.step_grid).to_numpy()
+    # The network evaluations the dataset's own images cost (nfe column) at the chosen and the full counts.
+    nfe = table[~table["is_reference"]].pivot_table(index="prompt_id", columns="steps", values="nfe")
+    nfe = nfe.reindex(index=curves.prompt_ids[rows], columns=curves.step_grid).to_numpy()
     head_cols = np.array([curves.step_grid.index(int(s)) for s in chosen["bilstm"][headline]])
-    render_seconds = {"chosen": round(float(seconds[everything, head_cols].mean()), 5),
-                      "full": round(float(seconds[:, curves.step_grid.index(full_steps)].mean()), 5)}
-    render_seconds["saved_pct"] = round(100 * (1 - render_seconds["chosen"] / render_seconds["full"]), 2)
+    render_nfe = {"chosen": round(float(nfe[everything, head_cols].mean()), 5),
+                  "full": round(float(nfe[:, curves.step_grid.index(full_steps)].mean()), 5)}
+    render_nfe["saved_pct"] = round(100 * (1 - render_nfe["chosen"] / render_nfe["full"]), 2)
 
     rendered = main_predictor.config.get("rendered_with") or {}
     cost = prediction_cost(main_predictor, pipe, prompts[: int(cfg["timing_prompts"])], rules[headline],
@@ -423,7 +425,7 @@ def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dic
         "headline": {"predictor": "bilstm", "rule": headline, **head,
                      "metrics_at_full": {m: uniform["metrics"][m][curves.step_grid.index(full_steps)] for m in metrics},
                      "metrics_at_reference": uniform["reference_metrics"],
-                     "render_seconds_per_image_from_dataset": render_seconds},
+                     "render_nfe_per_image_from_dataset": render_nfe},
         "targets": head["targets"],
         "allocations": allocations,
         "uniform": uniform,
@@ -568,7 +570,7 @@ def figure(report: dict, csv_rows: list[dict], data: dict) -> bytes:
 def log_to_mlflow(cfg: dict, report: dict) -> None:
     import mlflow
 
-    from training.tracking import EXPERIMENT, run_tags, tracking_uri
+    from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(EXPERIMENT)
@@ -588,15 +590,13 @@ def log_to_mlflow(cfg: dict, report: dict) -> None:
             mlflow.log_artifact(path)
 
 
+@command  # BudgetModelError is a ValueError
 def main() -> None:
-    from training.params import load_params
+    from mlops.params import load_params
 
     cfg = load_params("bench_budget", required=PARAMS)
     train_cfg = load_params("train_budget") if cfg.get("cross_validation") else None
-    try:
-        report, csv_rows, plot_data = run(cfg, train_cfg)
-    except (ValueError, OSError) as exc:  # BudgetModelError is a ValueError
-        raise SystemExit(f"error: {exc}") from None
+    report, csv_rows, plot_data = run(cfg, train_cfg)
     atomic_write_json(cfg["report_path"], report)
     atomic_write_bytes(cfg["csv_path"], pd.DataFrame(csv_rows).to_csv(index=False).encode())
     atomic_write_bytes(cfg["plot_path"], figure(report, csv_rows, plot_data))

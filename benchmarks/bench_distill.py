@@ -1,7 +1,8 @@
 """Benchmark stage ``bench_distill``: do the 8-step students do what the teacher does in 16-50?
 
-For each run in ``runs`` (teacher@50, teacher@16, teacher@8 and the three 8-step students of
-``distill_8``: vanilla, CFG-aware, CFG-only) and each guidance scale in ``guidance_scales``,
+For each run (the teacher runs of ``runs``: teacher@50, @16 and @8; then ``student_16`` and one
+``student_8_<variant>`` per entry of ``distill_8_variants``, the list dvc.yaml's foreach trains:
+``distilled_runs``) and each guidance scale in ``guidance_scales``,
 generate one image per held-out prompt (a seed range of its own; the same prompts and initial
 noise for every run) with DDIM and measure
 - ``dist/fd_domainclip``: Fréchet distance in the domain CLIP's image space between the generated
@@ -14,8 +15,8 @@ noise for every run) with DDIM and measure
 
 The CLIP-T target compares two training methods (CFG-aware against vanilla), and one training run
 of each differs from another by its seed as well as its method, so it is judged on the mean over
-training-seed replicates (``training_seeds``: the runs of distill_8's ``*_seedN`` variants), paired
-by seed; the FD and attr_acc targets judge the shipped student, models/student-8. Replicates are
+training-seed replicates (``training_seeds``: a variant that differs from another only in its seed
+and paths is that variant's replicate), paired by seed; the FD and attr_acc targets judge the shipped student, models/student-8. Replicates are
 scored like every run but stay out of the sample grid, and show as hollow markers in the plot.
 
 Writes reports/distill.json (every number, and the targets with pass/fail at the target
@@ -43,15 +44,11 @@ from budgetdiff.generation import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
-from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.scenes import held_out_scenes, render_scene_array
 from budgetdiff.shards import directory_fingerprint
+from mlops.cli import command
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
-
-
-def held_out_scenes(n: int, offset: int, count_weights) -> tuple[list, list[str]]:
-    specs = [sample_scene(offset + i, count_weights=tuple(count_weights)) for i in range(n)]
-    return specs, [spec_to_prompt(s) for s in specs]
 
 
 def generate(pipe, prompts: list[str], steps: int, guidance: float, scheduler: str, batch_size: int, desc: str):
@@ -147,6 +144,37 @@ def paired_difference(a, b) -> dict | None:
             "prompts": int(len(d))}
 
 
+REPLICATE_KEYS = ("seed", "output_dir", "metrics_path", "checkpoint_dir")  # what a training-seed replicate changes
+
+
+def distilled_runs(distill: dict, distill_16: dict, distill_8: dict, variants: dict) -> tuple[dict, dict]:
+    """The students' runs and their training-seed replicates, read from the distill stages' own
+    params, so that params.yaml lists the replicates once (``distill_8_variants``, which dvc.yaml's
+    foreach trains): ``student_16``, then ``student_8_<key>`` per variant in its order; a variant
+    whose seed differs from ``distill.seed`` and whose other settings equal one seed-0 variant's
+    is that variant's replicate. Returns (runs, training_seeds)."""
+    runs = {"student_16": {"model": distill_16["output_dir"], "steps": int(distill_16["student_steps"])}}
+    for key, v in variants.items():
+        runs[f"student_8_{key}"] = {"model": v["output_dir"],
+                                    "steps": int(v.get("student_steps", distill_8["student_steps"]))}
+    seed0 = distill.get("seed", 0)
+
+    def settings(v: dict) -> dict:
+        return {k: x for k, x in v.items() if k not in REPLICATE_KEYS}
+
+    bases = [k for k, v in variants.items() if v.get("seed", seed0) == seed0]
+    training_seeds: dict[str, list[str]] = {}
+    for key, v in variants.items():
+        if key in bases:
+            continue
+        match = [b for b in bases if settings(variants[b]) == settings(v)]
+        if len(match) != 1:
+            raise ValueError(f"distill_8_variants.{key}: a seed-{v['seed']} replicate must share every setting but "
+                             f"{', '.join(REPLICATE_KEYS)} with exactly one seed-{seed0} variant, found {len(match)}")
+        training_seeds.setdefault(f"student_8_{match[0]}", []).append(f"student_8_{key}")
+    return runs, training_seeds
+
+
 def seed_runs(cfg: dict) -> list[tuple[str, str]]:
     """The (CFG-aware, vanilla) student runs trained with the same seed, seed 0 first: the runs
     ``student_8_cfg`` and ``student_8_vanilla`` and, position by position, their replicates under
@@ -155,7 +183,7 @@ def seed_runs(cfg: dict) -> list[tuple[str, str]]:
     cfg_runs = ["student_8_cfg", *reps.get("student_8_cfg", [])]
     van_runs = ["student_8_vanilla", *reps.get("student_8_vanilla", [])]
     if len(cfg_runs) != len(van_runs):
-        raise SystemExit(f"error: bench_distill: training_seeds lists {len(cfg_runs) - 1} replicate(s) of "
+        raise ValueError(f"bench_distill: training_seeds lists {len(cfg_runs) - 1} replicate(s) of "
                          f"student_8_cfg but {len(van_runs) - 1} of student_8_vanilla (they pair by position)")
     return list(zip(cfg_runs, van_runs))
 
@@ -250,16 +278,16 @@ def run(cfg: dict) -> dict:
     replicates = {n for reps in (cfg.get("training_seeds") or {}).values() for n in reps}
     unknown = sorted(replicates - set(cfg["runs"]))
     if unknown:
-        raise SystemExit(f"error: bench_distill: training_seeds names run(s) not in runs: {', '.join(unknown)}")
+        raise ValueError(f"bench_distill: training_seeds names run(s) not in runs: {', '.join(unknown)}")
     torch.manual_seed(0)
     clip = load_clip_backbone(cfg["clip_dir"])
     checker = load_attribute_checker(cfg["attributes_dir"])
     scorer = MetricScorer(ScoringConfig(batch_size=256), clip=clip, checker=checker)
-    specs, prompts = held_out_scenes(cfg["prompts"], cfg["seed_offset"], cfg["count_weights"])
+    specs, prompts = held_out_scenes(cfg["prompts"], cfg["seed_offset"], count_weights=cfg["count_weights"])
     truth = rendered(specs)
     # FD floor: other rendered scenes against the ground truth (what a perfect model would score).
     fd_floor = scorer.frechet_distance(truth, rendered(held_out_scenes(
-        len(prompts), cfg["seed_offset"] + 5_000_000, cfg["count_weights"])[0]))[FD]
+        len(prompts), cfg["seed_offset"] + 5_000_000, count_weights=cfg["count_weights"])[0]))[FD]
 
     # One model in memory at a time, loaded when its first run starts (in the order of ``runs``).
     loaded: dict[str, object] = {}
@@ -267,7 +295,7 @@ def run(cfg: dict) -> dict:
     def pipe_for(model: str):
         if model not in loaded:
             if not (Path(model) / "model_index.json").is_file():
-                raise SystemExit(f"error: bench_distill: model {model} not found (run its distill stage first)")
+                raise ValueError(f"bench_distill: model {model} not found (run its distill stage first)")
             loaded.clear()
             loaded[model] = load_pipeline(model)
         return loaded[model]
@@ -362,11 +390,19 @@ def run(cfg: dict) -> dict:
     return report
 
 
+@command
 def main() -> None:
-    from training.params import load_params
-    from training.tracking import EXPERIMENT, run_tags, tracking_uri
+    from mlops.params import load_params
+    from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
     cfg = load_params("bench_distill")
+    students, training_seeds = distilled_runs(load_params("distill"), load_params("distill_16"),
+                                              load_params("distill_8"), load_params("distill_8_variants"))
+    clash = sorted(set(students) & set(cfg["runs"]))
+    if clash:
+        raise ValueError(f"bench_distill.runs: {', '.join(clash)} come from the distill stages' params; list "
+                         "only the teacher runs there")
+    cfg = {**cfg, "runs": {**cfg["runs"], **students}, "training_seeds": training_seeds}
     report = run(cfg)
     atomic_write_json(cfg["report_path"], report)
     import mlflow

@@ -98,7 +98,7 @@ def run(cfg: dict) -> dict:
 
 
 def main() -> None:
-    from training.params import load_params
+    from mlops.params import load_params
 
     cfg = load_params("bench_metrics")
     report = run(cfg)

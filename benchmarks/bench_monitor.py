@@ -480,14 +480,14 @@ def plot(report: dict) -> bytes:
 
 def main() -> None:
     from budgetdiff.io import atomic_write_bytes, atomic_write_json
-    from training.params import load_params
+    from mlops.cli import fail
+    from mlops.params import load_params
 
     cfg = load_params("bench_monitor")
     try:
         check_params(cfg)
     except BenchMonitorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(exc)
     report = run(cfg)
     plot_png = plot(report)
     report["latency"].pop("_latencies", None)

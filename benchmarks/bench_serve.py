@@ -636,7 +636,7 @@ def plot(report: dict) -> bytes:
 
 def main() -> None:
     from budgetdiff.io import atomic_write_bytes, atomic_write_json
-    from training.params import load_params
+    from mlops.params import load_params
 
     cfg = load_params("bench_serve")
     report = run(cfg)

@@ -42,7 +42,6 @@ import io
 import json
 import math
 import os
-import random
 import sys
 import threading
 import time
@@ -381,79 +380,12 @@ def default_embedder(progress: bool = False) -> Embedder:
 # ------------------------------------------------------------------------------------------------
 # The budget predictor's training prompts
 # ------------------------------------------------------------------------------------------------
-SPLITS = ("train", "val", "test")
-
-
-def _quotas(n: int, weights: Sequence[float]) -> list[int]:
-    """``pipelines.prompts.quotas``: ``n`` split by ``weights``, largest remainders."""
-    w = np.asarray(weights, dtype=float)
-    if n < 0 or w.ndim != 1 or len(w) == 0 or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"cannot split {n} by weights {weights}")
-    exact = n * w / w.sum()
-    parts = np.floor(exact).astype(int)
-    for i in np.argsort(-(exact - parts), kind="stable")[: n - parts.sum()]:
-        parts[i] += 1
-    return parts.tolist()
-
-
 def scene_prompt_table(n: int, count_weights: Sequence[float], seed_offset: int) -> list[dict]:
     """``n`` distinct scene prompts stratified by object count, exactly as the ``prompts`` stage
-    draws them (``pipelines.prompts.scene_prompts``): level k's prompts come from the seeds
-    seed_offset + 1,000,000 k, +1, ..., a seed whose prompt repeats an earlier one passed over.
-    Rows: prompt, seed, complexity."""
-    from .scenes import MAX_OBJECTS, sample_scene, spec_to_prompt
+    draws them (``budgetdiff.prompt_table.scene_prompt_rows``). Rows: prompt, seed, complexity."""
+    from .prompt_table import scene_prompt_rows
 
-    if len(count_weights) != MAX_OBJECTS:
-        raise ValueError(f"prompts.count_weights: need {MAX_OBJECTS} weights (1 to {MAX_OBJECTS} objects), "
-                         f"got {list(count_weights)}")
-    rows, seen = [], set()
-    for level, quota in zip(range(1, MAX_OBJECTS + 1), _quotas(n, count_weights)):
-        seed, made = int(seed_offset) + 1_000_000 * level, 0
-        while made < quota:
-            prompt = spec_to_prompt(sample_scene(seed, n_objects=level))
-            if prompt not in seen:
-                seen.add(prompt)
-                rows.append({"prompt": prompt, "seed": seed, "complexity": level})
-                made += 1
-            seed += 1
-    return rows
-
-
-def _file_prompt_table(path: str, n: int | None, seed_offset: int, max_chars: int) -> list[dict]:
-    """``pipelines.prompts.file_prompts`` (the rows only)."""
-    from .prompt_files import read_prompt_file
-    from .scenes import PromptParseError, parse_prompt
-
-    result = read_prompt_file(path, max_chars=max_chars)
-    kept = result.prompts[:n] if n else result.prompts
-    if not kept:
-        raise ValueError(f"prompt_file: {path} has no valid prompt ({len(result.rejected)} line(s) rejected)")
-    texts = [p.text for p in kept]
-    words = np.array([len(p.split()) for p in texts], dtype=float)
-    cuts = np.quantile(words, [0.25, 0.5, 0.75])
-    rows = []
-    for i, (text, w) in enumerate(zip(texts, words)):
-        try:
-            complexity = parse_prompt(text).complexity
-        except PromptParseError:
-            complexity = 1 + int(np.searchsorted(cuts, w, side="left"))
-        rows.append({"prompt": text, "seed": int(seed_offset) + i, "complexity": complexity})
-    return rows
-
-
-def _stratified_split(complexity: list[int], fractions: Mapping[str, float], seed: int) -> list[str]:
-    """``pipelines.prompts.stratified_split``."""
-    if set(fractions) != set(SPLITS) or any(v < 0 for v in fractions.values()):
-        raise ValueError(f"prompts.split: need non-negative fractions for {', '.join(SPLITS)}, got {dict(fractions)}")
-    split = [""] * len(complexity)
-    rng = random.Random(seed)
-    for level in sorted(set(complexity)):
-        index = [i for i, c in enumerate(complexity) if c == level]
-        rng.shuffle(index)
-        names = [s for s, q in zip(SPLITS, _quotas(len(index), [fractions[s] for s in SPLITS])) for _ in range(q)]
-        for i, name in zip(index, names):
-            split[i] = name
-    return split
+    return scene_prompt_rows(n, count_weights, seed_offset)
 
 
 def _load_params(params: Mapping | str | os.PathLike) -> Mapping:
@@ -474,25 +406,15 @@ def _load_params(params: Mapping | str | os.PathLike) -> Mapping:
 
 
 def prompt_table(params: Mapping | str | os.PathLike = "params.yaml") -> list[dict]:
-    """The ``prompts`` stage's table (data/prompts.parquet) regenerated from code and params:
-    rows prompt_id, prompt, seed, complexity, split, in the stage's order."""
+    """The ``prompts`` stage's table (data/prompts.parquet) regenerated from code and params
+    (``budgetdiff.prompt_table``, the stage's own definition): rows prompt_id, prompt, seed,
+    complexity, split, in the stage's order."""
+    from .prompt_table import prompt_rows
+
     cfg = _load_params(params).get("prompts")
     if not isinstance(cfg, Mapping):
         raise ValueError("params: no 'prompts' section")
-    try:
-        source, n = cfg.get("source", "scenes"), cfg.get("n_prompts")
-        if n is not None and (not isinstance(n, int) or n < 1):
-            raise ValueError(f"prompts.n_prompts: must be a positive integer or null, got {n!r}")
-        if source == "scenes":
-            if n is None:
-                raise ValueError("prompts.n_prompts: the scene domain needs a number of prompts")
-            rows = scene_prompt_table(n, cfg["count_weights"], int(cfg["seed_offset"]))
-        else:
-            rows = _file_prompt_table(str(source), n, int(cfg["seed_offset"]), int(cfg["max_prompt_chars"]))
-        split = _stratified_split([r["complexity"] for r in rows], cfg["split"], int(cfg["split_seed"]))
-    except KeyError as exc:
-        raise ValueError(f"params: prompts.{exc.args[0]} is missing") from None
-    return [{"prompt_id": i, **row, "split": s} for i, (row, s) in enumerate(zip(rows, split))]
+    return prompt_rows(cfg)[0]
 
 
 def reference_prompts(params: Mapping | str | os.PathLike = "params.yaml", split: str | None = None) -> list[str]:

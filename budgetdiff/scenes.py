@@ -159,6 +159,25 @@ def sample_scene(
 # --------------------------------------------------------------------------------------------
 # Spec -> prompt
 # --------------------------------------------------------------------------------------------
+LEVEL_SEED_STRIDE = 100_000  # per-object-count held-out sets: level k's seeds start at offset + k x this
+
+
+def held_out_scenes(n: int, offset: int, n_objects: int | None = None,
+                    count_weights: tuple[float, ...] | None = None) -> tuple[list[SceneSpec], list[str]]:
+    """``n`` fixed scenes from the seeds ``offset``, ``offset + 1``, ... (a seed range that no
+    training stream draws from) and their prompts: every evaluation set of the project is one.
+    ``n_objects`` fixes the object count, else ``count_weights`` (default
+    ``DEFAULT_OBJECT_COUNT_WEIGHTS``) draws it."""
+    weights = tuple(count_weights) if count_weights is not None else DEFAULT_OBJECT_COUNT_WEIGHTS
+    specs = [sample_scene(offset + i, n_objects=n_objects, count_weights=weights) for i in range(n)]
+    return specs, [spec_to_prompt(s) for s in specs]
+
+
+def level_seed(offset: int, n_objects: int, i: int) -> int:
+    """The seed of the ``i``-th scene with ``n_objects`` objects of a per-level held-out set."""
+    return offset + LEVEL_SEED_STRIDE * n_objects + i
+
+
 _SCENE_TEMPLATES = (
     "{objects} on a {bg} background",
     "{objects}, {bg} background",

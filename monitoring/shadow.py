@@ -420,7 +420,7 @@ def mlflow_batch_logger(experiment: str, run_name: str = "shadow", tracking_uri:
     def log_batch(batch: list[dict]) -> None:
         import mlflow
 
-        from training.tracking import tracking_uri as default_uri
+        from mlops.tracking import tracking_uri as default_uri
 
         from registry.store import artifact_location
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from budgetdiff.bundle import write_bundle
 from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy, file_sha256, quality_of
 from budgetdiff.adaptive import AdaptiveSkipConfig
-from training.params import load_params
+from mlops.params import load_params
 
 QUALITY_LEVELS = ("pixel/ssim", "mid/lpips", "high/iclip")
 

@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -41,11 +40,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.bench_distill import held_out_scenes, rendered
+from benchmarks.bench_distill import rendered
 from budgetdiff.engine import GenerationRequest, Generator
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
+from budgetdiff.scenes import held_out_scenes
 from budgetdiff.auto_policy import AutoCandidate, AutoPolicy, conformal_lower_bound, quality_from_values
-from training.params import load_params
+from mlops.cli import fail
+from mlops.params import load_params
 
 ATTR, CLIPT = "domain/attr_acc", "high/clipt_domainclip"
 
@@ -231,7 +232,7 @@ def run(cfg: dict) -> tuple[AutoPolicy, dict]:
     cands = candidates_from_params(cfg, gen.student_steps)
     scorer = MetricScorer(ScoringConfig(batch_size=256), clip=load_clip_backbone(cfg["clip_dir"]),
                           checker=load_attribute_checker(cfg["attributes_dir"]))
-    specs, prompts = held_out_scenes(int(cfg["prompts"]), int(cfg["seed_offset"]), cfg["count_weights"])
+    specs, prompts = held_out_scenes(int(cfg["prompts"]), int(cfg["seed_offset"]), count_weights=cfg["count_weights"])
     seeds = [int(cfg["seed_offset"]) + i for i in range(len(prompts))]
     model_key = [directory_fingerprint(Path(p) / "unet") for p in (cfg["base"], cfg["student"])] + [
         directory_fingerprint(cfg["budget"])]
@@ -279,8 +280,7 @@ def main() -> None:
     try:
         policy, report = run(cfg)
     except CalibrateAutoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(exc)
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     policy.save(out / "auto_policy.json")

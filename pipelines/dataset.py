@@ -13,7 +13,6 @@
 | steps | int64 | denoising steps of this image |
 | is_reference | bool | True for the reference image (steps = the reference count) |
 | nfe | int64 | denoising-network evaluations (a CFG pair batched in one call counts once) |
-| seconds | float64 | wall-clock per image (its batch's time / batch size) |
 | knee_steps | int64 | the knee step of the prompt with this seed (below; the same at every step count) |
 | pixel/psnr ... domain/attr_acc | float64 | every metric, named as ``budgetdiff.metrics`` names it |
 
@@ -35,8 +34,8 @@ quality-target rule; its spread is what a per-prompt budget can exploit.
 
 Plots (declared at the end of dvc.yaml, rendered by ``dvc plots show``): ``curves/<metric>.csv``
 (mean metric vs steps, one column per complexity level), ``knee_histogram.csv`` (prompts per
-knee step) and a PNG with all of them. reports/dataset.json: rows, prompts, metric names, render
-throughput (images/s with 1 and 2 Ray workers, from the render stage), the knee spread and, with
+knee step) and a PNG with all of them. reports/dataset.json: rows, prompts, metric names, the
+knee spread and, with
 several seeds per prompt, ``seed_agreement``: per knee metric and step count, the correlation
 across prompts between two seeds of the same prompt (how much the prompt, rather than the seed,
 decides the curve).
@@ -52,8 +51,8 @@ import numpy as np
 import pandas as pd
 
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
-from pipelines.prompts import SPLITS, write_parquet
-from pipelines.score import RECORD_COLUMNS
+from mlops.cli import command
+from pipelines.schema import RECORD_COLUMNS, SPLITS, write_parquet
 
 PROMPT_COLUMNS = ("prompt_id", "prompt", "seed", "split", "complexity")
 KIND_SIGN = {"similarity": 1.0, "distance": -1.0}
@@ -75,7 +74,7 @@ def build_table(prompts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     metrics = [c for c in scores.columns if c not in RECORD_COLUMNS]
     columns = [*PROMPT_COLUMNS, *[c for c in RECORD_COLUMNS if c not in PROMPT_COLUMNS], *metrics]
     table = table[columns].astype({"prompt": "string", "split": "string", "seed": "int64", "complexity": "int64",
-                                   "steps": "int64", "nfe": "int64", "seconds": "float64", "is_reference": "bool"})
+                                   "steps": "int64", "nfe": "int64", "is_reference": "bool"})
     return table.sort_values(["prompt_id", "seed", "steps"], ignore_index=True)
 
 
@@ -301,7 +300,6 @@ def run(cfg: dict) -> dict:
     atomic_write_bytes(cfg["figure_path"], figure(curve_tables, table, histogram, knee_text, agreement))
 
     per_prompt = table.drop_duplicates("prompt_id")
-    probe = render.get("throughput_probe") or {}
     report = {
         "rows": int(len(table)),
         "prompts": int(len(per_prompt)),
@@ -313,13 +311,6 @@ def run(cfg: dict) -> dict:
         "model": render["model"], "scheduler": render["scheduler"], "guidance": render["guidance"],
         "columns": {c: str(t) for c, t in table.dtypes.items()},
         "metrics": metrics,
-        "render_throughput": {
-            "images_per_s_by_workers": probe.get("images_per_s", {}),
-            "network_evaluations_per_s_by_workers": probe.get("network_evaluations_per_s", {}),
-            "probe": {k: probe.get(k) for k in ("prompts", "steps", "batch_size")},
-            "full_run": render["run"],
-            "executor": render.get("executor"), "workers": render.get("workers"),
-        },
         "knee": {
             "definition": ("smallest grid step count s such that, at s and every larger grid count, "
                            "min over levels of quality >= q; quality = the metric for a similarity, "
@@ -339,7 +330,7 @@ def log_to_mlflow(cfg: dict, report: dict) -> None:
     """One MLflow run for the stage: the knee params, the headline numbers, report and figure."""
     import mlflow
 
-    from training.tracking import EXPERIMENT, run_tags, tracking_uri
+    from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(EXPERIMENT)
@@ -350,21 +341,17 @@ def log_to_mlflow(cfg: dict, report: dict) -> None:
         metrics = {"dataset/rows": report["rows"], "dataset/prompts": report["prompts"],
                    "dataset/knee_median": knee["median"], "dataset/knee_iqr": knee["iqr"],
                    "dataset/knee_not_reached_fraction": knee["not_reached_fraction"]}
-        for workers, value in report["render_throughput"]["images_per_s_by_workers"].items():
-            metrics[f"dataset/render_images_per_s_{workers}_workers"] = value
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(cfg["report_path"])
         mlflow.log_artifact(cfg["figure_path"])
 
 
+@command
 def main() -> None:
-    from training.params import load_params
+    from mlops.params import load_params
 
     cfg = load_params("dataset", required=PARAMS)
-    try:
-        report = run(cfg)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    report = run(cfg)
     log_to_mlflow(cfg, report)
     k = report["knee"]
     print(f"dataset: {report['rows']} rows, {report['prompts']} prompts, {len(report['metrics'])} metrics -> "

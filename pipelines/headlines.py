@@ -5,9 +5,11 @@ of them kept as outputs. As DVC metrics they made ``dvc metrics show`` thousands
 This module reads those reports and writes one small flat JSON per stage,
 ``reports/headlines/<stage>.json``: the numbers a reader compares between commits, namely whether
 the stage's targets are met, its key ratios (speed-ups, NFE and GFLOP reductions) and quality at
-its operating point. Those files are the DVC metrics, so ``dvc metrics show`` fits a screen and
-``dvc metrics diff`` reads like a changelog. It reruns no training or benchmark: it only reads
-JSON, so it is cheap and deterministic.
+its operating point. From those it writes each stage's scorecard, ``reports/scorecard/<stage>.json``:
+the same few words for every stage (``WORDS``: targets met, speed-up, quality, ...), which are the
+DVC metrics, so that ``dvc metrics show`` is one row per stage and one column per word and
+``dvc metrics diff`` reads like a changelog; ``reports/scorecard.md`` says which headline each word
+is. It reruns no training or benchmark: it only reads JSON, so it is cheap and deterministic.
 
 ``HEADLINES`` is the whole definition: ``{stage: (report_path, {headline_key: source})}``, where
 ``source`` is a JSON path (a tuple of dict keys and list indices into the report) or, for the few
@@ -23,7 +25,8 @@ each file written atomically. A missing report, a missing key, or a value that i
 number or a bool (``null``, ``NaN``, a string) is an error (``HeadlineError``): the headline
 would otherwise silently disappear from ``dvc metrics diff``.
 
-    python -m pipelines.headlines [--reports-dir reports] [--out-dir reports/headlines] [--stage NAME ...]
+    python -m pipelines.headlines [--reports-dir reports] [--out-dir reports/headlines]
+                                  [--scorecard-dir reports/scorecard] [--stage NAME ...]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-from budgetdiff.io import atomic_write_json
+from budgetdiff.io import atomic_write_bytes, atomic_write_json
 
 Path_ = tuple  # a JSON path: dict keys (str) and list indices (int)
 Source = Union[Path_, Callable[[dict], Any]]
@@ -293,12 +296,13 @@ HEADLINES: dict[str, tuple[str, dict[str, Source]]] = {
         "gflops_reduction_vs_teacher_50": distill_gflops_reduction,
     }),
     "render": ("reports/render.json", {
-        "images": ("run", "images"),
-        "shards": ("run", "shards"),
-        "probe_network_evaluations_per_s_1_worker": ("throughput_probe", "network_evaluations_per_s", "1"),
-        "probe_network_evaluations_per_s_2_workers": ("throughput_probe", "network_evaluations_per_s", "2"),
-        "probe_speedup_2_vs_1_workers": ratio(("throughput_probe", "network_evaluations_per_s", "2"),
-                                              ("throughput_probe", "network_evaluations_per_s", "1")),
+        "images": ("images",),
+        "shards": ("shards",),
+    }),
+    "bench_render": ("reports/bench_render.json", {
+        "network_evaluations_per_s_1_worker": ("network_evaluations_per_s", "1"),
+        "network_evaluations_per_s_2_workers": ("network_evaluations_per_s", "2"),
+        "speedup_2_vs_1_workers": ratio(("network_evaluations_per_s", "2"), ("network_evaluations_per_s", "1")),
     }),
     "dataset": ("reports/dataset.json", {
         "rows": ("rows",),
@@ -404,6 +408,81 @@ HEADLINES: dict[str, tuple[str, dict[str, Source]]] = {
 
 
 # ----------------------------------------------------------------------------------------------
+# The scorecard: the DVC metrics, in one small vocabulary shared by every stage
+# ----------------------------------------------------------------------------------------------
+# `dvc metrics show` draws one column per distinct key over all metrics files. The headlines use
+# each report's own names (about 150 keys in all), so the declared metrics are scorecards instead:
+# per stage, at most a few of its headlines under the same few words, so the table has one column
+# per word and one row per stage. `targets_met` / `targets` count the stage's `*_met` headlines;
+# reports/scorecard.md is the legend (which headline each word is, per stage).
+WORDS = ("targets_met", "targets", "speedup", "quality", "accuracy", "loss", "throughput", "size")
+_TRAINED = {"accuracy": "all_attributes_at_default_guidance", "loss": "heldout_loss_dstl_cfg"}
+SCORECARD: dict[str, dict[str, str]] = {
+    "train_base": {"accuracy": "all_attributes_at_default_guidance", "loss": "final_train_loss"},
+    "finetune_base": {"accuracy": "all_attributes_at_default_guidance"},
+    "train_clip": {"accuracy": "held_out_image_to_text_top1", "loss": "final_train_loss"},
+    "train_attributes": {"accuracy": "held_out_1obj_all_attributes", "loss": "final_train_loss"},
+    "bench_metrics": {"accuracy": "attr_checker_1obj_all_attributes", "throughput": "all_metrics_images_per_s"},
+    "bench_base": {"accuracy": "attr_acc_1obj"},
+    **{stage: dict(_TRAINED) for stage in HEADLINES if stage.startswith(("distill_16", "distill_8@"))},
+    "bench_distill": {"speedup": "gflops_reduction_vs_teacher_50", "quality": "student_8_cfg_clipt_seed_mean",
+                      "accuracy": "student_8_cfg_attr_acc"},
+    "render": {"size": "images"},
+    "bench_render": {"speedup": "speedup_2_vs_1_workers", "throughput": "network_evaluations_per_s_2_workers"},
+    "dataset": {"size": "rows"},
+    "bench_adaptive": {"speedup": "ddim_nfe_speedup", "quality": "ddim_psnr"},
+    "train_budget": {"loss": "bilstm_best_val_loss"},
+    "bench_budget": {"quality": "cv_margin_vs_uniform_high"},
+    "calibrate_auto": {"speedup": "default_gflops_reduction", "quality": "default_quality_mean"},
+    "bench_auto": {"speedup": "gflops_reduction"},
+    "register": {"quality": "challenger_ssim", "accuracy": "challenger_attr_acc"},
+    "bench_serve": {"speedup": "speedup_vs_naive"},
+    "bench_monitor": {},
+    "tune_skip": {"speedup": "ddim_holdout_nfe_speedup", "quality": "ddim_holdout_lpips_alex_randinit"},
+}
+
+
+def target_keys(headlines: dict) -> list[str]:
+    """The stage's targets: its ``*_met`` headlines (bools)."""
+    return sorted(k for k, v in headlines.items() if k.endswith("_met") and isinstance(v, bool))
+
+
+def scorecard_for(stage: str, headlines: dict) -> dict:
+    """``stage``'s scorecard from its headlines: the words of ``SCORECARD[stage]`` and, when it has
+    targets, how many are met. Every word names a headline the stage has (else ``HeadlineError``)."""
+    if stage not in SCORECARD:
+        raise HeadlineError(f"stage {stage}: no scorecard entry (add one to SCORECARD)")
+    out = {}
+    targets = target_keys(headlines)
+    if targets:
+        out["targets_met"], out["targets"] = sum(bool(headlines[k]) for k in targets), len(targets)
+    for word, key in SCORECARD[stage].items():
+        if word not in WORDS or word in ("targets_met", "targets"):
+            raise HeadlineError(f"stage {stage}: scorecard word {word!r} is not one of {', '.join(WORDS[2:])}")
+        if key not in headlines:
+            raise HeadlineError(f"stage {stage}: scorecard word {word!r} names {key!r}, not one of its headlines")
+        out[word] = headlines[key]
+    if not out:
+        raise HeadlineError(f"stage {stage}: an empty scorecard (give it targets or a word)")
+    return {w: out[w] for w in WORDS if w in out}
+
+
+def legend(table: dict | None = None) -> str:
+    """reports/scorecard.md: per stage, the headline behind each word of its scorecard."""
+    table = HEADLINES if table is None else table
+    lines = ["# Scorecard legend", "",
+             "`dvc metrics show` lists one scorecard per stage (`reports/scorecard/<stage>.json`, written by",
+             "`python -m pipelines.headlines`). Each word is one of the stage's headlines",
+             "(`reports/headlines/<stage>.json`), taken from its full report; `targets_met` / `targets` count",
+             "its `*_met` headlines.", "",
+             "| stage | report | " + " | ".join(WORDS[2:]) + " |", "|" + "---|" * (len(WORDS) + 0)]
+    for stage in table:
+        words = SCORECARD.get(stage, {})
+        lines.append(f"| {stage} | {table[stage][0]} | " + " | ".join(words.get(w, "") for w in WORDS[2:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # Resolving and writing
 # ----------------------------------------------------------------------------------------------
 def _is_number(v: Any) -> bool:
@@ -475,16 +554,27 @@ def headline_file(stage: str) -> str:
 
 
 def write_headlines(stages: Sequence[str] | None = None, reports_dir: str | Path = "reports",
-                    out_dir: str | Path = "reports/headlines", table: dict | None = None) -> list[Path]:
-    """Resolve every stage first (nothing is written when one fails), then write each file atomically."""
+                    out_dir: str | Path = "reports/headlines", table: dict | None = None,
+                    scorecard_dir: str | Path | None = None) -> list[Path]:
+    """Resolve every stage first (nothing is written when one fails), then write each file
+    atomically: the headlines under ``out_dir`` and, with ``scorecard_dir``, the scorecards there
+    and the legend beside them (``<scorecard_dir>.md``)."""
     table = HEADLINES if table is None else table
     names = list(dict.fromkeys(stages)) if stages else list(table)
     resolved = {name: headlines_for(name, reports_dir, table) for name in names}
+    cards = {name: scorecard_for(name, values) for name, values in resolved.items()} if scorecard_dir else {}
     written = []
     for name, values in resolved.items():
         target = Path(out_dir) / headline_file(name)
         atomic_write_json(target, values)
         written.append(target)
+        if scorecard_dir:
+            card = Path(scorecard_dir) / headline_file(name)
+            atomic_write_json(card, cards[name])
+            written.append(card)
+    if scorecard_dir:
+        atomic_write_bytes(Path(f"{scorecard_dir}.md"), legend(table).encode())
+        written.append(Path(f"{scorecard_dir}.md"))
     return written
 
 
@@ -493,11 +583,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reports-dir", default="reports", help="where the full reports are (default: reports)")
     parser.add_argument("--out-dir", default="reports/headlines",
                         help="where to write <stage>.json (default: reports/headlines)")
+    parser.add_argument("--scorecard-dir", default="reports/scorecard",
+                        help="where to write each stage's scorecard, the DVC metric (default: reports/scorecard; "
+                             "its legend goes to <dir>.md)")
     parser.add_argument("--stage", action="append", metavar="NAME",
                         help="write only this stage's headlines (repeatable; default: every stage)")
     args = parser.parse_args(argv)
     try:
-        written = write_headlines(args.stage, args.reports_dir, args.out_dir)
+        written = write_headlines(args.stage, args.reports_dir, args.out_dir, scorecard_dir=args.scorecard_dir)
     except HeadlineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

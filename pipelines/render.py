@@ -23,14 +23,19 @@ on its seed as well as on its words; averaged over R seeds it is the expected cu
 predictor reading only the prompt can learn (``training/budget.py``). The index lists each shard's
 replicate and seeds, which the score stage reads.
 
-Each image records its NFE (network evaluations; a CFG pair batched in one call counts once)
-and seconds (its batch's wall-clock divided by the batch size). The same prompt and seed get
-the same initial noise at every step count, so an image and its reference differ only in the
-number of steps.
+Each image records its NFE (network evaluations; a CFG pair batched in one call counts once).
+The same prompt and seed get the same initial noise at every step count, so an image and its
+reference differ only in the number of steps.
+
+**Deterministic outputs.** The shards, ``index.json`` and ``report_path`` depend only on the
+model, the prompts and the params (each task renders with ``cpus_per_task`` torch threads, a
+fixed batch per shard): a fresh clone's re-render hashes to what ``dvc.lock`` records, so no
+stage below re-runs. What differs from run to run (wall-clock, shards rendered or reused) goes
+to ``run_log`` (git-ignored ``logs/``), and render speed is measured by its own stage,
+``benchmarks/bench_render.py``.
 
 Outputs: ``output_dir`` (shards + ``index.json``: the plan, model, scheduler, guidance) and
-``report_path`` (reports/render.json): images, shards rendered and reused, wall-clock, and the
-throughput probe: images/s with 1 and 2 Ray workers on this machine (``throughput_probe``).
+``report_path`` (reports/render.json: the settings and the plan's size).
 """
 
 from __future__ import annotations
@@ -48,13 +53,14 @@ from tqdm import tqdm
 
 from budgetdiff.io import atomic_write_json
 from budgetdiff.shards import ShardStore, directory_fingerprint, work_key
+from mlops.cli import command
+from pipelines.schema import INDEX_FILE, read_prompts
 
 # Under `uv run` (make repro, make test) Ray would otherwise package the working directory, models
 # included, for its workers (over 500 MB here): local workers already share this environment.
 # Read by Ray when it is imported, so it is set before the first `import ray`.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-INDEX_FILE = "index.json"
 # The params.yaml keys this stage needs (main() names any that are missing).
 PARAMS = (
     "model", "prompts", "step_grid", "reference_steps", "scheduler", "batch_size", "workers",
@@ -158,7 +164,7 @@ def render_batch(settings: RenderSettings, steps: int, prompts: list[str], seeds
                  threads: int | None = None) -> dict[str, np.ndarray]:
     """Render ``prompts`` (one seed each) at ``steps`` steps in one batch.
 
-    Returns {"images": uint8 (B, H, W, 3), "nfe": int64 (B,), "seconds": float64 (B,)}.
+    Returns {"images": uint8 (B, H, W, 3), "nfe": int64 (B,)}.
     """
     import torch
 
@@ -168,9 +174,7 @@ def render_batch(settings: RenderSettings, steps: int, prompts: list[str], seeds
     out = pipe(list(prompts), num_inference_steps=int(steps), guidance_scale=settings.guidance,
                scheduler=settings.scheduler, seed=[int(s) for s in seeds], output_type="np", progress=False)
     images = np.clip(np.rint(np.asarray(out.images) * 255.0), 0, 255).astype(np.uint8)
-    return {"images": images,
-            "nfe": np.array([r["nfe"] for r in out.records], dtype=np.int64),
-            "seconds": np.array([r["seconds"] for r in out.records], dtype=np.float64)}
+    return {"images": images, "nfe": np.array([r["nfe"] for r in out.records], dtype=np.int64)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,33 +279,6 @@ def render_shards(plan: list[ShardSpec], settings: RenderSettings, store: ShardS
             "network_evaluations_per_s": round(unet_steps / seconds, 2) if rendered_images else None}
 
 
-def throughput_probe(prompts: pd.DataFrame, settings: RenderSettings, cfg: dict, make_executor) -> dict:
-    """Images/s for ``cfg['prompts']`` prompts at ``cfg['steps']`` steps in shards of
-    ``batch_size``, with each worker count of ``cfg['workers']`` (results are not kept). Each
-    measurement starts after a warm-up task per worker (model loaded in every worker)."""
-    n = int(cfg.get("prompts") or 0)
-    if n <= 0:
-        return {}
-    steps, batch = int(cfg["steps"]), int(cfg["batch_size"])
-    rows = prompts.iloc[np.arange(n) % len(prompts)].assign(prompt_id=np.arange(n))
-    plan = plan_shards(rows, [steps], steps + 1, batch, settings)
-    plan = [s for s in plan if s.steps == steps]
-    out = {"prompts": n, "steps": steps, "batch_size": batch, "images_per_s": {}, "network_evaluations_per_s": {}}
-    for workers in cfg["workers"]:
-        run = make_executor(int(workers))
-        warm = [ShardSpec(f"warm{i}", 1, False, (0,), plan[0].prompts[:1], (0,), "") for i in range(int(workers))]
-        for _ in run(warm, settings):
-            pass
-        start, evals = time.perf_counter(), 0
-        for _, result in run(plan, settings):
-            evals += int(np.sum(result["nfe"]))
-        seconds = time.perf_counter() - start
-        out["images_per_s"][str(workers)] = round(n / seconds, 3)
-        out["network_evaluations_per_s"][str(workers)] = round(evals / seconds, 2)
-        print(f"throughput probe: {workers} worker(s): {n / seconds:.2f} images/s at {steps} steps")
-    return out
-
-
 def resolve_settings(cfg: dict) -> RenderSettings:
     from budgetdiff.generation import model_class_name
     from budgetdiff.pipeline import SCHEDULERS
@@ -322,20 +299,11 @@ def resolve_settings(cfg: dict) -> RenderSettings:
                           scheduler=scheduler, guidance=guidance)
 
 
-def read_prompts(path: str) -> pd.DataFrame:
-    try:
-        prompts = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise ValueError(f"render.prompts: {path} does not exist (run the prompts stage)") from None
-    missing = {"prompt_id", "prompt", "seed"} - set(prompts.columns)
-    if missing or prompts.empty:
-        raise ValueError(f"render.prompts: {path} has no prompts or lacks columns {sorted(missing)}")
-    return prompts
-
-
-def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> dict:
+def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> tuple[dict, dict]:
     """Render the whole plan of ``cfg`` (the params.yaml ``render`` section) and write the index;
-    returns the report. ``executor`` overrides ``cfg['executor']`` (tests)."""
+    returns the report (deterministic: written to ``report_path``) and this run's log (timings,
+    shards rendered and reused: written to ``run_log``). ``executor`` overrides
+    ``cfg['executor']`` (tests)."""
     settings = resolve_settings(cfg)
     prompts = read_prompts(cfg["prompts"])
     seeds_per_prompt = cfg.get("seeds_per_prompt", 1)
@@ -345,29 +313,22 @@ def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> d
     store = ShardStore(cfg["output_dir"])
     (store.directory / INDEX_FILE).unlink(missing_ok=True)  # only a finished run has an index
     workers, cpus = int(cfg["workers"]), int(cfg.get("cpus_per_task", 1))
-    probe_cfg = {"batch_size": cfg["batch_size"], **(cfg.get("throughput_probe") or {"prompts": 0})}
     kind = cfg.get("executor", "ray") if executor is None else "given"
     ray_started = False
     try:
         if kind == "ray":
-            probe_workers = [int(w) for w in probe_cfg.get("workers", [])] if probe_cfg.get("prompts") else []
-            where = init_ray(max([workers, *probe_workers]) * cpus, cfg.get("local_object_store_mb"))
+            where = init_ray(workers * cpus, cfg.get("local_object_store_mb"))
             ray_started = True
             print(f"render: Ray {where}; {len(plan)} shards of up to {cfg['batch_size']} prompts")
-
-            def make(w: int) -> Executor:
-                return ray_executor(max_in_flight=2 * w if w == workers else w, cpus_per_task=cpus,
-                                    gpus_per_task=float(cfg.get("gpus_per_task", 1)))
+            chosen = ray_executor(max_in_flight=2 * workers, cpus_per_task=cpus,
+                                  gpus_per_task=float(cfg.get("gpus_per_task", 1)))
         elif kind == "local":
-            def make(w: int) -> Executor:
-                return local_executor(threads=cpus)
+            chosen = local_executor(threads=cpus)
         elif kind == "given":
-            def make(w: int) -> Executor:
-                return executor
+            chosen = executor
         else:
             raise ValueError(f"render.executor: must be 'ray' or 'local', got {kind!r}")
-        run_stats = render_shards(plan, settings, store, make(workers), progress=progress)
-        probe = throughput_probe(prompts, settings, probe_cfg, make)
+        run_stats = render_shards(plan, settings, store, chosen, progress=progress)
     finally:
         if ray_started:
             import ray
@@ -382,25 +343,26 @@ def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> d
              "shards": [{"name": s.name, "steps": s.steps, "is_reference": s.is_reference, "rows": len(s.prompt_ids),
                          "replicate": s.replicate, "seeds": list(s.seeds), "key": s.key} for s in plan]}
     atomic_write_json(store.directory / INDEX_FILE, index)
-    report = {"model": settings.model, "scheduler": settings.scheduler, "guidance": settings.guidance,
+    report = {"model": settings.model, "model_fingerprint": settings.model_fingerprint,
+              "scheduler": settings.scheduler, "guidance": settings.guidance,
               "step_grid": index["step_grid"], "reference_steps": index["reference_steps"],
-              "prompts": index["prompts"], "seeds_per_prompt": seeds_per_prompt,
-              "executor": kind, "workers": workers, "cpus_per_task": cpus,
-              "run": run_stats, "throughput_probe": probe, "stale_files_removed": len(removed)}
+              "prompts": index["prompts"], "seeds_per_prompt": seeds_per_prompt, "cpus_per_task": cpus,
+              "shards": len(plan), "images": run_stats["images"]}
+    log = {**run_stats, "executor": kind, "workers": workers, "stale_files_removed": len(removed),
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if cfg.get("report_path"):
         atomic_write_json(cfg["report_path"], report)
-    return report
+    if cfg.get("run_log"):
+        atomic_write_json(cfg["run_log"], log)
+    return report, log
 
 
+@command
 def main() -> None:
-    from training.params import load_params
+    from mlops.params import load_params
 
     cfg = load_params("render", required=PARAMS)
-    try:
-        report = run(cfg)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"error: {exc}") from None
-    r = report["run"]
+    report, r = run(cfg)
     print(f"render: {r['images']} images ({report['seeds_per_prompt']} seed(s) per prompt) in {r['shards']} shards "
           f"({r['shards_rendered']} rendered, "
           f"{r['shards_reused']} reused) in {r['seconds']:.0f} s -> {cfg['output_dir']}")

@@ -12,8 +12,9 @@ Every shard's checksum is verified before scoring starts and again as it is read
 names it. Images of several shards are scored
 together in batches of ``batch_size``.
 
-Output: ``data/scores.parquet``, one row per image: prompt_id, seed, steps, is_reference, nfe,
-seconds, then one float column per metric.
+Output: ``data/scores.parquet``, one row per image: ``pipelines.schema.RECORD_COLUMNS`` (prompt_id,
+seed, steps, is_reference, nfe), then one float column per metric. No wall-clock column: the
+table is deterministic (``benchmarks/bench_render.py`` measures render speed).
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from budgetdiff.shards import ShardError, ShardStore
-from pipelines.prompts import write_parquet
-from pipelines.render import INDEX_FILE, read_prompts
+from mlops.cli import command
+from pipelines.schema import INDEX_FILE, RECORD_COLUMNS, read_prompts, write_parquet
 
-RECORD_COLUMNS = ("prompt_id", "seed", "steps", "is_reference", "nfe", "seconds")
 LEVEL_ORDER = ("pixel", "mid", "high", "domain", "dist")
 # The params.yaml keys this stage needs (main() names any that are missing).
 PARAMS = (
@@ -77,8 +77,7 @@ def _records(arrays: dict, seeds: np.ndarray, steps: int, is_reference: bool) ->
     n = len(arrays["prompt_id"])
     return pd.DataFrame({"prompt_id": arrays["prompt_id"].astype(np.int64), "seed": seeds,
                          "steps": np.full(n, steps, np.int64),
-                         "is_reference": np.full(n, is_reference), "nfe": arrays["nfe"].astype(np.int64),
-                         "seconds": arrays["seconds"].astype(np.float64)})
+                         "is_reference": np.full(n, is_reference), "nfe": arrays["nfe"].astype(np.int64)})
 
 
 def score_renders(cfg: dict, scorer=None, progress: bool = True) -> pd.DataFrame:
@@ -163,14 +162,12 @@ def run(cfg: dict, scorer=None, progress: bool = True) -> pd.DataFrame:
     return table
 
 
+@command(also=(ShardError,))
 def main() -> None:
-    from training.params import load_params
+    from mlops.params import load_params
 
     cfg = load_params("score", required=PARAMS)
-    try:
-        table = run(cfg)
-    except (ShardError, ValueError, OSError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    table = run(cfg)
     metrics = [c for c in table.columns if c not in RECORD_COLUMNS]
     print(f"score: {len(table)} images, {len(metrics)} metrics ({', '.join(metrics)}) -> {cfg['output']}")
 

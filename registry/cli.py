@@ -15,8 +15,6 @@ from pathlib import Path
 
 from . import CHAMPION, MODEL_NAME, RegistryError
 
-DEFAULT_PARAMS = "params.yaml"
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage block
@@ -26,18 +24,12 @@ class _Parser(argparse.ArgumentParser):
 
 def load_registry_params(path: str | os.PathLike | None = None) -> dict:
     """params.yaml's ``registry`` section (``BUDGETDIFF_PARAMS`` or ``path``)."""
-    import yaml
+    from mlops.params import ParamsError, load_params
 
-    path = Path(path or os.environ.get("BUDGETDIFF_PARAMS", DEFAULT_PARAMS))
-    if not path.is_file():
-        raise RegistryError(f"params: {path} not found (run from the repository root or give --params)")
-    cfg = (yaml.safe_load(path.read_text()) or {}).get("registry")
-    if not isinstance(cfg, dict):
-        raise RegistryError(f"params: {path} has no registry section")
-    for key in ("bundle", "reports", "gate"):
-        if key not in cfg:
-            raise RegistryError(f"params: {path} section registry lacks {key!r}")
-    return cfg
+    try:
+        return load_params("registry", path, required=("bundle", "reports", "gate"))
+    except ParamsError as exc:
+        raise RegistryError(f"params: {exc}") from None
 
 
 def _print_json(obj) -> None:
@@ -79,7 +71,9 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .store import champion_history, connect, describe_versions, tracking_uri
+    from mlops.tracking import tracking_uri
+
+    from .store import champion_history, connect, describe_versions
 
     client = connect()
     rows = describe_versions(client)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import time
 
+from mlops.tracking import git_commit
+
 from . import CHALLENGER, CHAMPION, MODEL_NAME, RegistryError
 from .gate import ValidationSet, evaluate, judge, scorer_from_params
-from .store import connect, experiment_id, git_commit, set_champion, tag_key, version_by_alias
+from .store import connect, experiment_id, set_champion, tag_key, version_by_alias
 
 
 def load_generator(version: str):

@@ -20,7 +20,7 @@ the GPU worker pods' init container ``infra/docker/entrypoint.sh``):
    against the version's manifest (and the manifest against the version's ``bundle_sha256`` tag)
    and rename it into place. A failure leaves ``out_dir`` as it was and no temporary directory.
 
-The tracking URI is ``MLFLOW_TRACKING_URI`` (``registry.store.tracking_uri``). A failure is a
+The tracking URI is ``MLFLOW_TRACKING_URI`` (``mlops.tracking.tracking_uri``). A failure is a
 ``RegistryError`` with a one-line message: ``model_source: ...`` for the URI, the look-up, the
 download and the check, ``model version: ...`` for a referenced part that cannot be had
 (``resolve_shared_parts``). A full disk is an ``OSError``.

@@ -14,11 +14,12 @@ import sys
 import time
 
 from budgetdiff.io import atomic_write_json
+from mlops.tracking import tracking_uri
 
 from . import MODEL_NAME, RegistryError
 from .cli import load_registry_params
 from .promote import format_gate, promote
-from .store import aliases, champion_history, connect, register, tracking_uri
+from .store import aliases, champion_history, connect, register
 
 
 def run(cfg: dict, client=None, scorer=None, evaluator_id=None) -> dict:

@@ -9,7 +9,6 @@ directory works); with a server, the server's artifact root.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import time
@@ -17,6 +16,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mlops.tracking import git_commit, tracking_uri
 
 from . import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME, RegistryError
 
@@ -27,10 +28,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 HISTORY_TAG = "champion_history"  # registered-model tag: JSON list of {version, at, by}
 SHA_TAG = "bundle_sha256"
 PIP_PACKAGES = ("torch", "diffusers", "transformers", "safetensors", "open_clip_torch", "lpips", "mlflow", "pandas")
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
 def connect():
@@ -69,14 +66,6 @@ def experiment_id(client) -> str:
         return client.get_experiment_by_name(EXPERIMENT).experiment_id
 
 
-def git_commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -248,3 +248,14 @@ def tiny_generator(tiny_bundle_dir):
     from budgetdiff.engine import Generator
 
     return Generator.load(tiny_bundle_dir, device="cpu")
+
+
+def cli_error(capsys, main, *args) -> str:
+    """Run a command-line ``main`` that must fail: exit status 2 after one ``error: ...`` line on
+    stderr (mlops.cli). Returns that line."""
+    with pytest.raises(SystemExit) as exc:
+        main(*args)
+    assert exc.value.code == 2, f"exit status {exc.value.code!r}, expected 2"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err

@@ -310,7 +310,7 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
 
 def test_stage_config_merges_the_sections(monkeypatch, tmp_path):
     """Synthetic params: the variant overrides the stage section, which overrides ``distill``."""
-    import training.params
+    import mlops.params
     from training.distill import stage_config
 
     params = {
@@ -322,7 +322,7 @@ def test_stage_config_merges_the_sections(monkeypatch, tmp_path):
                                "vanilla": {"p_cfg": 0.0, "output_dir": "s8v", "guidance_range": [1, 1.5]}},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setattr(training.params, "PARAMS_FILE", tmp_path / "params.yaml")
+    monkeypatch.setattr(mlops.params, "PARAMS_FILE", tmp_path / "params.yaml")
     c16 = stage_config("distill_16")
     assert (c16["teacher"], c16["student_steps"], c16["output_dir"], c16["guidance_range"]) == \
         ("models/t", 16, "s16", [1, 3])
@@ -331,7 +331,7 @@ def test_stage_config_merges_the_sections(monkeypatch, tmp_path):
     assert (cfg["p_cfg"], cfg["guidance_range"], cfg["student_steps"], cfg["output_dir"]) == (0.1, [1, 2], 8, "s8")
     assert (van["p_cfg"], van["guidance_range"], van["output_dir"]) == (0.0, [1, 1.5], "s8v")
     assert van["stage"] == "distill_8@vanilla" and van["checkpoint_dir"] == str(Path("ck") / "distill_8_vanilla")
-    with pytest.raises(SystemExit, match="unknown variant"):
+    with pytest.raises(ValueError, match="unknown variant"):
         stage_config("distill_8", "nope")
 
 
@@ -340,10 +340,10 @@ def test_distill_params_keep_their_couplings(monkeypatch):
     variants share teacher, steps and guidance range (their held-out CFG losses compare like for
     like); a training-seed replicate differs from its variant only in seed and paths; every run
     has its own output and checkpoint directory; dvc.yaml's foreach and bench_distill follow."""
-    import training.params
+    import mlops.params
     from training.distill import stage_config
 
-    monkeypatch.setattr(training.params, "PARAMS_FILE", REPO / "params.yaml")
+    monkeypatch.setattr(mlops.params, "PARAMS_FILE", REPO / "params.yaml")
     variants = yaml_section("distill_8_variants")
     configs = {v: stage_config("distill_8", v) for v in variants}
     main = {v: c for v, c in configs.items() if "_seed" not in v}
@@ -358,9 +358,31 @@ def test_distill_params_keep_their_couplings(monkeypatch):
         assert len({c[key] for c in configs.values()}) == len(configs), key
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["distill_8"]["foreach"] == "${distill_8_variants}"  # one list: the variants section
-    bench = yaml_section("bench_distill")
-    replicate_dirs = {c["output_dir"] for v, c in configs.items() if "_seed" in v}
-    assert {bench["runs"][r]["model"] for reps_ in bench["training_seeds"].values() for r in reps_} == replicate_dirs
+    # bench_distill reads the students from the same list, and dvc.yaml gives it each one's directory.
+    from benchmarks.bench_distill import distilled_runs
+
+    runs, training_seeds = distilled_runs(yaml_section("distill"), yaml_section("distill_16"),
+                                          yaml_section("distill_8"), variants)
+    assert not set(runs) & set(yaml_section("bench_distill")["runs"])
+    assert {r for reps_ in training_seeds.values() for r in reps_} == {f"student_8_{v}" for v in variants if "_seed" in v}
+    assert {s["model"] for s in runs.values()} <= set(stages["bench_distill"]["deps"])
+
+
+def test_distilled_runs_derive_students_and_replicates():
+    """Synthetic params: a replicate is the variant with another seed and otherwise equal settings;
+    an ambiguous or unmatched replicate is named."""
+    from benchmarks.bench_distill import distilled_runs
+
+    variants = {"a": {"p_cfg": 0.0, "output_dir": "A"}, "b": {"p_cfg": 0.1, "output_dir": "B"},
+                "b_s1": {"seed": 1, "p_cfg": 0.1, "output_dir": "B1", "metrics_path": "b1.json"},
+                "a_s1": {"seed": 1, "p_cfg": 0.0, "output_dir": "A1"}, "fast": {"student_steps": 4, "output_dir": "F"}}
+    runs, seeds = distilled_runs({"seed": 0}, {"output_dir": "S16", "student_steps": 16}, {"student_steps": 8}, variants)
+    assert list(runs) == ["student_16", "student_8_a", "student_8_b", "student_8_b_s1", "student_8_a_s1", "student_8_fast"]
+    assert runs["student_8_fast"] == {"model": "F", "steps": 4} and runs["student_16"] == {"model": "S16", "steps": 16}
+    assert seeds == {"student_8_b": ["student_8_b_s1"], "student_8_a": ["student_8_a_s1"]}
+    with pytest.raises(ValueError, match=r"distill_8_variants.odd: a seed-1 replicate .* found 0"):
+        distilled_runs({"seed": 0}, {"output_dir": "S16", "student_steps": 16}, {"student_steps": 8},
+                       {**variants, "odd": {"seed": 1, "p_cfg": 0.5, "output_dir": "O"}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,7 +436,7 @@ def test_clipt_target_is_judged_on_the_mean_over_training_seeds():
     assert len(t["training_seeds"]["pairs"]) == 2 and t["measured"] == pytest.approx((0.848 + 0.854) / 2)
     alone = check_targets(results, "1.25", {"targets": cfg["targets"]})["clipt_student_8_cfg_ge_student_8_vanilla"]
     assert (alone["measured"], alone["limit"], alone["met"]) == (0.848, 0.850, False)
-    with pytest.raises(SystemExit, match="pair by position"):
+    with pytest.raises(ValueError, match="pair by position"):
         check_targets(results, "1.25", {**cfg, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": []}})
     spread = training_seed_spread(results, cfg)
     assert spread["student_8_cfg"]["runs"] == ["student_8_cfg", "c1", "c2"]
@@ -461,7 +483,7 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
     # A model that is not there yet is named, before any work is lost.
     missing = {**cfg, "runs": {"teacher_50": {"model": model, "steps": 4},
                                "student_8_cfg": {"model": str(tmp_path / "nope"), "steps": 2}}}
-    with pytest.raises(SystemExit, match="nope not found"):
+    with pytest.raises(ValueError, match="nope not found"):
         bench.run(missing)
 
     # Training-seed replicates: scored like any run (and cached), paired by seed in the CLIP-T
@@ -480,11 +502,11 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
 
     with Image.open(tmp_path / "g.png") as grid:  # ground truth and the four runs, not the replicates
         assert grid.width == 260 + 112 * 5
-    with pytest.raises(SystemExit, match="not in runs: v9"):
+    with pytest.raises(ValueError, match="not in runs: v9"):
         bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]}})
     # Both list errors come before any model is loaded or image generated.
     monkeypatch.setattr(bench, "load_clip_backbone", lambda _dir: pytest.fail("loaded before the check"))
-    with pytest.raises(SystemExit, match="pair by position"):
+    with pytest.raises(ValueError, match="pair by position"):
         bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": []}})
-    with pytest.raises(SystemExit, match="not in runs: v9"):
+    with pytest.raises(ValueError, match="not in runs: v9"):
         bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]}})

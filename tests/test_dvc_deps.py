@@ -1,6 +1,7 @@
-"""Every DVC stage depends on the project code it runs: its module's in-repo imports, followed
-transitively, must each be covered by one of the stage's deps (the file or a folder above it),
-or `dvc repro` could skip a stage whose results changed."""
+"""Every DVC stage depends on exactly the project code it runs: its module's in-repo imports,
+followed transitively, must each be covered by one of the stage's deps (the file or a folder
+above it), or `dvc repro` could skip a stage whose results changed; and a code dep it does not
+import re-runs it for nothing, unless the stage loads that code another way (listed below)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import yaml
 
 from conftest import REPO
 
-# Stages whose deps predate this test and still miss imported code (issue 22 narrows and fixes
-# them, re-recording with `dvc commit`). Strict: a stage that comes to pass must leave the list.
-LEGACY_STAGES = {"train_base", "finetune_base", "train_clip", "train_attributes", "bench_metrics", "bench_base",
-                 "distill_16", "distill_8", "bench_distill", "prompts", "render", "score", "dataset",
-                 "bench_adaptive", "train_budget", "bench_budget"}
+# Code a stage runs without importing it from its own module: Ray Serve imports the application
+# by its path in a config, MLflow loads the pyfunc entry, the monitoring benchmark starts the
+# Prometheus helper and the shadow evaluator in other processes.
+LOADED_OTHERWISE = {
+    "register": {"registry/pyfunc_entry.py"},
+    "bench_serve": {"monitoring", "budgetdiff/parse.py", "budgetdiff/drift.py"},
+    "bench_monitor": {"budgetdiff/evaluators.py", "budgetdiff/metrics", "budgetdiff/parse.py", "mlops/tracking.py"},
+}
 PACKAGES = ("budgetdiff", "training", "pipelines", "benchmarks", "serving", "registry", "monitoring", "mlops")
 
 
@@ -100,13 +104,33 @@ def uncovered(files: set[Path], deps: list[str]) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("name, entry, deps", [
-    pytest.param(*s, marks=pytest.mark.xfail(strict=True, reason="legacy deps (issue 22)"))
-    if s[0] in LEGACY_STAGES else s for s in stages()], ids=[s[0] for s in stages()])
-def test_stage_depends_on_the_code_it_imports(name, entry, deps):
+def unused(files: set[Path], deps: list[str]) -> list[str]:
+    """Code deps (a .py file, or a folder of one of the packages) that cover none of ``files``."""
+    out = []
+    for d in deps:
+        path = REPO / d
+        is_code = d.endswith(".py") or (path.is_dir() and d.split("/")[0] in PACKAGES)
+        if is_code and not any(f == path or path in f.parents for f in files):
+            out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("name, entry, deps", stages(), ids=[s[0] for s in stages()])
+def test_stage_depends_on_exactly_the_code_it_runs(name, entry, deps):
     assert module_file(entry) is not None, f"{name}: {entry} is not a module of this repository"
-    missing = uncovered(closure(entry), deps)
+    files = closure(entry)
+    missing = uncovered(files, deps)
     assert not missing, f"dvc.yaml stage {name} runs {entry} but does not depend on: {', '.join(missing)}"
+    extra = sorted(set(unused(files, deps)) - LOADED_OTHERWISE.get(name, set()))
+    assert not extra, f"dvc.yaml stage {name} depends on code it never imports: {', '.join(extra)}"
+
+
+def test_the_checks_fail_on_a_missing_and_on_an_unused_dep():
+    files = closure("pipelines.schema")
+    assert uncovered(files, ["pipelines/schema.py"]) == ["budgetdiff/io.py"]
+    assert uncovered(files, ["pipelines/schema.py", "budgetdiff"]) == []
+    assert unused(files, ["pipelines/schema.py", "budgetdiff/io.py", "budgetdiff/text.py", "models/base"]) == [
+        "budgetdiff/text.py"]
 
 
 def test_the_closure_follows_relative_and_package_imports():

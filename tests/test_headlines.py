@@ -101,7 +101,7 @@ def dvc_reports() -> dict[str, set[str]]:
                 if item is not None:
                     path = re.sub(r"\$\{item\.(\w+)\}", lambda m: str(item[m.group(1)]), path)
                 if (path.startswith("reports/") and path.endswith(".json") and not path.endswith("_headline.json")
-                        and not path.startswith("reports/headlines/")):
+                        and not path.startswith(("reports/headlines/", "reports/scorecard/"))):
                     found.add(path)
         return found
 
@@ -278,9 +278,49 @@ def test_nothing_is_written_when_a_stage_fails(tmp_path):
 
 def test_main_writes_the_chosen_stages(tmp_path, capsys):
     write_report(tmp_path / "r", "tune_skip", fake_report("tune_skip")[0])
-    assert main(["--reports-dir", str(tmp_path / "r"), "--out-dir", str(tmp_path / "h"), "--stage", "tune_skip"]) == 0
+    assert main(["--reports-dir", str(tmp_path / "r"), "--out-dir", str(tmp_path / "h"), "--scorecard-dir",
+                 str(tmp_path / "s"), "--stage", "tune_skip"]) == 0
     assert [p.name for p in (tmp_path / "h").iterdir()] == ["tune_skip.json"]
-    assert json.loads(capsys.readouterr().out) == {"headlines": [str(tmp_path / "h" / "tune_skip.json")]}
+    assert json.loads(capsys.readouterr().out) == {"headlines": [
+        str(tmp_path / "h" / "tune_skip.json"), str(tmp_path / "s" / "tune_skip.json"), str(tmp_path / "s.md")]}
+    card = json.loads((tmp_path / "s" / "tune_skip.json").read_text())
+    assert set(card) == {"speedup", "quality"}  # the fake report's *_met values are numbers, not targets
+    assert "| tune_skip | reports/tune_skip.json | ddim_holdout_nfe_speedup |" in (tmp_path / "s.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# The scorecards: the DVC metrics
+# ----------------------------------------------------------------------------------------------
+def test_every_stage_has_a_scorecard_naming_its_own_headlines():
+    assert set(hl.SCORECARD) == set(HEADLINES)
+    for stage, words in hl.SCORECARD.items():
+        assert set(words) <= set(hl.WORDS[2:]), stage
+        assert set(words.values()) <= set(HEADLINES[stage][1]), stage
+        has_targets = any(k.endswith("_met") for k in HEADLINES[stage][1])
+        assert words or has_targets, f"{stage}: an empty scorecard"
+
+
+def test_scorecard_counts_targets_and_names_a_bad_word():
+    headlines = {"a_met": True, "b_met": False, "complete": True, "ratio": 2.5, "psnr": 30.0}
+    card = hl.scorecard_for("bench_adaptive", {**headlines, "ddim_nfe_speedup": 2.8, "ddim_psnr": 39.0})
+    assert card == {"targets_met": 1, "targets": 2, "speedup": 2.8, "quality": 39.0}
+    assert list(card) == ["targets_met", "targets", "speedup", "quality"]  # the words' order
+    with pytest.raises(HeadlineError, match="names 'ddim_psnr', not one of its headlines"):
+        hl.scorecard_for("bench_adaptive", {"ddim_nfe_speedup": 2.8})
+    with pytest.raises(HeadlineError, match="no scorecard entry"):
+        hl.scorecard_for("no_such_stage", headlines)
+
+
+def test_dvc_metrics_are_the_scorecards_and_few_columns():
+    """`dvc metrics show` fits a screen: the declared metrics are one scorecard per stage, and
+    all of them together use at most the shared words as columns."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["headlines"]
+    metrics = [next(iter(m)) for m in stage["metrics"]]
+    assert metrics == [f"reports/scorecard/{hl.headline_file(s)}" for s in HEADLINES]
+    outs = [next(iter(o)) for o in stage["outs"]]
+    assert outs == [f"reports/headlines/{hl.headline_file(s)}" for s in HEADLINES] + ["reports/scorecard.md"]
+    columns = {w for words in hl.SCORECARD.values() for w in words} | {"targets_met", "targets"}
+    assert len(columns) <= len(hl.WORDS) <= 8
 
 
 def test_main_exits_2_with_one_line(tmp_path, capsys):

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-import training.params
+import mlops.params
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.perceptual import LpipsMetric
 from budgetdiff.shards import ShardStore
 from pipelines import dataset, render, score
+from conftest import cli_error
 from pipelines import prompts as prompt_stage
 from test_metrics_helpers import tiny_backbone, tiny_checker
 
@@ -44,8 +45,8 @@ def workspace(tmp_path_factory, tiny_model_dir, scorer):
     prompt_stage.write_parquet(prompts, root / "prompts.parquet")
     render.run({"model": str(tiny_model_dir), "prompts": str(root / "prompts.parquet"), "step_grid": [1, 2, 4],
                 "reference_steps": 6, "scheduler": "ddim", "guidance": None, "batch_size": 3, "workers": 1,
-                "output_dir": str(root / "renders"), "report_path": str(root / "render.json"),
-                "throughput_probe": {"prompts": 0}}, executor=render.local_executor(), progress=False)
+                "output_dir": str(root / "renders"), "report_path": str(root / "render.json")},
+               executor=render.local_executor(), progress=False)
     cfg = {"score": {"renders": str(root / "renders"), "prompts": str(root / "prompts.parquet"), "batch_size": 8,
                      "clip_dir": "unused", "attributes_dir": "unused", "output": str(root / "scores.parquet")},
            "dataset": {"prompts": str(root / "prompts.parquet"), "scores": str(root / "scores.parquet"),
@@ -67,10 +68,27 @@ def test_score_table(workspace):
     assert (refs["steps"] == 6).all() and len(refs) == 8
     assert grid[METRICS].notna().all().all() and refs[REFERENCE_BASED].isna().all().all()
     assert refs[["pixel/lsnr", "high/clipt_domainclip", "domain/attr_acc"]].notna().all().all()
-    assert (table["nfe"] == table["steps"]).all() and (table["seconds"] > 0).all()
+    assert (table["nfe"] == table["steps"]).all()
 
 
-def test_score_reports_a_corrupt_shard(workspace, tmp_path, monkeypatch):
+def test_score_and_dataset_are_deterministic(workspace, scorer, tmp_path):
+    """Scoring and building the dataset again give the same bytes (a fresh clone's re-run hashes
+    to dvc.lock): no wall-clock column, no timestamp, a fixed row order."""
+    root, cfg = workspace
+    score.run({**cfg["score"], "output": str(tmp_path / "scores.parquet")}, scorer=scorer, progress=False)
+    assert (tmp_path / "scores.parquet").read_bytes() == (root / "scores.parquet").read_bytes()
+    outputs = {"output": "dataset.parquet", "plots_dir": "plots", "figure_path": "dataset.png",
+               "report_path": "dataset.json"}
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        dataset.run({**cfg["dataset"], **{k: str(tmp_path / name / v) for k, v in outputs.items()}})
+        runs.append({str(p.relative_to(tmp_path / name)): p.read_bytes()
+                     for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
+    assert len(runs[0]) == 3 + 7 + 1 and runs[0] == runs[1]
+
+
+def test_score_reports_a_corrupt_shard(workspace, tmp_path, monkeypatch, capsys):
     import shutil
 
     import yaml
@@ -81,14 +99,11 @@ def test_score_reports_a_corrupt_shard(workspace, tmp_path, monkeypatch):
     path = ShardStore(renders).data_path("s0002-p00001")
     path.write_bytes(path.read_bytes()[:-7] + b"garbage")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"score": {**cfg["score"], "renders": str(renders)}}))
-    monkeypatch.setattr(training.params, "PARAMS_FILE", tmp_path / "params.yaml")
-    with pytest.raises(SystemExit) as exc:
-        score.main()
-    message = str(exc.value)
-    assert message.startswith(f"error: shard {path}: checksum mismatch") and "\n" not in message
+    monkeypatch.setattr(mlops.params, "PARAMS_FILE", tmp_path / "params.yaml")
+    message = cli_error(capsys, score.main)
+    assert message.startswith(f"error: shard {path}: checksum mismatch")
     (renders / "index.json").unlink()
-    with pytest.raises(SystemExit, match="the render stage has not finished"):
-        score.main()
+    assert "the render stage has not finished" in cli_error(capsys, score.main)
 
 
 def test_dataset_table_plots_and_report(workspace):
@@ -96,7 +111,7 @@ def test_dataset_table_plots_and_report(workspace):
     report = dataset.run(cfg["dataset"])
     table = pd.read_parquet(root / "dataset.parquet")
     expected = {"prompt_id": "int64", "prompt": "string", "seed": "int64", "split": "string", "complexity": "int64",
-                "steps": "int64", "is_reference": "bool", "nfe": "int64", "seconds": "float64", "knee_steps": "int64",
+                "steps": "int64", "is_reference": "bool", "nfe": "int64", "knee_steps": "int64",
                 **{m: "float64" for m in METRICS}}
     assert {c: str(t) for c, t in table.dtypes.items()} == expected and list(table.columns) == list(expected)
     assert report["rows"] == 32 and report["prompts"] == 8 and report["metrics"] == METRICS
@@ -127,20 +142,20 @@ def test_several_seeds_per_prompt(workspace, scorer, tiny_model_dir, tmp_path):
 
     root, cfg = workspace
     shutil.copytree(root / "renders", tmp_path / "renders")
-    report = render.run({"model": str(tiny_model_dir), "prompts": str(root / "prompts.parquet"), "step_grid": [1, 2, 4],
+    _, log = render.run({"model": str(tiny_model_dir), "prompts": str(root / "prompts.parquet"), "step_grid": [1, 2, 4],
                          "reference_steps": 6, "scheduler": "ddim", "guidance": None, "batch_size": 3, "workers": 1,
                          "seeds_per_prompt": 2, "output_dir": str(tmp_path / "renders"),
-                         "report_path": str(tmp_path / "render.json"), "throughput_probe": {"prompts": 0}},
+                         "report_path": str(tmp_path / "render.json")},
                         executor=render.local_executor(), progress=False)
-    assert report["run"]["shards_reused"] == 12 and report["run"]["shards_rendered"] == 12
+    assert log["shards_reused"] == 12 and log["shards_rendered"] == 12
     scores = score.run({**cfg["score"], "renders": str(tmp_path / "renders"), "output": str(tmp_path / "s.parquet")},
                        scorer=scorer, progress=False)
     assert len(scores) == 8 * 2 * 4 and not scores.duplicated(["prompt_id", "seed", "steps"]).any()
     single = pd.read_parquet(root / "scores.parquet")
     first = scores.merge(single[["prompt_id", "seed"]].drop_duplicates(), on=["prompt_id", "seed"])
     # The first seed's rows are the single-seed run's, reference-based metrics included.
-    pd.testing.assert_frame_equal(first.drop(columns="seconds").reset_index(drop=True),
-                                  single.drop(columns="seconds").reset_index(drop=True), check_exact=False, atol=1e-6)
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), single.reset_index(drop=True), check_exact=False,
+                                  atol=1e-6)
     second = scores[~scores.set_index(["prompt_id", "seed"]).index.isin(first.set_index(["prompt_id", "seed"]).index)]
     assert (second["seed"].to_numpy() == second["prompt_id"].map(
         single.drop_duplicates("prompt_id").set_index("prompt_id")["seed"]).to_numpy() + 100_000).all()

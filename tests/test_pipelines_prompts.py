@@ -4,8 +4,10 @@ lines reported line by line and skipped."""
 import pandas as pd
 import pytest
 
-import training.params
+import mlops.params
+from budgetdiff import prompt_table
 from budgetdiff.prompt_files import PromptFileError, read_prompt_file
+from conftest import cli_error
 from pipelines import prompts as stage
 
 CFG = {"source": "scenes", "n_prompts": 40, "count_weights": [0.25, 0.25, 0.25, 0.25], "seed_offset": 60_000_000,
@@ -20,7 +22,7 @@ def test_scene_prompts_are_stratified_and_split_by_prompt():
     assert (counts["train"] == 8).all() and (counts["val"] == 1).all() and (counts["test"] == 1).all()
     again, _ = stage.build_prompts(CFG)
     pd.testing.assert_frame_equal(frame, again)  # deterministic
-    assert stage.quotas(7, [1, 1, 1]) == [3, 2, 2] and sum(stage.quotas(10, [0.8, 0.1, 0.1])) == 10
+    assert prompt_table.quotas(7, [1, 1, 1]) == [3, 2, 2] and sum(prompt_table.quotas(10, [0.8, 0.1, 0.1])) == 10
 
 
 BAD_FILE = b"".join([
@@ -75,26 +77,32 @@ def test_csv_prompt_column(tmp_path):
         (3, "empty"), (4, "no 'prompt' field in this row"), (7, "not UTF-8")]
 
 
-def _main_error(tmp_path, monkeypatch, section: dict) -> str:
+def _main_error(tmp_path, monkeypatch, capsys, section: dict) -> str:
     params = tmp_path / "params.yaml"
     import yaml
 
     params.write_text(yaml.safe_dump({"prompts": {**CFG, "output": str(tmp_path / "p.parquet"),
                                                   "report_path": str(tmp_path / "r.json"), **section}}))
-    monkeypatch.setattr(training.params, "PARAMS_FILE", params)
-    with pytest.raises(SystemExit) as exc:
-        stage.main()
-    return str(exc.value)
+    monkeypatch.setattr(mlops.params, "PARAMS_FILE", params)
+    return cli_error(capsys, stage.main)
 
 
-def test_unusable_input_is_one_line_error(tmp_path, monkeypatch):
+def test_unusable_input_is_one_line_error(tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.csv").write_text("id,text\n1,a dog\n")
-    message = _main_error(tmp_path, monkeypatch, {"source": str(tmp_path / "bad.csv")})
+    message = _main_error(tmp_path, monkeypatch, capsys, {"source": str(tmp_path / "bad.csv")})
     assert message == f"error: prompt_file: {tmp_path / 'bad.csv'} has no 'prompt' column (header: id, text)"
-    assert "does not exist" in _main_error(tmp_path, monkeypatch, {"source": str(tmp_path / "missing.txt")})
+    assert "does not exist" in _main_error(tmp_path, monkeypatch, capsys, {"source": str(tmp_path / "missing.txt")})
     (tmp_path / "empty.txt").write_bytes(b"\n \n\xff\n")
-    assert "has no valid prompt (3 line(s) rejected)" in _main_error(tmp_path, monkeypatch,
+    assert "has no valid prompt (3 line(s) rejected)" in _main_error(tmp_path, monkeypatch, capsys,
                                                                       {"source": str(tmp_path / "empty.txt")})
-    assert "n_prompts" in _main_error(tmp_path, monkeypatch, {"n_prompts": 0})
+    assert "n_prompts" in _main_error(tmp_path, monkeypatch, capsys, {"n_prompts": 0})
     with pytest.raises(PromptFileError):
         read_prompt_file(tmp_path)  # a directory
+
+
+def test_the_data_stages_share_the_library_splits():
+    """pipelines.schema keeps its own copy of the split names (so that score and dataset do not
+    depend on the scene code); it must equal the library's."""
+    from pipelines import schema
+
+    assert schema.SPLITS == prompt_table.SPLITS

@@ -36,7 +36,7 @@ from budgetdiff.evaluators import (
     save_attribute_checker,
     summarize_attribute_checks,
 )
-from budgetdiff.scenes import SceneSpec, render_scene_array, sample_scene
+from budgetdiff.scenes import SceneSpec, held_out_scenes, level_seed, render_scene_array, sample_scene
 
 HELD_OUT_SEED_OFFSET = 40_000_000  # evaluation scenes: a seed range no training stream reaches
 
@@ -83,7 +83,7 @@ def held_out_accuracy(checker: AttributeChecker, n_per_count: int, resolution: i
     checker.eval()
     out = {}
     for k in (1, 2, 3, 4):
-        specs = [sample_scene(offset + 100_000 * k + i, n_objects=k) for i in range(n_per_count)]
+        specs, _ = held_out_scenes(n_per_count, level_seed(offset, k, 0), n_objects=k)
         images = np.stack([render_scene_array(s, resolution) for s in specs])
         out[f"{k}obj"] = summarize_attribute_checks(check_scenes(checker, images, specs))
     return out
@@ -137,7 +137,7 @@ def train(cfg: dict) -> dict[str, Any]:
     ``cfg["output_dir"]`` (config.json + model.safetensors), return held-out accuracies."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from training.tracking import mlflow_logger
+    from mlops.tracking import mlflow_logger
 
     L.seed_everything(cfg["seed"], workers=True)
     module = AttributeCheckerModule(cfg)
@@ -172,7 +172,8 @@ def train(cfg: dict) -> dict[str, Any]:
 
 
 def main() -> None:
-    from training.params import load_params, write_json
+    from budgetdiff.io import atomic_write_json as write_json
+    from mlops.params import load_params
 
     cfg = load_params("train_attributes")
     metrics = train(cfg)

@@ -41,8 +41,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from budgetdiff.evaluators import check_scene_heuristic, summarize_checks
 from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
-from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.scenes import held_out_scenes, render_scene_array, sample_scene, spec_to_prompt
 from budgetdiff.text import encode_prompts, load_minilm
+from mlops.cli import UsageError, command
 
 COORD_CHANNELS = 2
 VAL_SEED_OFFSET = 10_000_000  # validation scenes never collide with training seeds
@@ -98,9 +99,8 @@ class SceneStream(IterableDataset):
 
 
 def validation_scenes(n: int, n_objects: int | None = 1, offset: int = VAL_SEED_OFFSET):
-    """Fixed held-out scenes (seeds from ``offset``) and their prompts."""
-    specs = [sample_scene(offset + i, n_objects=n_objects) for i in range(n)]
-    return specs, [spec_to_prompt(s) for s in specs]
+    """The validation scenes (``held_out_scenes`` from ``VAL_SEED_OFFSET``, 1 object by default)."""
+    return held_out_scenes(n, offset, n_objects=n_objects)
 
 
 def evaluate_pipeline(pipe, specs, prompts, steps: int, guidance: float, batch_size: int = 64,
@@ -230,10 +230,14 @@ POST_TRAINING_KEYS = frozenset({"stage", "output_dir", "metrics_path", "guidance
                                 "guidance_eval_prompts", "guidance_eval_steps", "guidance_checker"})
 
 
+def json_digest(obj) -> str:
+    """12 hex digits of the SHA-256 of ``obj`` as sorted JSON: the key of a run's checkpoints."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def config_hash(cfg: dict) -> str:
     """Key of a run's checkpoints: the training-relevant part of its config."""
-    train_cfg = {k: v for k, v in cfg.items() if k not in POST_TRAINING_KEYS}
-    return hashlib.sha256(json.dumps(train_cfg, sort_keys=True).encode()).hexdigest()[:12]
+    return json_digest({k: v for k, v in cfg.items() if k not in POST_TRAINING_KEYS})
 
 
 def choose_guidance(module: BaseDiffusionModule, cfg: dict) -> tuple[float, dict]:
@@ -262,13 +266,13 @@ def init_weights(module: BaseDiffusionModule, model_dir: str | os.PathLike) -> N
     """Start both the trained and the EMA UNet from a saved pipeline's UNet (its EMA weights)."""
     unet_dir = Path(model_dir) / "unet"
     if not unet_dir.is_dir():
-        raise SystemExit(f"error: init_from {model_dir}: no unet/ directory (train the earlier stage first)")
+        raise ValueError(f"init_from {model_dir}: no unet/ directory (train the earlier stage first)")
     saved = UNet2DConditionModel.from_pretrained(unet_dir)
     expected = dict(build_unet(module.cfg).config)
     mismatched = [k for k in ("block_out_channels", "down_block_types", "cross_attention_dim", "in_channels")
                   if tuple(np.atleast_1d(saved.config[k])) != tuple(np.atleast_1d(expected[k]))]
     if mismatched:
-        raise SystemExit(f"error: init_from {model_dir}: its UNet differs from the config in {', '.join(mismatched)}")
+        raise ValueError(f"init_from {model_dir}: its UNet differs from the config in {', '.join(mismatched)}")
     module.unet.load_state_dict(saved.state_dict())
     module.ema_unet.load_state_dict(saved.state_dict())
 
@@ -278,7 +282,7 @@ def train(cfg: dict) -> dict[str, Any]:
     as a diffusers pipeline directory at ``cfg["output_dir"]``. Returns the final metrics."""
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    from training.tracking import mlflow_logger
+    from mlops.tracking import mlflow_logger
 
     L.seed_everything(cfg["seed"], workers=True)
     torch.set_float32_matmul_precision("high")
@@ -352,7 +356,7 @@ def train(cfg: dict) -> dict[str, Any]:
 
 def stage_config(stage: str) -> dict:
     """``train_base`` as is; ``finetune_base`` is ``train_base`` with its own section's overrides."""
-    from training.params import load_params
+    from mlops.params import load_params
 
     cfg = load_params("train_base")
     if stage != "train_base":
@@ -360,14 +364,15 @@ def stage_config(stage: str) -> dict:
     return {**cfg, "stage": stage}
 
 
+@command
 def main() -> None:
     import sys
 
-    from training.params import write_json
+    from budgetdiff.io import atomic_write_json as write_json
 
     stage = sys.argv[1] if len(sys.argv) > 1 else "train_base"
     if stage not in ("train_base", "finetune_base"):
-        raise SystemExit(f"error: unknown stage {stage!r} (train_base or finetune_base)")
+        raise UsageError(f"unknown stage {stage!r} (train_base or finetune_base)")
     cfg = stage_config(stage)
     metrics = train(cfg)
     write_json(cfg["metrics_path"], metrics)

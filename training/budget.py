@@ -58,6 +58,7 @@ from budgetdiff.budget import (
     text_encoder_of,
 )
 from budgetdiff.text import encode_prompts
+from mlops.cli import command
 
 STAGE = "train_budget"
 ARCHITECTURES = ("bilstm", "mlp")
@@ -415,18 +416,18 @@ def flat_params(cfg: dict, prefix: str = "") -> dict[str, Any]:
 def train(cfg: dict) -> dict[str, Any]:
     """Train the BiLSTM predictor and its MLP ablation per ``cfg`` (the ``train_budget`` params
     section), save both to ``cfg["output_dir"]`` and return the metrics."""
-    from training.tracking import mlflow_logger
+    from mlops.tracking import mlflow_logger
 
     try:
         table = pd.read_parquet(cfg["dataset"])
     except FileNotFoundError:
-        raise SystemExit(f"error: train_budget.dataset: {cfg['dataset']} does not exist (dvc repro dataset)") from None
+        raise ValueError(f"train_budget.dataset: {cfg['dataset']} does not exist (dvc repro dataset)") from None
     curves = dataset_curves(table, cfg.get("metrics"))
     train_rows, val_rows = curves.subset(cfg.get("train_split", "train")), curves.subset(cfg["val_split"])
     for name, rows in (("train_split", train_rows), ("val_split", val_rows)):
         if len(rows) == 0:
             split = cfg.get(name, "train")
-            raise SystemExit(f"error: train_budget.{name}: split {split!r} has no prompts in {cfg['dataset']}")
+            raise ValueError(f"train_budget.{name}: split {split!r} has no prompts in {cfg['dataset']}")
     normalizer = TargetNormalizer.fit(curves.metrics, curves.values[train_rows])
     z = normalizer.normalize(curves.values)
 
@@ -497,14 +498,13 @@ def train(cfg: dict) -> dict[str, Any]:
     }
 
 
+@command
 def main() -> None:
-    from training.params import load_params, write_json
+    from budgetdiff.io import atomic_write_json as write_json
+    from mlops.params import load_params
 
     cfg = load_params(STAGE)
-    try:
-        metrics = train(cfg)
-    except (ValueError, OSError) as exc:  # a dataset or model that does not fit: one line, no traceback
-        raise SystemExit(f"error: train_budget: {exc}") from None
+    metrics = train(cfg)
     write_json(cfg["metrics_path"], metrics)
     for arch in ARCHITECTURES:
         r = metrics[arch]

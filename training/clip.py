@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from budgetdiff.evaluators import build_domain_clip, domain_clip_model_cfg, save_domain_clip
+from budgetdiff import scenes
 from budgetdiff.scenes import parse_prompt, render_scene_array, sample_scene, spec_to_prompt
 
 HELD_OUT_SEED_OFFSET = 30_000_000  # evaluation scenes: a seed range no training stream reaches
@@ -66,9 +67,9 @@ def _collate(batch):
 
 def held_out_scenes(n: int, resolution: int, count_weights: list[float], offset: int = HELD_OUT_SEED_OFFSET):
     """``n`` fixed held-out scenes: (specs, images (n, 3, R, R) in [0, 1], prompts)."""
-    specs = [sample_scene(offset + i, count_weights=tuple(count_weights)) for i in range(n)]
+    specs, prompts = scenes.held_out_scenes(n, offset, count_weights=count_weights)
     images = torch.from_numpy(np.stack([render_scene_array(s, resolution) for s in specs])).permute(0, 3, 1, 2)
-    return specs, images.float() / 255.0, [spec_to_prompt(s) for s in specs]
+    return specs, images.float() / 255.0, prompts
 
 
 @torch.no_grad()
@@ -157,7 +158,7 @@ def train(cfg: dict) -> dict[str, Any]:
     ``cfg["output_dir"]`` (open_clip local-dir format) and return its held-out metrics."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from training.tracking import mlflow_logger
+    from mlops.tracking import mlflow_logger
 
     L.seed_everything(cfg["seed"], workers=True)
     module = DomainClipModule(cfg)
@@ -193,7 +194,8 @@ def train(cfg: dict) -> dict[str, Any]:
 
 
 def main() -> None:
-    from training.params import load_params, write_json
+    from budgetdiff.io import atomic_write_json as write_json
+    from mlops.params import load_params
 
     cfg = load_params("train_clip")
     metrics = train(cfg)

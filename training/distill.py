@@ -68,7 +68,8 @@ from torch.utils.data import DataLoader
 from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
 from budgetdiff.shards import directory_fingerprint
 from budgetdiff.text import PromptEmbeddings, encode_prompts
-from training.base import (SceneStream, _collate, choose_guidance, evaluate_pipeline, update_ema,
+from mlops.cli import UsageError, command
+from training.base import (SceneStream, _collate, choose_guidance, evaluate_pipeline, json_digest, update_ema,
                            validation_scenes)
 
 DISTILLATION_FILE = "distillation.json"  # beside model_index.json: what the student was distilled from
@@ -194,12 +195,12 @@ def load_teacher(path: str | Path) -> BudgetDiffusionPipeline:
     """The teacher pipeline (``DiffusionPipeline.from_pretrained``, offline), fp32 on CPU."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
-        raise SystemExit(f"error: teacher {str(path)!r} is not a pipeline directory (run its DVC stage first)")
+        raise ValueError(f"teacher {str(path)!r} is not a pipeline directory (run its DVC stage first)")
     pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     if not isinstance(pipe, BudgetDiffusionPipeline):
-        raise SystemExit(f"error: teacher {str(path)!r} is a {type(pipe).__name__}, not a BudgetDiffusionPipeline")
+        raise ValueError(f"teacher {str(path)!r} is a {type(pipe).__name__}, not a BudgetDiffusionPipeline")
     if pipe.scheduler.config.prediction_type != "v_prediction":
-        raise SystemExit(f"error: teacher {str(path)!r} is not a v-prediction model")
+        raise ValueError(f"teacher {str(path)!r} is not a v-prediction model")
     return pipe
 
 
@@ -388,8 +389,8 @@ def teacher_fingerprint(path: str | Path) -> str:
 
 
 def config_hash(cfg: dict) -> str:
-    key = {**cfg, "teacher_fingerprint": teacher_fingerprint(cfg["teacher"])}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    """Key of a student run's checkpoints: its whole config and its teacher's weights."""
+    return json_digest({**cfg, "teacher_fingerprint": teacher_fingerprint(cfg["teacher"])})
 
 
 @torch.no_grad()
@@ -464,7 +465,7 @@ def train(cfg: dict) -> dict[str, Any]:
     ``cfg["output_dir"]`` (see ``stage_config`` for the params.yaml sections). Returns metrics."""
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    from training.tracking import mlflow_logger
+    from mlops.tracking import mlflow_logger
 
     L.seed_everything(cfg["seed"], workers=True)
     torch.set_float32_matmul_precision("high")
@@ -559,27 +560,28 @@ def train(cfg: dict) -> dict[str, Any]:
 def stage_config(stage: str, variant: str | None = None) -> dict:
     """The config of a DVC stage: the shared ``distill`` section, then the stage's section, then
     (for ``distill_8``) its variant from ``distill_8_variants``."""
-    from training.params import load_params
+    from mlops.params import load_params
 
     cfg = {**load_params("distill"), **load_params(stage)}
     name = stage
     if variant is not None:
         variants = load_params(f"{stage}_variants")
         if variant not in variants:
-            raise SystemExit(f"error: unknown variant {variant!r} of {stage} (one of {', '.join(variants)})")
+            raise UsageError(f"unknown variant {variant!r} of {stage} (one of {', '.join(variants)})")
         cfg.update(variants[variant])
         name = f"{stage}@{variant}"
     cfg["checkpoint_dir"] = str(Path(cfg["checkpoint_dir"]) / name.replace("@", "_"))
     return {**cfg, "stage": name}
 
 
+@command
 def main() -> None:
     import sys
 
-    from training.params import write_json
+    from budgetdiff.io import atomic_write_json as write_json
 
     if len(sys.argv) < 2:
-        raise SystemExit("usage: python -m training.distill STAGE [VARIANT]")
+        raise UsageError("usage: python -m training.distill STAGE [VARIANT]")
     cfg = stage_config(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
     metrics = train(cfg)
     write_json(cfg["metrics_path"], metrics)

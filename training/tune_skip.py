@@ -1082,7 +1082,7 @@ def log_mlflow(cfg: dict, report: dict) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from training.tracking import EXPERIMENT, run_tags, tracking_uri
+    from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.set_experiment(EXPERIMENT)
@@ -1139,7 +1139,8 @@ def log_mlflow(cfg: dict, report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from training.params import load_params
+    from mlops.params import load_params
+    from mlops.cli import fail
 
     parser = argparse.ArgumentParser(prog="python -m training.tune_skip", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a local model directory (embedded model, SD 1.5 or SDXL) to tune instead")
@@ -1151,8 +1152,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = check_config(cfg)
     except TuneConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(exc)
     report = tune(cfg)
     summary = {s: {"default": res.get("chosen", {}).get("default"),
                    "holdout": (res.get("holdout") or {}).get("target"),

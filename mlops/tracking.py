@@ -15,7 +15,8 @@ EXPERIMENT = "budgetdiff"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO_ROOT / 'mlflow.db'}")
+    """``MLFLOW_TRACKING_URI`` when set (and not empty), else the repository's sqlite database."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
 def git_commit() -> str:
