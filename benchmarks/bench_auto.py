@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -39,8 +38,9 @@ from budgetdiff.evaluators import load_attribute_checker
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
-from budgetdiff.shards import directory_fingerprint
+from budgetdiff.fingerprint import unet_fingerprint
 from budgetdiff.scenes import held_out_scenes
+from mlops.cli import command
 from mlops.params import load_params
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
@@ -215,7 +215,7 @@ def run(cfg: dict) -> dict:
     from budgetdiff.policy import content_sha256
 
     # a run depends on the whole bundle only in auto mode: other modes are cached across auto-policy changes
-    models_key = [gen.skip_policy.sha256, *(directory_fingerprint(Path(m.path) / "unet") for m in gen.models.values())]
+    models_key = [gen.skip_policy.sha256, *(unet_fingerprint(m.path) for m in gen.models.values())]
     no_auto_key = [content_sha256({k: v for k, v in gen.bundle.raw.items() if k != "auto"}), *models_key]
     auto_key = [gen.bundle.sha256, *models_key]
 
@@ -310,13 +310,10 @@ def headline(report: dict) -> dict:
             "targets_met": {k: v["met"] for k, v in report["targets"].items() if "met" in v}}
 
 
+@command
 def main() -> None:
     cfg = load_params("bench_auto")
-    try:
-        report = run(cfg)
-    except (BenchAutoError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    report = run(cfg)  # BenchAutoError is a ValueError: one line, exit 2
     atomic_write_json(cfg["report_path"], report)
     atomic_write_json(cfg["headline_path"], headline(report))
     print(json.dumps(report["targets"], indent=1))

@@ -15,12 +15,10 @@ from __future__ import annotations
 import json
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from budgetdiff.evaluators import attr_check, check_scene_heuristic, load_attribute_checker, summarize_checks
 from budgetdiff.generation import load_pipeline
@@ -31,13 +29,10 @@ CHECKERS = {"primary": "trained attribute checker (models/attributes)", "heurist
 
 
 def generate_np(pipe, prompts, steps, guidance, scheduler, batch_size, desc):
-    images, seconds = [], 0.0
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   scheduler=scheduler, seed=i, output_type="np", progress=False)
-        images += list(out.images)
-        seconds += sum(r["seconds"] for r in out.records)
-    return images, seconds / max(1, len(prompts))
+    """(images: list of (H, W, 3) arrays in [0, 1], seconds per image); image i uses seed i."""
+    out = pipe.generate_in_batches(prompts, batch_size, seed=0, output_type="np", desc=desc,
+                                   num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler)
+    return list(out.images), sum(r["seconds"] for r in out.records) / max(1, len(prompts))
 
 
 def score(images, specs, checker) -> dict:

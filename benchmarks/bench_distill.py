@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from budgetdiff.evaluators import load_attribute_checker
 from budgetdiff.generation import load_pipeline
@@ -45,7 +44,7 @@ from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
 from budgetdiff.scenes import held_out_scenes, render_scene_array
-from budgetdiff.shards import directory_fingerprint
+from budgetdiff.fingerprint import unet_fingerprint
 from mlops.cli import command
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
@@ -53,14 +52,10 @@ FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_ac
 
 def generate(pipe, prompts: list[str], steps: int, guidance: float, scheduler: str, batch_size: int, desc: str):
     """(images (N, 3, H, W) in [0, 1], seconds per image, NFE per image); image i uses seed i."""
-    images, seconds, nfe = [], 0.0, []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   scheduler=scheduler, seed=i, output_type="pt", progress=False)
-        images.append(out.images.cpu())
-        seconds += sum(r["seconds"] for r in out.records)
-        nfe += [r["nfe"] for r in out.records]
-    return torch.cat(images), seconds / len(prompts), float(np.mean(nfe))
+    out = pipe.generate_in_batches(prompts, batch_size, seed=0, output_type="pt", desc=desc,
+                                   num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler)
+    return (out.images, sum(r["seconds"] for r in out.records) / len(prompts),
+            float(np.mean([r["nfe"] for r in out.records])))
 
 
 def sample_grid(columns: dict[str, list[Image.Image]], prompts: list[str], truth: list[np.ndarray],
@@ -279,6 +274,9 @@ def run(cfg: dict) -> dict:
     unknown = sorted(replicates - set(cfg["runs"]))
     if unknown:
         raise ValueError(f"bench_distill: training_seeds names run(s) not in runs: {', '.join(unknown)}")
+    for spec in cfg["runs"].values():  # a model that is not there yet is named before any work starts
+        if not (Path(spec["model"]) / "model_index.json").is_file():
+            raise ValueError(f"bench_distill: model {spec['model']} not found (run its distill stage first)")
     torch.manual_seed(0)
     clip = load_clip_backbone(cfg["clip_dir"])
     checker = load_attribute_checker(cfg["attributes_dir"])
@@ -294,8 +292,6 @@ def run(cfg: dict) -> dict:
 
     def pipe_for(model: str):
         if model not in loaded:
-            if not (Path(model) / "model_index.json").is_file():
-                raise ValueError(f"bench_distill: model {model} not found (run its distill stage first)")
             loaded.clear()
             loaded[model] = load_pipeline(model)
         return loaded[model]
@@ -315,7 +311,7 @@ def run(cfg: dict) -> dict:
     start = time.time()
     for name, spec in cfg["runs"].items():
         steps = int(spec["steps"])
-        fingerprint = directory_fingerprint(Path(spec["model"]) / "unet")
+        fingerprint = unet_fingerprint(spec["model"])
         results[name] = {}
         for g in guidances:
             key = hashlib.sha256(json.dumps(

@@ -124,13 +124,13 @@ def wait_shadow_drained(timeout_s: float) -> dict:
 
 
 def deploy(config: dict, url: str, progress, what: str) -> float:
-    from serving.deploy import deploy_in_process, wait_deployed, wait_healthy
+    from serving.deploy import run_in_process
 
     progress(f"[bench_monitor] deploy: {what}")
     start = time.perf_counter()
-    deploy_in_process(config)
-    wait_healthy(url, 900)
-    wait_deployed(config, 900)  # deploy_apps returns before a user_config change reaches the replicas
+    served = run_in_process(config, wait_s=900)  # returns once a user_config change reaches the replicas
+    if served != url:
+        raise RuntimeError(f"bench_monitor: the config serves {served}, not {url}")
     return round(time.perf_counter() - start, 2)
 
 

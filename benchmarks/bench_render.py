@@ -25,8 +25,7 @@ import pandas as pd
 
 from budgetdiff.io import atomic_write_json
 from mlops.cli import command
-from pipelines.render import (Executor, RenderSettings, ShardSpec, init_ray, local_executor, plan_shards,
-                              ray_executor, resolve_settings)
+from pipelines.render import Executor, RenderSettings, ShardSpec, executor_session, plan_shards, resolve_settings
 from pipelines.schema import read_prompts
 
 # Read from the render section, so that the bench measures the render stage as configured.
@@ -70,28 +69,10 @@ def run(cfg: dict, executor: str | None = None) -> dict:
     workers = [int(w) for w in cfg["workers"]]
     cpus = int(cfg.get("cpus_per_task", 1))
     kind = executor or cfg.get("executor", "ray")
-    if kind not in ("ray", "local"):
-        raise ValueError(f"bench_render.executor: must be 'ray' or 'local', got {kind!r}")
-    ray_started = False
-    try:
-        if kind == "ray":
-            where = init_ray(max(workers) * cpus, cfg.get("local_object_store_mb"))
-            ray_started = True
-            print(f"bench_render: Ray {where}")
-
-            def make(w: int) -> Executor:
-                return ray_executor(max_in_flight=w, cpus_per_task=cpus,
-                                    gpus_per_task=float(cfg.get("gpus_per_task", 1)))
-        else:
-            def make(w: int) -> Executor:
-                return local_executor(threads=cpus)
+    with executor_session(kind, cfg, max(workers) * cpus, "bench_render") as make:
+        # w workers: at most w shards in flight (the local executor renders one at a time)
         result = throughput(prompts, settings, int(cfg["prompts_measured"]), int(cfg["steps"]),
                             int(cfg["batch_size"]), workers, make)
-    finally:
-        if ray_started:
-            import ray
-
-            ray.shutdown()
     top = str(max(workers))
     scaling = (round(result["images_per_s"][top] / result["images_per_s"]["1"], 3)
                if "1" in result["images_per_s"] and top != "1" else None)

@@ -23,9 +23,7 @@ reports/serve_playground.png (the playground driven by headless chromium).
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import math
 import os
 import secrets
 import socket
@@ -377,7 +375,7 @@ def run(cfg: dict, progress=print) -> dict:
     from ray import serve
 
     from serving.config import MODEL, load_serve_config, user_config, with_overrides
-    from serving.deploy import deploy_in_process, wait_deployed, wait_healthy
+    from serving.deploy import run_in_process
 
     t0 = time.perf_counter()
     key = secrets.token_hex(16)
@@ -405,9 +403,7 @@ def run(cfg: dict, progress=print) -> dict:
             phase with the previous phase's max_batch_size 1), then check what the replicas say."""
             progress(f"[bench_serve] deploy: {what}")
             start = time.perf_counter()
-            deploy_in_process(config)
-            wait_healthy(url, 600)
-            wait_deployed(config, 600)
+            run_in_process(config, wait_s=600)  # returns once a user_config change reaches the replicas
             want = user_config(config, MODEL).max_batch_size
             served = served_batch_size(url, key)
             if served != want:

@@ -46,7 +46,6 @@ step grid or another model raises ``BudgetModelMismatch`` naming both.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -59,6 +58,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .fingerprint import FingerprintError, unet_fingerprint
 from .text import MAX_TEXT_LENGTH, PromptEmbeddings, encode_prompts
 
 CONFIG_FILE = "config.json"
@@ -276,26 +276,9 @@ def make_config(architecture: str, network: dict, *, text_dim: int, max_text_len
 # ------------------------------------------------------------------------------------------------
 # The model being budgeted
 # ------------------------------------------------------------------------------------------------
-def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 (first 16 hex digits) over the names and bytes of the files in ``model_dir/unet``:
-    the weights that make one model's curves differ from another's. Reads every byte (about 30 ms
-    for the embedded model's 13 MB UNet, seconds for a 3.4 GB SD UNet)."""
-    unet = Path(model_dir) / "unet"
-    files = sorted(p for p in unet.glob("*") if p.is_file()) if unet.is_dir() else []
-    if not files:
-        raise BudgetModelError(f"model: {str(model_dir)!r} has no unet/ files to fingerprint")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def model_record(model_dir: str | os.PathLike) -> dict:
     """What a budget config stores about the model it was trained for."""
-    return {"path": str(model_dir), "unet_sha256": model_fingerprint(model_dir)}
+    return {"path": str(model_dir), "unet_sha256": unet_fingerprint(model_dir)}
 
 
 def text_encoder_of(pipe) -> tuple[nn.Module, Any, int]:
@@ -497,7 +480,10 @@ class BudgetPredictor:
         """Raise BudgetModelMismatch naming both models unless ``model_dir``'s UNet files are the
         ones the predictor was trained for (same fingerprint; the path alone may differ)."""
         trained = self.config["model"]
-        found = model_fingerprint(model_dir)
+        try:
+            found = unet_fingerprint(model_dir)
+        except FingerprintError as exc:
+            raise BudgetModelError(str(exc)) from None
         if found != trained["unet_sha256"]:
             raise BudgetModelMismatch(
                 f"{self._name()} was trained for model {trained['path']!r} (unet {trained['unet_sha256']}), "

@@ -214,11 +214,11 @@ class Generator:
     def _describe(name: str, pipe, path: str | None) -> LoadedModel:
         sha = None
         if path is not None:
-            from .budget import BudgetModelError, model_fingerprint
+            from .fingerprint import FingerprintError, unet_fingerprint
 
             try:
-                sha = model_fingerprint(path)
-            except BudgetModelError:
+                sha = unet_fingerprint(path)
+            except FingerprintError:
                 sha = None
         return LoadedModel(name, pipe, path, sha)
 

@@ -316,6 +316,40 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         return BudgetDiffusionOutput(images=images, records=records)
 
 
+    def generate_in_batches(self, prompts: list[str], batch_size: int, seed: int | list[int] = 0,
+                            output_type: str = "pil", desc: str | None = None,
+                            **call_kwargs) -> BudgetDiffusionOutput:
+        """``self(prompts, **call_kwargs)`` in calls of at most ``batch_size`` prompts, with the
+        seeds one call would use (image i uses ``seed + i``, or ``seed[i]``), so the images do
+        not depend on how the prompts are batched. Images are gathered on the CPU: one array
+        ("np"), one tensor ("pt") or one list ("pil"); records in prompt order. ``desc`` shows a
+        progress bar over the batches."""
+        from tqdm import tqdm
+
+        prompts = list(prompts)
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts")
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        call_kwargs.setdefault("progress", False)
+        starts = range(0, len(prompts), batch_size)
+        images, records = [], []
+        for i in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+            out = self(prompts[i:i + batch_size], seed=seeds[i:i + batch_size], output_type=output_type,
+                       **call_kwargs)
+            images.append(out.images.cpu() if output_type == "pt" else out.images)
+            records += out.records
+        if output_type == "pt":
+            gathered = torch.cat(images) if images else torch.empty(0)
+        elif output_type == "np":
+            gathered = np.concatenate(images) if images else np.empty((0,))
+        else:
+            gathered = [im for batch in images for im in batch]
+        return BudgetDiffusionOutput(images=gathered, records=records)
+
+
 def scheduler_name(scheduler) -> str:
     """The short name of a scheduler instance ("ddim" for unknown kinds)."""
     for name, (cls, _) in SCHEDULERS.items():

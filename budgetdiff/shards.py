@@ -52,20 +52,6 @@ def work_key(spec: Any) -> str:
     return sha256_bytes(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode())[:32]
 
 
-def directory_fingerprint(path: str | os.PathLike) -> str:
-    """SHA-256 over the relative paths and contents of every file under ``path`` (sorted), so
-    a model directory's fingerprint changes exactly when one of its files does."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(root)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 class ShardStore:
     """The shards of one job in ``directory``.
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from mlops.cli import ArgumentParser, print_error
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "serving" / "configs" / "gpu.yaml"
@@ -449,15 +450,11 @@ def stale_files(texts: dict[str, str], out_dir: Path) -> list[str]:
             if not (out_dir / name).is_file() or (out_dir / name).read_text() != text]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = RenderOptions()
-    p = _Parser(prog="python -m infra.render", description="Render the KubeRay RayService and the PodMonitor "
+    p = ArgumentParser(prog="python -m infra.render", description="Render the KubeRay RayService and the PodMonitor "
                 "from the serve config into infra/k8s/.")
     p.add_argument("--config", type=Path, default=d.config, help="serve profile (default: serving/configs/gpu.yaml)")
     p.add_argument("--model-source", default=None, help="ImageModel's model_source: a path in the image or a "
@@ -481,16 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         texts = render(opts)
     except ValueError as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+        return print_error(str(exc).strip().splitlines()[0])
     out_dir = Path(args.out_dir)
     if args.check:
         stale = stale_files(texts, out_dir)
         if stale:
             cmd = " ".join(["python -m infra.render", *opts.non_default_args()])
-            print(f"error: {', '.join(_display(out_dir / n) for n in stale)} differ(s) from a fresh render of "
-                  f"{_display(Path(opts.config))}; run: {cmd}", file=sys.stderr)
-            return 1
+            print_error(f"{', '.join(_display(out_dir / n) for n in stale)} differ(s) from a fresh render of "
+                        f"{_display(Path(opts.config))}; run: {cmd}")
+            return 1  # the check failed (not a usage error)
         print(f"up to date: {', '.join(_display(out_dir / n) for n in texts)}")
         return 0
     for name, text in texts.items():

@@ -8,6 +8,7 @@ one line on stderr and exit status 2, so that the same code stays usable from Py
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -22,11 +23,25 @@ class UsageError(ValueError):
     """The command line itself is wrong (missing or unknown argument)."""
 
 
-def fail(message: str) -> None:
-    """Print ``error: message`` as one line on stderr and exit with status 2."""
+def print_error(message: str) -> int:
+    """Print ``error: message`` as one line on stderr (whitespace and line breaks folded);
+    returns exit status 2, for a ``main`` that returns its status."""
     line = " ".join(str(message).split())
     print(f"error: {line}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
+    return EXIT_USAGE
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` as one line on stderr and exit with status 2."""
+    raise SystemExit(print_error(message))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are one ``error: ...`` line and exit status 2, without
+    the usage block (``--help`` still prints it)."""
+
+    def error(self, message: str):
+        fail(message)
 
 
 def command(main: Callable[..., T] | None = None, *, also: tuple[type[BaseException], ...] = ()):

@@ -29,6 +29,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mlops.cli import print_error
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = Path(__file__).resolve().parent / "prometheus"
 TEMPLATE = PROM_DIR / "prometheus.yml.in"
@@ -51,7 +53,7 @@ class UsageError(ValueError):
 
 
 def _fail(message: str, code: int = 1):
-    print(f"error: {message}", file=sys.stderr)
+    print_error(message)
     raise SystemExit(code)
 
 

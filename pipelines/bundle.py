@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from budgetdiff.bundle import write_bundle
 from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy, file_sha256, quality_of
 from budgetdiff.adaptive import AdaptiveSkipConfig
+from mlops.cli import fail
 from mlops.params import load_params
 
 QUALITY_LEVELS = ("pixel/ssim", "mid/lpips", "high/iclip")
@@ -167,8 +167,7 @@ def main() -> None:
     try:
         summary = build(load_params("bundle"))
     except (BundleStageError, ValueError, KeyError) as exc:
-        print(f"error: bundle: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"bundle: {exc}")
     print(json.dumps(summary))
 
 

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.bench_distill import rendered
 from budgetdiff.engine import GenerationRequest, Generator
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.scenes import held_out_scenes
@@ -220,7 +219,7 @@ def run(cfg: dict) -> tuple[AutoPolicy, dict]:
     from budgetdiff.metrics import MetricScorer, ScoringConfig
     from budgetdiff.metrics.semantic import load_clip_backbone
     from budgetdiff.evaluators import load_attribute_checker
-    from budgetdiff.shards import directory_fingerprint
+    from budgetdiff.fingerprint import directory_fingerprint, unet_fingerprint
 
     torch.manual_seed(0)
     if cfg.get("torch_threads"):
@@ -234,7 +233,7 @@ def run(cfg: dict) -> tuple[AutoPolicy, dict]:
                           checker=load_attribute_checker(cfg["attributes_dir"]))
     specs, prompts = held_out_scenes(int(cfg["prompts"]), int(cfg["seed_offset"]), count_weights=cfg["count_weights"])
     seeds = [int(cfg["seed_offset"]) + i for i in range(len(prompts))]
-    model_key = [directory_fingerprint(Path(p) / "unet") for p in (cfg["base"], cfg["student"])] + [
+    model_key = [unet_fingerprint(p) for p in (cfg["base"], cfg["student"])] + [
         directory_fingerprint(cfg["budget"])]
     cache = Path(cfg["cache_dir"])
 

@@ -31,7 +31,6 @@ would otherwise silently disappear from ``dvc metrics diff``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
+from mlops.cli import ArgumentParser, print_error
 
 Path_ = tuple  # a JSON path: dict keys (str) and list indices (int)
 Source = Union[Path_, Callable[[dict], Any]]
@@ -579,7 +579,7 @@ def write_headlines(stages: Sequence[str] | None = None, reports_dir: str | Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.headlines", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pipelines.headlines", description=__doc__.splitlines()[0])
     parser.add_argument("--reports-dir", default="reports", help="where the full reports are (default: reports)")
     parser.add_argument("--out-dir", default="reports/headlines",
                         help="where to write <stage>.json (default: reports/headlines)")
@@ -592,8 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = write_headlines(args.stage, args.reports_dir, args.out_dir, scorecard_dir=args.scorecard_dir)
     except HeadlineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(str(exc))
     print(json.dumps({"headlines": [str(p) for p in written]}))
     return 0
 

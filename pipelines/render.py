@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,8 +52,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from budgetdiff.fingerprint import directory_fingerprint
 from budgetdiff.io import atomic_write_json
-from budgetdiff.shards import ShardStore, directory_fingerprint, work_key
+from budgetdiff.shards import ShardStore, work_key
 from mlops.cli import command
 from pipelines.schema import INDEX_FILE, read_prompts
 
@@ -234,6 +236,28 @@ def ray_executor(max_in_flight: int, cpus_per_task: int, gpus_per_task: float) -
     return run
 
 
+@contextmanager
+def executor_session(kind: str, cfg: dict, num_cpus: int, label: str = "render"):
+    """Yield ``make(max_in_flight) -> Executor`` for ``kind``: "local" renders in this process,
+    "ray" connects to Ray (``init_ray`` with ``num_cpus``) for the block and shuts it down after.
+    ``cfg`` gives ``cpus_per_task``, ``gpus_per_task`` and ``local_object_store_mb``; ``label``
+    names the params section in errors and messages."""
+    cpus = int(cfg.get("cpus_per_task", 1))
+    if kind == "local":
+        yield lambda max_in_flight: local_executor(threads=cpus)
+        return
+    if kind != "ray":
+        raise ValueError(f"{label}.executor: must be 'ray' or 'local', got {kind!r}")
+    print(f"{label}: Ray {init_ray(num_cpus, cfg.get('local_object_store_mb'))}")
+    try:
+        yield lambda max_in_flight: ray_executor(max_in_flight=max_in_flight, cpus_per_task=cpus,
+                                                 gpus_per_task=float(cfg.get("gpus_per_task", 1)))
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
 # --------------------------------------------------------------------------------------------
 # The run: resume, render what is left, write shards
 # --------------------------------------------------------------------------------------------
@@ -314,26 +338,12 @@ def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> t
     (store.directory / INDEX_FILE).unlink(missing_ok=True)  # only a finished run has an index
     workers, cpus = int(cfg["workers"]), int(cfg.get("cpus_per_task", 1))
     kind = cfg.get("executor", "ray") if executor is None else "given"
-    ray_started = False
-    try:
-        if kind == "ray":
-            where = init_ray(workers * cpus, cfg.get("local_object_store_mb"))
-            ray_started = True
-            print(f"render: Ray {where}; {len(plan)} shards of up to {cfg['batch_size']} prompts")
-            chosen = ray_executor(max_in_flight=2 * workers, cpus_per_task=cpus,
-                                  gpus_per_task=float(cfg.get("gpus_per_task", 1)))
-        elif kind == "local":
-            chosen = local_executor(threads=cpus)
-        elif kind == "given":
-            chosen = executor
-        else:
-            raise ValueError(f"render.executor: must be 'ray' or 'local', got {kind!r}")
-        run_stats = render_shards(plan, settings, store, chosen, progress=progress)
-    finally:
-        if ray_started:
-            import ray
-
-            ray.shutdown()
+    if executor is not None:
+        run_stats = render_shards(plan, settings, store, executor, progress=progress)
+    else:
+        with executor_session(kind, cfg, workers * cpus) as make:
+            print(f"render: {len(plan)} shards of up to {cfg['batch_size']} prompts, {workers} worker(s)")
+            run_stats = render_shards(plan, settings, store, make(2 * workers), progress=progress)
     removed = store.prune({s.name for s in plan}, extra_files={INDEX_FILE})
     index = {"model": settings.model, "model_fingerprint": settings.model_fingerprint,
              "scheduler": settings.scheduler, "guidance": settings.guidance,

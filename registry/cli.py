@@ -13,13 +13,11 @@ import os
 import sys
 from pathlib import Path
 
+from mlops.cli import ArgumentParser, print_error
+
 from . import CHAMPION, MODEL_NAME, RegistryError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage block
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def load_registry_params(path: str | os.PathLike | None = None) -> dict:
@@ -145,8 +143,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="budgetdiff-registry", description="The MLflow model registry of budgetdiff bundles.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = ArgumentParser(prog="budgetdiff-registry", description="The MLflow model registry of budgetdiff bundles.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     r = sub.add_parser("register", help="log the bundle as a new version with alias challenger")
     r.add_argument("--bundle", help="bundle directory (default: params registry.bundle)")
     r.add_argument("--params", help="params file (default: params.yaml)")
@@ -184,14 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (RegistryError, ValueError, KeyError) as exc:
-        print(f"error: {_first_line(exc)}", file=sys.stderr)
-        return 2
+        return print_error(_first_line(exc))
     except Exception as exc:  # noqa: BLE001 - MLflow / server failures: one line, not a traceback
         from mlflow.exceptions import MlflowException
 
         if isinstance(exc, MlflowException) or isinstance(exc, OSError):
-            print(f"error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
-            return 2
+            return print_error(f"{type(exc).__name__}: {_first_line(exc)}")
         raise
 
 

@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mlops.cli import print_error
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -139,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("mlflow server stopped" if stop(args.pid_file) else "mlflow server: none running")
     except (RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return print_error(str(exc))
     return 0
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 
 from budgetdiff.io import atomic_write_json
+from mlops.cli import print_error
 from mlops.tracking import tracking_uri
 
 from . import MODEL_NAME, RegistryError
@@ -56,8 +57,7 @@ def main() -> int:
         cfg = load_registry_params()
         report = run(cfg)
     except (RegistryError, ValueError, KeyError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
+        return print_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     atomic_write_json(cfg.get("report_path", "reports/registry.json"), report)
     print(f"wrote {cfg.get('report_path', 'reports/registry.json')}: {report['gate']['verdict']}, "
           f"champion {report['aliases'].get('champion')}")

@@ -131,17 +131,17 @@ def _repo_relative(path: str) -> str:
 
 
 def lineage_tags(staged: StagedBundle, bundle_dir: str, reports: list[str]) -> dict[str, str]:
-    from budgetdiff.budget import model_fingerprint
+    from budgetdiff.fingerprint import unet_fingerprint
 
     tags = {
         "git_commit": git_commit(),
         SHA_TAG: staged.sha256,
         "bundle_json_sha256": staged.bundle_json_sha256,
         "bundle_source": _repo_relative(bundle_dir),
-        "unet_fingerprint": model_fingerprint(staged.sources["base"]),
+        "unet_fingerprint": unet_fingerprint(staged.sources["base"]),
     }
     if "student" in staged.sources:
-        tags["student_unet_fingerprint"] = model_fingerprint(staged.sources["student"])
+        tags["student_unet_fingerprint"] = unet_fingerprint(staged.sources["student"])
     for rel, ref in staged.shared.items():
         tags[tag_key(f"shared.{rel}.sha256")] = ref["sha256"]
     inputs = [_repo_relative(p) for p in (*staged.sources.values(), bundle_dir)]

@@ -24,6 +24,8 @@ from typing import Optional
 
 import typer
 
+from mlops.cli import print_error
+
 from .config import DEFAULT_CONFIG, load_serve_config, with_overrides
 
 DEFAULT_TEMP_DIR = "/tmp/bdserve"
@@ -34,7 +36,7 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _fail(message: str, code: int = 1):
-    typer.echo(f"error: {message}", err=True)
+    print_error(message)
     raise typer.Exit(code)
 
 

@@ -34,6 +34,7 @@ def wait_deployed(config: dict, timeout_s: float = 300.0, poll_s: float = 0.5) -
     answering /healthz. Returns the seconds waited; RuntimeError naming the state after
     ``timeout_s``."""
     from ray import serve
+    from ray.serve.schema import ApplicationStatus, DeploymentStatus
 
     names = [a["name"] for a in config.get("applications") or []]
     start = time.monotonic()
@@ -42,8 +43,8 @@ def wait_deployed(config: dict, timeout_s: float = 300.0, poll_s: float = 0.5) -
         time.sleep(poll_s)  # the controller's loop marks the new target DEPLOYING / UPDATING first
         apps = serve.status().applications
         states = {n: apps.get(n) for n in names}
-        ok = all(a is not None and str(a.status) in ("RUNNING", "ApplicationStatus.RUNNING") and
-                 all(str(d.status) in ("HEALTHY", "DeploymentStatus.HEALTHY") for d in a.deployments.values())
+        ok = all(a is not None and a.status == ApplicationStatus.RUNNING and
+                 all(d.status == DeploymentStatus.HEALTHY for d in a.deployments.values())
                  for a in states.values())
         if ok:
             return time.monotonic() - start

@@ -50,10 +50,11 @@ def module(tiny_model_dir, tmp_path_factory):
 
 
 def fixed_batch(n: int = 4, resolution: int = 16):
-    from training.base import SceneStream, _collate
+    from training.base import SceneStream
+    from training.batches import stack_columns
 
     stream = iter(SceneStream(0, resolution, [0.4, 0.3, 0.2, 0.1]))
-    return _collate([next(stream) for _ in range(n)])
+    return stack_columns([next(stream) for _ in range(n)])
 
 
 # ----------------------------------------------------------------------------------------------

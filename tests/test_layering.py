@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,11 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom training.base import x\ndef f():\n    import mlflow\nfrom . import sibling\n")
     assert imports(bad) == {"os", "training", "mlflow"}
+
+
+def test_error_lines_are_printed_by_mlops_cli_only():
+    """One format for every command's errors: ``error: ...`` lines come from mlops.cli (the
+    library's own CLI, budgetdiff/cli.py, may not import mlops and prints its own)."""
+    printers = sorted(str(path.relative_to(REPO)) for layer in LAYERS for path in layer_files(layer)
+                      if re.search(r"""(print|echo)\(\s*f?["']error: """, path.read_text()))
+    assert printers == ["budgetdiff/cli.py", "mlops/cli.py"]

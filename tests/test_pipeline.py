@@ -103,3 +103,35 @@ def test_save_and_load_with_stock_diffusers(tiny_pipe, tiny_model_dir):
     a = tiny_pipe(PROMPT, num_inference_steps=3, output_type="np").images
     b = loaded(PROMPT, num_inference_steps=3, output_type="np").images
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("output_type", ["np", "pt", "pil"])
+def test_generate_in_batches_equals_the_per_batch_loop_it_replaced(tiny_pipe, output_type):
+    """The helper's images and records are those of the loop each benchmark used to write:
+    ``pipe(prompts[i:i + B], seed=i)`` per batch (image i uses seed i)."""
+    prompts = [PROMPT, "a large blue square in the center, black background", "two small green crosses",
+               "a tiny yellow triangle at the bottom right", "three red circles on a gray background"]
+    out = tiny_pipe.generate_in_batches(prompts, 2, seed=0, output_type=output_type, num_inference_steps=3)
+    loop = [tiny_pipe(prompts[i:i + 2], num_inference_steps=3, seed=i, output_type=output_type, progress=False)
+            for i in range(0, len(prompts), 2)]
+    assert [r["seed"] for r in out.records] == [0, 1, 2, 3, 4]
+    assert [r["prompt"] for r in out.records] == prompts
+    if output_type == "np":
+        assert np.array_equal(out.images, np.concatenate([o.images for o in loop]))
+    elif output_type == "pt":
+        assert torch.equal(out.images, torch.cat([o.images for o in loop]))
+    else:
+        assert [np.asarray(im).tolist() for im in out.images] == [np.asarray(im).tolist() for o in loop
+                                                                  for im in o.images]
+
+
+def test_generate_in_batches_takes_a_seed_per_prompt_and_checks_its_inputs(tiny_pipe):
+    prompts = [PROMPT, "a large blue square in the center, black background", "two small green crosses"]
+    out = tiny_pipe.generate_in_batches(prompts, 2, seed=[5, 9, 7], output_type="np", num_inference_steps=2)
+    alone = tiny_pipe(prompts[1], num_inference_steps=2, seed=9, output_type="np").images
+    assert [r["seed"] for r in out.records] == [5, 9, 7]
+    np.testing.assert_allclose(out.images[1], alone[0], atol=1e-5)
+    with pytest.raises(ValueError, match="seed: 2 seeds for 3 prompts"):
+        tiny_pipe.generate_in_batches(prompts, 2, seed=[1, 2], num_inference_steps=2)
+    with pytest.raises(ValueError, match="batch_size: must be >= 1"):
+        tiny_pipe.generate_in_batches(prompts, 0, num_inference_steps=2)

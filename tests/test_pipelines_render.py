@@ -224,3 +224,11 @@ def test_rendering_twice_gives_the_same_bytes(cfg, tmp_path):
     assert [name for name in first if first[name] != second[name]] == []
     log = json.loads(render.Path(cfg["run_log"]).read_text())
     assert log["seconds"] > 0 and "seconds" not in json.loads(first["report"])
+
+
+def test_executor_session_names_a_bad_executor_and_gives_a_local_one():
+    with pytest.raises(ValueError, match=r"bench_render.executor: must be 'ray' or 'local', got 'dask'"):
+        with render.executor_session("dask", {}, 1, "bench_render"):
+            pass
+    with render.executor_session("local", {"cpus_per_task": 1}, 1) as make:
+        assert callable(make(4))  # the local executor renders one shard at a time, whatever is asked

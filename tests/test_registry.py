@@ -153,12 +153,12 @@ def test_good_challenger_is_promoted_and_champion_metrics_are_reused(flow):
 
 
 def test_lineage_tags(flow, bundles):
-    from budgetdiff.budget import model_fingerprint
+    from budgetdiff.fingerprint import unet_fingerprint
 
     tags = flow["client"].get_model_version("budgetdiff", "1").tags
     assert tags["bundle_sha256"] == flow["reg_good"]["bundle_sha256"]
-    assert tags["unet_fingerprint"] == model_fingerprint(bundles["good"].parent / "base")
-    assert tags["student_unet_fingerprint"] == model_fingerprint(bundles["good"].parent / "student")
+    assert tags["unet_fingerprint"] == unet_fingerprint(bundles["good"].parent / "base")
+    assert tags["student_unet_fingerprint"] == unet_fingerprint(bundles["good"].parent / "student")
     assert len(tags["git_commit"]) >= 7
     assert len([k for k in tags if k.startswith("dvc.")]) == 4  # base, student, budget, bundle
     assert tags["bench.adaptive.ddim.nfe_speedup_at_psnr.nfe_speedup"] == "2.82"

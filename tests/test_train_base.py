@@ -71,13 +71,14 @@ def test_train_save_load_generate_and_resume(tmp_path, mlflow_uri):
 
 
 def test_a_few_steps_reduce_the_loss(tmp_path):
-    from training.base import BaseDiffusionModule, SceneStream, _collate
+    from training.base import BaseDiffusionModule, SceneStream
+    from training.batches import stack_columns
 
     cfg = tiny_train_config(tmp_path)
     torch.manual_seed(0)
     module = BaseDiffusionModule(cfg)
     stream = iter(SceneStream(0, cfg["resolution"], cfg["count_weights"]))
-    batch = _collate([next(stream) for _ in range(8)])
+    batch = stack_columns([next(stream) for _ in range(8)])
     opt = torch.optim.AdamW(module.unet.parameters(), lr=3e-3)
 
     def loss_at_fixed_noise():
@@ -108,3 +109,16 @@ def test_update_ema_warms_up_then_caps_the_decay():
     assert ema.weight.item() == pytest.approx(0.9)
     update_ema(ema, model, step=10_000, max_decay=0.99)   # capped at 0.99
     assert ema.weight.item() == pytest.approx(0.9 + 0.1 * 0.01)
+
+
+def test_stack_columns_stacks_tensors_and_lists_the_rest():
+    import torch
+
+    from training.batches import stack_columns
+
+    batch = [(torch.full((2, 3), float(i)), torch.tensor([i]), f"prompt {i}", {"seed": i}) for i in range(3)]
+    xs, masks, prompts, specs = stack_columns(batch)
+    assert xs.shape == (3, 2, 3) and torch.equal(xs[:, 0, 0], torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.equal(masks, torch.tensor([[0], [1], [2]]))
+    assert prompts == ["prompt 0", "prompt 1", "prompt 2"] and isinstance(prompts, list)
+    assert specs == [{"seed": 0}, {"seed": 1}, {"seed": 2}]

@@ -37,6 +37,7 @@ from budgetdiff.evaluators import (
     summarize_attribute_checks,
 )
 from budgetdiff.scenes import SceneSpec, held_out_scenes, level_seed, render_scene_array, sample_scene
+from training.batches import stack_columns
 
 HELD_OUT_SEED_OFFSET = 40_000_000  # evaluation scenes: a seed range no training stream reaches
 
@@ -59,8 +60,8 @@ class SpecSceneStream(IterableDataset):
 def _collate(batch):
     """(images, targets): the checker's training targets are built here, as tensors, so that
     Lightning can move the batch to the device."""
-    images, specs = zip(*batch)
-    return torch.stack(images), attribute_targets([SceneSpec.from_dict(s) for s in specs])
+    images, specs = stack_columns(batch)
+    return images, attribute_targets([SceneSpec.from_dict(s) for s in specs])
 
 
 def augment(images: torch.Tensor, noise_aug: float, blur_aug: float) -> torch.Tensor:

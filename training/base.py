@@ -44,6 +44,7 @@ from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
 from budgetdiff.scenes import held_out_scenes, render_scene_array, sample_scene, spec_to_prompt
 from budgetdiff.text import encode_prompts, load_minilm
 from mlops.cli import UsageError, command
+from training.batches import stack_columns
 
 COORD_CHANNELS = 2
 VAL_SEED_OFFSET = 10_000_000  # validation scenes never collide with training seeds
@@ -107,15 +108,12 @@ def evaluate_pipeline(pipe, specs, prompts, steps: int, guidance: float, batch_s
                       checker=None) -> dict:
     """Accuracies of ``pipe``'s images for ``prompts`` against ``specs``: judged by the trained
     attribute checker when ``checker`` is given, else by the heuristic checker."""
-    images = []
-    for i in range(0, len(prompts), batch_size):
-        out = pipe(prompts[i : i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   scheduler="ddim", seed=i, output_type="np", progress=False)
-        images += list(out.images)
+    images = pipe.generate_in_batches(prompts, batch_size, seed=0, output_type="np", num_inference_steps=steps,
+                                      guidance_scale=guidance, scheduler="ddim").images
     if checker is not None:
         from budgetdiff.evaluators import attr_check
 
-        return attr_check(np.stack(images), specs, checker=checker)
+        return attr_check(images, specs, checker=checker)
     return summarize_checks([check_scene_heuristic(img, spec) for img, spec in zip(images, specs)])
 
 
@@ -219,11 +217,6 @@ class BaseDiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _collate(batch):
-    xs, masks, prompts = zip(*batch)
-    return torch.stack(xs), torch.stack(masks), list(prompts)
-
-
 # Keys that only affect what happens after training (the guidance choice, where results go):
 # a checkpoint stays valid when they change.
 POST_TRAINING_KEYS = frozenset({"stage", "output_dir", "metrics_path", "guidance_candidates",
@@ -294,7 +287,7 @@ def train(cfg: dict) -> dict[str, Any]:
     if cfg.get("init_from"):
         init_weights(module, cfg["init_from"])
     loader = DataLoader(SceneStream(cfg["seed"], cfg["resolution"], cfg["count_weights"]),
-                        batch_size=cfg["batch_size"], collate_fn=_collate, num_workers=0)
+                        batch_size=cfg["batch_size"], collate_fn=stack_columns, num_workers=0)
     stage = cfg.get("stage", "train_base")
     logger = mlflow_logger(stage, run_name=stage)
     gpu = torch.cuda.is_available()

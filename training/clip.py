@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from budgetdiff.evaluators import build_domain_clip, domain_clip_model_cfg, save_domain_clip
 from budgetdiff import scenes
 from budgetdiff.scenes import parse_prompt, render_scene_array, sample_scene, spec_to_prompt
+from training.batches import stack_columns
 
 HELD_OUT_SEED_OFFSET = 30_000_000  # evaluation scenes: a seed range no training stream reaches
 
@@ -58,11 +59,6 @@ class PromptedSceneStream(IterableDataset):
             spec = sample_scene(s, count_weights=self.count_weights)
             image = torch.from_numpy(render_scene_array(spec, self.resolution).copy()).permute(2, 0, 1).float() / 255.0
             yield image, spec_to_prompt(spec, seed=rng.randrange(1 << 30))
-
-
-def _collate(batch):
-    images, prompts = zip(*batch)
-    return torch.stack(images), list(prompts)
 
 
 def held_out_scenes(n: int, resolution: int, count_weights: list[float], offset: int = HELD_OUT_SEED_OFFSET):
@@ -163,7 +159,7 @@ def train(cfg: dict) -> dict[str, Any]:
     L.seed_everything(cfg["seed"], workers=True)
     module = DomainClipModule(cfg)
     loader = DataLoader(PromptedSceneStream(cfg["seed"], cfg["resolution"], cfg["count_weights"]),
-                        batch_size=cfg["batch_size"], collate_fn=_collate, num_workers=0)
+                        batch_size=cfg["batch_size"], collate_fn=stack_columns, num_workers=0)
     logger = mlflow_logger("train_clip", run_name="train_clip")
     gpu = torch.cuda.is_available()
     trainer = L.Trainer(max_steps=cfg["max_steps"], accelerator="gpu" if gpu else "cpu", devices=1,

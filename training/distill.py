@@ -47,7 +47,6 @@ of the config and the teacher's weights).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -66,11 +65,12 @@ from torch.utils.data import DataLoader
 
 # Importing budgetdiff.pipeline registers BudgetDiffusionPipeline with diffusers (from_pretrained).
 from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
-from budgetdiff.shards import directory_fingerprint
+from budgetdiff.fingerprint import directory_fingerprint, unet_fingerprint
 from budgetdiff.text import PromptEmbeddings, encode_prompts
 from mlops.cli import UsageError, command
-from training.base import (SceneStream, _collate, choose_guidance, evaluate_pipeline, json_digest, update_ema,
+from training.base import (SceneStream, choose_guidance, evaluate_pipeline, json_digest, update_ema,
                            validation_scenes)
+from training.batches import stack_columns
 
 DISTILLATION_FILE = "distillation.json"  # beside model_index.json: what the student was distilled from
 
@@ -380,17 +380,10 @@ class DistillationModule(L.LightningModule):
 # ----------------------------------------------------------------------------------------------
 # train(cfg)
 # ----------------------------------------------------------------------------------------------
-def teacher_fingerprint(path: str | Path) -> str:
-    """sha256 of the teacher's UNet weights: a retrained teacher never resumes an old checkpoint."""
-    h = hashlib.sha256()
-    for f in sorted((Path(path) / "unet").glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def config_hash(cfg: dict) -> str:
-    """Key of a student run's checkpoints: its whole config and its teacher's weights."""
-    return json_digest({**cfg, "teacher_fingerprint": teacher_fingerprint(cfg["teacher"])})
+    """Key of a student run's checkpoints: its whole config and its teacher's weights (a
+    retrained teacher never resumes an old checkpoint)."""
+    return json_digest({**cfg, "teacher_fingerprint": unet_fingerprint(cfg["teacher"])})
 
 
 @torch.no_grad()
@@ -476,7 +469,7 @@ def train(cfg: dict) -> dict[str, Any]:
     module = DistillationModule(cfg)
     resolution = int(module.teacher_unet.config.sample_size)
     loader = DataLoader(SceneStream(cfg["seed"], resolution, cfg["count_weights"]),
-                        batch_size=cfg["batch_size"], collate_fn=_collate, num_workers=0)
+                        batch_size=cfg["batch_size"], collate_fn=stack_columns, num_workers=0)
     stage = cfg.get("stage", "distill")
     logger = mlflow_logger(stage, run_name=stage)
     gpu = torch.cuda.is_available()
@@ -521,7 +514,7 @@ def train(cfg: dict) -> dict[str, Any]:
     record = {
         "method": "SnapFusion step distillation, CFG-aware loss (arXiv 2306.00980, sec. 4)",
         "teacher": str(cfg["teacher"]),
-        "teacher_fingerprint": teacher_fingerprint(cfg["teacher"]),
+        "teacher_fingerprint": unet_fingerprint(cfg["teacher"]),
         "teacher_steps": 2 * int(cfg["student_steps"]),
         "student_steps": int(cfg["student_steps"]),
         "timestep_spacing": "trailing",

@@ -232,25 +232,23 @@ def render(ctx: dict, scheduler: str, skip: dict | None, prompts: list[str] | No
         threshold=float(skip["threshold"]), max_skip=int(skip["max_skip"]), warmup=int(skip["warmup"]),
         reuse=str(skip["reuse"]), estimator=str(skip.get("estimator", "paper")))
     bs = int(ctx.get("batch_size") or len(prompts))
-    images, nfe, masks = [], [], []
     with torch.no_grad():
-        for i in range(0, len(prompts), bs):
-            p, s = prompts[i:i + bs], seeds[i:i + bs]
-            if isinstance(pipe, BudgetDiffusionPipeline):
-                out = pipe(p, num_inference_steps=ctx["steps"], guidance_scale=ctx["guidance"], scheduler=scheduler,
-                           seed=s, output_type="pt", progress=False, adaptive=config)
-                imgs, records = out.images.float().cpu(), out.records
-            else:  # stock SD / SDXL: budgetdiff.generation's path (image i uses seed + i)
-                from budgetdiff.generation import generate
+        if isinstance(pipe, BudgetDiffusionPipeline):
+            out = pipe.generate_in_batches(prompts, bs, seed=seeds, output_type="pt", num_inference_steps=ctx["steps"],
+                                           guidance_scale=ctx["guidance"], scheduler=scheduler, adaptive=config)
+            images, records = out.images.float(), out.records
+        else:  # stock SD / SDXL: budgetdiff.generation's path (image i uses seed + i)
+            from budgetdiff.generation import generate
 
-                pil, records = generate(pipe, p, steps=ctx["steps"], guidance=ctx["guidance"], scheduler=scheduler,
-                                        seed=int(s[0]), progress=False, adaptive=config)
-                imgs = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pil])
-                                        ).permute(0, 3, 1, 2)
-            images.append(imgs)
-            nfe += [int(r["nfe"]) for r in records]
-            masks += [r.get("skip_mask") for r in records]
-    return torch.cat(images), nfe, masks
+            batches, records = [], []
+            for i in range(0, len(prompts), bs):
+                pil, batch_records = generate(pipe, prompts[i:i + bs], steps=ctx["steps"], guidance=ctx["guidance"],
+                                              scheduler=scheduler, seed=int(seeds[i]), progress=False, adaptive=config)
+                batches.append(torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pil])
+                                                ).permute(0, 3, 1, 2))
+                records += batch_records
+            images = torch.cat(batches)
+    return images, [int(r["nfe"]) for r in records], [r.get("skip_mask") for r in records]
 
 
 def judge(ctx: dict, images, refs, nfe: list[int]) -> dict:
