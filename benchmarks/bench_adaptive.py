@@ -67,6 +67,7 @@ from budgetdiff.adaptive import (
     oracle_skip_path,
 )
 from budgetdiff.evaluators import check_scenes, detect_scenes, scene_attr_acc
+from budgetdiff.flops import counting_unet_flops
 from budgetdiff.generation import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig, psnr
@@ -194,36 +195,6 @@ def generate(pipe, method: Method, cfg: dict, prompts, seeds, scheduler: str, gu
 # ------------------------------------------------------------------------------------------
 # FLOPs
 # ------------------------------------------------------------------------------------------
-@contextmanager
-def counting_unet_flops(unet):
-    """Counts the FLOPs of every UNet call (``FlopCounterMode`` entered in a forward pre-hook and
-    left in the forward hook, so text encoder and scheduler are not counted); yields a list
-    that receives one total per call. Attention runs on the math SDPA kernel, which the
-    counter sees as matrix products (the fused CPU kernel is invisible to it)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    calls: list[int] = []
-    modes: list[FlopCounterMode] = []
-
-    def enter(module, args):
-        modes.append(FlopCounterMode(display=False))
-        modes[-1].__enter__()
-
-    def leave(module, args, output):
-        mode = modes.pop()
-        mode.__exit__(None, None, None)
-        calls.append(mode.get_total_flops())
-
-    handles = [unet.register_forward_pre_hook(enter), unet.register_forward_hook(leave)]
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def flops_per_image(pipe, method: Method, cfg: dict, prompt: str, seed: int, scheduler: str, guidance: float,
                     steps: int) -> float:
     """Network FLOPs of one image of ``method`` (a one-prompt run, every UNet call counted)."""

@@ -114,8 +114,10 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
     def unet_gflops(self, guidance_scale: float | None = None) -> float:
         """GFLOPs of one denoising-network evaluation for one image at ``guidance_scale``
         (under classifier-free guidance both halves of the pair), counted by
-        ``torch.utils.flop_counter`` on one UNet call. Not thread-safe: call it before serving."""
-        from torch.utils.flop_counter import FlopCounterMode
+        ``budgetdiff.flops.counting_unet_flops`` on one UNet call with the attention kernel torch
+        picks ("as_run": on CPU attention is not counted, see budgetdiff/flops.py). Not
+        thread-safe: call it before serving."""
+        from .flops import counting_unet_flops
 
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         batch = 2 if guidance_scale != 1.0 else 1
@@ -123,10 +125,10 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
         res, ch = self.resolution, self.image_channels
         x = torch.zeros(batch, ch, res, res, device=self.device, dtype=self.unet.dtype)
         coords = coordinate_channels(batch, res, res, x.device, x.dtype)
-        with FlopCounterMode(display=False) as counter:
+        with counting_unet_flops(self.unet, attention="as_run") as calls:
             self.unet(torch.cat([x, coords], 1), torch.tensor([500] * batch, device=self.device),
                       encoder_hidden_states=hidden, encoder_attention_mask=mask, class_labels=pooled)
-        return counter.get_total_flops() / 1e9
+        return calls[0] / 1e9
 
     def install_adaptive_skip(self) -> None:
         """Install the UNet's adaptive-skip hook now (calls with ``adaptive=`` install it on

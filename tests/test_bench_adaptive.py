@@ -90,9 +90,11 @@ def test_main_writes_report_and_plot(workspace, capsys, monkeypatch):
 
 def test_flops_counter_sees_attention_and_sub_batches(tiny_pipe):
     prompts = ["a small red circle at the top left on a white background"] * 3
-    with bench_adaptive.counting_unet_flops(tiny_pipe.unet) as calls:
+    from budgetdiff.flops import counting_unet_flops
+
+    with counting_unet_flops(tiny_pipe.unet) as calls:
         tiny_pipe(prompts, num_inference_steps=2, guidance_scale=2.0, progress=False)
-    with bench_adaptive.counting_unet_flops(tiny_pipe.unet) as one:
+    with counting_unet_flops(tiny_pipe.unet) as one:
         tiny_pipe(prompts[:1], num_inference_steps=2, guidance_scale=2.0, progress=False)
     assert len(calls) == 2 and calls[0] == 3 * one[0] > 0  # linear in the batch
 
