@@ -450,8 +450,6 @@ def stale_files(texts: dict[str, str], out_dir: Path) -> list[str]:
             if not (out_dir / name).is_file() or (out_dir / name).read_text() != text]
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = RenderOptions()
     p = ArgumentParser(prog="python -m infra.render", description="Render the KubeRay RayService and the PodMonitor "

@@ -18,8 +18,6 @@ from mlops.cli import ArgumentParser, print_error
 from . import CHAMPION, MODEL_NAME, RegistryError
 
 
-
-
 def load_registry_params(path: str | os.PathLike | None = None) -> dict:
     """params.yaml's ``registry`` section (``BUDGETDIFF_PARAMS`` or ``path``)."""
     from mlops.params import ParamsError, load_params
