@@ -16,8 +16,9 @@ noise for every run) with DDIM and measure
 The CLIP-T target compares two training methods (CFG-aware against vanilla), and one training run
 of each differs from another by its seed as well as its method, so it is judged on the mean over
 training-seed replicates (``training_seeds``: a variant that differs from another only in its seed
-and paths is that variant's replicate), paired by seed; the FD and attr_acc targets judge the shipped student, models/student-8. Replicates are
-scored like every run but stay out of the sample grid, and show as hollow markers in the plot.
+and paths is that variant's replicate), paired by seed; the FD and attr_acc targets judge the
+shipped student, models/student-8. Replicates are scored like every run but stay out of the
+sample grid, and show as hollow markers in the plot.
 
 Writes reports/distill.json (every number, and the targets with pass/fail at the target
 guidance), reports/distill_tradeoff.csv and .png (FD against CLIP-T across guidance scales, as

@@ -380,14 +380,6 @@ def default_embedder(progress: bool = False) -> Embedder:
 # ------------------------------------------------------------------------------------------------
 # The budget predictor's training prompts
 # ------------------------------------------------------------------------------------------------
-def scene_prompt_table(n: int, count_weights: Sequence[float], seed_offset: int) -> list[dict]:
-    """``n`` distinct scene prompts stratified by object count, exactly as the ``prompts`` stage
-    draws them (``budgetdiff.prompt_table.scene_prompt_rows``). Rows: prompt, seed, complexity."""
-    from .prompt_table import scene_prompt_rows
-
-    return scene_prompt_rows(n, count_weights, seed_offset)
-
-
 def _load_params(params: Mapping | str | os.PathLike) -> Mapping:
     if isinstance(params, Mapping):
         return params

@@ -15,8 +15,7 @@ that way (docs/status.md, "Known problems").
 
 from __future__ import annotations
 
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 ATTENTION_MODES = ("math", "as_run")
 
@@ -44,7 +43,7 @@ def counting_unet_flops(unet, attention: str = "math"):
 
     handles = [unet.register_forward_pre_hook(enter), unet.register_forward_hook(leave)]
     try:
-        with sdpa_kernel(SDPBackend.MATH) if attention == "math" else contextlib.nullcontext():
+        with sdpa_kernel(SDPBackend.MATH) if attention == "math" else nullcontext():
             yield calls
     finally:
         for h in handles:

@@ -41,8 +41,8 @@ from budgetdiff.drift import (
     default_embedder,
     prompt_table,
     reference_prompts,
-    scene_prompt_table,
 )
+from budgetdiff.prompt_table import scene_prompt_rows
 
 from .names import BY_NAME
 
@@ -239,14 +239,14 @@ def drift_benchmark(params: Mapping | str = "params.yaml", *, embed: Embedder | 
     train_rows = [r for r in table if r["split"] == split]
     reference = [r["prompt"] for r in train_rows]
     weights = cfg["count_weights"] if cfg.get("source", "scenes") == "scenes" else [0.25] * 4
-    heldout_rows = scene_prompt_table(n_windows * window, weights, heldout_seed_offset)
+    heldout_rows = scene_prompt_rows(n_windows * window, weights, heldout_seed_offset)
     overlap = {r["seed"] for r in heldout_rows} & {r["seed"] for r in table}
     if overlap and cfg.get("source", "scenes") == "scenes":
         raise ValueError(f"heldout_seed_offset: {len(overlap)} held-out seed(s) are the prompts stage's "
                          f"(e.g. {min(overlap)}); choose a disjoint range")
     order = np.random.default_rng(seed).permutation(len(heldout_rows))
     heldout = [heldout_rows[i]["prompt"] for i in order]
-    shifted = [r["prompt"] for r in scene_prompt_table(shift_windows * window, [1, 0, 0, 0],
+    shifted = [r["prompt"] for r in scene_prompt_rows(shift_windows * window, [1, 0, 0, 0],
                                                        heldout_seed_offset + 500_000)] if shift_windows else []
     ood = list(ood_prompts) if ood_prompts is not None else out_of_domain_prompts(window, seed)
 

@@ -475,7 +475,7 @@ def legend(table: dict | None = None) -> str:
              "`python -m pipelines.headlines`). Each word is one of the stage's headlines",
              "(`reports/headlines/<stage>.json`), taken from its full report; `targets_met` / `targets` count",
              "its `*_met` headlines.", "",
-             "| stage | report | " + " | ".join(WORDS[2:]) + " |", "|" + "---|" * (len(WORDS) + 0)]
+             "| stage | report | " + " | ".join(WORDS[2:]) + " |", "|" + "---|" * (2 + len(WORDS[2:]))]
     for stage in table:
         words = SCORECARD.get(stage, {})
         lines.append(f"| {stage} | {table[stage][0]} | " + " | ".join(words.get(w, "") for w in WORDS[2:]) + " |")

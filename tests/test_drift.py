@@ -28,9 +28,9 @@ from budgetdiff.drift import (
     mmd_permutation_test,
     read_prompt_log,
     reference_prompts,
-    scene_prompt_table,
     window_slices,
 )
+from budgetdiff.prompt_table import scene_prompt_rows
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -242,7 +242,7 @@ def hashed_words(prompts, dim=48):
 
 
 def scene_prompts(n, offset=70_000_000):
-    return [r["prompt"] for r in scene_prompt_table(n, [0.25] * 4, offset)]
+    return [r["prompt"] for r in scene_prompt_rows(n, [0.25] * 4, offset)]
 
 
 @pytest.fixture
