@@ -43,7 +43,7 @@ from .scenes import (
     RADIUS_PX,
     SHAPES,
     SIZES,
-    TEXTURES,
+    TEXTURES_V1,
     SceneObject,
     SceneSpec,
     _draw_shape,
@@ -322,7 +322,7 @@ def load_domain_clip(path: str | _os.PathLike = DOMAIN_CLIP_DIR, device: str = "
 # Attribute checker
 # --------------------------------------------------------------------------------------------
 CHECKED_ATTRIBUTES = ("color", "shape", "size", "position", "texture")
-_CELL_HEADS = (("shape", SHAPES), ("color", tuple(COLORS)), ("size", SIZES), ("texture", TEXTURES))
+_CELL_HEADS = (("shape", SHAPES), ("color", tuple(COLORS)), ("size", SIZES), ("texture", TEXTURES_V1))
 _N_CELLS = len(POSITIONS)
 
 
@@ -411,7 +411,7 @@ def detect_scenes(checker: AttributeChecker, images: torch.Tensor, threshold: fl
         objects = tuple(
             SceneObject(shape=SHAPES[picks["shape"][i, c]], color=list(COLORS)[picks["color"][i, c]],
                         size=SIZES[picks["size"][i, c]], position=POSITIONS[c],
-                        texture=TEXTURES[picks["texture"][i, c]])
+                        texture=TEXTURES_V1[picks["texture"][i, c]])
             for c in range(_N_CELLS) if occupied[i, c]
         )
         scenes.append(SceneSpec(objects=objects, background=list(BACKGROUNDS)[backgrounds[i]]))

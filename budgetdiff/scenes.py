@@ -1,10 +1,20 @@
 """The procedural scene domain: sample a scene spec, spec <-> prompt, render.
 
-A scene is 1 to 4 objects on a plain background. Each object has a shape, a colour, a size
-(small/large), a cell of a 3x3 grid and an optional texture (striped/dotted). Everything is
-deterministic from a seed, so a prompt, its spec and its ground-truth image can always be
-regenerated. The number of objects is the scene's complexity level: more objects means more
-attributes to get right, which is the premise of per-prompt step budgets.
+A scene is 1 to 4 objects on a background. Each object has a shape, a colour, a size
+(small/large), a cell of a 3x3 grid and an optional texture (striped/dotted, or speckled).
+Everything is deterministic from a seed, so a prompt, its spec and its ground-truth image can
+always be regenerated. The number of objects is the scene's complexity level: more objects means
+more attributes to get right, which is the premise of per-prompt step budgets.
+
+Random detail (domain version 2). A background may have a material, ``grainy`` (fine: independent
+per-pixel grain) or ``mottled`` (coarse: smooth blotches), at a strength ``faintly`` / (unstated:
+medium) / ``heavily``; an object may be ``speckled`` (fine grain inside it). The prompt names the
+kind and strength of the detail but not its values: the grain is drawn anew for every render seed,
+so the ground truth of a prompt is a distribution, not an image. DDIM with few steps loses such
+low-variance random detail first (``benchmarks/pilot_detail.py`` computes how much, exactly, for a
+perfect denoiser), so prompts differ in how many steps they need, as real prompts do. The detail
+attributes are drawn from a random stream of their own, so a scene sampled without detail is the
+same scene as in version 1, and its prompt and image are unchanged.
 
     >>> spec = sample_scene(7)
     >>> prompt = spec_to_prompt(spec, seed=7)
@@ -46,7 +56,18 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (225, 205, 160),
 }
 SIZES: tuple[str, ...] = ("small", "large")
-TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted")
+# Object textures. The first three are version 1's (the attribute checker's classes until it is
+# retrained); "speckled" is random fine grain inside the object (version 2).
+TEXTURES_V1: tuple[str, ...] = ("plain", "striped", "dotted")
+TEXTURES: tuple[str, ...] = TEXTURES_V1 + ("speckled",)
+# Background materials (version 2): "plain" is a flat colour; "grainy" is independent per-pixel
+# grain (fine), "mottled" is grain smoothed over a few pixels (coarse).
+MATERIALS: tuple[str, ...] = ("plain", "grainy", "mottled")
+# How strong a material's grain is: the prompt's adverb -> luminance standard deviation of the grain
+# on the [-1, 1] pixel scale. The empty adverb (no word) is the medium strength.
+STRENGTHS: dict[str, float] = {"faintly": 0.06, "": 0.12, "heavily": 0.24}
+SPECKLE_STD = 0.2  # luminance s.d. of a speckled object's grain on the [-1, 1] scale
+MOTTLE_SIGMA_PX = 1.5  # Gaussian smoothing (px at 32 px) that turns grain into mottling
 # 3x3 grid, row-major. Names are the phrases used in prompts.
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right",
@@ -82,12 +103,29 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """A whole scene: its objects (each in its own grid cell) and the background colour."""
+    """A whole scene: its objects (each in its own grid cell), the background colour and the
+    background's material and strength (version 2; "plain" is version 1's flat colour)."""
 
     objects: tuple[SceneObject, ...]
     background: str = "white"
-    seed: int = 0  # render seed: sub-pixel jitter of object centres
+    seed: int = 0  # render seed: sub-pixel jitter of object centres, and the grain of every material
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    material: str = "plain"
+    strength: str = ""  # a key of STRENGTHS; only meaningful when material is not "plain"
+
+    @property
+    def has_detail(self) -> bool:
+        """Whether any part of the scene carries random detail (a material or a speckled object)."""
+        return self.material != "plain" or any(o.texture == "speckled" for o in self.objects)
+
+    @property
+    def detail_class(self) -> str:
+        """The scene's detail class, for stratified sampling and reports: "plain", or the
+        background's strength and material ("faintly grainy", "mottled", ...), or "speckled"
+        when only objects carry grain."""
+        if self.material != "plain":
+            return f"{self.strength} {self.material}".strip()
+        return "speckled" if self.has_detail else "plain"
 
     @property
     def complexity(self) -> int:
@@ -96,14 +134,18 @@ class SceneSpec:
 
     def canonical(self) -> "SceneSpec":
         """The spec with objects sorted and the render seed cleared, for comparisons."""
-        return SceneSpec(objects=tuple(sorted(self.objects)), background=self.background)
+        return SceneSpec(objects=tuple(sorted(self.objects)), background=self.background,
+                         material=self.material, strength=self.strength)
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "background": self.background,
             "seed": self.seed,
             "objects": [vars(o).copy() for o in self.objects],
         }
+        if self.material != "plain":  # version 1 specs keep their stored form byte for byte
+            data.update(material=self.material, strength=self.strength)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "SceneSpec":
@@ -111,6 +153,8 @@ class SceneSpec:
             objects=tuple(SceneObject(**o) for o in data["objects"]),
             background=data["background"],
             seed=int(data.get("seed", 0)),
+            material=data.get("material", "plain"),
+            strength=data.get("strength", ""),
         )
 
 
@@ -125,6 +169,10 @@ def sample_scene(
     n_objects: int | None = None,
     count_weights: tuple[float, ...] = DEFAULT_OBJECT_COUNT_WEIGHTS,
     texture_prob: float = 0.25,
+    material_prob: float = 0.0,
+    speckle_prob: float = 0.0,
+    material: str | None = None,
+    strength: str | None = None,
 ) -> SceneSpec:
     """Sample a scene deterministically from ``seed``.
 
@@ -133,6 +181,13 @@ def sample_scene(
         n_objects: number of objects (1-4); sampled from ``count_weights`` when None.
         count_weights: probabilities of 1, 2, 3, 4 objects.
         texture_prob: probability that an object is striped or dotted rather than plain.
+        material_prob: probability that the background has a material (grainy or mottled, at a
+            uniformly drawn strength) rather than a flat colour. Version 2; 0 gives version 1.
+        speckle_prob: probability that a plain object is speckled instead. Version 2.
+        material, strength: fix the background's material (and strength) instead of drawing it.
+
+    The version-2 draws come from a random stream of their own, so with ``material_prob`` and
+    ``speckle_prob`` at 0 (and no ``material``) the scene equals version 1's for the same seed.
     """
     rng = random.Random(seed)
     if n_objects is None:
@@ -143,7 +198,7 @@ def sample_scene(
     cells = rng.sample(POSITIONS, n_objects)
     objects = []
     for position in cells:
-        texture = "plain" if rng.random() >= texture_prob else rng.choice(TEXTURES[1:])
+        texture = "plain" if rng.random() >= texture_prob else rng.choice(TEXTURES_V1[1:])
         objects.append(
             SceneObject(
                 shape=rng.choice(SHAPES),
@@ -153,7 +208,20 @@ def sample_scene(
                 texture=texture,
             )
         )
-    return SceneSpec(objects=tuple(objects), background=background, seed=seed)
+    detail_rng = random.Random(f"detail-{seed}")
+    if material is None:
+        material = "plain" if detail_rng.random() >= material_prob else detail_rng.choice(MATERIALS[1:])
+    if material not in MATERIALS:
+        raise ValueError(f"material must be one of {', '.join(MATERIALS)}, got {material!r}")
+    if strength is None:
+        strength = detail_rng.choice(list(STRENGTHS)) if material != "plain" else ""
+    if strength not in STRENGTHS:
+        raise ValueError(f"strength must be one of {list(STRENGTHS)}, got {strength!r}")
+    if speckle_prob > 0:
+        objects = [replace(o, texture="speckled") if o.texture == "plain" and detail_rng.random() < speckle_prob
+                   else o for o in objects]
+    return SceneSpec(objects=tuple(objects), background=background, seed=seed,
+                     material=material, strength=strength if material != "plain" else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +297,15 @@ def spec_to_prompt(spec: SceneSpec, seed: int | None = None) -> str:
     phrases = [_object_group_phrase(g, rng) for g in ordered]
     objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     template = rng.choice(_SCENE_TEMPLATES)
-    return template.format(objects=objects, bg=spec.background)
+    return template.format(objects=objects, bg=background_phrase(spec))
+
+
+def background_phrase(spec: SceneSpec) -> str:
+    """The words before "background": the colour, preceded by the material and its strength
+    ("heavily grainy gray", "mottled beige", "white")."""
+    if spec.material == "plain":
+        return spec.background
+    return " ".join(w for w in (spec.strength, spec.material, spec.background) if w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +317,9 @@ class PromptParseError(ValueError):
 
 _PLURAL_TO_SHAPE = {v: k for k, v in SHAPE_PLURALS.items()}
 _BACKGROUND_RE = re.compile(
-    r"(?:on an? |, |against an? |^an? )(" + "|".join(BACKGROUNDS) + r") (?:background|backdrop)"
+    r"(?:on an? |, |against an? |^an? )"
+    r"(?:(?:(" + "|".join(s for s in STRENGTHS if s) + r") )?(" + "|".join(MATERIALS[1:]) + r") )?"
+    r"(" + "|".join(BACKGROUNDS) + r") (?:background|backdrop)"
 )
 _POSITION_RE = re.compile(
     r"(?:at|in) the (" + "|".join(sorted(POSITIONS, key=len, reverse=True)) + r"|middle)\b"
@@ -259,7 +337,7 @@ def parse_prompt(prompt: str) -> SceneSpec:
     bg_match = _BACKGROUND_RE.search(text)
     if bg_match is None:
         raise PromptParseError(f"no background colour found in prompt {prompt!r}")
-    background = bg_match.group(1)
+    strength, material, background = bg_match.group(1) or "", bg_match.group(2) or "plain", bg_match.group(3)
     body = (text[: bg_match.start()] + " " + text[bg_match.end():]).strip()
     body = re.sub(r"^with ", "", body.strip(" ,"))
 
@@ -308,7 +386,8 @@ def parse_prompt(prompt: str) -> SceneSpec:
         raise PromptParseError(f"no object found in prompt {prompt!r}")
     if len({o.position for o in objects}) != len(objects):
         raise PromptParseError(f"two objects share a position in prompt {prompt!r}")
-    return SceneSpec(objects=tuple(sorted(objects)), background=background)
+    return SceneSpec(objects=tuple(sorted(objects)), background=background, material=material,
+                     strength=strength)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,11 +445,17 @@ def _texture_color(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
 def render_scene_array(
     spec: SceneSpec, resolution: int = BASE_RESOLUTION, with_mask: bool = False
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Render ``spec`` to a uint8 array (H, W, 3); with ``with_mask`` also a float object mask."""
+    """Render ``spec`` to a uint8 array (H, W, 3); with ``with_mask`` also a float object mask.
+
+    Shapes are drawn supersampled and box-filtered; random detail (a background material,
+    speckled objects) is added afterwards at the domain's 32 px grid, drawn from the render seed.
+    """
     big = resolution * _SUPERSAMPLE
     scale = big / BASE_RESOLUTION
     image = Image.new("RGB", (big, big), BACKGROUNDS[spec.background])
-    mask = Image.new("L", (big, big), 0) if with_mask else None
+    need_mask = with_mask or spec.has_detail
+    mask = Image.new("L", (big, big), 0) if need_mask else None
+    speckle = Image.new("L", (big, big), 0) if any(o.texture == "speckled" for o in spec.objects) else None
     draw = ImageDraw.Draw(image)
     mask_draw = ImageDraw.Draw(mask) if mask is not None else None
     for obj, (cx, cy) in zip(spec.objects, object_centers(spec, big)):
@@ -379,7 +464,9 @@ def render_scene_array(
         _draw_shape(draw, obj.shape, cx, cy, r, color)
         if mask_draw is not None:
             _draw_shape(mask_draw, obj.shape, cx, cy, r, 255)
-        if obj.texture == "plain":
+        if obj.texture == "speckled":
+            _draw_shape(ImageDraw.Draw(speckle), obj.shape, cx, cy, r, 255)
+        if obj.texture in ("plain", "speckled"):
             continue
         # The pattern is drawn on a layer and pasted through the shape's own mask.
         layer = Image.new("RGB", (big, big), _texture_color(color))
@@ -405,15 +492,84 @@ def render_scene_array(
         pattern = Image.fromarray(np.minimum(np.asarray(pattern), np.asarray(shape_mask)))
         image.paste(layer, (0, 0), pattern)
     small = np.asarray(image.resize((resolution, resolution), Image.Resampling.BOX))
+    mask_small = (np.asarray(mask.resize((resolution, resolution), Image.Resampling.BOX)).astype(np.float32) / 255.0
+                  if mask is not None else None)
+    if spec.has_detail:
+        speckle_small = (np.asarray(speckle.resize((resolution, resolution), Image.Resampling.BOX)).astype(np.float32)
+                         / 255.0 if speckle is not None else None)
+        small = _add_detail(small, spec, mask_small, speckle_small)
     if not with_mask:
         return small
-    mask_small = np.asarray(mask.resize((resolution, resolution), Image.Resampling.BOX))
-    return small, mask_small.astype(np.float32) / 255.0
+    return small, mask_small
+
+
+def object_masks(spec: SceneSpec, resolution: int = BASE_RESOLUTION) -> np.ndarray:
+    """Each object's coverage of each pixel, (n_objects, H, W) float in [0, 1], at the spec's
+    render seed (the same sub-pixel jitter as ``render_scene_array``)."""
+    big = resolution * _SUPERSAMPLE
+    scale = big / BASE_RESOLUTION
+    masks = []
+    for obj, (cx, cy) in zip(spec.objects, object_centers(spec, big)):
+        mask = Image.new("L", (big, big), 0)
+        _draw_shape(ImageDraw.Draw(mask), obj.shape, cx, cy, RADIUS_PX[obj.size] * scale, 255)
+        masks.append(np.asarray(mask.resize((resolution, resolution), Image.Resampling.BOX)).astype(np.float32) / 255.0)
+    return np.stack(masks) if masks else np.zeros((0, resolution, resolution), np.float32)
+
+
+def detail_std_map(spec: SceneSpec, object_mask: np.ndarray, speckle_mask: np.ndarray | None) -> np.ndarray:
+    """Per-pixel luminance standard deviation (on the [-1, 1] scale) of the random detail the spec
+    asks for: the material's strength on the background, ``SPECKLE_STD`` inside speckled objects
+    (before rounding and clipping to 0..255)."""
+    bg = STRENGTHS[spec.strength] * (1.0 - object_mask) if spec.material != "plain" else 0.0 * object_mask
+    sp = SPECKLE_STD * speckle_mask if speckle_mask is not None else 0.0 * object_mask
+    return np.sqrt(bg ** 2 + sp ** 2).astype(np.float32)
+
+
+def detail_field(seed: int, material: str, resolution: int, salt: int = 0) -> np.ndarray:
+    """Unit-variance grain for ``material`` ("grainy": independent per pixel of the 32 px grid;
+    "mottled": the same grain smoothed by a Gaussian of ``MOTTLE_SIGMA_PX`` and rescaled to unit
+    variance), drawn from the render ``seed`` and resized (nearest) to ``resolution``."""
+    rng = np.random.default_rng([seed, 0xD7A1, MATERIALS.index(material), salt])
+    n = BASE_RESOLUTION
+    grain = rng.standard_normal((n, n))
+    if material == "mottled":
+        radius = int(np.ceil(3 * MOTTLE_SIGMA_PX))
+        offsets = np.arange(-radius, radius + 1)
+        kernel = np.exp(-0.5 * (offsets / MOTTLE_SIGMA_PX) ** 2)
+        kernel /= kernel.sum()
+        # Circular convolution, so every pixel has the same variance: (sum of k^2)^2 for a
+        # separable kernel k, hence the division by sum(k^2).
+        for axis in (0, 1):
+            grain = sum(w * np.roll(grain, int(k), axis=axis) for k, w in zip(offsets, kernel))
+        grain /= float(np.sum(kernel ** 2))
+    if resolution != n:
+        index = (np.arange(resolution) * n) // resolution
+        grain = grain[np.ix_(index, index)]
+    return grain.astype(np.float32)
+
+
+def _add_detail(image: np.ndarray, spec: SceneSpec, object_mask: np.ndarray,
+                speckle_mask: np.ndarray | None) -> np.ndarray:
+    """Add the spec's luminance grain (the same on R, G and B) to a rendered uint8 image."""
+    n = image.shape[0]
+    delta = np.zeros((n, n), np.float32)
+    if spec.material != "plain":
+        delta += STRENGTHS[spec.strength] * (1.0 - object_mask) * detail_field(spec.seed, spec.material, n)
+    if speckle_mask is not None:
+        delta += SPECKLE_STD * speckle_mask * detail_field(spec.seed, "grainy", n, salt=1)
+    out = image.astype(np.float32) + 127.5 * delta[..., None]  # [-1, 1] scale -> 0..255
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def render_scene(spec: SceneSpec, resolution: int = BASE_RESOLUTION) -> Image.Image:
     """Render ``spec`` to an RGB PIL image of ``resolution`` x ``resolution`` pixels."""
     return Image.fromarray(render_scene_array(spec, resolution))
+
+
+def without_detail(spec: SceneSpec) -> SceneSpec:
+    """The same scene without its random detail: a flat background, speckled objects plain."""
+    objects = tuple(replace(o, texture="plain") if o.texture == "speckled" else o for o in spec.objects)
+    return replace(spec, objects=objects, material="plain", strength="")
 
 
 def with_seed(spec: SceneSpec, seed: int) -> SceneSpec:

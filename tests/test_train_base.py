@@ -70,6 +70,31 @@ def test_train_save_load_generate_and_resume(tmp_path, mlflow_uri):
     assert "metrics.final/default_guidance" in runs.columns  # train/loss logs every 10 steps
 
 
+def test_version2_training_validates_composition_and_detail_and_logs_the_curve(tmp_path, mlflow_uri):
+    from training.base import train
+
+    cfg = tiny_train_config(tmp_path)
+    cfg.update(material_prob=0.5, speckle_prob=0.3, max_steps=2, curve_path=str(tmp_path / "curve.jsonl"),
+               val_composition={"counts": [2], "prompts_per_count": 2, "checker": str(REPO / "models/attributes"),
+                                "detail_prompts": 2, "detail_short_steps": 1})
+    train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2] and lines[0]["images_seen"] == 2 * cfg["batch_size"]
+    for key in ("all_attributes_2obj", "detail_score", "detail_score_short"):
+        assert 0.0 <= lines[0][key] <= 1.0
+
+
+def test_version2_stream_carries_detail_and_version1_stream_does_not():
+    from budgetdiff.scenes import parse_prompt
+    from training.base import SceneStream
+
+    v1 = iter(SceneStream(0, 16, [0.25] * 4))
+    v2 = iter(SceneStream(0, 16, [0.25] * 4, material_prob=1.0))
+    for _ in range(8):
+        (_, _, p1), (_, _, p2) = next(v1), next(v2)
+        assert parse_prompt(p1).material == "plain" and parse_prompt(p2).material != "plain"
+
+
 def test_a_few_steps_reduce_the_loss(tmp_path):
     from training.base import BaseDiffusionModule, SceneStream
     from training.batches import stack_columns

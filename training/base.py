@@ -82,10 +82,14 @@ def build_noise_scheduler(cfg: dict) -> DDPMScheduler:
 
 
 class SceneStream(IterableDataset):
-    """Endless stream of (image in [-1, 1], object mask, prompt) rendered from seeds."""
+    """Endless stream of (image in [-1, 1], object mask, prompt) rendered from seeds. With
+    ``material_prob`` / ``speckle_prob`` above 0 the scenes carry version-2 random detail (the
+    same scenes otherwise, so at 0 the stream is version 1's)."""
 
-    def __init__(self, seed: int, resolution: int, count_weights: list[float]):
+    def __init__(self, seed: int, resolution: int, count_weights: list[float], material_prob: float = 0.0,
+                 speckle_prob: float = 0.0):
         self.seed, self.resolution, self.count_weights = seed, resolution, tuple(count_weights)
+        self.material_prob, self.speckle_prob = float(material_prob), float(speckle_prob)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -93,7 +97,8 @@ class SceneStream(IterableDataset):
         rng = random.Random(self.seed * 1000 + worker)
         while True:
             s = rng.randrange(VAL_SEED_OFFSET)
-            spec = sample_scene(s, count_weights=self.count_weights)
+            spec = sample_scene(s, count_weights=self.count_weights, material_prob=self.material_prob,
+                                speckle_prob=self.speckle_prob)
             image, mask = render_scene_array(spec, self.resolution, with_mask=True)
             x = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0
             yield x, torch.from_numpy(mask)[None], spec_to_prompt(spec, seed=s)
@@ -115,6 +120,35 @@ def evaluate_pipeline(pipe, specs, prompts, steps: int, guidance: float, batch_s
 
         return attr_check(images, specs, checker=checker)
     return summarize_checks([check_scene_heuristic(img, spec) for img, spec in zip(images, specs)])
+
+
+@torch.no_grad()
+def composition_and_detail(pipe, vcfg: dict, steps: int, guidance: float) -> dict:
+    """Validation of what version 2 asks for: the share of plain (version-1) prompts with every
+    attribute right per object count of ``vcfg["counts"]`` (judged by the trained attribute
+    checker at ``vcfg["checker"]``), and the mean ``detail/score`` on detailed prompts at ``steps``
+    and at ``vcfg["detail_short_steps"]`` (the gap that makes steps matter)."""
+    from budgetdiff.detail import detail_scores, expected_region_sd
+    from budgetdiff.evaluators import attr_check, load_attribute_checker
+
+    checker = load_attribute_checker(vcfg["checker"])
+    n = int(vcfg["prompts_per_count"])
+    out = {}
+    for k in vcfg["counts"]:
+        specs, prompts = held_out_scenes(n, VAL_SEED_OFFSET + 200_000 + 10_000 * int(k), n_objects=int(k))
+        images = pipe.generate_in_batches(prompts, 64, seed=0, output_type="np", num_inference_steps=steps,
+                                          guidance_scale=guidance, scheduler="ddim").images
+        out[f"all_attributes_{k}obj"] = attr_check(images, specs, checker=checker)["all_attributes"]
+    specs = [sample_scene(VAL_SEED_OFFSET + 300_000 + i, material_prob=1.0, speckle_prob=0.3)
+             for i in range(int(vcfg["detail_prompts"]))]
+    prompts = [spec_to_prompt(s) for s in specs]
+    expected = [expected_region_sd(s) for s in specs]
+    for n_steps, name in ((steps, "detail_score"), (int(vcfg["detail_short_steps"]), "detail_score_short")):
+        images = pipe.generate_in_batches(prompts, 64, seed=0, output_type="np", num_inference_steps=n_steps,
+                                          guidance_scale=guidance, scheduler="ddim").images
+        scores = [detail_scores(im, s, e)["detail/score"] for im, s, e in zip(images, specs, expected)]
+        out[name] = float(np.nanmean(scores))
+    return out
 
 
 @torch.no_grad()
@@ -193,9 +227,18 @@ class BaseDiffusionModule(L.LightningModule):
         cfg = self.cfg
         specs, prompts = validation_scenes(cfg["val_prompts"])
         g = cfg["val_guidance"]
-        metrics = evaluate_pipeline(self.sampling_pipeline(g), specs, prompts, cfg["val_steps"], g)
+        pipe = self.sampling_pipeline(g)
+        metrics = evaluate_pipeline(pipe, specs, prompts, cfg["val_steps"], g)
+        if cfg.get("val_composition"):
+            metrics.update(composition_and_detail(pipe, cfg["val_composition"], cfg["val_steps"], g))
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
         print(f"\n[val step {self.global_step + 1}] " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
+        if cfg.get("curve_path"):  # the quality-vs-training-compute curve, one line per validation
+            from budgetdiff.io import append_jsonl
+
+            append_jsonl(cfg["curve_path"], {"step": self.global_step + 1,
+                                             "images_seen": (self.global_step + 1) * cfg["batch_size"],
+                                             "config": config_hash(cfg), **metrics})
 
     def configure_optimizers(self):
         cfg = self.cfg
@@ -220,7 +263,8 @@ class BaseDiffusionModule(L.LightningModule):
 # Keys that only affect what happens after training (the guidance choice, where results go):
 # a checkpoint stays valid when they change.
 POST_TRAINING_KEYS = frozenset({"stage", "output_dir", "metrics_path", "guidance_candidates",
-                                "guidance_eval_prompts", "guidance_eval_steps", "guidance_checker"})
+                                "guidance_eval_prompts", "guidance_eval_steps", "guidance_checker",
+                                "guidance_eval_objects", "curve_path", "val_composition"})
 
 
 def json_digest(obj) -> str:
@@ -238,7 +282,9 @@ def choose_guidance(module: BaseDiffusionModule, cfg: dict) -> tuple[float, dict
     shape and position accuracy on held-out 1-object prompts (a seed range of its own), at
     ``guidance_eval_steps`` DDIM steps (default ``val_steps``), judged by the trained attribute
     checker at ``guidance_checker`` when set (else the heuristic checker)."""
-    specs, prompts = validation_scenes(cfg["guidance_eval_prompts"], offset=VAL_SEED_OFFSET + 500_000)
+    # guidance_eval_objects: the prompts' object count (default 1); null draws it as the training mix does.
+    specs, prompts = validation_scenes(cfg["guidance_eval_prompts"], n_objects=cfg.get("guidance_eval_objects", 1),
+                                       offset=VAL_SEED_OFFSET + 500_000)
     steps = cfg.get("guidance_eval_steps", cfg["val_steps"])
     checker = None
     if cfg.get("guidance_checker"):
@@ -286,7 +332,8 @@ def train(cfg: dict) -> dict[str, Any]:
     module = BaseDiffusionModule(cfg)
     if cfg.get("init_from"):
         init_weights(module, cfg["init_from"])
-    loader = DataLoader(SceneStream(cfg["seed"], cfg["resolution"], cfg["count_weights"]),
+    loader = DataLoader(SceneStream(cfg["seed"], cfg["resolution"], cfg["count_weights"],
+                                    cfg.get("material_prob", 0.0), cfg.get("speckle_prob", 0.0)),
                         batch_size=cfg["batch_size"], collate_fn=stack_columns, num_workers=0)
     stage = cfg.get("stage", "train_base")
     logger = mlflow_logger(stage, run_name=stage)
@@ -347,8 +394,12 @@ def train(cfg: dict) -> dict[str, Any]:
     return metrics
 
 
+STAGES = ("train_base", "finetune_base", "train_base_v2")
+
+
 def stage_config(stage: str) -> dict:
-    """``train_base`` as is; ``finetune_base`` is ``train_base`` with its own section's overrides."""
+    """``train_base`` as is; ``finetune_base`` and ``train_base_v2`` are ``train_base`` with their
+    own section's overrides."""
     from mlops.params import load_params
 
     cfg = load_params("train_base")
@@ -364,8 +415,8 @@ def main() -> None:
     from budgetdiff.io import atomic_write_json as write_json
 
     stage = sys.argv[1] if len(sys.argv) > 1 else "train_base"
-    if stage not in ("train_base", "finetune_base"):
-        raise UsageError(f"unknown stage {stage!r} (train_base or finetune_base)")
+    if stage not in STAGES:
+        raise UsageError(f"unknown stage {stage!r} ({', '.join(STAGES)})")
     cfg = stage_config(stage)
     metrics = train(cfg)
     write_json(cfg["metrics_path"], metrics)
