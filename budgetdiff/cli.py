@@ -411,7 +411,7 @@ def _load_image(path: Path, argument: str):
 def score(
     image: Path = typer.Argument(..., help="The image to judge (PNG, JPEG, ...)."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference image: enables PSNR, SSIM, LPIPS, I-CLIP."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt: enables CLIP-T and, for scene prompts, attr_acc."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt: enables CLIP-T and, for scene prompts, attr_acc over the attributes it states."),
     resize: bool = typer.Option(False, "--resize", help="Resize IMAGE to the reference's size when they differ."),
     clip_dir: Optional[str] = typer.Option(None, "--clip-dir", help="Domain CLIP directory (default models/clip)."),
     attributes_dir: Optional[str] = typer.Option(None, "--attributes-dir", help="Attribute checker directory (default models/attributes)."),
@@ -419,13 +419,17 @@ def score(
 ) -> None:
     """Print every metric that applies; the last stdout line is {metric name: value}.
 
-    A model directory left at its default and missing is skipped with a note on stderr; one
-    given explicitly must exist.
+    With ``domain/attr_acc`` comes ``domain/attr_scored``, what it scored: {"objects": [{"object",
+    "attributes"}], "background": bool}; a prompt leaving an attribute unstated, or naming it
+    with a word outside the scene domain, is scored on the rest (a note on stderr names the
+    words). A model directory left at its default and missing is skipped with a note on stderr;
+    one given explicitly must exist.
     """
     import warnings
 
     from .evaluators import ATTRIBUTE_CHECKER_DIR, DOMAIN_CLIP_DIR, EvaluatorModelError
-    from .scenes import PromptParseError, parse_prompt
+    from .parse import parse_stated_scene
+    from .scenes import PromptParseError
 
     if prompt is not None and not prompt.strip():
         raise CliError("--prompt: must not be empty (CLIP-T needs text)")
@@ -461,13 +465,18 @@ def score(
     for warning in caught:
         if "model directory" not in str(warning.message):
             print(f"note: {warning.message}", file=sys.stderr)
-    if prompt is not None and "domain/attr_acc" in values and values["domain/attr_acc"] != values["domain/attr_acc"]:
-        del values["domain/attr_acc"]  # NaN: the prompt is not a scene-domain prompt
+    out: dict = {k: round(v, 6) for k, v in values.items()}
+    if prompt is not None and "domain/attr_acc" in values:
         try:
-            parse_prompt(prompt)
-        except PromptParseError as exc:
+            stated = parse_stated_scene(prompt)  # what MetricScorer scored the prompt on
+        except PromptParseError as exc:  # NaN: nothing in the prompt the checker can judge
+            del out["domain/attr_acc"]
             print(f"note: domain/attr_acc left out: {exc}", file=sys.stderr)
-    print(json.dumps({k: round(v, 6) for k, v in values.items()}))
+        else:
+            out["domain/attr_scored"] = stated.scored()
+            for skipped in stated.skipped:
+                print(f"note: domain/attr_acc: {skipped}", file=sys.stderr)
+    print(json.dumps(out))
 
 
 @app.command()

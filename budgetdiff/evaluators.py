@@ -15,7 +15,9 @@ training/attributes.py, saved as safetensors + JSON config directories):
   (``build_domain_clip``, ``save_domain_clip``, ``load_domain_clip``; models/clip);
 - the attribute checker, a CNN reading each 3x3 grid cell's object and the background
   (``AttributeChecker``, ``load_attribute_checker``; models/attributes), and ``attr_check`` /
-  ``scene_attr_acc``, the GenEval-style prompt-faithfulness score ``domain/attr_acc``.
+  ``scene_attr_acc``, the GenEval-style prompt-faithfulness score ``domain/attr_acc``. It scores
+  the attributes a prompt states (``parse.StatedScene``): a full spec states all of them; a
+  prompt such as "a red circle in the center on a white background" leaves the size unscored.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from .parse import StatedObject, StatedScene, parse_stated_scene
 from .scenes import (
     BACKGROUNDS,
     BASE_RESOLUTION,
@@ -48,7 +51,6 @@ from .scenes import (
     SceneSpec,
     _draw_shape,
     object_centers,
-    parse_prompt,
 )
 
 ATTRIBUTES = ("color", "shape", "size", "position")
@@ -63,10 +65,15 @@ _OFFSETS = (-0.5, 0.0, 0.5)
 
 @dataclass
 class SceneCheck:
-    """Per-object attribute verdicts (one dict per spec object) and the background verdict."""
+    """Per-object attribute verdicts (one dict per spec object, holding the attributes that were
+    scored) and the background verdict (None when the background was not scored)."""
 
     objects: list[dict[str, bool]]
-    background_ok: bool
+    background_ok: bool | None
+
+    def scored(self) -> dict:
+        """What was scored: {"objects": [[attribute, ...] per object], "background": bool}."""
+        return {"objects": [list(o) for o in self.objects], "background": self.background_ok is not None}
 
     def accuracy(self) -> dict[str, float]:
         out = {a: float(np.mean([o[a] for o in self.objects])) for a in ATTRIBUTES}
@@ -418,38 +425,52 @@ def detect_scenes(checker: AttributeChecker, images: torch.Tensor, threshold: fl
     return scenes
 
 
-def compare_scenes(detected: SceneSpec, spec: SceneSpec) -> SceneCheck:
+def _match_cost(o: StatedObject, d: SceneObject) -> float:
+    """Cost of matching prompt object ``o`` to detected object ``d``: distance between their cells
+    in cell units + 0.5 per colour or shape mismatch (each only where ``o`` states it). An object
+    with no stated position is matched on what it states: 0.25 per size or texture mismatch
+    instead of the distance."""
+    if o.position is not None:
+        cost = np.hypot(o.cell[0] - d.cell[0], o.cell[1] - d.cell[1])
+    else:
+        cost = 0.25 * ((o.size is not None and o.size != d.size) + (o.texture is not None and o.texture != d.texture))
+    return cost + 0.5 * (o.color is not None and o.color != d.color) + 0.5 * (o.shape is not None and o.shape != d.shape)
+
+
+def compare_scenes(detected: SceneSpec, spec: SceneSpec | StatedScene) -> SceneCheck:
     """Judge a detected scene against the prompt's ``spec``, GenEval-style: match each prompt
-    object to a detected object (Hungarian assignment; cost = distance between cells in cell
-    units + 0.5 per colour or shape mismatch), then check colour, shape, size, texture and
-    position (same cell) of each matched pair. An unmatched prompt object fails every attribute."""
-    verdicts = [{a: False for a in CHECKED_ATTRIBUTES} for _ in spec.objects]
-    if detected.objects:
-        cost = np.array([
-            [np.hypot(o.cell[0] - d.cell[0], o.cell[1] - d.cell[1])
-             + 0.5 * (o.color != d.color) + 0.5 * (o.shape != d.shape) for d in detected.objects]
-            for o in spec.objects
-        ])
+    object to a detected object (Hungarian assignment on ``_match_cost``), then check the
+    attributes the prompt states (a full ``SceneSpec`` states colour, shape, size, position and
+    texture of every object, and the background) of each matched pair; position means the same
+    cell. An unmatched prompt object fails every attribute it states; an unstated background is
+    not scored (``background_ok`` None)."""
+    stated = spec if isinstance(spec, StatedScene) else StatedScene.from_spec(spec)
+    verdicts = [{a: False for a in o.stated} for o in stated.objects]
+    if detected.objects and stated.objects:
+        cost = np.array([[_match_cost(o, d) for d in detected.objects] for o in stated.objects])
         for r, c in zip(*linear_sum_assignment(cost)):
-            o, d = spec.objects[r], detected.objects[c]
-            verdicts[r] = {a: getattr(o, a) == getattr(d, a) for a in CHECKED_ATTRIBUTES}
-    return SceneCheck(objects=verdicts, background_ok=detected.background == spec.background)
+            o, d = stated.objects[r], detected.objects[c]
+            verdicts[r] = {a: getattr(o, a) == getattr(d, a) for a in o.stated}
+    background_ok = None if stated.background is None else detected.background == stated.background
+    return SceneCheck(objects=verdicts, background_ok=background_ok)
 
 
 def scene_attr_acc(check: SceneCheck) -> float:
-    """``domain/attr_acc`` of one image: the fraction of the prompt's attributes it satisfies,
-    (Σ_objects #{colour, shape, size, position, texture correct} + [background correct])
-    / (5·n_objects + 1)."""
-    hits = sum(sum(o.values()) for o in check.objects) + int(check.background_ok)
-    return hits / (len(CHECKED_ATTRIBUTES) * len(check.objects) + 1)
+    """``domain/attr_acc`` of one image: the fraction of the prompt's stated attributes it
+    satisfies, (Σ_objects #{stated attributes correct} + [background correct]) / (#stated
+    attributes + [background stated]); for a full spec (5·n_objects + 1) in the denominator.
+    NaN when nothing was scored."""
+    scored = sum(len(o) for o in check.objects) + (check.background_ok is not None)
+    hits = sum(sum(o.values()) for o in check.objects) + int(bool(check.background_ok))
+    return hits / scored if scored else float("nan")
 
 
-def _as_spec(item) -> SceneSpec:
-    if isinstance(item, SceneSpec):
+def _as_spec(item) -> SceneSpec | StatedScene:
+    if isinstance(item, (SceneSpec, StatedScene)):
         return item
     if isinstance(item, str):
-        return parse_prompt(item)
-    raise TypeError(f"expected a SceneSpec or a prompt string, got {type(item).__name__}")
+        return parse_stated_scene(item)
+    raise TypeError(f"expected a SceneSpec, StatedScene or prompt string, got {type(item).__name__}")
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -467,8 +488,9 @@ def images_to_tensor(images) -> torch.Tensor:
 
 
 def check_scenes(checker: AttributeChecker, images, specs_or_prompts, batch_size: int = 256) -> list[SceneCheck]:
-    """Per-image ``SceneCheck`` of ``images`` against their specs or prompts (prompts are parsed
-    with ``scenes.parse_prompt``; a prompt outside the domain raises ``PromptParseError``)."""
+    """Per-image ``SceneCheck`` of ``images`` against their specs, stated scenes or prompts
+    (prompts are read with ``parse.parse_stated_scene``: a domain prompt gives its full spec, a
+    partial one its stated attributes; an unreadable one raises ``PromptParseError``)."""
     specs = [_as_spec(s) for s in specs_or_prompts]
     tensor = images_to_tensor(images)
     if tensor.shape[0] != len(specs):
@@ -481,17 +503,22 @@ def check_scenes(checker: AttributeChecker, images, specs_or_prompts, batch_size
     return checks
 
 
+def _mean(values: list) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
 def summarize_attribute_checks(checks: list[SceneCheck]) -> dict[str, float]:
-    """Mean accuracy per attribute (colour, shape, size, position, texture) over all objects,
-    ``all_attributes`` (objects right on all five), ``background``, and ``attr_acc`` (the mean
-    per-image ``domain/attr_acc``)."""
+    """Mean accuracy per attribute (colour, shape, size, position, texture) over the objects
+    that state it, ``all_attributes`` (objects right on every stated attribute), ``background``
+    (over the scenes that state it), and ``attr_acc`` (the mean per-image ``domain/attr_acc``).
+    NaN where nothing was scored."""
     if not checks:
         return {}
     objects = [o for c in checks for o in c.objects]
-    out = {a: float(np.mean([o[a] for o in objects])) for a in CHECKED_ATTRIBUTES}
-    out["all_attributes"] = float(np.mean([all(o.values()) for o in objects]))
-    out["background"] = float(np.mean([c.background_ok for c in checks]))
-    out["attr_acc"] = float(np.mean([scene_attr_acc(c) for c in checks]))
+    out = {a: _mean([o[a] for o in objects if a in o]) for a in CHECKED_ATTRIBUTES}
+    out["all_attributes"] = _mean([all(o.values()) for o in objects if o])
+    out["background"] = _mean([c.background_ok for c in checks if c.background_ok is not None])
+    out["attr_acc"] = _mean([scene_attr_acc(c) for c in checks])
     return out
 
 
@@ -502,7 +529,8 @@ def attr_check(images, specs_or_prompts, checker: AttributeChecker | None = None
 
     Args:
         images: tensor (N, 3, H, W) in [0, 1], array (N, H, W, 3), or a list of PIL images/arrays.
-        specs_or_prompts: one ``SceneSpec`` or domain prompt per image.
+        specs_or_prompts: one ``SceneSpec``, ``StatedScene`` or prompt per image (a prompt that
+            leaves attributes unstated is scored on those it states).
         checker: a loaded checker; default: ``load_attribute_checker(checker_dir)``.
         checker_dir: where the ``train_attributes`` stage saved it (default models/attributes).
 

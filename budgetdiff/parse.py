@@ -32,13 +32,19 @@ would make ``attr_acc`` lie. Even when ``scenes.parse_prompt`` accepts a prompt,
 grammar reads it too: ``scenes.parse_prompt`` silently skips words it does not expect (a leading
 object without an article, "of the blue square", "not"), so where the two readings disagree the
 outcome is the careful one (``strict=False``), or ``spec=None`` with the reason.
+
+:func:`parse_stated_scene` is the same grammar for scoring ``domain/attr_acc`` on what a prompt
+states: a missing size, colour, position, shape ('a red shape') or background is left unstated
+rather than refused, and an attribute or background word outside the domain ('teal', 'medium',
+'light gray') is left unscored with a note, instead of refusing the whole prompt. It returns a
+:class:`StatedScene`; everything else it refuses exactly as above.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .scenes import (
     BACKGROUNDS,
@@ -55,7 +61,7 @@ from .scenes import (
     parse_prompt,
 )
 
-__all__ = ["RULES", "ParseOutcome", "parse_prompt_lenient"]
+__all__ = ["RULES", "ParseOutcome", "StatedObject", "StatedScene", "parse_prompt_lenient", "parse_stated_scene"]
 
 _MAX_REASON = 240  # characters; a reason quotes the prompt's words, which can be arbitrarily long
 _DEBUG = False  # tests set it to see a bug's traceback instead of an 'internal error' reason
@@ -89,6 +95,70 @@ class ParseOutcome:
         return self.spec is not None
 
 
+@dataclass(frozen=True)
+class StatedObject:
+    """One object as a prompt states it: each attribute is a domain value, or None when the
+    prompt leaves it unstated or names it with a word outside the domain ("teal", "medium").
+
+    An object without a texture word is plain, as in the domain's own prompts (they never say
+    "plain"); its texture is None only when the prompt names a texture outside the domain.
+    """
+
+    color: str | None = None
+    shape: str | None = None
+    size: str | None = None
+    position: str | None = None
+    texture: str | None = None
+
+    @property
+    def stated(self) -> tuple[str, ...]:
+        """The attributes the prompt states, in the order color, shape, size, position, texture."""
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+    @property
+    def cell(self) -> tuple[int, int] | None:
+        """(row, column) of the stated grid cell, or None."""
+        return None if self.position is None else divmod(POSITIONS.index(self.position), 3)
+
+    def describe(self) -> str:
+        """The object in words, from what is stated ("red circle in the center", "large object")."""
+        words = [self.size, None if self.texture == "plain" else self.texture, self.color, self.shape or "object"]
+        where = "" if self.position is None else " in the center" if self.position == "center" else f" at the {self.position}"
+        return " ".join(w for w in words if w) + where
+
+
+@dataclass(frozen=True)
+class StatedScene:
+    """A scene as a prompt states it, for scoring ``domain/attr_acc`` on what is stated only.
+
+    Attributes:
+        objects: one :class:`StatedObject` per object (a count of two gives two objects).
+        background: the background colour, or None when unstated or outside the domain.
+        skipped: notes naming each word outside the domain that was left unscored.
+    """
+
+    objects: tuple[StatedObject, ...]
+    background: str | None = None
+    skipped: tuple[str, ...] = ()
+
+    @classmethod
+    def from_spec(cls, spec: SceneSpec) -> "StatedScene":
+        """A full spec: every attribute of every object and the background stated (same order)."""
+        return cls(objects=tuple(StatedObject(o.color, o.shape, o.size, o.position, o.texture) for o in spec.objects),
+                   background=spec.background)
+
+    @property
+    def complete(self) -> bool:
+        """True when every attribute and the background are stated."""
+        return self.background is not None and all(len(o.stated) == len(fields(o)) for o in self.objects)
+
+    def scored(self) -> dict:
+        """What ``domain/attr_acc`` scores for this scene, as JSON:
+        {"objects": [{"object": description, "attributes": [...]}, ...], "background": bool}."""
+        return {"objects": [{"object": o.describe(), "attributes": list(o.stated)} for o in self.objects],
+                "background": self.background is not None}
+
+
 # --------------------------------------------------------------------------------------------
 # The rules table. Every normalisation has a name here; ParseOutcome.rules_applied uses them.
 # --------------------------------------------------------------------------------------------
@@ -110,6 +180,8 @@ RULES: dict[str, str] = {
     "texture_synonym": "stripy/stripey -> striped; polka dot(ted)/spotted/spotty/dotty -> dotted; solid -> plain",
     "position_synonym": ("upper/lower -> top/bottom; '-hand'; 'corner'/'side'; 'top center' -> top, "
                          "'center left' -> left; 'of the image/picture/canvas'; 'centered' -> center"),
+    "center_emphasis": ("emphasis on the center dropped: 'right/smack in the middle', 'dead center', "
+                        "'in the very/exact center'"),
     # grammar rules, fired while reading the normalised text
     "background_phrase": ("background phrasings other than the domain's ('on white', 'gray backdrop', "
                           "'with a black background', 'background: beige', 'in front of a white wall')"),
@@ -161,6 +233,10 @@ _TEXT_RULES: tuple[tuple[str, re.Pattern, str], ...] = (
     ("position_synonym", _rx(r"\bupper\b"), "top"),
     ("position_synonym", _rx(r"\blower\b"), "bottom"),
     ("position_synonym", _rx(r"\b(left|right) hand\b"), r"\1"),
+    # 'right' here is emphasis, not the right column ("right in the middle"); not after 'the/at/to/on'
+    ("center_emphasis", _rx(r"(?<!\bthe )(?<!\bat )(?<!\bto )(?<!\bon )\b(?:right|smack(?: dab)?) (?=(?:in|at) "
+                            r"(?:the )?(?:center|middle)\b)"), ""),
+    ("center_emphasis", _rx(r"\b(?:very|exact|dead|precise) (?=(?:center|middle)\b)"), ""),
 )
 
 _REQUEST_PREFIX_RE = re.compile(
@@ -252,6 +328,9 @@ _SHADES = {"light", "dark", "pale", "bright", "deep", "pastel", "neon", "vivid",
            "darker", "lighter", "brighter", "hot", "baby", "royal", "sky", "off"}
 _GENERIC_NOUNS = {"shape", "shapes", "object", "objects", "thing", "things", "item", "items",
                   "figure", "figures", "form", "forms", "one", "ones", "symbol", "symbols"}
+# nouns that name an object without its shape; the partial reading leaves the shape unstated
+# ('one'/'ones' point back at another object's shape and stay refused)
+_PARTIAL_NOUNS = _GENERIC_NOUNS - {"one", "ones"}
 _OTHER_SHAPES = {"star", "heart", "rectangle", "oval", "ellipse", "hexagon", "pentagon", "octagon",
                  "ring", "line", "arrow", "crescent", "moon", "ball", "box", "cube", "sphere", "dot",
                  "blob", "polygon", "trapezoid", "parallelogram", "spiral", "cone", "cylinder",
@@ -298,6 +377,10 @@ class _Unparseable(Exception):
         self.reason = reason
 
 
+def _short(reason: str) -> str:
+    return reason if len(reason) <= _MAX_REASON else reason[: _MAX_REASON - 3] + "..."
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -316,20 +399,32 @@ class _Group:
     words: list[str] | None = None  # the description as written, for reasons
     positions: list[str] | None = None
     subcounts: list[list] | None = None  # [[count, n_positions], ...] for "one at ..., one at ..."
+    noun: str | None = None  # a generic noun ('shape', 'object') standing for an unstated shape (partial)
+    skipped: dict[str, str] | None = None  # attribute -> the word outside the domain it was given (partial)
+    plain_by_default: bool = False  # no texture word: plain, as in the domain's prompts
 
     def describe(self) -> str:
         parts = [p for p in (self.size, None if self.texture in (None, "plain") else self.texture,
                              self.color) if p]
-        noun = (SHAPE_PLURALS[self.shape] if self.plural else self.shape) if self.shape else "object"
+        noun = (SHAPE_PLURALS[self.shape] if self.plural else self.shape) if self.shape else self.noun or "object"
         return "the " + " ".join(parts + [noun])
 
 
 class _Reader:
-    """Reads the normalised token list; records grammar rules in ``fired``."""
+    """Reads the normalised token list; records grammar rules in ``fired``.
 
-    def __init__(self, tokens: list[str], fired: list[str]):
+    With ``partial`` (``parse_stated_scene``) a missing size, colour, shape (a generic noun such as
+    'shape'), position or background is left unstated instead of refused, and an attribute or
+    background word outside the domain (in the out-of-domain vocabularies above) is left unscored
+    with a note in ``skipped``. Everything else (unknown words, relations, negations, ambiguous
+    counts or positions) is refused as without it.
+    """
+
+    def __init__(self, tokens: list[str], fired: list[str], partial: bool = False):
         self.tokens = tokens
         self.fired = fired
+        self.partial = partial
+        self.skipped: list[str] = []
 
     def fire(self, rule: str) -> None:
         self.fired.append(rule)
@@ -338,7 +433,9 @@ class _Reader:
         return self.tokens[i] if 0 <= i < len(self.tokens) else None
 
     # ---------------------------------------------------------------- background
-    def take_background(self) -> str:
+    def take_background(self) -> str | None:
+        """The background colour, with its phrase removed from the tokens; None (partial only)
+        when none is named or its colour is outside the domain."""
         toks = self.tokens
         found: list[tuple[str, int, int, bool]] = []  # (colour, start, end_exclusive, canonical)
         for j, tok in enumerate(toks):
@@ -351,6 +448,8 @@ class _Reader:
         if not found:
             found = self._background_on_colour()
         if not found:
+            if self.partial:
+                return None
             raise _Unparseable(
                 f"no background colour found (say e.g. 'on a white background'; known: {_KNOWN['background']})"
             )
@@ -358,6 +457,11 @@ class _Reader:
             names = ", ".join(repr(name) for name in list(dict.fromkeys(f[0] for f in found))[:4])
             raise _Unparseable(f"{len(found)} backgrounds named ({names}); a scene has one")
         colour, start, end, canonical = found[0]
+        if colour not in BACKGROUNDS and self.partial:
+            self.skipped.append(f"background colour '{colour}' is outside the domain (known: "
+                                f"{_KNOWN['background']}): background not scored")
+            self.tokens = toks[:start] + [","] + toks[end:]
+            return None
         if colour not in BACKGROUNDS:
             if colour in COLORS:
                 raise _Unparseable(
@@ -379,10 +483,13 @@ class _Reader:
         word = self.at(k)
         if word in _COLOUR_LIKE:
             if self.at(k - 1) in _SHADES:
-                raise _Unparseable(
-                    f"colour shade '{self.at(k - 1)} {word}' is not in the domain (known backgrounds: "
-                    f"{_KNOWN['background']})"
-                )
+                if not self.partial:
+                    raise _Unparseable(
+                        f"colour shade '{self.at(k - 1)} {word}' is not in the domain (known backgrounds: "
+                        f"{_KNOWN['background']})"
+                    )
+                word = f"{self.at(k - 1)} {word}"  # outside the domain: take_background skips it
+                k -= 1
             start = k
             plain = self.at(start - 1) in ("plain", "simple", "uniform", "flat")
             start -= plain
@@ -427,6 +534,8 @@ class _Reader:
         if self.at(k) in ("is", "of", "in"):
             k += 1
         if self.at(k) in _SHADES and self.at(k + 1) in _COLOUR_LIKE:
+            if self.partial:
+                return f"{self.at(k)} {self.at(k + 1)}", k + 2  # outside the domain: skipped
             raise _Unparseable(
                 f"colour shade '{self.at(k)} {self.at(k + 1)}' is not in the domain (known backgrounds: "
                 f"{_KNOWN['background']})"
@@ -480,7 +589,7 @@ class _Reader:
         return None, i
 
     def _group(self, i: int) -> tuple[_Group, int]:
-        g = _Group(words=[], positions=[], subcounts=[])
+        g = _Group(words=[], positions=[], subcounts=[], skipped={})
         start = i
         g.count, i = self._count(i)
         order: list[str] = []
@@ -511,6 +620,11 @@ class _Reader:
                 break
             elif tok in _FILLERS_IN_DESCRIPTION:
                 continue
+            elif self.partial and tok in _PARTIAL_NOUNS and self._noun_slot(i):
+                g.noun, g.plural = tok, tok.endswith("s")  # 'a red shape': the shape is unstated
+                break
+            elif self.partial and (taken := self._skip_outside_domain(g, tok, i)) is not None:
+                i = taken
             else:
                 self._unknown_in_description(tok, i, so_far)
         expected = [a for a in ("size", "texture", "color") if a in order]
@@ -523,17 +637,39 @@ class _Reader:
         self._finish(g)
         return g, i
 
-    def _set(self, g: _Group, attr: str, value: str) -> None:
-        old = getattr(g, attr)
+    def _set(self, g: _Group, attr: str, value: str, skip: bool = False) -> None:
+        """Give ``g`` its ``attr``; with ``skip``, a word outside the domain left unscored."""
+        old = getattr(g, attr) or (g.skipped or {}).get(attr)
         if old is not None and old != value:
             name = "colour" if attr == "color" else attr
             raise _Unparseable(f"two {name}s ('{old}' and '{value}') for one object")
-        setattr(g, attr, value)
+        if skip:
+            g.skipped[attr] = value
+        else:
+            setattr(g, attr, value)
+
+    def _noun_slot(self, i: int) -> bool:
+        """Whether the word before ``i`` ends a description (what follows cannot be part of it)."""
+        nxt = self.at(i)
+        return nxt is None or nxt in _SEPARATORS | _POSITION_PREPS | _POSITION_WORDS | {"of"} or nxt in _COUNTS
+
+    def _skip_outside_domain(self, g: _Group, tok: str, i: int) -> int | None:
+        """Partial reading: an attribute word outside the domain ('teal', 'light blue', 'medium',
+        'checkered') is left unscored; returns the index after it, or None for any other word."""
+        nxt = self.at(i)
+        if tok in _SHADES and nxt in _COLOUR_LIKE:
+            self._set(g, "color", f"{tok} {nxt}", skip=True)
+            return i + 1
+        for attr, words in (("color", set(BACKGROUNDS) | _OTHER_COLOURS), ("size", _OTHER_SIZES),
+                            ("texture", _OTHER_TEXTURES)):
+            if tok in words:
+                self._set(g, attr, tok, skip=True)
+                return i
+        return None
 
     def _unknown_in_description(self, tok: str, i: int, context: str) -> None:
         nxt = self.at(i)
-        noun_slot = nxt is None or nxt in _SEPARATORS | _POSITION_PREPS | _POSITION_WORDS | {"of"} \
-            or nxt in _COUNTS
+        noun_slot = self._noun_slot(i)
         if tok in _NEGATIONS:
             raise _Unparseable(f"negation '{tok}' is not supported")
         if tok in _SHADES and nxt in _COLOUR_LIKE:
@@ -582,9 +718,9 @@ class _Reader:
                 prev_axes = None
                 continue
             if tok == "in" and nxt in _COLOUR_LIKE:
-                if nxt not in COLORS:
+                if nxt not in COLORS and not self.partial:
                     self._unknown_in_description(nxt, i + 2, "")
-                self._set(g, "color", nxt)
+                self._set(g, "color", nxt, skip=nxt not in COLORS)
                 self.fire("post_noun_attribute")
                 i += 2
                 continue
@@ -701,27 +837,40 @@ class _Reader:
 
     def _finish(self, g: _Group) -> None:
         desc = g.describe()
-        if g.size is None:
+        if g.size is None and not self.partial:
             raise _Unparseable(f"no size given for {desc} (known sizes: {_KNOWN['size']})")
-        if g.color is None:
+        if g.color is None and not self.partial:
             raise _Unparseable(f"no colour given for {desc} (known colours: {_KNOWN['colour']})")
-        if not g.positions:
+        if not g.positions and not self.partial:
             raise _Unparseable(f"no position given for {desc} (known positions: {_KNOWN['position']})")
         for sub, n in g.subcounts:
             if sub != n:
                 raise _Unparseable(f"'{NUMBER_WORDS.get(sub, sub)}' but {_plural(n, 'position')} for {desc}")
         n = len(g.positions)
+        noun = SHAPE_PLURALS[g.shape] if g.shape else g.noun
+        if not g.positions:  # partial: positions unstated, the count says how many objects
+            if g.count is None and g.plural:
+                raise _Unparseable(f"plural '{noun}' without a count or positions; say how many")
+            if g.count is None:
+                g.count = 1
+                self.fire("implicit_count")
+            n = g.count
         if g.count is None:
             if g.plural and n < 2:
-                raise _Unparseable(f"plural '{SHAPE_PLURALS[g.shape]}' but only one position; say how many")
+                raise _Unparseable(f"plural '{noun}' but only one position; say how many")
             g.count = n if g.plural else 1
             self.fire("implicit_count")
         if g.count != n:
             raise _Unparseable(f"{_plural(g.count, 'object')} but {_plural(n, 'position')} for {desc}")
         if g.plural != (g.count > 1):
             self.fire("number_agreement")
-        if g.texture is None:
-            g.texture = "plain"
+        if g.texture is None and "texture" not in g.skipped:
+            g.texture = "plain"  # the domain's prompts never say 'plain'
+            g.plain_by_default = True
+        for attr, word in g.skipped.items():
+            name = "colour" if attr == "color" else attr
+            known = _KNOWN["colour" if attr == "color" else attr]
+            self.skipped.append(f"{name} '{word}' of {g.describe()} is outside the domain (known: {known}): not scored")
 
 
 def _canonical_prompt(groups: list[_Group], background: str) -> str:
@@ -742,9 +891,8 @@ def _canonical_prompt(groups: list[_Group], background: str) -> str:
     return f"{objects} on a {background} background"
 
 
-def _read(prompt: str) -> tuple[SceneSpec, str, tuple[str, ...]]:
-    """The tolerant reading: (spec, canonical prompt, rules fired); raises _Unparseable."""
-    fired: list[str] = []
+def _read_groups(prompt: str, fired: list[str], partial: bool = False) -> tuple[_Reader, str | None, list[_Group]]:
+    """The tolerant grammar over ``prompt``: (reader, background, object groups); raises _Unparseable."""
     text = _apply_text_rules(prompt, fired)
     if not text:
         raise _Unparseable("empty prompt" if not prompt.strip() else "no scene described")
@@ -755,7 +903,7 @@ def _read(prompt: str) -> tuple[SceneSpec, str, tuple[str, ...]]:
     for tok in tokens:
         if tok in _NEGATIONS:
             raise _Unparseable(f"negation '{tok}' is not supported")
-    reader = _Reader(tokens, fired)
+    reader = _Reader(tokens, fired, partial)
     background = reader.take_background()
     groups = reader.read_groups()
     total = sum(g.count for g in groups)
@@ -767,6 +915,13 @@ def _read(prompt: str) -> tuple[SceneSpec, str, tuple[str, ...]]:
             if p in seen:
                 raise _Unparseable(f"two objects at the {p}; each grid cell holds one object")
             seen.add(p)
+    return reader, background, groups
+
+
+def _read(prompt: str) -> tuple[SceneSpec, str, tuple[str, ...]]:
+    """The tolerant reading: (spec, canonical prompt, rules fired); raises _Unparseable."""
+    fired: list[str] = []
+    _, background, groups = _read_groups(prompt, fired)
     normalized = _canonical_prompt(groups, background)
     try:
         spec = parse_prompt(normalized)
@@ -794,7 +949,7 @@ def parse_prompt_lenient(prompt: str) -> ParseOutcome:
     try:
         spec, normalized, rules = _read(prompt)
     except _Unparseable as err:
-        reason = err.reason if len(err.reason) <= _MAX_REASON else err.reason[: _MAX_REASON - 3] + "..."
+        reason = _short(err.reason)
         if strict_spec is not None:
             reason += " (parse_prompt accepted it by ignoring words)"
         return ParseOutcome(spec=None, reason=reason, normalized=None, strict=False)
@@ -806,3 +961,50 @@ def parse_prompt_lenient(prompt: str) -> ParseOutcome:
     if strict_spec is not None and strict_spec == spec:
         return ParseOutcome(spec=strict_spec, reason=None, normalized=prompt, strict=True, rules_applied=rules)
     return ParseOutcome(spec=spec, reason=None, normalized=normalized, strict=False, rules_applied=rules)
+
+
+def parse_stated_scene(prompt: str) -> StatedScene:
+    """What ``prompt`` states about its scene, for scoring ``domain/attr_acc`` on it alone.
+
+    A prompt that :func:`parse_prompt_lenient` reads gives its full spec (for the domain's own
+    prompts exactly ``scenes.parse_prompt``'s, so their scores are what they always were; a
+    prompt that ``scenes.parse_prompt`` reads only by skipping words is read carefully, or
+    refused). Any other prompt is read by the same grammar in its partial form: an attribute the
+    prompt does not state (a size, colour, position, the background; a shape where it says 'shape'
+    or 'object') is left unstated, and an attribute or background named with a word outside the
+    domain ('teal', 'light gray', 'medium', 'checkered') is left unscored with a note in
+    ``skipped``. No texture word means plain, as in the domain's own prompts::
+
+        >>> scene = parse_stated_scene("a red circle in the center on a white background")
+        >>> scene.objects[0].stated, scene.background
+        (('color', 'shape', 'position', 'texture'), 'white')
+        >>> parse_stated_scene("two small circles on a teal background").scored()["background"]
+        False
+
+    Raises:
+        PromptParseError: the prompt cannot be read without guessing (an unknown word, a shape
+            outside the domain, a relation, a negation, an ambiguous count or position), or it
+            states nothing the checker can judge; the message is the reason.
+        TypeError: ``prompt`` is not a ``str``.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    full = parse_prompt_lenient(prompt)
+    if full.ok:
+        return StatedScene.from_spec(full.spec)
+    try:
+        reader, background, groups = _read_groups(prompt, [], partial=True)
+    except _Unparseable as err:
+        raise PromptParseError(_short(err.reason)) from None
+    except Exception as err:  # noqa: BLE001 - a bug must not stop a scorer; it reads as unscored
+        if _DEBUG:
+            raise
+        raise PromptParseError(f"internal error while reading the prompt ({err!r})") from None
+    objects = tuple(StatedObject(g.color, g.shape, g.size, position, g.texture)
+                    for g in groups for position in (g.positions or [None] * g.count))
+    # a texture that is plain only by default states nothing when nothing else is stated ("a thing")
+    said = any(g.color or g.shape or g.size or g.positions or (g.texture and not g.plain_by_default) for g in groups)
+    if background is None and not said:
+        raise PromptParseError(_short("the prompt states no attribute the checker can judge"
+                                      + (f" ({reader.skipped[0]})" if reader.skipped else "")))
+    return StatedScene(objects=objects, background=background, skipped=tuple(reader.skipped))

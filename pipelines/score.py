@@ -3,8 +3,8 @@
 Each image of the step grid is scored against its reference (the same prompt and seed at the
 reference step count; with several seeds per prompt, ``render.seeds_per_prompt``, each seed has
 its own reference): ``pixel/psnr``, ``pixel/ssim``, ``mid/lpips_*``, ``high/iclip_*``; and
-against its prompt: ``high/clipt_*`` and ``domain/attr_acc`` (NaN for a prompt outside the scene
-domain); ``pixel/lsnr`` needs neither. The reference images get the metrics that need no
+against its prompt: ``high/clipt_*`` and ``domain/attr_acc`` (over the attributes the prompt
+states; NaN for a prompt the scene parser cannot read); ``pixel/lsnr`` needs neither. The reference images get the metrics that need no
 reference (their reference-based columns are NaN: an image compared with itself says nothing).
 
 Every shard's checksum is verified before scoring starts and again as it is read

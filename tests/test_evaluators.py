@@ -39,7 +39,6 @@ from budgetdiff.evaluators import (
     AttributeChecker,
     EvaluatorModelError,
     attr_check,
-    attribute_targets,
     compare_scenes,
     detect_scenes,
     load_attribute_checker,
@@ -47,20 +46,7 @@ from budgetdiff.evaluators import (
     scene_attr_acc,
 )
 from budgetdiff.scenes import spec_to_prompt
-
-
-class OracleChecker(AttributeChecker):
-    """Answers with the ground truth of ``specs`` (logits ±10): exercises decoding and matching."""
-
-    def __init__(self, specs):
-        super().__init__(32, (4, 8, 8), 16)
-        t = attribute_targets(specs)
-        self.logits = {"occupied": t["occupied"] * 20 - 10, "background": torch.nn.functional.one_hot(t["background"], 4) * 10.0}
-        for name, size in (("shape", 5), ("color", 8), ("size", 2), ("texture", 3)):
-            self.logits[name] = torch.nn.functional.one_hot(t[name].clamp(min=0), size) * 10.0
-
-    def forward(self, images):
-        return {k: v[: images.shape[0]].float() for k, v in self.logits.items()}
+from test_metrics_helpers import OracleChecker
 
 
 def test_ground_truth_reads_back_and_scores_one():
@@ -121,3 +107,88 @@ def test_trained_checker_reads_rendered_scenes_and_worsens_under_noise(tmp_path,
 
     blurred = [attr_check(gaussian_blur(images, [9, 9], [sigma]), specs, checker)["attr_acc"] for sigma in (0.1, 1.5, 3.0)]
     assert blurred[0] > blurred[1] > blurred[2], blurred
+
+
+# --------------------------------------------------------------------------------------------
+# Partial prompts (issue 29): attr_acc over the attributes a prompt states
+# --------------------------------------------------------------------------------------------
+from dataclasses import replace  # noqa: E402
+
+from budgetdiff.evaluators import summarize_attribute_checks  # noqa: E402
+from budgetdiff.parse import parse_stated_scene  # noqa: E402
+from budgetdiff.scenes import SceneObject  # noqa: E402
+
+
+def one(shape, color, size, position, background, texture="plain"):
+    return SceneSpec(objects=(SceneObject(shape, color, size, position, texture),), background=background)
+
+
+def test_partial_prompt_scores_only_what_it_states():
+    stated = parse_stated_scene("a red circle in the center on a white background")  # no size
+    right = compare_scenes(one("circle", "red", "large", "center", "white"), stated)
+    assert right.objects == [{"color": True, "shape": True, "position": True, "texture": True}]
+    assert right.background_ok is True and scene_attr_acc(right) == 1.0
+    assert right.scored() == {"objects": [["color", "shape", "position", "texture"]], "background": True}
+    # any size is right: it is not scored; a wrong colour and background count 2 of the 5 stated
+    wrong = compare_scenes(one("circle", "blue", "small", "center", "black"), stated)
+    assert "size" not in wrong.objects[0] and scene_attr_acc(wrong) == pytest.approx(3 / 5)
+    assert scene_attr_acc(compare_scenes(SceneSpec(objects=(), background="white"), stated)) == pytest.approx(1 / 5)
+
+
+def test_background_outside_the_domain_leaves_only_the_background_unscored():
+    stated = parse_stated_scene("a small red circle at the top on a teal background")
+    assert stated.background is None and "teal" in stated.skipped[0]
+    check = compare_scenes(one("circle", "red", "small", "top", "black"), stated)
+    assert check.background_ok is None and len(check.objects[0]) == 5 and scene_attr_acc(check) == 1.0
+    check = compare_scenes(one("square", "red", "small", "top", "black"), stated)
+    assert scene_attr_acc(check) == pytest.approx(4 / 5)  # the shape, out of five: no background term
+
+
+def test_object_without_a_position_is_matched_on_what_it_states():
+    stated = parse_stated_scene("a large circle and a red square on a white background")
+    detected = SceneSpec(objects=(SceneObject("circle", "blue", "small", "top left"),
+                                  SceneObject("square", "red", "small", "center"),
+                                  SceneObject("circle", "green", "large", "bottom right")), background="white")
+    check = compare_scenes(detected, stated)
+    assert scene_attr_acc(check) == 1.0, check
+    assert [sorted(o) for o in check.objects] == [["shape", "size", "texture"], ["color", "shape", "texture"]]
+
+
+def test_full_specs_score_as_before():
+    # a SceneSpec states everything: the denominator stays 5 per object + 1
+    truth = one("circle", "red", "small", "center", "white")
+    check = compare_scenes(one("circle", "red", "large", "center", "white"), truth)
+    assert set(check.objects[0]) == {"color", "shape", "size", "position", "texture"}
+    assert scene_attr_acc(check) == pytest.approx(5 / 6)
+    assert parse_stated_scene(spec_to_prompt(truth)).complete
+
+
+def _without_sizes(prompt: str) -> str:
+    return prompt.replace("small ", "").replace("large ", "")
+
+
+def test_unstated_attributes_are_never_scored():
+    """Images whose every size is wrong: prompts without sizes score 1, prompts with them less."""
+    specs = [sample_scene(s, n_objects=1 + s % 4) for s in range(60)]
+    flipped = [replace(s, objects=tuple(replace(o, size="large" if o.size == "small" else "small")
+                                        for o in s.objects)) for s in specs]
+    oracle = OracleChecker(flipped).eval()
+    images = torch.zeros(len(specs), 3, 32, 32)
+    partial = [_without_sizes(spec_to_prompt(s)) for s in specs]
+    assert all(not parse_stated_scene(p).complete for p in partial)
+    result = attr_check(images, partial, checker=oracle)
+    assert result["attr_acc"] == 1.0 and result["all_attributes"] == 1.0
+    assert result["size"] != result["size"]  # NaN: no object states its size
+    full = attr_check(images, [spec_to_prompt(s) for s in specs], checker=oracle)
+    assert full["size"] == 0.0 and full["attr_acc"] < 0.9
+
+
+def test_summary_over_partial_checks():
+    checks = [compare_scenes(one("circle", "red", "large", "center", "white"),
+                             parse_stated_scene("a red circle in the center")),
+              compare_scenes(one("circle", "red", "large", "center", "white"),
+                             parse_stated_scene("a small blue circle at the top on a white background"))]
+    out = summarize_attribute_checks(checks)
+    assert out["color"] == 0.5 and out["size"] == 0.0 and out["position"] == 0.5 and out["shape"] == 1.0
+    assert out["background"] == 1.0  # only the second scene states it
+    assert out["attr_acc"] == pytest.approx((1.0 + 3 / 6) / 2)  # shape, texture, background of six

@@ -1,10 +1,12 @@
-"""Shared helpers of the metrics tests (no tests here): tiny random evaluator models and
-rendered scene batches. Nothing needs trained weights or a download."""
+"""Shared helpers of the metrics tests (no tests here): tiny random evaluator models, an oracle
+attribute checker and rendered scene batches. Nothing needs trained weights or a download."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from budgetdiff.evaluators import AttributeChecker, attribute_targets
 
 TINY_CLIP_CFG = {
     "resolution": 32, "embed_dim": 16,
@@ -65,3 +67,18 @@ def strictly_decreasing(values) -> bool:
 
 def strictly_increasing(values) -> bool:
     return all(a < b for a, b in zip(values, values[1:]))
+
+
+class OracleChecker(AttributeChecker):
+    """Answers with the ground truth of ``specs`` (logits ±10): exercises decoding and matching."""
+
+    def __init__(self, specs):
+        super().__init__(32, (4, 8, 8), 16)
+        t = attribute_targets(specs)
+        self.logits = {"occupied": t["occupied"] * 20 - 10,
+                       "background": torch.nn.functional.one_hot(t["background"], 4) * 10.0}
+        for name, size in (("shape", 5), ("color", 8), ("size", 2), ("texture", 3)):
+            self.logits[name] = torch.nn.functional.one_hot(t[name].clamp(min=0), size) * 10.0
+
+    def forward(self, images):
+        return {k: v[: images.shape[0]].float() for k, v in self.logits.items()}

@@ -1,5 +1,7 @@
 """The batched scoring API (``MetricScorer``) on tiny random evaluators."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ import torch
 from budgetdiff.evaluators import EvaluatorModelError
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.perceptual import LpipsMetric
-from test_metrics_helpers import add_noise, rendered_batch, tiny_backbone, tiny_checker
+from budgetdiff.scenes import BACKGROUNDS
+from test_metrics_helpers import OracleChecker, add_noise, rendered_batch, tiny_backbone, tiny_checker
 
 _, IMAGES, PROMPTS = rendered_batch(12)
 ALL = {"pixel/lsnr", "pixel/psnr", "pixel/ssim", "mid/lpips_alex_randinit", "high/iclip_domainclip",
@@ -52,6 +55,21 @@ def test_out_of_domain_prompt_gives_nan_attr_acc(scorer):
     values = scorer.score(IMAGES[:3], prompts=prompts)
     assert np.isfinite(values["domain/attr_acc"][:2]).all() and np.isnan(values["domain/attr_acc"][2])
     assert np.isfinite(values["high/clipt_domainclip"]).all()
+
+
+def test_attr_acc_scores_what_partial_prompts_state():
+    specs, images, prompts = rendered_batch(6, offset=40)
+    wrong_background = [s.__class__(objects=s.objects, background="black" if s.background != "black" else "white")
+                        for s in specs]
+    scorer = MetricScorer(ScoringConfig(), clip=tiny_backbone(), checker=OracleChecker(wrong_background).eval())
+    full = scorer.score(images, prompts=prompts)["domain/attr_acc"]
+    assert (full < 1).all()  # the background is wrong in every image
+    backgrounds = "|".join(BACKGROUNDS)
+    partial = [re.sub(rf"(,? (on|against) an? |, |^an? )({backgrounds}) (background|backdrop)( with)?", "", p).strip()
+               for p in prompts]
+    assert not any(b in p for p in partial for b in BACKGROUNDS), partial
+    values = scorer.score(images, prompts=partial[:-1] + ["a photo of a cat"])["domain/attr_acc"]
+    assert np.all(values[:-1] == 1.0) and np.isnan(values[-1])  # the unstated background is not scored
 
 
 def test_bad_input(scorer):

@@ -423,3 +423,169 @@ def test_perturbed_canonical_prompts_never_raise():
         assert (out.spec is None) == (out.reason is not None)
         if out.spec is not None:
             assert parse_prompt(out.normalized) == out.spec
+
+
+# --------------------------------------------------------------------------------------------
+# Partial prompts: parse_stated_scene (issue 29) reads what a prompt states and nothing more
+# --------------------------------------------------------------------------------------------
+from budgetdiff.parse import StatedObject, StatedScene, parse_stated_scene  # noqa: E402
+
+
+def stated(background, *objects, skipped=()):
+    """Expected stated scene: objects are (color, shape, size, position, texture), None = unstated."""
+    return StatedScene(objects=tuple(StatedObject(*o) for o in objects), background=background, skipped=skipped)
+
+
+def test_domain_prompts_state_everything_as_parse_prompt_reads_them():
+    for seed in range(600):
+        spec = sample_scene(seed, texture_prob=0.5)
+        prompt = spec_to_prompt(spec, seed=seed)
+        scene = parse_stated_scene(prompt)
+        assert scene == StatedScene.from_spec(parse_prompt(prompt)) and scene.complete, prompt
+        assert scene.scored() == {"objects": [{"object": o.describe(), "attributes": list(CHECKED)}
+                                              for o in scene.objects], "background": True}
+
+
+CHECKED = ("color", "shape", "size", "position", "texture")
+
+PARTIAL = [
+    ("a red circle in the center on a white background",  # the issue's prompt: size unstated
+     stated("white", ("red", "circle", None, "center", "plain"))),
+    ("a red circle in the middle, white background", stated("white", ("red", "circle", None, "center", "plain"))),
+    ("a red circle, centered, on white", stated("white", ("red", "circle", None, "center", "plain"))),
+    ("A red circle right in the middle on a white background.", stated("white", ("red", "circle", None, "center", "plain"))),
+    ("a red circle dead center on white", stated("white", ("red", "circle", None, "center", "plain"))),
+    ("a red circle in the very centre of the image", stated(None, ("red", "circle", None, "center", "plain"))),
+    ("a small circle at the top left on a black background", stated("black", (None, "circle", "small", "top left", "plain"))),
+    ("a small red circle on a gray background", stated("gray", ("red", "circle", "small", None, "plain"))),
+    ("a small red circle in the center", stated(None, ("red", "circle", "small", "center", "plain"))),
+    ("two blue squares on beige", stated("beige", ("blue", "square", None, None, "plain"), ("blue", "square", None, None, "plain"))),
+    ("a striped red shape at the bottom, white background", stated("white", ("red", None, None, "bottom", "striped"))),
+    ("a large blue square at the left and a red circle on a black background",
+     stated("black", ("blue", "square", "large", "left", "plain"), ("red", "circle", None, None, "plain"))),
+    ("a circle", stated(None, (None, "circle", None, None, "plain"))),
+]
+
+
+@pytest.mark.parametrize("prompt,expected", PARTIAL, ids=[p[:40] for p, _ in PARTIAL])
+def test_partial_prompts_state_what_they_say(prompt, expected):
+    scene = parse_stated_scene(prompt)
+    assert scene == expected and not scene.complete
+    assert parse_prompt_lenient(prompt).spec is None  # the full reading still refuses them
+
+
+def test_unstated_attributes_are_none_and_not_listed():
+    scene = parse_stated_scene("a red circle in the center on a white background")
+    assert scene.objects[0].size is None and scene.objects[0].stated == ("color", "shape", "position", "texture")
+    assert scene.scored() == {"objects": [{"object": "red circle in the center",
+                                           "attributes": ["color", "shape", "position", "texture"]}],
+                              "background": True}
+
+
+OUTSIDE = [
+    ("a small red circle at the top on a teal background",
+     stated(None, ("red", "circle", "small", "top", "plain")), "background colour 'teal'"),
+    ("a small red circle at the top on a blue background",  # an object colour, not a background one
+     stated(None, ("red", "circle", "small", "top", "plain")), "background colour 'blue'"),
+    ("a small red circle at the top, light gray backdrop",
+     stated(None, ("red", "circle", "small", "top", "plain")), "background colour 'light gray'"),
+    ("a small teal circle in the center on a white background",
+     stated("white", (None, "circle", "small", "center", "plain")), "colour 'teal'"),
+    ("a small light blue circle in the center on a white background",
+     stated("white", (None, "circle", "small", "center", "plain")), "colour 'light blue'"),
+    ("a small white circle in the center on a black background",
+     stated("black", (None, "circle", "small", "center", "plain")), "colour 'white'"),
+    ("a medium red circle in the center on a white background",
+     stated("white", ("red", "circle", None, "center", "plain")), "size 'medium'"),
+    ("a small checkered red circle in the center on a white background",  # texture unscored, not plain
+     stated("white", ("red", "circle", "small", "center", None)), "texture 'checkered'"),
+]
+
+
+@pytest.mark.parametrize("prompt,expected,fragment", OUTSIDE, ids=[p[:40] for p, _, _ in OUTSIDE])
+def test_words_outside_the_domain_leave_only_their_attribute_unscored(prompt, expected, fragment):
+    scene = parse_stated_scene(prompt)
+    assert replace_skipped(scene) == expected
+    assert len(scene.skipped) == 1 and fragment in scene.skipped[0] and "not scored" in scene.skipped[0]
+
+
+def replace_skipped(scene: StatedScene) -> StatedScene:
+    return StatedScene(objects=scene.objects, background=scene.background)
+
+
+STILL_REFUSED = [
+    ("a small red dog in the center on a white background", "shape 'dog' is outside the scene domain"),
+    ("a small red circle next to a blue square on a white background", "relative placement"),
+    ("not a small red circle in the center on a white background", "negation 'not'"),
+    ("several red circles on a white background", "vague count 'several'"),
+    ("red circles on a white background", "say how many"),
+    ("a small red circle at the top corner on a white background", "ambiguous position"),
+    ("a small red circle at the right in the middle on white", "1 object but 2 positions"),
+    ("a small red circle at the top, on a white background, dog", "unknown word 'dog'"),
+    ("a small red teal circle at the top on white", "two colours"),
+    ("a thing on a teal background", "states no attribute"),
+    ("a large red circle at the top and a small blue one at the bottom on white", "'one' does not name a shape"),
+    ("five circles", "at most 4"),
+    ("a photo of a cat", "shape 'cat'"),
+    ("", "empty prompt"),
+]
+
+
+@pytest.mark.parametrize("prompt,fragment", STILL_REFUSED, ids=[p[:40] or "empty" for p, _ in STILL_REFUSED])
+def test_partial_reading_still_refuses_to_guess(prompt, fragment):
+    with pytest.raises(PromptParseError, match=fragment.replace("(", r"\(")):
+        parse_stated_scene(prompt)
+
+
+CENTER_PHRASINGS = ["in the center", "in the middle", "in the centre", "at the center", "centered", "centred",
+                    "in the middle of the image", "at the center of the canvas", "right in the middle",
+                    "smack in the middle", "dead center", "in the very center", "in the exact middle",
+                    "placed centrally", "in center"]
+
+
+@pytest.mark.parametrize("where", CENTER_PHRASINGS)
+def test_center_phrasings(where):
+    out = parse_prompt_lenient(f"a small red circle {where} on a white background")
+    assert out.spec == scene("white", ("circle", "red", "small", "center")), out.reason
+    assert parse_stated_scene(f"a red circle {where}") == stated(None, ("red", "circle", None, "center", "plain"))
+
+
+def test_right_is_still_a_position_after_at_the():
+    out = parse_prompt_lenient("a small red circle at the right, in the middle row on white")
+    assert out.spec is None
+    assert parse_prompt_lenient("a small red circle at the right on white").spec == scene(
+        "white", ("circle", "red", "small", "right"))
+
+
+def test_stated_scene_non_str_raises_type_error():
+    with pytest.raises(TypeError):
+        parse_stated_scene(None)  # type: ignore[arg-type]
+
+
+def test_prompts_parse_prompt_reads_by_skipping_words_are_read_carefully():
+    prompt = "small red circle at the top and a large blue square at the left on a white background"
+    assert len(parse_prompt(prompt).objects) == 1  # scenes.parse_prompt drops the first object
+    assert parse_stated_scene(prompt) == stated(
+        "white", ("red", "circle", "small", "top", "plain"), ("blue", "square", "large", "left", "plain"))
+
+
+def test_word_salad_partial_reading_never_raises_anything_else_and_stays_in_the_domain():
+    rng = random.Random(3)
+    vocab = {"color": set(COLORS), "shape": set(SHAPES), "size": set(SIZES), "position": set(POSITIONS),
+             "texture": {"plain", "striped", "dotted"}}
+    accepted = 0
+    for _ in range(2000):
+        prompt = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(0, 14)))
+        try:
+            scene = parse_stated_scene(prompt)
+        except PromptParseError as err:
+            assert 0 < len(str(err)) <= 240 and "\n" not in str(err), prompt
+            continue
+        accepted += 1
+        assert scene.background in (None, *BACKGROUNDS) and 1 <= len(scene.objects) <= 4, prompt
+        positions = [o.position for o in scene.objects if o.position]
+        assert len(positions) == len(set(positions)), prompt
+        for o in scene.objects:
+            assert all(getattr(o, a) in vocab[a] for a in o.stated), (prompt, o)
+        assert scene.background is not None or any(o.stated for o in scene.objects)
+    assert 0 < accepted < 1000

@@ -5,7 +5,7 @@
 | pixel | ``pixel/psnr``, ``pixel/ssim`` (reference), ``pixel/lsnr`` (none) | - | pixel.py |
 | mid | ``mid/lpips_alex`` or ``mid/lpips_alex_randinit`` | reference | perceptual.py |
 | high | ``high/iclip_domainclip`` (reference), ``high/clipt_domainclip`` (prompt) | models/clip | semantic.py |
-| domain | ``domain/attr_acc`` (prompt in the scene domain) | models/attributes | ../evaluators.py |
+| domain | ``domain/attr_acc`` (scene prompt; scores the attributes it states) | models/attributes | ../evaluators.py |
 | distributional | ``dist/fd_domainclip`` (two image sets) | models/clip | distributional.py |
 
     >>> scorer = MetricScorer(ScoringConfig(progress=True))
@@ -34,7 +34,8 @@ from ..evaluators import (
     load_attribute_checker,
     scene_attr_acc,
 )
-from ..scenes import PromptParseError, parse_prompt
+from ..parse import parse_stated_scene
+from ..scenes import PromptParseError
 from .distributional import fd_name, frechet_distance
 from .perceptual import LPIPS_NAME, LPIPS_RANDINIT_NAME, LpipsMetric
 from .pixel import lsnr, psnr, ssim
@@ -92,8 +93,10 @@ class MetricScorer:
     """Computes every metric that applies to a batch of images (the batched API).
 
     Per image: ``pixel/lsnr`` always; with references ``pixel/psnr``, ``pixel/ssim``, LPIPS
-    and ``high/iclip_*``; with prompts ``high/clipt_*`` and ``domain/attr_acc`` (NaN for a
-    prompt outside the scene domain). Per pair of sets: ``dist/fd_*`` via ``frechet_distance``.
+    and ``high/iclip_*``; with prompts ``high/clipt_*`` and ``domain/attr_acc`` over the
+    attributes the prompt states (``parse.parse_stated_scene``: all of them for the domain's own
+    prompts; NaN for a prompt it cannot read). Per pair of sets: ``dist/fd_*`` via
+    ``frechet_distance``.
 
     Args:
         config: a ``ScoringConfig`` (default: the repository's model directories, CPU).
@@ -161,12 +164,16 @@ class MetricScorer:
     def _attr_acc(self, images: torch.Tensor, prompts: Sequence[str]) -> np.ndarray:
         values = np.full(len(prompts), np.nan)
         specs, keep = [], []
+        read: dict[str, object] = {}  # a batch repeats its prompts (one per step count and seed)
         for i, prompt in enumerate(prompts):
-            try:
-                specs.append(parse_prompt(prompt))
+            if prompt not in read:
+                try:
+                    read[prompt] = parse_stated_scene(prompt)
+                except PromptParseError:
+                    read[prompt] = None
+            if read[prompt] is not None:
+                specs.append(read[prompt])
                 keep.append(i)
-            except PromptParseError:
-                continue
         if keep:
             checks = check_scenes(self.checker, images[keep].to(self.config.device), specs)
             values[keep] = [scene_attr_acc(c) for c in checks]
