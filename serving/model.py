@@ -46,12 +46,13 @@ class ServedModel:
     options: ModelOptions
     version: dict
     native_sizes: list[str]
+    modes: list[str] = field(default_factory=list)  # what the generator serves: found once, at load
     loaded_at: float = field(default_factory=time.time)
 
     def describe(self) -> dict:
         gen = self.generator
         return {"version": self.version, "sizes": self.native_sizes,
-                "modes": available_modes(gen), "max_batch_size": self.options.max_batch_size,
+                "modes": self.modes, "max_batch_size": self.options.max_batch_size,
                 "device": str(gen.models["base"].pipe.device), "loaded_at": self.loaded_at}
 
 
@@ -141,7 +142,7 @@ def load_served_model(options: ModelOptions) -> ServedModel:
     if options.warmup:
         gen([GenerationRequest("a red circle", mode="full", steps=2)], batch_size=1)
     size = gen.models["base"].pipe.resolution
-    served = ServedModel(gen, options, model_version(gen, source), [f"{size}x{size}"])
+    served = ServedModel(gen, options, model_version(gen, source), [f"{size}x{size}"], available_modes(gen))
     logger.info("loaded %s from %s in %.2fs", served.version["id"], source.bundle_dir, time.perf_counter() - start)
     return served
 

@@ -298,3 +298,62 @@ def test_cli_batch_writes_records_and_resumes(tiny_bundle_dir, tmp_path, capsys)
     code, _, err = run_cli(["batch", str(bad), "--out-dir", str(tmp_path / "o2"), "--bundle", str(tiny_bundle_dir)],
                            capsys)
     assert code == 2 and "--mode" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Overriding a part of the bundle: the calibrated auto policy is kept where it holds
+# ------------------------------------------------------------------------------------------------
+def test_model_and_budget_model_overrides_keep_the_calibrated_auto_policy(tiny_bundle_dir, tmp_path, capsys):
+    """``--model`` / ``--budget-model`` with the parts the policy was calibrated with keep it (no
+    silent fallback to the older rule); another predictor keeps it too, and a route that uses the
+    predictor says in its record that its measurement was made with the bundle's."""
+    from tests.test_auto_policy import bundle_with_policy
+
+    bundle = bundle_with_policy(tiny_bundle_dir, tmp_path / "bundle")
+    sha = load_bundle(bundle).auto.policy.sha256
+    base_copy, budget_copy = tmp_path / "base-copy", tmp_path / "budget-copy"
+    shutil.copytree(tiny_bundle_dir.parent / "base", base_copy)  # the same weights at another path
+    shutil.copytree(tiny_bundle_dir.parent / "budget", budget_copy)
+
+    def auto_record(*flags):
+        code, out, err = run_cli(["generate", PROMPTS[0], "--bundle", str(bundle), "--mode", "auto", "--seed", "1",
+                                  "--out", str(tmp_path / "x.png"), *flags], capsys)
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1])["policy"]["auto"]
+
+    for flags in ([], ["--model", str(base_copy)], ["--budget-model", str(budget_copy)],
+                  ["--model", str(base_copy), "--budget-model", str(budget_copy)]):
+        auto = auto_record(*flags)
+        assert auto["policy"]["sha256"] == sha and auto["route"] == "base@3", flags  # the policy's default
+        assert "rule" not in auto and "calibration" not in auto, flags
+
+    config = json.loads((budget_copy / "config.json").read_text())
+    (budget_copy / "config.json").write_text(json.dumps({**config, "retrained": "elsewhere"}))  # another predictor
+    gen = Generator.from_bundle(bundle, budget_model=budget_copy)
+    budget_route, uniform_route = (r.record.route for r in gen([GenerationRequest(PROMPTS[0], quality_target=0.85),
+                                                               GenerationRequest(PROMPTS[0])]))
+    assert budget_route.policy["sha256"] == sha and budget_route.route.startswith("budget")
+    assert budget_route.calibration["policy_applied"] and not budget_route.calibration["measured_holds"]
+    assert "budget predictor was replaced" in budget_route.calibration["why"]
+    assert uniform_route.route == "base@3" and uniform_route.calibration is None
+
+
+def test_another_base_model_sets_the_calibrated_policy_aside_and_says_why(tiny_bundle_dir, tmp_path):
+    """A base model with other UNet weights was never calibrated: auto routes by the bundle's rule,
+    and every auto record names why."""
+    from tests.conftest import make_tiny_predictor
+    from tests.test_auto_policy import bundle_with_policy
+
+    bundle = bundle_with_policy(tiny_bundle_dir, tmp_path / "bundle")
+    other = tiny_bundle_dir.parent / "student"  # a BudgetDiffusionPipeline with other UNet weights
+    with pytest.raises(RequestError, match="^mode: auto needs a budget predictor: the bundle's budget predictor "
+                                           "does not fit this base model"):
+        Generator.from_bundle(bundle, model=other)([GenerationRequest(PROMPTS[0])])
+    predictor = make_tiny_predictor(other, tmp_path / "budget-for-other")
+    gen = Generator.from_bundle(bundle, model=other, budget_model=predictor)
+    record = gen([GenerationRequest(PROMPTS[0], seed=2)])[0].record.to_dict()
+    auto = record["policy"]["auto"]
+    assert auto["route"] in ("student", "base+skip") and auto["rule"]["student_max_steps"] == 8
+    assert auto["calibration"]["policy_applied"] is False
+    assert "not the one the auto policy was calibrated with" in auto["calibration"]["why"]
+    assert record["model"]["path"] == str(other.resolve()) or record["model"]["name"] == "student"
