@@ -66,7 +66,7 @@ def run_mode(gen: Generator, requests: list[GenerationRequest], batch_size: int,
     results = gen(requests, output_type="pt", batch_size=batch_size, progress=bar.update)
     seconds = time.perf_counter() - start
     bar.close()
-    return torch.stack([r.image.cpu() for r in results]), [r.record for r in results], seconds
+    return torch.stack([r.image.cpu() for r in results]), [r.record.to_dict() for r in results], seconds
 
 
 def engine_overhead(gen: Generator, prompts: list[str], steps: int, batch_size: int, repeats: int) -> dict:

@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .errors import RequestError
+
 HOOK_NAME = "budgetdiff_adaptive_skip"
 HISTORY = 4  # latents x_(k-3) .. x_k for the third-order difference
 ESTIMATORS = ("paper", "official")
@@ -56,7 +58,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 def _check_reuse(reuse: str) -> None:
     if reuse not in REUSE_SPACES:
-        raise ValueError(f"reuse: must be one of {', '.join(REUSE_SPACES)}, got {reuse!r}")
+        raise RequestError("reuse", f"must be one of {', '.join(REUSE_SPACES)}, got {reuse!r}")
 
 
 class Parametrization:
@@ -152,16 +154,16 @@ class AdaptiveSkipConfig:
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold) or self.threshold < 0:
-            raise ValueError(f"threshold: must be a finite number >= 0, got {self.threshold}")
+            raise RequestError("threshold", f"must be a finite number >= 0, got {self.threshold}")
         if not isinstance(self.max_skip, int) or self.max_skip < 0:
-            raise ValueError(f"max_skip: must be an integer >= 0, got {self.max_skip}")
+            raise RequestError("max_skip", f"must be an integer >= 0, got {self.max_skip}")
         if not isinstance(self.warmup, int) or self.warmup < HISTORY:
-            raise ValueError(
-                f"warmup: must be an integer >= {HISTORY} (the estimator needs the latents of {HISTORY} steps), "
+            raise RequestError(
+                "warmup", f"must be an integer >= {HISTORY} (the estimator needs the latents of {HISTORY} steps), "
                 f"got {self.warmup}"
             )
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator: must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+            raise RequestError("estimator", f"must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         _check_reuse(self.reuse)
 
     @property

@@ -40,7 +40,27 @@ BUNDLE_FILE = "bundle.json"
 
 
 class BundleError(ValueError):
-    """A bundle directory is missing, malformed, or names a part that is not there."""
+    """A bundle directory is missing, malformed, or names a part that is not there; or a part
+    given to replace the bundle's does not fit.
+
+    Args:
+        part: what is at fault, as data: ``bundle`` (the bundle itself), ``model`` (a replacement
+            base model), ``budget_model`` (a replacement predictor), ``skip_policy`` (a replacement
+            skip policy). The command line names its flag from it.
+        detail: what is wrong.
+        label: the word ``str(error)`` starts with (default: the part's); "" when ``detail``
+            already names its subject (a wrapped policy error).
+    """
+
+    LABELS = {"bundle": "bundle", "model": "model", "budget_model": "budget", "skip_policy": "skip policy"}
+
+    def __init__(self, part: str, detail: str, label: str | None = None):
+        self.part, self.detail = part, detail
+        self.label = self.LABELS.get(part, part) if label is None else label
+        super().__init__(f"{self.label}: {detail}" if self.label else detail)
+
+    def __reduce__(self):  # pickles (Ray, multiprocessing) with its fields
+        return (BundleError, (self.part, self.detail, self.label))
 
 
 @dataclass(frozen=True)
@@ -99,14 +119,14 @@ class Bundle:
 
 def _number(d: dict, key: str, where: str, kind=float, minimum=None):
     if key not in d:
-        raise BundleError(f"{where}: lacks {key!r}")
+        raise BundleError("bundle", f"{where} lacks {key!r}")
     value = d[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise BundleError(f"{where}: {key!r} must be a number, got {value!r}")
+        raise BundleError("bundle", f"{where} {key!r} must be a number, got {value!r}")
     if kind is int and int(value) != value:
-        raise BundleError(f"{where}: {key!r} must be an integer, got {value!r}")
+        raise BundleError("bundle", f"{where} {key!r} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
-        raise BundleError(f"{where}: {key!r} must be >= {minimum}, got {value!r}")
+        raise BundleError("bundle", f"{where} {key!r} must be >= {minimum}, got {value!r}")
     return kind(value)
 
 
@@ -116,24 +136,24 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     root = Path(path)
     file = root / BUNDLE_FILE
     if not root.is_dir():
-        raise BundleError(f"bundle: directory {str(root)!r} does not exist (build it: dvc repro bundle)")
+        raise BundleError("bundle", f"directory {str(root)!r} does not exist (build it: dvc repro bundle)")
     if not file.is_file():
-        raise BundleError(f"bundle: {str(root)!r} has no {BUNDLE_FILE}")
+        raise BundleError("bundle", f"{str(root)!r} has no {BUNDLE_FILE}")
     try:
         raw = json.loads(file.read_text())
     except (OSError, ValueError) as exc:
-        raise BundleError(f"bundle: {str(file)!r} is not valid JSON ({exc})") from None
+        raise BundleError("bundle", f"{str(file)!r} is not valid JSON ({exc})") from None
     if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"bundle: {str(file)!r} is not a {BUNDLE_FORMAT} file")
+        raise BundleError("bundle", f"{str(file)!r} is not a {BUNDLE_FORMAT} file")
 
     def part(rel: str | None, what: str, required: bool = True) -> str | None:
         if rel is None:
             if required:
-                raise BundleError(f"bundle: {str(file)!r} names no {what}")
+                raise BundleError("bundle", f"{str(file)!r} names no {what}")
             return None
         resolved = (root / rel).resolve()
         if not resolved.exists():
-            raise BundleError(f"bundle: {what} {str(resolved)!r} (from {str(file)!r}) does not exist")
+            raise BundleError("bundle", f"{what} {str(resolved)!r} (from {str(file)!r}) does not exist")
         return str(resolved)
 
     base = raw.get("base") or {}
@@ -141,8 +161,8 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     student = None
     if raw.get("student"):
         s = raw["student"]
-        student = StudentSpec(part(s.get("path"), "student"), _number(s, "steps", "bundle student", int, 1),
-                              _number(s, "guidance", "bundle student", float, 0), str(s.get("scheduler", "ddim")),
+        student = StudentSpec(part(s.get("path"), "student"), _number(s, "steps", "student", int, 1),
+                              _number(s, "guidance", "student", float, 0), str(s.get("scheduler", "ddim")),
                               s.get("source"))
     budget = raw.get("budget") or {}
     budget_path = part(budget.get("path"), "budget predictor", required=False)
@@ -150,7 +170,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     try:
         policy = load_skip_policy(part(raw.get("skip_policy"), "skip policy"))
     except PolicyError as exc:
-        raise BundleError(str(exc)) from None
+        raise BundleError("bundle", str(exc), label="") from None
     auto = None
     if raw.get("auto"):
         a = raw["auto"]
@@ -160,9 +180,9 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
                 auto_policy = AutoPolicy.from_dict(a["policy"], f"bundle {str(file)!r} auto.policy",
                                                    f"{file}#auto.policy")
             except AutoPolicyError as exc:
-                raise BundleError(str(exc)) from None
-        auto = AutoRule(_number(a, "student_max_steps", "bundle auto", int, 0),
-                        _number(a, "student_guidance", "bundle auto", float, 0), str(a.get("scheduler", "ddim")),
+                raise BundleError("bundle", str(exc), label="") from None
+        auto = AutoRule(_number(a, "student_max_steps", "auto", int, 0),
+                        _number(a, "student_guidance", "auto", float, 0), str(a.get("scheduler", "ddim")),
                         a.get("source"), auto_policy)
     return Bundle(str(root.resolve()), base_path, str(base.get("scheduler", "ddim")), int(base.get("steps", 50)),
                   student, budget_path, epsilon, policy, auto, raw)

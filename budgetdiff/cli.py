@@ -15,13 +15,14 @@ stderr naming the argument; never a traceback.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from .errors import RequestError
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as click_exceptions
@@ -50,29 +51,26 @@ def _check_output_path(out: Path) -> None:
         raise CliError(f"--out: {str(out)!r} cannot be written")
 
 
-FIELD_FLAGS = {"steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "seed": "--seed",
-               "mode": "--mode", "quality_target": "--quality-target", "quality-target": "--quality-target",
-               "threshold": "--threshold", "max_skip": "--max-skip", "reuse": "--reuse", "warmup": "--warmup",
-               "model": "--model", "budget": "--budget-model", "budget model": "--budget-model",
-               "bundle": "--bundle", "skip policy": "--bundle"}
+def _flag(field_name: str) -> str:
+    """The command-line argument of a request field: ``quality_target`` -> ``--quality-target``;
+    the prompt is the positional ``prompt``."""
+    return "prompt" if field_name == "prompt" else "--" + field_name.replace("_", "-")
 
 
-def _as_cli_error(exc: Exception) -> CliError:
-    """A library ValueError ("field: message") as a one-line CLI error naming the flag."""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    field_name, sep, rest = message.partition(":")
-    flag = FIELD_FLAGS.get(field_name.strip())
-    return CliError(f"{flag}:{rest}" if sep and flag else message)
+def _request_error(exc: RequestError) -> CliError:
+    """A ``RequestError`` as a one-line CLI error naming the flag of its field."""
+    return CliError(f"{_flag(exc.field)}: {exc.message}")
 
 
-def _resolve_mode(mode: str | None, steps: str | None, adaptive: bool, quality_target: float | None
-                  ) -> tuple[str, int | None, bool]:
+def _bundle_error(exc) -> CliError:
+    """A ``BundleError`` as a one-line CLI error naming the flag of the part at fault."""
+    return CliError(f"{_flag(exc.part)}: {exc.detail}")
+
+
+def _parse_steps(mode: str | None, steps: str | None, adaptive: bool) -> tuple[str, int | None, bool]:
     """(mode, steps, skip at the budget's steps): the mode a command line asks for, old flags
-    included (``--steps auto`` is budget mode; ``--adaptive`` is adaptive mode)."""
-    from .engine import MODES
-
-    if mode is not None and mode not in MODES:
-        raise CliError(f"--mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    included (``--steps auto`` is budget mode; ``--adaptive`` is adaptive mode). Only the flags'
+    syntax and combinations are checked here; the request's own rules are ``GenerationRequest``'s."""
     auto_steps = steps is not None and steps.strip().lower() == "auto"
     n_steps = None
     if steps is not None and not auto_steps:
@@ -80,8 +78,6 @@ def _resolve_mode(mode: str | None, steps: str | None, adaptive: bool, quality_t
             n_steps = int(steps)
         except ValueError:
             raise CliError(f"--steps: must be an integer or 'auto', got {steps!r}") from None
-    if quality_target is not None and not (math.isfinite(quality_target) and 0 < quality_target <= 1):
-        raise CliError(f"--quality-target: must be in (0, 1], got {quality_target}")
     budget_then_skip = False
     if mode is None:
         if auto_steps:
@@ -96,11 +92,6 @@ def _resolve_mode(mode: str | None, steps: str | None, adaptive: bool, quality_t
         raise CliError(f"--steps: 'auto' chooses the steps (modes budget and auto), not mode {mode}")
     elif adaptive and mode != "adaptive":
         raise CliError(f"--adaptive: skipping is mode adaptive (or auto's base route), not mode {mode}")
-    if quality_target is not None and mode in ("full", "student"):
-        raise CliError(f"--quality-target: only applies with modes budget, adaptive and auto (or --steps auto), "
-                       f"not {mode}")
-    if n_steps is not None and mode not in ("full", "adaptive"):
-        raise CliError(f"--steps: mode {mode} chooses its own step count")
     return mode, n_steps, budget_then_skip
 
 
@@ -116,64 +107,38 @@ def _skip_override(threshold: float | None, max_skip: int | None, reuse: str | N
                                   max_skip=base.max_skip if max_skip is None else max_skip,
                                   warmup=base.warmup if warmup is None else warmup,
                                   reuse=base.reuse if reuse is None else reuse)
-    except ValueError as exc:
-        raise _as_cli_error(exc) from None
+    except RequestError as exc:
+        raise _request_error(exc) from None
 
 
-def build_generator(bundle: str, model: str | None, budget_model: str | None, need_budget: bool):
-    """The engine for a command line: the bundle's models, with ``--model`` / ``--budget-model``
-    replacing its base model / budget predictor when given. Returns (generator, model path)."""
+def _load_bundle_or_none(bundle: str, model: str | None, budget_model: str | None, need_budget: bool):
+    """The bundle, or None when it cannot load and the command does not need it (a ``--model``
+    running full / adaptive, or budget with ``--budget-model``)."""
     from .bundle import BundleError, load_bundle
-    from .engine import Generator
-    from .generation import ModelDirectoryError, load_pipeline, model_class_name
 
-    if model is not None:
-        try:
-            model_class_name(model)
-        except ModelDirectoryError as exc:
-            raise _as_cli_error(exc) from None
     try:
-        spec = load_bundle(bundle)
+        return load_bundle(bundle)
     except BundleError as exc:
         if model is None or need_budget and budget_model is None:
-            raise CliError(f"--bundle: {str(exc).removeprefix('bundle: ')}") from None
-        spec = None
-    if model is None or spec is not None and Path(model).resolve() == Path(spec.base).resolve():
-        if budget_model is None:
-            try:
-                return Generator.load(bundle), spec.base
-            except BundleError as exc:
-                raise CliError(f"--bundle: {str(exc).removeprefix('bundle: ')}") from None
-        model = spec.base
-    predictor = _load_budget_model(budget_model or spec.budget, model) if need_budget else None
+            raise _bundle_error(exc) from None
+        return None
+
+
+def _generator(bundle, model: str | None = None, budget_model: str | None = None):
+    """``Generator.from_bundle`` with its errors as one CLI line naming the flag."""
+    from .bundle import BundleError
+    from .engine import Generator
+
     try:
-        base = load_pipeline(model)
-    except ModelDirectoryError as exc:
-        raise _as_cli_error(exc) from None
-    student = None
-    if spec is not None and spec.student is not None:
-        student = load_pipeline(spec.student.path)
-    from .pipeline import BudgetDiffusionPipeline
-
-    if not isinstance(base, BudgetDiffusionPipeline):
-        return base, model  # a stock SD / SDXL pipeline: full and adaptive through budgetdiff.generation
-    kwargs = {}
-    if spec is not None:
-        kwargs = dict(student_steps=spec.student.steps if spec.student else 8,
-                      student_guidance=spec.student.guidance if spec.student else None,
-                      plateau_epsilon=spec.plateau_epsilon if budget_model is None else None,
-                      auto_student_max_steps=spec.auto.student_max_steps if spec.auto else None,
-                      auto_student_guidance=spec.auto.student_guidance if spec.auto else None,
-                      base_steps=spec.base_steps, base_scheduler=spec.base_scheduler, bundle=spec)
-    return Generator(base, student, predictor=predictor, skip_policy=spec.skip_policy if spec else None,
-                     model_paths={"base": model, "student": spec.student.path if spec and spec.student else None},
-                     **kwargs), model
+        return Generator.from_bundle(bundle, model=model, budget_model=budget_model)
+    except BundleError as exc:
+        raise _bundle_error(exc) from None
 
 
-def _cli_record(record: dict) -> dict:
+def _cli_record(record) -> dict:
     """The engine's record as the CLI prints it: ``model`` is the model directory."""
-    info = record.get("model") or {}
-    return {**record, "model": info.get("path"), "model_role": info.get("name"), "unet_sha256": info.get("unet_sha256")}
+    d = record.to_dict()
+    return {**d, "model": record.model.path, "model_role": record.model.name, "unet_sha256": record.model.unet_sha256}
 
 
 @app.command()
@@ -196,41 +161,41 @@ def generate(
     reuse: Optional[str] = typer.Option(None, "--reuse", help="Adaptive: what a skipped step reuses (epsilon, output, sample) instead of the policy's."),
 ) -> None:
     """Generate one image; the last stdout line is a JSON record."""
-    from .engine import GenerationRequest
+    from .engine import MODES, GenerationRequest
 
-    mode, n_steps, budget_then_skip = _resolve_mode(mode, steps, adaptive, quality_target)
-    if guidance is not None and not math.isfinite(guidance):
-        raise CliError(f"--guidance: must be finite, got {guidance}")
+    if mode is not None and mode not in MODES:  # before --steps, whose rules depend on the mode
+        raise CliError(f"--mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    mode, n_steps, budget_then_skip = _parse_steps(mode, steps, adaptive)
     if upscale < 1:
         raise CliError(f"--upscale: must be >= 1, got {upscale}")
     skip = _skip_override(threshold, max_skip, reuse, None)
     if skip is not None and mode != "adaptive" and not budget_then_skip:
         raise CliError(f"--threshold: explicit skip settings apply to mode adaptive, not {mode}")
-    request = GenerationRequest(prompt, mode=mode, steps=n_steps, quality_target=quality_target,
-                                scheduler=scheduler, guidance=guidance, seed=seed,
-                                skip=skip if mode == "adaptive" else None)
     try:
-        request.validate()
-    except ValueError as exc:
-        raise _as_cli_error(exc) from None
+        request = GenerationRequest(prompt, mode=mode, steps=n_steps, quality_target=quality_target,
+                                    scheduler=scheduler, guidance=guidance, seed=seed,
+                                    skip=skip if mode == "adaptive" else None)
+    except RequestError as exc:
+        raise _request_error(exc) from None
     _check_output_path(out)
-    gen, model_path = build_generator(bundle, model, budget_model, need_budget=mode in ("budget", "auto"))
-    try:
-        if not hasattr(gen, "plan"):
-            record, image = _generate_stock(gen, request, model_path)
-        else:
+    if model is not None and _is_stock(model):
+        record, image = _generate_stock(model, request)
+    else:
+        spec = _load_bundle_or_none(bundle, model, budget_model, need_budget=mode in ("budget", "auto"))
+        gen = _generator(spec, model, budget_model)
+        try:
             budget = None
             if budget_then_skip:  # old flags --steps auto --adaptive: the budget's steps, then skipping
-                budget = gen.plan([request])[0].info["budget"]
-                request = GenerationRequest(prompt, mode="adaptive", steps=budget["chosen_steps"],
-                                            quality_target=quality_target, scheduler=scheduler, guidance=guidance,
-                                            seed=seed, skip=skip)
+                budget = gen.plan([request])[0].budget
+                request = GenerationRequest(prompt, mode="adaptive", steps=budget.chosen_steps, scheduler=scheduler,
+                                            guidance=guidance, seed=seed, skip=skip,
+                                            quality_target=quality_target)
             result = gen(request, progress=False)[0]
-            record, image = _cli_record(result.record), result.image
-            if budget is not None:
-                record["budget"] = budget
-    except ValueError as exc:
-        raise _as_cli_error(exc) from None
+        except RequestError as exc:
+            raise _request_error(exc) from None
+        record, image = _cli_record(result.record), result.image
+        if budget is not None:
+            record["budget"] = budget.to_dict()
     for note in (record.get("budget") or {}).get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     if record.get("budget") is not None:
@@ -243,6 +208,17 @@ def generate(
     print(json.dumps({**record, "out": str(out)}))
 
 
+def _is_stock(model: str) -> bool:
+    """True for a stock SD / SDXL directory (run through budgetdiff.generation, not the engine)."""
+    from .generation import ModelDirectoryError, model_class_name
+    from .pipeline import BudgetDiffusionPipeline
+
+    try:
+        return model_class_name(model) != BudgetDiffusionPipeline.__name__
+    except ModelDirectoryError as exc:
+        raise CliError(f"--model: {str(exc).removeprefix('model: ')}") from None
+
+
 def _write_png(out: Path, image) -> None:
     import io as _io
 
@@ -253,18 +229,22 @@ def _write_png(out: Path, image) -> None:
     atomic_write_bytes(out, buffer.getvalue())
 
 
-def _generate_stock(pipe, request, model_path: str):
+def _generate_stock(model: str, request):
     """Modes full and adaptive on a stock SD / SDXL pipeline (budgetdiff.generation)."""
     from .adaptive import AdaptiveSkipConfig
-    from .generation import generate as run
+    from .generation import ModelDirectoryError, generate as run, load_pipeline
 
     if request.mode not in ("full", "adaptive"):
         raise CliError(f"--mode: {request.mode} needs the embedded model's bundle; a stock SD/SDXL model runs "
                        "modes full and adaptive")
+    try:
+        pipe = load_pipeline(model)
+    except ModelDirectoryError as exc:
+        raise CliError(f"--model: {str(exc).removeprefix('model: ')}") from None
     skip = request.skip or (AdaptiveSkipConfig() if request.mode == "adaptive" else None)
     images, records = run(pipe, [request.prompt], steps=request.steps or 50, guidance=request.guidance,
                           scheduler=request.scheduler, seed=request.seed, progress=sys.stderr.isatty(), adaptive=skip)
-    return {**records[0], "mode": request.mode, "model": str(model_path)}, images[0]
+    return {**records[0], "mode": request.mode, "model": str(model)}, images[0]
 
 
 @app.command()
@@ -300,14 +280,16 @@ def batch(
     for i, line in enumerate(read.prompts):
         row = extra.get(line.line, {})
         try:
-            request = GenerationRequest(
-                line.text, mode=row.get("mode") or mode, steps=steps,
-                quality_target=float(row["quality_target"]) if row.get("quality_target") else quality_target,
-                scheduler=scheduler, guidance=guidance, seed=int(row["seed"]) if row.get("seed") else seed + i,
-                request_id=f"{prompts_file.name}:{line.line}")
-            request.validate()
-        except ValueError as exc:
-            raise CliError(f"{prompts_file}:{line.line}: {_as_cli_error(exc)}") from None
+            q = float(row["quality_target"]) if row.get("quality_target") else quality_target
+            row_seed = int(row["seed"]) if row.get("seed") else seed + i
+        except ValueError:
+            raise CliError(f"{prompts_file}:{line.line}: quality_target and seed must be numbers") from None
+        try:
+            request = GenerationRequest(line.text, mode=row.get("mode") or mode, steps=steps, quality_target=q,
+                                        scheduler=scheduler, guidance=guidance, seed=row_seed,
+                                        request_id=f"{prompts_file.name}:{line.line}")
+        except RequestError as exc:
+            raise CliError(f"{prompts_file}:{line.line}: {_request_error(exc)}") from None
         requests.append(request)
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path = out_dir / "records.jsonl"
@@ -318,8 +300,7 @@ def batch(
     if not todo:
         print(json.dumps({"images": len(requests), "generated": 0, "out_dir": str(out_dir)}))
         return
-    need_budget = any(r.mode in ("budget", "auto") for _, r in todo)
-    gen, _ = build_generator(bundle, None, None, need_budget)
+    gen = _generator(_load_bundle_or_none(bundle, None, None, True))
     from tqdm import tqdm
 
     generated = nfe = 0
@@ -328,15 +309,16 @@ def batch(
             chunk = todo[start:start + batch_size * 4]
             try:
                 results = gen([r for _, r in chunk], batch_size=batch_size, progress=bar.update)
-            except ValueError as exc:
-                raise _as_cli_error(exc) from None
+            except RequestError as exc:
+                line = chunk[exc.index][1].request_id if exc.index is not None else None
+                raise CliError(f"{line}: {_request_error(exc)}" if line else str(_request_error(exc))) from None
             with open(records_path, "a") as log:
                 for (i, r), result in zip(chunk, results):
                     name = _image_name(i, r)
                     _write_png(out_dir / name, result.image)
                     log.write(json.dumps({**_cli_record(result.record), "image": name}) + "\n")
                     generated += 1
-                    nfe += result.record["nfe"]
+                    nfe += result.record.nfe
     print(json.dumps({"images": len(requests), "generated": generated, "mean_nfe": round(nfe / generated, 3),
                       "out_dir": str(out_dir), "records": str(records_path)}))
 
@@ -372,23 +354,6 @@ def _csv_extras(path: Path) -> dict[int, dict]:
     except OSError:
         return {}
     return rows
-
-
-def _load_budget_model(path: str, model: str):
-    """The budget predictor at ``path``, checked against ``model`` before anything heavy loads."""
-    from .budget import BudgetModelError, load_budget_predictor
-    from .generation import ModelDirectoryError, model_class_name
-
-    try:
-        model_class_name(model)
-    except ModelDirectoryError as exc:
-        raise CliError(f"--{exc}") from None
-    try:
-        predictor = load_budget_predictor(path)
-        predictor.check_model(model)
-    except BudgetModelError as exc:
-        raise CliError(f"--budget-model: {exc}") from None
-    return predictor
 
 
 def _load_image(path: Path, argument: str):
@@ -539,7 +504,7 @@ def drift(
     except ReportWriteError as exc:
         raise CliError(f"--out: {exc}") from None
     except ValueError as exc:
-        raise _as_cli_error(exc) from None
+        raise CliError(str(exc).strip().splitlines()[0]) from None
     print(f"{summary['flagged_windows']} of {summary['windows']} window(s) flagged at alpha {alpha:g} -> {out}",
           file=sys.stderr)
     print(json.dumps(summary))

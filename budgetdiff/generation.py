@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .adaptive import AdaptiveSkipConfig, apply_adaptive_skip
-from .pipeline import SCHEDULERS, BudgetDiffusionPipeline, make_scheduler, scheduler_name
+from .pipeline import BudgetDiffusionPipeline, check_scheduler, make_scheduler, scheduler_name
 
 STOCK_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 SUPPORTED_PIPELINES = (BudgetDiffusionPipeline.__name__,) + STOCK_PIPELINES
@@ -72,10 +72,11 @@ def load_pipeline(model_dir: str | Path, device: torch.device | str | None = Non
 
 
 def check_generation_args(prompts: list[str], steps: int, guidance: float | None, scheduler: str | None) -> None:
-    """The CLI's argument checks, each failing with a message that names the argument."""
+    """A stock pipeline's argument checks (``RequestError`` naming the field): the rules
+    ``BudgetDiffusionPipeline.check_inputs`` applies to its own calls."""
     BudgetDiffusionPipeline.check_inputs(prompts, steps, 1.0 if guidance is None else guidance)
-    if scheduler is not None and scheduler.lower() not in SCHEDULERS:
-        raise ValueError(f"scheduler: unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if scheduler is not None:
+        check_scheduler(scheduler)
 
 
 def generate(
@@ -93,13 +94,13 @@ def generate(
     ``adaptive`` turns on AdaptiveDiffusion skipping; records then carry ``skip_mask`` and the
     per-image ``nfe``.
     """
-    check_generation_args(prompts, steps, guidance, scheduler)
-    if isinstance(pipe, BudgetDiffusionPipeline):
+    if isinstance(pipe, BudgetDiffusionPipeline):  # checks its own inputs
         out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
                    seed=seed, progress=progress, adaptive=adaptive)
         return out.images, out.records
 
     # Stock SD / SDXL: swap the scheduler by name, keep the model's own timestep spacing.
+    check_generation_args(prompts, steps, guidance, scheduler)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     guidance = 7.5 if guidance is None else guidance

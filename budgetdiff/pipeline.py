@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .adaptive import AdaptiveSkipConfig, SkipPlan, adaptive_skip_call, install_adaptive_skip
+from .errors import RequestError
 from .text import MAX_TEXT_LENGTH, encode_prompts
 
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -41,13 +42,30 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 MIN_STEPS, MAX_STEPS = 1, 1000
 
 
+def check_steps(steps) -> None:
+    """The rule for a step count (``GenerationRequest`` and the pipeline share it)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not MIN_STEPS <= steps <= MAX_STEPS:
+        raise RequestError("steps", f"must be an integer in {MIN_STEPS}..{MAX_STEPS}, got {steps!r}")
+
+
+def check_guidance(guidance) -> None:
+    """The rule for a classifier-free guidance scale: a finite number >= 0."""
+    if (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance)
+            or guidance < 0):
+        raise RequestError("guidance", f"must be a finite number >= 0, got {guidance!r}")
+
+
+def check_scheduler(name) -> None:
+    """The rule for a scheduler name: one of ``SCHEDULERS`` (any case)."""
+    if not isinstance(name, str) or name.lower() not in SCHEDULERS:
+        raise RequestError("scheduler", f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
 def make_scheduler(name: str, config, **overrides) -> Any:
     """A diffusers scheduler by name ("ddim", "dpmpp", "euler") from another scheduler's config
     (noise schedule, prediction type), with ``overrides`` applied to the config."""
-    key = name.lower()
-    if key not in SCHEDULERS:
-        raise ValueError(f"scheduler: unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls, extra = SCHEDULERS[key]
+    check_scheduler(name)
+    cls, extra = SCHEDULERS[name.lower()]
     return cls.from_config(config, **{**extra, **overrides})
 
 
@@ -140,17 +158,15 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------
     @staticmethod
     def check_inputs(prompts: list[str], num_inference_steps: int, guidance_scale: float) -> None:
-        """Raise ValueError naming the field for an empty prompt, steps outside 1..1000 or a
-        guidance scale that is not a finite number >= 0."""
+        """Raise ``RequestError`` naming the field for an empty prompt, steps outside 1..1000 or a
+        guidance scale that is not a finite number >= 0 (the rules ``GenerationRequest`` applies)."""
         if not prompts:
-            raise ValueError("prompt: at least one prompt is needed")
+            raise RequestError("prompt", "at least one prompt is needed")
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
-                raise ValueError("prompt: must not be empty")
-        if not isinstance(num_inference_steps, int) or not MIN_STEPS <= num_inference_steps <= MAX_STEPS:
-            raise ValueError(f"steps: must be an integer in {MIN_STEPS}..{MAX_STEPS}, got {num_inference_steps}")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance: must be a finite number >= 0, got {guidance_scale}")
+                raise RequestError("prompt", "must not be empty")
+        check_steps(num_inference_steps)
+        check_guidance(guidance_scale)
 
     def encode_prompt(self, prompts: list[str], do_cfg: bool, device):
         """Token embeddings, mask and pooled embeddings; unconditional (empty prompt) first."""

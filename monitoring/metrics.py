@@ -141,10 +141,11 @@ def call_status(reply: dict) -> str:
     return "ok"
 
 
-def observe_call(sink: MetricsSink, call: dict, reply: dict, latency_s: float) -> None:
-    """Record one answered call: the request counter and latency, and per image its steps, NFE,
-    skip ratio, GFLOPs, queue wait, route and the budget predictor's predicted quality."""
-    mode = str(call.get("mode") or "auto")
+def observe_call(sink: MetricsSink, requests: list, reply: dict, latency_s: float) -> None:
+    """Record one answered call (its ``GenerationRequest``\\ s, one per image, and the model's
+    reply): the request counter and latency, and per image its steps, NFE, skip ratio, GFLOPs,
+    queue wait, route and the budget predictor's predicted quality."""
+    mode = requests[0].mode if requests else "auto"
     status = call_status(reply)
     sink.inc("budgetdiff_requests", 1, {"mode": mode, "status": status})
     sink.observe("budgetdiff_request_latency_ms", latency_s * 1000.0, {"mode": mode})

@@ -58,17 +58,18 @@ class ShadowJob:
     sampled_at: float = field(default_factory=time.time)
 
 
-def jobs_from_reply(call: dict, reply: dict) -> list[ShadowJob]:
-    """One ``ShadowJob`` per image of a successful model reply."""
+def jobs_from_reply(requests: list, reply: dict) -> list[ShadowJob]:
+    """One ``ShadowJob`` per image of a successful model reply: image i answers ``requests[i]``
+    (a ``GenerationRequest``)."""
     if "error" in reply:
         return []
     version = (reply.get("model_version") or {}).get("id", "unknown")
     jobs = []
-    for image in reply.get("images") or []:
+    for request, image in zip(requests, reply.get("images") or []):
         rec = image.get("record") or {}
-        jobs.append(ShadowJob(prompt=call["prompt"], mode=str(call.get("mode") or "auto"), seed=int(rec["seed"]),
-                              scheduler=rec.get("scheduler"), guidance=call.get("guidance"),
-                              quality_target=call.get("quality_target"), image_b64=image["b64_json"],
+        jobs.append(ShadowJob(prompt=request.prompt, mode=request.mode, seed=int(rec["seed"]),
+                              scheduler=rec.get("scheduler"), guidance=request.guidance,
+                              quality_target=request.quality_target, image_b64=image["b64_json"],
                               model_version=version, record=rec))
     return jobs
 
@@ -108,13 +109,13 @@ class ShadowSampler:
             raise ValueError(f"shadow_sample_rate: must be in [0, 1], got {rate!r}")
         self.rate, self.queue_size = rate, max(1, int(queue_size))
 
-    def offer(self, call: dict, reply: dict) -> int:
-        """Sample the images of one answered call (quick; never raises into the request).
-        Returns how many were queued."""
+    def offer(self, requests: list, reply: dict) -> int:
+        """Sample the images of one answered call (its ``GenerationRequest``\\ s and the reply;
+        quick; never raises into the request). Returns how many were queued."""
         queued = 0
         if self.rate <= 0.0:
             return 0
-        for job in jobs_from_reply(call, reply):
+        for job in jobs_from_reply(requests, reply):
             self.counts["offered"] += 1
             if self._rng.random() >= self.rate:
                 continue
@@ -243,7 +244,7 @@ class ShadowEvaluator:
         if generator is None:
             from budgetdiff.engine import Generator
 
-            generator = Generator.load(settings.model_source, device=settings.device)
+            generator = Generator.from_bundle(settings.model_source, device=settings.device)
         if scorer is None:
             from budgetdiff.metrics import MetricScorer, ScoringConfig
 

@@ -123,8 +123,8 @@ def render(gen: Generator, cand: AutoCandidate, prompts, seeds, batch_size: int,
         gen.plateau_epsilon = previous_eps
         bar.close()
     out = {"images": torch.stack([r.image.cpu() for r in results]),
-           "steps": [r.record["steps"] for r in results], "nfe": [r.record["nfe"] for r in results],
-           "gflops": [r.record["unet_gflops"] for r in results], "seconds": time.perf_counter() - start}
+           "steps": [r.record.steps for r in results], "nfe": [r.record.nfe for r in results],
+           "gflops": [r.record.unet_gflops for r in results], "seconds": time.perf_counter() - start}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(out, tmp)

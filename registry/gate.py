@@ -92,7 +92,7 @@ def evaluate(generator, valset: ValidationSet, scorer, batch_size: int = 16) -> 
     values = scorer.score(images, refs=refs, prompts=valset.prompts)
     metrics = {name: float(np.nanmean(v)) for name, v in values.items()
                if name not in ("pixel/lsnr", "pixel/psnr")}  # psnr is unbounded at identical images
-    records = [r.record for r in results[:n]]
+    records = [r.record.to_dict() for r in results[:n]]
     gflops = [rec["unet_gflops"] for rec in records]
     metrics["cost/mean_nfe"] = float(np.mean([r["nfe"] for r in records]))
     metrics["cost/unet_sample_evals"] = float(np.mean([r["unet_sample_evals"] for r in records]))

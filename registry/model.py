@@ -9,8 +9,9 @@ one artifact, ``bundle``, is the staged bundle (``registry.artifacts``)::
     json.loads(out["record"][0])
 
 Input columns: ``prompt`` (required), ``seed``, ``mode``, ``quality_target`` (optional; a
-missing or null value takes ``GenerationRequest``'s default: seed 0, mode auto). Params:
-``output`` ("png" or "array"), ``batch_size``.
+missing or null value takes ``GenerationRequest``'s default: seed 0, mode auto): the engine's own
+field names. A row the engine cannot serve raises ``RequestError`` whose ``field`` is the column
+and ``index`` the row. Params: ``output`` ("png" or "array"), ``batch_size``.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ class BudgetdiffModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from budgetdiff.engine import Generator
 
-        self.generator = Generator.load(resolve_shared_parts(context.artifacts["bundle"]))
+        self.generator = Generator.from_bundle(resolve_shared_parts(context.artifacts["bundle"]))
 
     def predict(self, context, model_input, params=None):
         import numpy as np
         import pandas as pd
 
         from budgetdiff.engine import GenerationRequest
+        from budgetdiff.errors import RequestError
 
         params = params or {}
         output = params.get("output", "png")
@@ -68,7 +70,10 @@ class BudgetdiffModel(mlflow.pyfunc.PythonModel):
                 kwargs["mode"] = str(row["mode"])
             if _value(row, "quality_target") is not None:
                 kwargs["quality_target"] = float(row["quality_target"])
-            requests.append(GenerationRequest(**kwargs))
+            try:
+                requests.append(GenerationRequest(**kwargs))
+            except RequestError as exc:
+                raise exc.at(i) from None
         results = self.generator(requests, output_type="pil", batch_size=int(params.get("batch_size", 16)))
         images = []
         for r in results:
@@ -78,7 +83,7 @@ class BudgetdiffModel(mlflow.pyfunc.PythonModel):
                 images.append(buf.getvalue())
             else:
                 images.append(np.asarray(r.image, dtype=np.uint8))
-        return pd.DataFrame({"image": images, "record": [json.dumps(r.record, default=str) for r in results]})
+        return pd.DataFrame({"image": images, "record": [json.dumps(r.record.to_dict(), default=str) for r in results]})
 
 
 def signature():

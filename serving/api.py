@@ -6,15 +6,17 @@ in-process ``LocalImageModel``; tests). Routes:
 
 - ``POST /v1/images/generations``: OpenAI's body (``prompt``, ``n``, ``size``, ``response_format``,
   ``model``, ...) plus budgetdiff's fields ``mode`` (default auto), ``quality_target``, ``steps``,
-  ``seed``, ``guidance_scale``, ``scheduler``. Reply ``{created, data: [{b64_json, record}], usage,
-  model, model_version, id}``; each ``record`` says mode, steps, NFE, skipped steps, the model
-  version and the latency.
+  ``seed``, ``guidance``, ``scheduler`` (the engine's names: docs/engine.md). The body is parsed once
+  into ``ImagesRequest`` and converted once into ``GenerationRequest``\ s, which go to the model
+  deployment as they are. Reply ``{created, data: [{b64_json, record}], usage, model,
+  model_version, id}``; each ``record`` says mode, steps, NFE, skipped steps, the model version and
+  the latency.
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the served model, its version, sizes and modes.
 - ``GET /healthz``: 200 when the model deployment answers (``saturated`` when its queue is full).
 - ``GET /``: the playground page.
 
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``: 400 bad input (the
-message starts with the field, which is also ``param``), 401 key, 404 model or route, 413 body,
+message starts with the field, which is also ``param``: a ``RequestError``'s ``field``), 401 key, 404 model or route, 413 body,
 422 valid but not servable by the loaded bundle, 429/503 overload with ``Retry-After``, 504 the
 ingress's own timeout.
 """
@@ -37,18 +39,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from budgetdiff.engine import GenerationRequest
+from budgetdiff.errors import RequestError
 
 from .config import IngressOptions
 
 PLAYGROUND = Path(__file__).resolve().parent / "playground.html"
-OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "quality", "style", "user",
-                 "output_format", "background", "moderation", "output_compression", "stream",
-                 "partial_images")
-EXTENSION_FIELDS = ("mode", "quality_target", "steps", "num_inference_steps", "seed", "guidance_scale",
-                    "scheduler")
-# engine field -> API field, for errors raised by GenerationRequest.validate()
-ENGINE_TO_API = {"guidance": "guidance_scale"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 503: "server_error", 504: "server_error", 500: "server_error"}
@@ -74,34 +74,135 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-def field_error(exc: ValueError, status: int = 400, code: str = "invalid_value") -> APIError:
-    """A library ValueError ("field: message") as an APIError whose param is the API's field name."""
-    message = str(exc)
-    head, sep, rest = message.partition(":")
-    field_name = head.strip() if sep and re.fullmatch(r"[a-z_]+", head.strip()) else None
-    if field_name in ENGINE_TO_API:
-        field_name = ENGINE_TO_API[field_name]
-        message = f"{field_name}:{rest}"
-    return APIError(status, message, field_name, code)
+def request_error(exc: RequestError, status: int = 400, code: str = "invalid_value") -> APIError:
+    """A ``RequestError`` as an APIError: its field is ``param`` (the API's and the engine's names
+    are the same)."""
+    return APIError(status, str(exc), exc.field, code)
 
 
 # ----------------------------------------------------------------------------------------------
-# Request parsing (pure: no model, no Ray)
+# The request body (pure: no model, no Ray)
 # ----------------------------------------------------------------------------------------------
+Number = StrictFloat | StrictInt
+
+
+class ImagesRequest(BaseModel):
+    """The body of ``POST /v1/images/generations``: OpenAI's fields and budgetdiff's, named as the
+    engine names them (``steps``, ``guidance``; ``num_inference_steps`` and ``guidance_scale``,
+    the diffusers names, are accepted for the same fields). Types are checked here; the
+    generation fields' rules are ``GenerationRequest``'s, applied once by ``to_requests``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: StrictStr
+    n: StrictInt | None = None
+    size: StrictStr | None = None
+    response_format: StrictStr | None = None
+    model: StrictStr | None = None
+    output_format: StrictStr | None = None
+    output_compression: StrictInt | None = None
+    stream: StrictBool | None = None
+    partial_images: StrictInt | None = None
+    quality: StrictStr | None = None  # quality, style, background, moderation: accepted for compatibility;
+    style: StrictStr | None = None    # the model has no such control
+    background: StrictStr | None = None
+    moderation: StrictStr | None = None
+    user: StrictStr | None = None
+    # budgetdiff's fields: GenerationRequest's names
+    mode: StrictStr | None = None
+    quality_target: Number | None = None
+    steps: StrictInt | None = Field(None, validation_alias=AliasChoices("steps", "num_inference_steps"))
+    seed: StrictInt | None = None
+    guidance: Number | None = Field(None, validation_alias=AliasChoices("guidance", "guidance_scale"))
+    scheduler: StrictStr | None = None
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        names = []
+        for name, info in cls.model_fields.items():
+            choices = getattr(info.validation_alias, "choices", None)
+            names += list(choices) if choices else [name]
+        return names
+
+    @classmethod
+    def parse(cls, body: Any) -> "ImagesRequest":
+        """The body as an ``ImagesRequest``; APIError 400 naming the first field at fault."""
+        if not isinstance(body, dict):
+            raise APIError(400, f"body: must be a JSON object, got {_type_name(body)}", None, "invalid_json")
+        both = [k for k in (("steps", "num_inference_steps"), ("guidance", "guidance_scale")) if set(k) <= set(body)]
+        if both:
+            raise APIError(400, f"{both[0][0]}: give {both[0][0]} or {both[0][1]}, not both", both[0][0],
+                           "invalid_value")
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            raise _body_error(exc.errors()[0]) from None
+
+    def check(self, options: IngressOptions, native_sizes: list[str] | None) -> None:
+        """The service's own limits (prompt length, n, sizes, formats, the model's name)."""
+        if len(self.prompt) > options.max_prompt_chars:
+            raise APIError(400, f"prompt: is {len(self.prompt)} characters; the most is {options.max_prompt_chars}",
+                           "prompt", "string_above_max_length")
+        if self.model is not None and self.model != options.model_id:
+            raise APIError(404, f"model: the model {self.model!r} does not exist; this service serves "
+                                f"{options.model_id!r}", "model", "model_not_found")
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= options.max_n:
+            raise APIError(400, f"n: must be an integer in 1..{options.max_n}, got {n!r}", "n", "invalid_value")
+        if self.size is not None and self.size != "auto":
+            if not SIZE_RE.match(self.size):
+                raise APIError(400, f"size: must be WIDTHxHEIGHT or auto, got {self.size!r}", "size", "invalid_size")
+            if native_sizes and self.size not in native_sizes:
+                raise APIError(400, f"size: {self.size} is not supported; this model generates "
+                                    f"{', '.join(native_sizes)} (or auto)", "size", "invalid_size")
+        if self.response_format not in (None, "b64_json"):
+            hint = "url is not served" if self.response_format == "url" else f"{self.response_format!r} is unknown"
+            raise APIError(400, f"response_format: {hint}; use b64_json", "response_format", "invalid_value")
+        if self.output_format not in (None, "png"):
+            raise APIError(400, f"output_format: only png is served, got {self.output_format!r}", "output_format",
+                           "invalid_value")
+        if self.stream:
+            raise APIError(400, "stream: streaming is not supported", "stream", "invalid_value")
+
+    def to_requests(self, request_id: str) -> list[GenerationRequest]:
+        """The ``n`` engine requests this body asks for: one ``GenerationRequest`` (its rules
+        checked here, once), then one copy per image at seed + i (``for_image``)."""
+        seed = random.randrange(2**31) if self.seed is None else self.seed
+        try:
+            first = GenerationRequest(self.prompt, mode=self.mode or "auto", steps=self.steps,
+                                      quality_target=self.quality_target, scheduler=self.scheduler,
+                                      guidance=self.guidance, seed=seed)
+            return [first.for_image(i, f"{request_id}/{i}") for i in range(1 if self.n is None else self.n)]
+        except RequestError as exc:
+            raise request_error(exc) from None
+
+
+_TYPE_WORDS = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
+               "bool_type": "a boolean", "int_from_float": "an integer"}
+
+
+def _body_error(err: dict) -> APIError:
+    """A pydantic error on the body as the API's one-line error naming the field."""
+    name = str(err["loc"][0]) if err.get("loc") else None
+    kind = err.get("type", "")
+    if kind == "missing":
+        return APIError(400, f"{name}: is required", name, "missing_required_parameter")
+    if kind == "extra_forbidden":
+        return APIError(400, f"{name}: unrecognized request argument (known: "
+                             f"{', '.join(ImagesRequest.field_names())})", name, "unknown_parameter")
+    if kind in _TYPE_WORDS:
+        return APIError(400, f"{name}: must be {_TYPE_WORDS[kind]}, got {_type_name(err.get('input'))}", name,
+                        "invalid_type")
+    return APIError(400, f"{name}: {err.get('msg', 'is not valid')}", name, "invalid_value")
+
+
 def _type_name(value: Any) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _optional_str(body: dict, key: str) -> str | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        raise APIError(400, f"{key}: must be a string, got {_type_name(value)}", key, "invalid_type")
-    return value
-
-
-def parse_json_body(raw: bytes) -> dict:
-    """The request body as a JSON object (400 naming what is wrong with it)."""
+def parse_json_body(raw: bytes) -> Any:
+    """The request body as JSON (400 naming what is wrong with it)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -109,91 +210,18 @@ def parse_json_body(raw: bytes) -> dict:
     if not text.strip():
         raise APIError(400, "body: is empty; send a JSON object with at least a prompt", None, "invalid_json")
     try:
-        body = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise APIError(400, f"body: is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
                        None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"body: must be a JSON object, got {_type_name(body)}", None, "invalid_json")
-    return body
 
 
-def parse_image_request(body: dict, options: IngressOptions, native_sizes: list[str] | None = None,
-                        request_id: str | None = None) -> dict:
-    """Check an images/generations body and return the call for the model deployment:
-    ``{request_id, prompt, n, size, mode, steps, quality_target, scheduler, guidance, seed, user}``.
-    Raises APIError (400, or 404 for an unknown model) whose message starts with the field."""
-    from budgetdiff.engine import GenerationRequest
-
-    unknown = [k for k in body if k not in OPENAI_FIELDS + EXTENSION_FIELDS]
-    if unknown:
-        raise APIError(400, f"{unknown[0]}: unrecognized request argument (known: "
-                            f"{', '.join(OPENAI_FIELDS + EXTENSION_FIELDS)})", unknown[0], "unknown_parameter")
-    # 1. prompt
-    if "prompt" not in body:
-        raise APIError(400, "prompt: is required", "prompt", "missing_required_parameter")
-    prompt = body["prompt"]
-    if not isinstance(prompt, str):
-        raise APIError(400, f"prompt: must be a string, got {_type_name(prompt)}", "prompt", "invalid_type")
-    if not prompt.strip():
-        raise APIError(400, "prompt: must be a non-empty string", "prompt", "invalid_value")
-    if len(prompt) > options.max_prompt_chars:
-        raise APIError(400, f"prompt: is {len(prompt)} characters; the most is {options.max_prompt_chars}",
-                       "prompt", "string_above_max_length")
-    # 2. the model and OpenAI's options
-    model = _optional_str(body, "model")
-    if model is not None and model != options.model_id:
-        raise APIError(404, f"model: the model {model!r} does not exist; this service serves "
-                            f"{options.model_id!r}", "model", "model_not_found")
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= options.max_n:
-        raise APIError(400, f"n: must be an integer in 1..{options.max_n}, got {n!r}", "n", "invalid_value")
-    size = _optional_str(body, "size")
-    if size is not None and size != "auto":
-        if not SIZE_RE.match(size):
-            raise APIError(400, f"size: must be WIDTHxHEIGHT or auto, got {size!r}", "size", "invalid_size")
-        if native_sizes and size not in native_sizes:
-            raise APIError(400, f"size: {size} is not supported; this model generates "
-                                f"{', '.join(native_sizes)} (or auto)", "size", "invalid_size")
-    response_format = _optional_str(body, "response_format")
-    if response_format not in (None, "b64_json"):
-        hint = "url is not served" if response_format == "url" else f"{response_format!r} is unknown"
-        raise APIError(400, f"response_format: {hint}; use b64_json", "response_format", "invalid_value")
-    output_format = _optional_str(body, "output_format")
-    if output_format not in (None, "png"):
-        raise APIError(400, f"output_format: only png is served, got {output_format!r}", "output_format",
-                       "invalid_value")
-    if body.get("stream") not in (None, False):
-        raise APIError(400, "stream: streaming is not supported", "stream", "invalid_value")
-    for key in ("quality", "style", "background", "moderation"):
-        _optional_str(body, key)  # accepted for compatibility; the model has no such control
-    user = _optional_str(body, "user")
-    # 3. budgetdiff's fields, checked by the engine's own request validation
-    if body.get("steps") is not None and body.get("num_inference_steps") is not None:
-        raise APIError(400, "steps: give steps or num_inference_steps, not both", "steps", "invalid_value")
-    steps = body.get("steps", body.get("num_inference_steps"))
-    seed = body.get("seed")
-    if seed is None:
-        seed = random.randrange(2**31)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1 - n:
-        raise APIError(400, f"seed: must be an integer in 0..2**63-1-n, got {seed!r}", "seed", "invalid_value")
-    mode = body.get("mode") if body.get("mode") is not None else "auto"
-    request = GenerationRequest(prompt, mode=mode, steps=steps, quality_target=body.get("quality_target"),
-                                scheduler=body.get("scheduler"), guidance=body.get("guidance_scale"), seed=seed)
-    try:
-        request.validate()
-    except ValueError as exc:
-        raise field_error(exc) from None
-    if not request_id or not REQUEST_ID_RE.match(request_id):
-        request_id = uuid.uuid4().hex[:16]  # never echo an arbitrary header into records and logs
-    return {"request_id": request_id, "prompt": prompt, "n": n, "size": size,
-            "mode": mode, "steps": steps, "quality_target": request.quality_target,
-            "scheduler": request.scheduler, "guidance": request.guidance, "seed": seed, "user": user}
+def safe_request_id(header: str | None) -> str:
+    """The caller's x-request-id when it is safe to echo into records and logs, else a new one."""
+    return header if header and REQUEST_ID_RE.match(header) else uuid.uuid4().hex[:16]
 
 
-def build_reply(call: dict, result: dict, options: IngressOptions, started: float) -> dict:
+def build_reply(request_id: str, result: dict, options: IngressOptions, started: float) -> dict:
     """The OpenAI-shaped reply for a model result, with per-image records and usage."""
     latency_ms = round((time.perf_counter() - started) * 1000, 2)
     data = []
@@ -205,7 +233,7 @@ def build_reply(call: dict, result: dict, options: IngressOptions, started: floa
              "nfe": sum(r.get("nfe") or 0 for r in records),
              "skipped": sum(r.get("skipped") or 0 for r in records),
              "unet_sample_evals": sum(r.get("unet_sample_evals") or 0 for r in records)}
-    return {"created": int(time.time()), "id": call["request_id"], "model": options.model_id,
+    return {"created": int(time.time()), "id": request_id, "model": options.model_id,
             "model_version": result["model_version"]["id"], "data": data, "usage": usage}
 
 
@@ -225,9 +253,10 @@ class LocalBackend:
     def __init__(self, model):
         self.model = model
 
-    async def generate(self, call: dict, timeout_s: float, options: IngressOptions) -> dict:
+    async def generate(self, requests: list[GenerationRequest], size: str | None, timeout_s: float,
+                       options: IngressOptions) -> dict:
         try:
-            result = await asyncio.wait_for(self.model.generate(call), timeout_s)
+            result = await asyncio.wait_for(self.model.generate(requests, size), timeout_s)
         except asyncio.TimeoutError:
             raise APIError(504, f"the request took longer than {timeout_s:g}s", None, "timeout") from None
         if "error" in result:
@@ -274,8 +303,9 @@ class HandleBackend:
             raise APIError(503, f"the model replica serving this request went away ({type(exc).__name__}); "
                                 "retry", None, "replica_unavailable", options.retry_after_s) from None
 
-    async def generate(self, call: dict, timeout_s: float, options: IngressOptions) -> dict:
-        result = await self._call("generate", (call,), timeout_s, options)
+    async def generate(self, requests: list[GenerationRequest], size: str | None, timeout_s: float,
+                       options: IngressOptions) -> dict:
+        result = await self._call("generate", (requests, size), timeout_s, options)
         if "error" in result:
             raise _model_error(result, options)
         return result
@@ -369,13 +399,13 @@ def create_api(state: IngressState) -> FastAPI:
         state.check_auth(request)
         options = state.options
         raw = await read_body(request, options.max_body_bytes)
-        body = parse_json_body(raw)
-        call = parse_image_request(body, options, await state.native_sizes(),
-                                   request.headers.get("x-request-id"))
-        result = await state.backend.generate(call, state.timeout_s(request), options)
-        reply = build_reply(call, result, options, started)
-        return JSONResponse(reply, headers={"x-request-id": call["request_id"],
-                                            "x-model-version": reply["model_version"]})
+        body = ImagesRequest.parse(parse_json_body(raw))  # 1. parse and type-check the body, once
+        body.check(options, await state.native_sizes())   # 2. the service's limits
+        request_id = safe_request_id(request.headers.get("x-request-id"))
+        requests = body.to_requests(request_id)           # 3. the engine's requests, validated once
+        result = await state.backend.generate(requests, body.size, state.timeout_s(request), options)
+        reply = build_reply(request_id, result, options, started)
+        return JSONResponse(reply, headers={"x-request-id": request_id, "x-model-version": reply["model_version"]})
 
     def _model_card(info: dict) -> dict:
         return {"id": state.options.model_id, "object": "model", "created": int(info.get("loaded_at", 0)),

@@ -1,8 +1,9 @@
 """The model deployment: one ``Generator`` per replica, dynamic batching, in-place model swaps.
 
 ``ImageModel`` (the Serve deployment, bound in ``serving.app``) takes a call from the ingress (one
-HTTP request: a prompt, n images, the request's options), checks it against the loaded bundle,
-splits it into one job per image and hands the jobs to ``@serve.batch``. A batch may mix
+HTTP request: its ``GenerationRequest``\ s, one per image, already validated by the ingress),
+checks only what the loaded bundle supports (``Generator.check_supported``: a mode whose part is
+missing, the size) and hands one job per image to ``@serve.batch``. A batch may mix
 requests: the engine groups compatible ones (same model, steps, scheduler, guidance, skip config)
 into one pipeline call and every image keeps its own seed, so an image does not depend on the batch
 it ran in. Per-sample skipping happens inside the engine.
@@ -34,9 +35,6 @@ from .config import ModelOptions
 
 logger = logging.getLogger("ray.serve")
 
-# Record keys a reply carries per image (the engine's record has more: skip masks, policies).
-RECORD_KEYS = ("mode", "steps", "nfe", "skipped", "skip_mask", "scheduler", "guidance", "seed", "batch_size",
-               "quality_target", "unet_sample_evals", "unet_gflops", "prompt_truncated", "request_id")
 PROMPT_BATCH = 16  # served prompts forwarded to the shadow deployment's drift monitor per call
 
 
@@ -48,12 +46,13 @@ class ServedModel:
     options: ModelOptions
     version: dict
     native_sizes: list[str]
+    modes: list[str] = field(default_factory=list)  # what the generator serves: found once, at load
     loaded_at: float = field(default_factory=time.time)
 
     def describe(self) -> dict:
         gen = self.generator
         return {"version": self.version, "sizes": self.native_sizes,
-                "modes": available_modes(gen), "max_batch_size": self.options.max_batch_size,
+                "modes": self.modes, "max_batch_size": self.options.max_batch_size,
                 "device": str(gen.models["base"].pipe.device), "loaded_at": self.loaded_at}
 
 
@@ -78,15 +77,16 @@ class ModelCallError(Exception):
 
 
 def available_modes(gen) -> list[str]:
-    """The modes this generator can serve (``check_request`` accepts them)."""
+    """The modes this generator can serve (``check_supported`` accepts them)."""
     from budgetdiff.engine import MODES, GenerationRequest
+    from budgetdiff.errors import RequestError
 
     modes = []
     for mode in MODES:
         try:
-            gen.check_request(GenerationRequest("a red circle", mode=mode))
+            gen.check_supported(GenerationRequest("a red circle", mode=mode))
             modes.append(mode)
-        except ValueError:
+        except RequestError:
             pass
     return modes
 
@@ -125,7 +125,6 @@ def load_served_model(options: ModelOptions) -> ServedModel:
     import torch
 
     from budgetdiff.engine import GenerationRequest, Generator
-    from budgetdiff.policy import load_skip_policy
 
     from .sources import resolve_model_source
 
@@ -138,13 +137,12 @@ def load_served_model(options: ModelOptions) -> ServedModel:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
     start = time.perf_counter()
-    gen = Generator.load(source.bundle_dir, device=device, dtype=dtype)
-    if options.skip_policy:
-        gen.skip_policy = load_skip_policy(options.skip_policy)  # not shared yet: safe to set
+    gen = Generator.from_bundle(source.bundle_dir, skip_policy=options.skip_policy or None, device=device,
+                                dtype=dtype)
     if options.warmup:
         gen([GenerationRequest("a red circle", mode="full", steps=2)], batch_size=1)
     size = gen.models["base"].pipe.resolution
-    served = ServedModel(gen, options, model_version(gen, source), [f"{size}x{size}"])
+    served = ServedModel(gen, options, model_version(gen, source), [f"{size}x{size}"], available_modes(gen))
     logger.info("loaded %s from %s in %.2fs", served.version["id"], source.bundle_dir, time.perf_counter() - start)
     return served
 
@@ -169,28 +167,18 @@ def _jsonable(value):
     return str(value)
 
 
-def image_record(record: dict, version: dict) -> dict:
-    """The per-image record a reply carries: what ran, what it cost, and which model ran it."""
-    out = {k: record.get(k) for k in RECORD_KEYS}
-    out["model"] = (record.get("model") or {}).get("name")
-    out["model_version"] = version["id"]
-    out["generate_seconds"] = record.get("seconds")
-    policy = record.get("policy") or {}
-    if policy.get("auto"):
-        out["route"] = policy["auto"].get("route")
-    if policy.get("skip"):
-        out["skip_point"] = policy["skip"].get("point")
-    if record.get("budget"):
-        b = record["budget"]
-        out["budget"] = {"chosen_steps": b.get("chosen_steps"), "rule": b.get("rule"),
-                         "predicted_quality_min": b.get("predicted_quality_min")}
-    return _jsonable(out)
+def image_record(record, version: dict) -> dict:
+    """The per-image record a reply carries: the engine's ``ImageRecord.summary`` and which model
+    version ran it."""
+    return _jsonable({**record.summary(), "model_version": version["id"]})
 
 
 def run_jobs(jobs: list[ImageJob], batch_size: int | None = None) -> list[dict]:
     """Generate every job's image (the body of one ``@serve.batch`` call; runs in a thread).
     Jobs checked against different ``ServedModel``\\ s (a swap in between) run on their own model.
     Returns, per job, ``{"b64_json", "record"}`` or ``{"error": {...}}``."""
+    from budgetdiff.errors import RequestError
+
     results: list[dict | None] = [None] * len(jobs)
     groups: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -201,8 +189,8 @@ def run_jobs(jobs: list[ImageJob], batch_size: int | None = None) -> list[dict]:
         try:
             out = served.generator([jobs[i].request for i in indices], output_type="pil",
                                    batch_size=batch_size or served.options.max_batch_size)
-        except ValueError as exc:  # checked before batching; a bug if it happens
-            err = ModelCallError(422, str(exc), str(exc).split(":", 1)[0], "invalid_request").to_dict()
+        except RequestError as exc:  # checked before batching; a bug if it happens
+            err = ModelCallError(422, str(exc), exc.field, "invalid_request").to_dict()
             for i in indices:
                 results[i] = err
             continue
@@ -256,9 +244,10 @@ class ImageModelBase:
         self._pending_images = 0
         self._poller: asyncio.Task | None = None
         self._gauge_refresher: asyncio.Task | None = None
-        # called as fn(call, reply, latency_s) after every answered call (metrics, shadow sampling):
-        # must be quick and must not raise into the request
-        self.observers: list = [lambda call, reply, latency: observe_call(self.metrics, call, reply, latency)]
+        # called as fn(requests, reply, latency_s) after every answered call (metrics, shadow
+        # sampling): must be quick and must not raise into the request
+        self.observers: list = [lambda requests, reply, latency: observe_call(self.metrics, requests, reply,
+                                                                              latency)]
 
     # -- configuration ----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict | None) -> None:
@@ -348,11 +337,11 @@ class ImageModelBase:
         return await self._shadow.evaluate.remote(job) if hasattr(self._shadow.evaluate, "remote") \
             else await self._shadow.evaluate(job)
 
-    def _observe_shadow(self, call: dict, reply: dict, latency_s: float) -> None:
+    def _observe_shadow(self, requests: list, reply: dict, latency_s: float) -> None:
         if self.sampler is not None:
-            self.sampler.offer(call, reply)
-        if "error" not in reply:
-            self._prompts.append(call["prompt"])
+            self.sampler.offer(requests, reply)
+        if "error" not in reply and requests:
+            self._prompts.append(requests[0].prompt)
             if len(self._prompts) >= PROMPT_BATCH:
                 batch, self._prompts = self._prompts, []
                 asyncio.get_running_loop().create_task(self._send_prompts(batch))
@@ -383,39 +372,33 @@ class ImageModelBase:
         return None
 
     # -- generation -------------------------------------------------------------------------
-    def _jobs(self, served: ServedModel, call: dict) -> list[ImageJob]:
-        from budgetdiff.engine import GenerationRequest
+    def _jobs(self, served: ServedModel, requests: list, size: str | None) -> list[ImageJob]:
+        """One job per request, after checking what this model supports (the requests' own fields
+        were validated where they were made: the ingress)."""
+        from budgetdiff.errors import RequestError
 
-        size = call.get("size")
         if size is not None and size != "auto" and size not in served.native_sizes:
             raise ModelCallError(400, f"size: {size} is not supported; this model generates "
                                       f"{', '.join(served.native_sizes)} (or auto)", "size", "invalid_size")
         jobs = []
-        for i in range(int(call.get("n", 1))):
-            request = GenerationRequest(call["prompt"], mode=call.get("mode", "auto"), steps=call.get("steps"),
-                                        quality_target=call.get("quality_target"),
-                                        scheduler=call.get("scheduler"), guidance=call.get("guidance"),
-                                        seed=int(call.get("seed", 0)) + i,
-                                        request_id=f"{call.get('request_id')}/{i}")
+        for request in requests:
             try:
-                served.generator.check_request(request)
-            except ValueError as exc:
-                field_name = str(exc).split(":", 1)[0].strip()
-                # request-level problems were caught by the ingress: what is left is what this model
-                # cannot do (a mode without its component, a scheduler the student lacks)
-                raise ModelCallError(422, str(exc), field_name, "unsupported_by_model") from None
+                served.generator.check_supported(request)
+            except RequestError as exc:
+                raise ModelCallError(422, str(exc), exc.field, "unsupported_by_model") from None
             jobs.append(ImageJob(served, request))
         return jobs
 
-    async def generate(self, call: dict) -> dict:
-        """One API request -> ``{"model_version", "images": [...]}`` or ``{"error": {...}}``."""
+    async def generate(self, requests: list, size: str | None = None) -> dict:
+        """One API request (its ``GenerationRequest``\\ s, one per image) -> ``{"model_version",
+        "images": [...]}`` or ``{"error": {...}}``."""
         start = time.perf_counter()
         served = self._served
         if served is None:
             reply = ModelCallError(503, "the model is loading; retry shortly", None, "model_loading").to_dict()
         else:
             try:
-                jobs = self._jobs(served, call)
+                jobs = self._jobs(served, requests, size)
             except ModelCallError as exc:
                 reply = exc.to_dict()
             else:
@@ -429,7 +412,7 @@ class ImageModelBase:
         latency = time.perf_counter() - start
         for observe in self.observers:
             try:
-                observe(call, reply, latency)
+                observe(requests, reply, latency)
             except Exception:
                 logger.exception("observer %r failed", observe)
         return reply

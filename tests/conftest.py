@@ -206,12 +206,28 @@ def tiny_skip_policy(thresholds=(0.05, 0.5), default: float = 0.5, schedulers=("
                       {"stage": "tests"}, 20)
 
 
+def make_tiny_predictor(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A random tiny BiLSTM budget predictor trained "for" ``model_dir``'s UNet, saved at ``out``."""
+    import numpy as np
+
+    from budgetdiff.budget import TargetNormalizer, build_network, make_config, model_record, save_budget_model
+
+    values = np.random.default_rng(0).normal(size=(8, len(TINY_BUDGET_METRICS), len(TINY_BUDGET_GRID) + 1))
+    config = make_config("bilstm", {"hidden": 8}, text_dim=TINY_TEXT_DIM, max_text_length=64,
+                         step_grid=TINY_BUDGET_GRID, reference_steps=30, metrics=TINY_BUDGET_METRICS,
+                         rule_metrics={"pixel": "pixel/ssim", "mid": "mid/lpips", "high": "high/iclip"},
+                         normalizer=TargetNormalizer.fit(TINY_BUDGET_METRICS, values),
+                         model=model_record(model_dir))
+    torch.manual_seed(seed)
+    save_budget_model(build_network(config), config, out)
+    return out
+
+
 def make_tiny_bundle(root: Path, components, student_max_steps: int = 8, policy=None) -> Path:
     """Write a bundle of the tiny components under ``root``: base/, student/ (another random
     UNet of the same shape), budget/ (a random BiLSTM for base's UNet), bundle/."""
     import numpy as np
 
-    from budgetdiff.budget import TargetNormalizer, build_network, make_config, model_record, save_budget_model
     from budgetdiff.bundle import write_bundle
     from training.base import build_unet
 
@@ -220,14 +236,7 @@ def make_tiny_bundle(root: Path, components, student_max_steps: int = 8, policy=
     torch.manual_seed(1)
     student_unet = build_unet(tiny_unet_config()).eval()
     make_tiny_pipe((student_unet, components[1], components[2])).save_pretrained(root / "student")
-    values = np.random.default_rng(0).normal(size=(8, len(TINY_BUDGET_METRICS), len(TINY_BUDGET_GRID) + 1))
-    config = make_config("bilstm", {"hidden": 8}, text_dim=TINY_TEXT_DIM, max_text_length=64,
-                         step_grid=TINY_BUDGET_GRID, reference_steps=30, metrics=TINY_BUDGET_METRICS,
-                         rule_metrics={"pixel": "pixel/ssim", "mid": "mid/lpips", "high": "high/iclip"},
-                         normalizer=TargetNormalizer.fit(TINY_BUDGET_METRICS, values),
-                         model=model_record(root / "base"))
-    torch.manual_seed(0)
-    save_budget_model(build_network(config), config, root / "budget")
+    make_tiny_predictor(root / "base", root / "budget")
     raw = {"base": {"path": "../base", "scheduler": "ddim", "steps": 20},
            "student": {"path": "../student", "steps": 4, "scheduler": "ddim", "guidance": 2.0},
            "budget": {"path": "../budget", "plateau_epsilon": 0.01},

@@ -112,17 +112,17 @@ def test_engine_routes_auto_by_the_policy_and_records_it(policy_bundle):
     plans = gen.plan(reqs)
     assert (plans[0].model, plans[0].steps) == ("base", 3)
     assert (plans[1].model, plans[1].steps, plans[1].guidance) == ("student", 4, 1.0)
-    assert plans[2].model == "base" and plans[2].info["budget"]["rule"]["name"] == "quality_target"
-    assert plans[2].steps == plans[2].info["budget"]["chosen_steps"]
-    assert (plans[3].model, plans[3].steps) == ("base", 20) and plans[3].info["auto"]["route"] == "reference"
+    assert plans[2].model == "base" and plans[2].budget.rule["name"] == "quality_target"
+    assert plans[2].steps == plans[2].budget.chosen_steps
+    assert (plans[3].model, plans[3].steps) == ("base", 20) and plans[3].route.route == "reference"
     skip = gen.plan([GenerationRequest(PROMPT, mode="auto", quality_target=0.95)])[0]
     assert (skip.model, skip.steps) == ("base", 10) and skip.skip is not None
-    assert skip.info["skip_policy"]["point"] == gen.skip_policy.for_scheduler("ddim").default
+    assert skip.skip_source["point"] == gen.skip_policy.for_scheduler("ddim").default
     results = gen(reqs[:2], output_type="np")
-    auto = results[0].record["policy"]["auto"]
+    auto = results[0].record.to_dict()["policy"]["auto"]
     assert auto["route"] == "base@3" and auto["policy"]["sha256"] == gen.auto_policy.sha256
     assert auto["policy"]["path"].endswith("bundle.json#auto.policy")
-    assert results[1].record["model"]["name"] == "student" and results[1].record["steps"] == 4
+    assert results[1].record.model.name == "student" and results[1].record.steps == 4
     # an explicit guidance still wins over the candidate's
     plan = gen.plan([GenerationRequest(PROMPT, mode="auto", guidance=3.0)])[0]
     assert plan.guidance == 3.0

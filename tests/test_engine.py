@@ -13,6 +13,7 @@ import torch
 from budgetdiff.bundle import BundleError, load_bundle
 from budgetdiff.cli import main
 from budgetdiff.engine import MODES, GenerationRequest, Generator
+from budgetdiff.errors import RequestError
 from budgetdiff.policy import PolicyError, SkipPolicy, load_skip_policy
 
 PROMPTS = ["a small red circle at the top left on a white background",
@@ -26,10 +27,10 @@ def images_of(results) -> np.ndarray:
 
 def test_every_mode_runs_and_records_what_it_did(tiny_generator, tiny_bundle_dir):
     results = tiny_generator([GenerationRequest(PROMPTS[0], mode=m, seed=4) for m in MODES], output_type="np")
-    assert [r.record["mode"] for r in results] == list(MODES)
+    assert [r.record.mode for r in results] == list(MODES)
     policy = load_skip_policy(tiny_bundle_dir / "skip_policy.json")
     for r in results:
-        rec = r.record
+        rec = r.record.to_dict()
         assert r.image.shape == (16, 16, 3) and np.isfinite(r.image).all()
         for key in ("steps", "nfe", "skipped", "scheduler", "guidance", "seed", "seconds", "model", "policy"):
             assert key in rec, (rec["mode"], key)
@@ -37,7 +38,7 @@ def test_every_mode_runs_and_records_what_it_did(tiny_generator, tiny_bundle_dir
         assert rec["policy"]["bundle"]["sha256"] == load_bundle(tiny_bundle_dir).sha256
         per_eval = tiny_generator.gflops_per_evaluation[(rec["model"]["name"], rec["cfg"])]
         assert rec["unet_gflops"] == pytest.approx(rec["nfe"] * per_eval, rel=1e-3)
-    full, budget, adaptive, student, auto = (r.record for r in results)
+    full, budget, adaptive, student, auto = (r.record.to_dict() for r in results)
     assert full["steps"] == 20 and full["nfe"] == 20 and full["model"]["name"] == "base"
     assert full["skip_mask"] is None and full["policy"]["skip"] is None
     assert budget["steps"] == budget["budget"]["chosen_steps"] and budget["policy"]["budget"]["rule"]["name"] == "plateau"
@@ -56,11 +57,11 @@ def test_auto_routes_by_the_predicted_budget(tiny_bundle_dir):
     chosen = gen.plan([GenerationRequest(PROMPTS[1], mode="budget")])[0].steps
     gen.auto_student_max_steps = chosen  # the budget is within the student's reach
     plan = gen.plan([GenerationRequest(PROMPTS[1], mode="auto")])[0]
-    assert plan.model == "student" and plan.guidance == 1.0 and plan.info["auto"]["route"] == "student"
+    assert plan.model == "student" and plan.guidance == 1.0 and plan.route.route == "student"
     gen.auto_student_max_steps = chosen - 1  # beyond it: the base at the budget, with skipping
     plan = gen.plan([GenerationRequest(PROMPTS[1], mode="auto")])[0]
     assert plan.model == "base" and plan.steps == chosen and plan.skip is not None
-    assert plan.info["auto"]["route"] == "base+skip"
+    assert plan.route.route == "base+skip"
 
 
 def test_quality_target_chooses_the_skip_point(tiny_generator):
@@ -91,8 +92,8 @@ def test_compatible_requests_share_batched_calls_and_keep_their_order(tiny_gener
     requests = [GenerationRequest(PROMPTS[i % 3], mode=m, seed=i, steps=6 if m == "full" else None)
                 for i, m in enumerate(["full", "student", "full", "student", "full"])]
     results = tiny_generator(requests, output_type="np", batch_size=2)
-    assert [r.record["seed"] for r in results] == [0, 1, 2, 3, 4]
-    assert [r.record["mode"] for r in results] == ["full", "student", "full", "student", "full"]
+    assert [r.record.seed for r in results] == [0, 1, 2, 3, 4]
+    assert [r.record.mode for r in results] == ["full", "student", "full", "student", "full"]
     assert sorted(calls) == sorted([("base", 2, 6), ("base", 1, 6), ("student", 2, 4)])
 
 
@@ -105,8 +106,8 @@ def test_a_request_reproduces_bit_for_bit_alone_or_in_a_batch(tiny_generator):
     for request, result in zip(requests, batched):
         alone = tiny_generator([request])[0]
         assert np.array_equal(np.asarray(alone.image), np.asarray(result.image)), request.mode
-        assert alone.record["skip_mask"] == result.record["skip_mask"]
-        assert alone.record["steps"] == result.record["steps"] and alone.record["batch_size"] == 1
+        assert alone.record.skip_mask == result.record.skip_mask
+        assert alone.record.steps == result.record.steps and alone.record.batch_size == 1
 
 
 def test_two_threads_on_one_generator_match_sequential_calls(tiny_generator):
@@ -140,7 +141,7 @@ def test_the_pipeline_keeps_no_state_between_calls(tiny_generator):
     again = tiny_generator([GenerationRequest(PROMPTS[0], mode="adaptive", seed=1, scheduler="dpmpp")], output_type="np")
     assert pipe.scheduler is scheduler  # never replaced by a call
     assert np.array_equal(first[0].image, again[0].image)
-    assert first[0].record["skip_mask"] == again[0].record["skip_mask"]
+    assert first[0].record.skip_mask == again[0].record.skip_mask
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -159,15 +160,30 @@ def test_the_pipeline_keeps_no_state_between_calls(tiny_generator):
     ({"mode": "full", "prompt": "  "}, "prompt"),
 ])
 def test_bad_requests_name_the_field(tiny_generator, kwargs, field):
+    """A request's own fields are checked when it is made; what the bundle supports, when it runs.
+    Either way the error carries its field as data."""
     kwargs = {"prompt": PROMPTS[0], **kwargs}
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(RequestError) as info:
         tiny_generator([GenerationRequest(**kwargs)])
-    assert str(info.value).startswith(f"{field}:"), info.value
+    assert info.value.field == field and str(info.value).startswith(f"{field}:"), info.value
+
+
+def test_a_request_is_checked_once_when_made(tiny_generator, monkeypatch):
+    """Generating does not validate a request again: only what the models support is checked."""
+    request = GenerationRequest(PROMPTS[0], mode="full", steps=2, seed=1)
+    calls = []
+    monkeypatch.setattr(GenerationRequest, "validate", lambda self: calls.append(self))
+    copies = [request.for_image(i, f"r/{i}") for i in range(3)]
+    assert [c.seed for c in copies] == [1, 2, 3] and copies[2].request_id == "r/2"
+    tiny_generator(copies)
+    assert calls == []
 
 
 def test_a_bad_request_in_a_list_names_its_position(tiny_generator):
-    with pytest.raises(ValueError, match=r"^mode: .*\(request 1\)$"):
-        tiny_generator([GenerationRequest(PROMPTS[0], mode="full"), GenerationRequest(PROMPTS[0], mode="x")])
+    with pytest.raises(RequestError, match=r"^scheduler: .*\(request 1\)$") as info:
+        tiny_generator([GenerationRequest(PROMPTS[0], mode="full"),
+                        GenerationRequest(PROMPTS[0], mode="student", scheduler="euler")])
+    assert (info.value.field, info.value.index) == ("scheduler", 1)
 
 
 def test_a_budget_model_for_another_unet_is_refused(tiny_bundle_dir, tmp_path):
@@ -223,7 +239,7 @@ def test_cli_adaptive_uses_the_shipped_policy(tiny_bundle_dir, tiny_generator, t
                               "--out", str(tmp_path / "a.png")], capsys)
     assert code == 0, err
     record = json.loads(out.strip().splitlines()[-1])
-    engine = tiny_generator([GenerationRequest(PROMPTS[0], mode="adaptive", seed=3)])[0].record
+    engine = tiny_generator([GenerationRequest(PROMPTS[0], mode="adaptive", seed=3)])[0].record.to_dict()
     assert record["mode"] == "adaptive" and record["policy"]["skip"]["point"] == "delta=0.5"
     assert record["skip_mask"] == engine["skip_mask"] and record["nfe"] == engine["nfe"] < 20
     code, out, err = run_cli(["generate", PROMPTS[0], "--bundle", str(tiny_bundle_dir), "--adaptive", "--seed", "3",
@@ -282,3 +298,62 @@ def test_cli_batch_writes_records_and_resumes(tiny_bundle_dir, tmp_path, capsys)
     code, _, err = run_cli(["batch", str(bad), "--out-dir", str(tmp_path / "o2"), "--bundle", str(tiny_bundle_dir)],
                            capsys)
     assert code == 2 and "--mode" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Overriding a part of the bundle: the calibrated auto policy is kept where it holds
+# ------------------------------------------------------------------------------------------------
+def test_model_and_budget_model_overrides_keep_the_calibrated_auto_policy(tiny_bundle_dir, tmp_path, capsys):
+    """``--model`` / ``--budget-model`` with the parts the policy was calibrated with keep it (no
+    silent fallback to the older rule); another predictor keeps it too, and a route that uses the
+    predictor says in its record that its measurement was made with the bundle's."""
+    from tests.test_auto_policy import bundle_with_policy
+
+    bundle = bundle_with_policy(tiny_bundle_dir, tmp_path / "bundle")
+    sha = load_bundle(bundle).auto.policy.sha256
+    base_copy, budget_copy = tmp_path / "base-copy", tmp_path / "budget-copy"
+    shutil.copytree(tiny_bundle_dir.parent / "base", base_copy)  # the same weights at another path
+    shutil.copytree(tiny_bundle_dir.parent / "budget", budget_copy)
+
+    def auto_record(*flags):
+        code, out, err = run_cli(["generate", PROMPTS[0], "--bundle", str(bundle), "--mode", "auto", "--seed", "1",
+                                  "--out", str(tmp_path / "x.png"), *flags], capsys)
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1])["policy"]["auto"]
+
+    for flags in ([], ["--model", str(base_copy)], ["--budget-model", str(budget_copy)],
+                  ["--model", str(base_copy), "--budget-model", str(budget_copy)]):
+        auto = auto_record(*flags)
+        assert auto["policy"]["sha256"] == sha and auto["route"] == "base@3", flags  # the policy's default
+        assert "rule" not in auto and "calibration" not in auto, flags
+
+    config = json.loads((budget_copy / "config.json").read_text())
+    (budget_copy / "config.json").write_text(json.dumps({**config, "retrained": "elsewhere"}))  # another predictor
+    gen = Generator.from_bundle(bundle, budget_model=budget_copy)
+    budget_route, uniform_route = (r.record.route for r in gen([GenerationRequest(PROMPTS[0], quality_target=0.85),
+                                                               GenerationRequest(PROMPTS[0])]))
+    assert budget_route.policy["sha256"] == sha and budget_route.route.startswith("budget")
+    assert budget_route.calibration["policy_applied"] and not budget_route.calibration["measured_holds"]
+    assert "budget predictor was replaced" in budget_route.calibration["why"]
+    assert uniform_route.route == "base@3" and uniform_route.calibration is None
+
+
+def test_another_base_model_sets_the_calibrated_policy_aside_and_says_why(tiny_bundle_dir, tmp_path):
+    """A base model with other UNet weights was never calibrated: auto routes by the bundle's rule,
+    and every auto record names why."""
+    from tests.conftest import make_tiny_predictor
+    from tests.test_auto_policy import bundle_with_policy
+
+    bundle = bundle_with_policy(tiny_bundle_dir, tmp_path / "bundle")
+    other = tiny_bundle_dir.parent / "student"  # a BudgetDiffusionPipeline with other UNet weights
+    with pytest.raises(RequestError, match="^mode: auto needs a budget predictor: the bundle's budget predictor "
+                                           "does not fit this base model"):
+        Generator.from_bundle(bundle, model=other)([GenerationRequest(PROMPTS[0])])
+    predictor = make_tiny_predictor(other, tmp_path / "budget-for-other")
+    gen = Generator.from_bundle(bundle, model=other, budget_model=predictor)
+    record = gen([GenerationRequest(PROMPTS[0], seed=2)])[0].record.to_dict()
+    auto = record["policy"]["auto"]
+    assert auto["route"] in ("student", "base+skip") and auto["rule"]["student_max_steps"] == 8
+    assert auto["calibration"]["policy_applied"] is False
+    assert "not the one the auto policy was calibrated with" in auto["calibration"]["why"]
+    assert record["model"]["path"] == str(other.resolve()) or record["model"]["name"] == "student"

@@ -57,6 +57,14 @@ def test_sink_rejects_unknown_names_wrong_kinds_and_tags():
     assert sink.values("budgetdiff_steps") == []
 
 
+def _requests(n=1, request_id="r", **fields):
+    """The n engine requests of one API call (what the ingress sends to the model deployment)."""
+    from budgetdiff.engine import GenerationRequest
+
+    first = GenerationRequest(fields.pop("prompt", PROMPT), **fields)
+    return [first.for_image(i, f"{request_id}/{i}") for i in range(n)]
+
+
 def _reply(n=2, steps=8, skipped=2, route="student"):
     images = [{"b64_json": "x", "record": {"seed": i, "steps": steps, "nfe": steps - skipped, "skipped": skipped,
                                            "route": route, "unet_gflops": 1.5, "queue_ms": 12.0, "scheduler": "ddim",
@@ -66,8 +74,8 @@ def _reply(n=2, steps=8, skipped=2, route="student"):
 
 def test_observe_call_exports_per_mode_and_per_image_series():
     sink = MemoryMetrics()
-    observe_call(sink, {"prompt": PROMPT, "mode": "auto"}, _reply(), 1.25)
-    observe_call(sink, {"prompt": PROMPT, "mode": "full"},
+    observe_call(sink, _requests(2, mode="auto"), _reply(), 1.25)
+    observe_call(sink, _requests(1, mode="full"),
                  {"error": {"status": 400, "code": "invalid_size", "message": "size"}}, 0.01)
     assert sink.counter("budgetdiff_requests", mode="auto", status="ok") == 1
     assert sink.counter("budgetdiff_requests", mode="full", status="invalid_size") == 1
@@ -88,8 +96,8 @@ def test_local_model_exports_metrics_for_real_calls(tiny_bundle_dir):
 
     async def run():
         await model.reconfigure({"model_source": str(tiny_bundle_dir), "warmup": False})
-        ok = await model.generate({"prompt": PROMPT, "n": 2, "mode": "full", "steps": 3, "seed": 1, "request_id": "r"})
-        bad = await model.generate({"prompt": PROMPT, "n": 1, "mode": "full", "steps": 3, "size": "7x7"})
+        ok = await model.generate(_requests(2, mode="full", steps=3, seed=1))
+        bad = await model.generate(_requests(1, mode="full", steps=3), size="7x7")
         return ok, bad
 
     ok, bad = asyncio.run(run())
@@ -118,7 +126,7 @@ def test_sampler_queue_is_bounded_and_drops_are_counted():
         nonlocal gate
         gate = asyncio.Event()
         sampler = ShadowSampler(1.0, queue_size=2, send=send, sink=sink, max_in_flight=1)
-        queued = sampler.offer({"prompt": PROMPT, "mode": "auto"}, _reply(n=5))
+        queued = sampler.offer(_requests(5, mode="auto"), _reply(n=5))
         assert queued == 2 and sampler.depth == 2
         assert sink.counter("budgetdiff_shadow_sampled", outcome="dropped") == 3
         assert sink.gauge("budgetdiff_shadow_queue_depth") == 2
@@ -148,7 +156,7 @@ def test_sampler_counts_a_refused_job_as_dropped():
 
     async def run():
         sampler = ShadowSampler(1.0, 8, send, sink)
-        sampler.offer({"prompt": PROMPT}, _reply(n=3))
+        sampler.offer(_requests(3), _reply(n=3))
         for _ in range(100):
             if sampler.counts["failed"] == 3:
                 break
@@ -169,7 +177,8 @@ def test_sampling_rate_is_honoured(rate):
 
     async def run():
         sampler = ShadowSampler(rate, 100_000, send, sink, seed=3)
-        n = sum(sampler.offer({"prompt": PROMPT}, _reply(n=10)) for _ in range(200))
+        requests = _requests(10)
+        n = sum(sampler.offer(requests, _reply(n=10)) for _ in range(200))
         sampler._queue.clear()
         return n
 
@@ -184,7 +193,7 @@ def test_sampler_rejects_a_bad_rate():
 
 
 def test_jobs_carry_what_the_shadow_needs():
-    call = {"prompt": PROMPT, "mode": "budget", "quality_target": 0.95, "guidance": 1.5}
+    call = _requests(2, mode="budget", quality_target=0.95, guidance=1.5)
     jobs = jobs_from_reply(call, _reply(n=2))
     assert [j.seed for j in jobs] == [0, 1]
     assert jobs[0].quality_target == 0.95 and jobs[0].guidance == 1.5 and jobs[0].mode == "budget"
@@ -287,7 +296,7 @@ def test_model_replica_feeds_the_shadow_end_to_end(tiny_bundle_dir, evaluator):
     async def run():
         await model.reconfigure({"model_source": str(tiny_bundle_dir), "warmup": False,
                                  "shadow_sample_rate": 1.0, "shadow_queue_size": 4})
-        await model.generate({"prompt": PROMPT, "n": 2, "mode": "full", "steps": 3, "seed": 7, "request_id": "e"})
+        await model.generate(_requests(2, request_id="e", mode="full", steps=3, seed=7))
         for _ in range(600):
             if model.sampler.counts["sent"] == 2:
                 break

@@ -350,6 +350,7 @@ def test_mlflow_server_http_uri(bundles, scorer, tmp_path, monkeypatch):
 def test_service_loads_the_champion_and_follows_the_alias(flow, registry_env):
     import asyncio
 
+    from budgetdiff.engine import GenerationRequest
     from registry.store import aliases, set_champion
     from serving.model import LocalImageModel
 
@@ -359,13 +360,13 @@ def test_service_loads_the_champion_and_follows_the_alias(flow, registry_env):
 
     async def run():
         await model.reconfigure({"model_source": "models:/budgetdiff@champion", "warmup": False})
-        first = await model.generate({"prompt": PROMPT, "n": 1, "mode": "full", "steps": 2, "seed": 1})
+        first = await model.generate([GenerationRequest(PROMPT, mode="full", steps=2, seed=1)])
         assert not await model.poll_registry_once()  # alias unchanged: nothing reloads
         other = "1" if champion != "1" else "3"
         set_champion(client, other, by="test")
         try:
             assert await model.poll_registry_once()
-            second = await model.generate({"prompt": PROMPT, "n": 1, "mode": "full", "steps": 2, "seed": 1})
+            second = await model.generate([GenerationRequest(PROMPT, mode="full", steps=2, seed=1)])
         finally:
             set_champion(client, champion, by="test")
         return first, second, other

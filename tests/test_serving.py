@@ -140,8 +140,11 @@ BAD_INPUTS = [
     ({"prompt": "a", "steps": 10}, 400, "steps", "steps: mode auto chooses its own step count"),
     ({"prompt": "a", "quality_target": 1.5}, 400, "quality_target", "quality_target: must be a number in (0, 1]"),
     ({"prompt": "a", "mode": "full", "quality_target": 0.9}, 400, "quality_target", "quality_target: mode full"),
-    ({"prompt": "a", "guidance_scale": -1}, 400, "guidance_scale", "guidance_scale: must be a finite number"),
-    (b'{"prompt": "a", "guidance_scale": NaN}', 400, "guidance_scale", "guidance_scale: must be a finite number"),
+    ({"prompt": "a", "guidance": -1}, 400, "guidance", "guidance: must be a finite number"),
+    ({"prompt": "a", "guidance_scale": -1}, 400, "guidance", "guidance: must be a finite number"),  # diffusers' name
+    (b'{"prompt": "a", "guidance_scale": NaN}', 400, "guidance", "guidance: must be a finite number"),
+    ({"prompt": "a", "guidance": 2, "guidance_scale": 2}, 400, "guidance", "guidance: give guidance or guidance_scale"),
+    ({"prompt": "a", "mode": "full", "seed": 2**63 - 1, "n": 2}, 400, "seed", "seed: seed + 1 is past"),
     ({"prompt": "a", "seed": -1}, 400, "seed", "seed: must be an integer"),
     ({"prompt": "a", "seed": True}, 400, "seed", "seed: must be an integer"),
     ({"prompt": "a", "colour": "red"}, 400, "colour", "colour: unrecognized request argument"),
@@ -192,6 +195,56 @@ def test_model_specific_limits_are_422(tiny_components, tiny_bundle_dir, tmp_pat
     assert client.post(URL, json={"prompt": "a red circle", "mode": "full", "steps": 2}).status_code == 200
 
 
+class _PicklingHandle:
+    """A DeploymentHandle stand-in that sends every call across a process boundary the way Ray
+    does (the arguments pickled and unpickled) to a ``LocalImageModel``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, method):
+        import pickle
+
+        target = getattr(self.model, method)
+
+        class _Method:
+            def remote(self, *args):
+                return target(*pickle.loads(pickle.dumps(args)))
+        return _Method()
+
+
+def test_one_http_request_is_validated_once_per_edge(local_model, monkeypatch):
+    """HTTP -> ingress -> (pickled, as through Ray) -> model deployment -> engine: the request's
+    own fields are validated once, at the ingress; the model deployment and the engine only check
+    what the bundle supports, and the typed requests arrive as they were sent."""
+    from budgetdiff.engine import GenerationRequest, Generator
+
+    validations, supported, received = [], [], []
+    validate, check_supported, generate = (GenerationRequest.validate, Generator.check_supported,
+                                           LocalImageModel.generate)
+    monkeypatch.setattr(GenerationRequest, "validate", lambda self: validations.append(self) or validate(self))
+    monkeypatch.setattr(Generator, "check_supported",
+                        lambda self, r: supported.append(r) or check_supported(self, r))
+
+    async def spy(self, requests, size=None):
+        received.append(requests)
+        return await generate(self, requests, size)
+
+    monkeypatch.setattr(LocalImageModel, "generate", spy)
+    client = TestClient(create_api(IngressState(HandleBackend(_PicklingHandle(local_model)))))
+    r = client.post(URL, json={"prompt": "a small red circle at the top left", "n": 3, "mode": "full",
+                               "steps": 2, "seed": 4, "guidance_scale": 1.5}, headers={"x-request-id": "q1"})
+    assert r.status_code == 200, r.text
+    assert len(validations) == 1  # the HTTP edge; not again per image, per layer or after pickling
+    (requests,) = received
+    assert all(type(q) is GenerationRequest for q in requests)
+    assert [(q.seed, q.request_id, q.guidance) for q in requests] == [(4, "q1/0", 1.5), (5, "q1/1", 1.5),
+                                                                     (6, "q1/2", 1.5)]
+    assert [rec["record"]["guidance"] for rec in r.json()["data"]] == [1.5] * 3  # one name, API to record
+    assert len(supported) == 6  # what the bundle supports: at the model deployment and in the engine
+    assert len(validations) == 1
+
+
 # ------------------------------------------------------------------------------------------
 # Auth, timeouts, overload
 # ------------------------------------------------------------------------------------------
@@ -208,7 +261,7 @@ def test_bearer_key_from_the_environment(client, monkeypatch):
 
 
 class _SlowModel:
-    async def generate(self, call):
+    async def generate(self, requests, size=None):
         await asyncio.sleep(5)
 
     async def info(self):
@@ -312,15 +365,19 @@ def test_reconfigure_swaps_the_model_without_failing_requests(tiny_bundle_dir, t
     model = _model(tiny_bundle_dir)
     client = TestClient(create_api(IngressState(LocalBackend(model))))
     before = client.get("/healthz").json()["model_version"]
-    call = {"prompt": "a red circle", "mode": "adaptive", "steps": 8, "n": 2, "seed": 0, "request_id": "r"}
+    from budgetdiff.engine import GenerationRequest
+
+    def call(seed):  # one API call of two images, as the ingress sends it
+        first = GenerationRequest("a red circle", mode="adaptive", steps=8, seed=seed)
+        return [first.for_image(i, f"r/{i}") for i in range(2)]
 
     async def traffic_during_swap():
-        tasks = [asyncio.create_task(model.generate({**call, "seed": i})) for i in range(6)]
+        tasks = [asyncio.create_task(model.generate(call(i))) for i in range(6)]
         await asyncio.sleep(0)  # the first calls are checked against the old model
         swap = asyncio.create_task(model.reconfigure({"model_source": str(other), "warmup": False}))
-        tasks += [asyncio.create_task(model.generate({**call, "seed": 10 + i})) for i in range(6)]
+        tasks += [asyncio.create_task(model.generate(call(10 + i))) for i in range(6)]
         await swap
-        tasks += [asyncio.create_task(model.generate({**call, "seed": 20 + i})) for i in range(3)]
+        tasks += [asyncio.create_task(model.generate(call(20 + i))) for i in range(3)]
         return await asyncio.gather(*tasks)
 
     results = asyncio.run(traffic_during_swap())

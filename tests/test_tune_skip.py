@@ -222,11 +222,11 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
                                  scheduler="ddim") for s in range(3)]
     a = Generator(pipe, skip_policy=tiny_skip_policy())(request, output_type="pt")
     b = Generator(pipe, skip_policy=policy)(request, output_type="pt")
-    assert all(r.record["policy"]["skip"]["config"]["threshold"] == default.config.threshold for r in b)
-    masks_a, masks_b = [r.record["skip_mask"] for r in a], [r.record["skip_mask"] for r in b]
+    assert all(r.record.skip_config["threshold"] == default.config.threshold for r in b)
+    masks_a, masks_b = [r.record.skip_mask for r in a], [r.record.skip_mask for r in b]
     assert masks_a != masks_b
     # C_max >= 6 and δ >= 2 skip more than C_max 2 at δ 0.5
-    assert sum(r.record["nfe"] for r in b) < sum(r.record["nfe"] for r in a)
+    assert sum(r.record.nfe for r in b) < sum(r.record.nfe for r in a)
 
     # report, plot, held-out check
     saved = json.loads((tmp_path / "reports/tune_skip.json").read_text())
