@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -176,6 +176,18 @@ def held_out_scenes(n: int, offset: int, n_objects: int | None = None,
 def level_seed(offset: int, n_objects: int, i: int) -> int:
     """The seed of the ``i``-th scene with ``n_objects`` objects of a per-level held-out set."""
     return offset + LEVEL_SEED_STRIDE * n_objects + i
+
+
+def level_prompts(prompts_per_level: dict, offset: int) -> tuple[list[str], list[int], list[int]]:
+    """(prompts, noise seeds, object counts) of a per-level held-out set: ``n`` scenes per object
+    count (``prompts_per_level`` maps counts to ``n``) from the seeds ``level_seed(offset, count, i)``;
+    each image's noise seed is its scene seed. bench_adaptive's prompts and tune_skip's."""
+    prompts, seeds, levels = [], [], []
+    for n_obj, n in sorted((int(k), int(v)) for k, v in prompts_per_level.items()):
+        prompts += held_out_scenes(n, level_seed(offset, n_obj, 0), n_objects=n_obj)[1]
+        seeds += [level_seed(offset, n_obj, i) for i in range(n)]
+        levels += [n_obj] * n
+    return prompts, seeds, levels
 
 
 _SCENE_TEMPLATES = (
@@ -414,8 +426,3 @@ def render_scene_array(
 def render_scene(spec: SceneSpec, resolution: int = BASE_RESOLUTION) -> Image.Image:
     """Render ``spec`` to an RGB PIL image of ``resolution`` x ``resolution`` pixels."""
     return Image.fromarray(render_scene_array(spec, resolution))
-
-
-def with_seed(spec: SceneSpec, seed: int) -> SceneSpec:
-    """The same scene with another render seed (other sub-pixel jitter)."""
-    return replace(spec, seed=seed)

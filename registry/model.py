@@ -15,11 +15,12 @@ missing or null value takes ``GenerationRequest``'s default: seed 0, mode auto).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
 import mlflow.pyfunc
+
+from budgetdiff.io import png_bytes
 
 from .artifacts import resolve_shared_parts
 
@@ -73,9 +74,7 @@ class BudgetdiffModel(mlflow.pyfunc.PythonModel):
         images = []
         for r in results:
             if output == "png":
-                buf = io.BytesIO()
-                r.image.save(buf, format="PNG")
-                images.append(buf.getvalue())
+                images.append(png_bytes(r.image))
             else:
                 images.append(np.asarray(r.image, dtype=np.uint8))
         return pd.DataFrame({"image": images, "record": [json.dumps(r.record, default=str) for r in results]})
