@@ -71,24 +71,10 @@ from budgetdiff.flops import counting_unet_flops
 from budgetdiff.generation import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig, psnr
-from budgetdiff.scenes import held_out_scenes, level_seed
+from budgetdiff.scenes import level_prompts
 
 PAB_HOOK = "pyramid_attention_broadcast"  # diffusers.hooks.pyramid_attention_broadcast's hook name
 ATTR_VS_FULL = "domain/attr_acc_vs_full"
-
-
-# ------------------------------------------------------------------------------------------
-# Prompts
-# ------------------------------------------------------------------------------------------
-def scene_prompts(prompts_per_level: dict, offset: int):
-    """(prompts, noise seeds, object counts): ``n`` scenes per object count from seeds
-    ``offset + 100_000·count + i``; each image's noise seed is its scene seed."""
-    prompts, seeds, levels = [], [], []
-    for n_obj, n in sorted((int(k), int(v)) for k, v in prompts_per_level.items()):
-        prompts += held_out_scenes(n, level_seed(offset, n_obj, 0), n_objects=n_obj)[1]
-        seeds += [level_seed(offset, n_obj, i) for i in range(n)]
-        levels += [n_obj] * n
-    return prompts, seeds, levels
 
 
 # ------------------------------------------------------------------------------------------
@@ -234,7 +220,7 @@ def tune_thresholds(pipe, cfg: dict, guidance: float) -> dict:
     pass; when none passes, the candidate with the best speedup among those meeting the PSNR
     target (or the smallest candidate) is taken and ``met`` says False."""
     tcfg, targets, steps = cfg["tuning"], cfg["targets"], int(cfg["steps"])
-    prompts, seeds, _ = scene_prompts(tcfg["prompts_per_level"], int(tcfg["seed_offset"]))
+    prompts, seeds, _ = level_prompts(tcfg["prompts_per_level"], int(tcfg["seed_offset"]))
     out = {"prompts": len(prompts), "seed_offset": int(tcfg["seed_offset"]), "thresholds": {}, "met": {},
            "table": {}, "rule": "per scheduler: the smallest candidate with nfe_speedup >= target and mean PSNR >= "
                                 "target on the tuning prompts"}
@@ -545,7 +531,7 @@ def run(cfg: dict) -> dict:
     tuned_by_scheduler = report["tuning"]["thresholds"]
     report["tuned_thresholds"] = tuned_by_scheduler
 
-    prompts, seeds, levels = scene_prompts(cfg["prompts_per_level"], int(cfg["seed_offset"]))
+    prompts, seeds, levels = level_prompts(cfg["prompts_per_level"], int(cfg["seed_offset"]))
     report["prompts"] = {"count": len(prompts), "per_level": {str(k): levels.count(k) for k in sorted(set(levels))},
                          "seed_offset": int(cfg["seed_offset"]), "batch_size": int(cfg["batch_size"])}
     report["schedulers"] = {}

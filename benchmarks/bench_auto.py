@@ -22,7 +22,6 @@ reports/auto.png (UNet GFLOPs per image against quality).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -38,7 +37,7 @@ from budgetdiff.evaluators import load_attribute_checker
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
-from budgetdiff.fingerprint import unet_fingerprint
+from budgetdiff.fingerprint import content_sha256, unet_fingerprint
 from budgetdiff.scenes import held_out_scenes
 from mlops.cli import command
 from mlops.params import load_params
@@ -212,8 +211,6 @@ def run(cfg: dict) -> dict:
     seeds = [cfg["seed_offset"] + i for i in range(len(prompts))]
     gflops = gen.gflops_per_evaluation
     cache = Path(cfg["cache_dir"])
-    from budgetdiff.policy import content_sha256
-
     # a run depends on the whole bundle only in auto mode: other modes are cached across auto-policy changes
     models_key = [gen.skip_policy.sha256, *(unet_fingerprint(m.path) for m in gen.models.values())]
     no_auto_key = [content_sha256({k: v for k, v in gen.bundle.raw.items() if k != "auto"}), *models_key]
@@ -226,8 +223,7 @@ def run(cfg: dict) -> dict:
 
     def measure(name: str, requests: list[GenerationRequest]) -> None:
         bundle_key = auto_key if any(r.mode == "auto" for r in requests) else no_auto_key
-        key = hashlib.sha256(json.dumps([bundle_key, name, [r.__repr__() for r in requests], cfg["batch_size"]],
-                                        default=str).encode()).hexdigest()[:16]
+        key = content_sha256([bundle_key, name, [r.__repr__() for r in requests], cfg["batch_size"]])
         path = cache / f"{name}_{key}.pt"
         if path.is_file():
             saved = torch.load(path, weights_only=False)

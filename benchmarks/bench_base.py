@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from budgetdiff.evaluators import attr_check, check_scene_heuristic, load_attribute_checker, summarize_checks
 from budgetdiff.generation import load_pipeline
-from budgetdiff.io import atomic_write_bytes, atomic_write_json
+from budgetdiff.io import atomic_write_bytes, atomic_write_json, png_bytes
 from budgetdiff.scenes import held_out_scenes, level_seed, render_scene_array, sample_scene, spec_to_prompt
 
 CHECKERS = {"primary": "trained attribute checker (models/attributes)", "heuristic": "heuristic_v1"}
@@ -105,11 +105,7 @@ def run(cfg: dict) -> dict:
 
     grid_specs = [sample_scene(cfg["seed_offset"] + 900_000 + i, n_objects=1 + i % 4) for i in range(cfg["grid_prompts"])]
     grid = sample_grid(pipe, grid_specs, [spec_to_prompt(s) for s in grid_specs], cfg["grid_steps"], guidance, sched)
-    import io
-
-    buffer = io.BytesIO()
-    grid.save(buffer, format="PNG")
-    atomic_write_bytes(cfg["grid_path"], buffer.getvalue())
+    atomic_write_bytes(cfg["grid_path"], png_bytes(grid))
     return report
 
 

@@ -28,7 +28,6 @@ SnapFusion's Fig. 6) and reports/distill_samples.png (ground truth, then each ru
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import textwrap
@@ -41,11 +40,11 @@ from PIL import Image, ImageDraw
 
 from budgetdiff.evaluators import load_attribute_checker
 from budgetdiff.generation import load_pipeline
-from budgetdiff.io import atomic_write_bytes, atomic_write_json
+from budgetdiff.io import atomic_write_bytes, atomic_write_json, png_bytes
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
 from budgetdiff.scenes import held_out_scenes, render_scene_array
-from budgetdiff.fingerprint import unet_fingerprint
+from budgetdiff.fingerprint import content_sha256, unet_fingerprint
 from mlops.cli import command
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
@@ -315,9 +314,8 @@ def run(cfg: dict) -> dict:
         fingerprint = unet_fingerprint(spec["model"])
         results[name] = {}
         for g in guidances:
-            key = hashlib.sha256(json.dumps(
-                [fingerprint, steps, g, cfg["scheduler"], len(prompts), cfg["seed_offset"],
-                 list(cfg["count_weights"]), cfg["batch_size"]]).encode()).hexdigest()[:16]
+            key = content_sha256([fingerprint, steps, g, cfg["scheduler"], len(prompts), cfg["seed_offset"],
+                                  list(cfg["count_weights"]), cfg["batch_size"]])
             cached = cache_dir / f"{name}_w{g:g}_{key}.json"
             if cached.is_file():
                 r = results[name][str(g)] = json.loads(cached.read_text())
@@ -381,9 +379,7 @@ def run(cfg: dict) -> dict:
                   cfg.get("training_seeds"))
     grid = sample_grid(grid_columns, prompts[:grid_n], [render_scene_array(s) for s in specs[:grid_n]],
                        f"w={target_guidance}")
-    png = io.BytesIO()
-    grid.save(png, format="PNG")
-    atomic_write_bytes(cfg["grid_path"], png.getvalue())
+    atomic_write_bytes(cfg["grid_path"], png_bytes(grid))
     return report
 
 

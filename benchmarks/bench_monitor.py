@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bench_serve import APP, Client, _free_port, _percentiles, _strip, model_config, prompts
+from mlops.repo import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class BenchMonitorError(ValueError):
@@ -161,12 +161,12 @@ class Prometheus:
 
     def start(self) -> None:
         proc = subprocess.run([sys.executable, "-m", "monitoring.prom", "start", *self.args, "--dir", str(self.dir),
-                               "--retention", "1d"], cwd=REPO, capture_output=True, text=True, timeout=180)
+                               "--retention", "1d"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
         if proc.returncode != 0:
             raise RuntimeError(f"prometheus did not start: {(proc.stderr or proc.stdout).strip()[-400:]}")
 
     def stop(self) -> None:
-        subprocess.run([sys.executable, "-m", "monitoring.prom", "stop", "--dir", str(self.dir)], cwd=REPO,
+        subprocess.run([sys.executable, "-m", "monitoring.prom", "stop", "--dir", str(self.dir)], cwd=REPO_ROOT,
                        capture_output=True, text=True, timeout=120)
 
     def get(self, path: str) -> dict:

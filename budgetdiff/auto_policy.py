@@ -151,7 +151,7 @@ class AutoPolicy:
 
     @property
     def sha256(self) -> str:
-        from .policy import content_sha256
+        from .fingerprint import content_sha256
 
         return content_sha256(self.to_dict())
 

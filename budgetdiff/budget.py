@@ -458,14 +458,6 @@ class BudgetPredictor:
     def rule_metrics(self) -> dict[str, str]:
         return dict(self.config["rule_metrics"])
 
-    def default_rule(self, quality_target: float | None = None) -> PlateauRule | QualityTargetRule:
-        """The quality-target rule at ``quality_target`` when given, else the plateau rule at the
-        model's ε."""
-        rules = self.config["rules"]
-        if quality_target is not None:
-            return QualityTargetRule(float(quality_target), rules["psnr_cap_db"])
-        return PlateauRule(rules["plateau_epsilon"])
-
     # -- compatibility ----------------------------------------------------------------------
     def _name(self) -> str:
         return f"budget model {self.path!r}" if self.path else "the budget model"

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .auto_policy import AutoPolicy, AutoPolicyError
-from .policy import PolicyError, SkipPolicy, content_sha256, load_skip_policy
+from .fingerprint import content_sha256
+from .policy import PolicyError, SkipPolicy, load_skip_policy
 
 BUNDLE_FORMAT = "budgetdiff-bundle/1"
 BUNDLE_FILE = "bundle.json"

@@ -220,13 +220,9 @@ def _is_stock(model: str) -> bool:
 
 
 def _write_png(out: Path, image) -> None:
-    import io as _io
+    from .io import atomic_write_bytes, png_bytes
 
-    from .io import atomic_write_bytes
-
-    buffer = _io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(out, buffer.getvalue())
+    atomic_write_bytes(out, png_bytes(image))
 
 
 def _generate_stock(model: str, request):

@@ -1,6 +1,8 @@
-"""Fingerprints of model files: one hash per idea, so that every stage keys its caches and
-records the same way.
+"""Fingerprints: one hash per idea, so that every stage keys its caches and records the same way.
 
+- ``content_sha256(obj)``: the SHA-256 of an object's canonical JSON (sorted keys), for cache keys
+  and the identity of policies and bundles in records.
+- ``file_sha256(path)``: the SHA-256 of one file's bytes.
 - ``directory_fingerprint(path)``: every file under a directory (names and bytes), for keys
   that must change with anything in it (a render's model, a budget predictor's folder).
 - ``unet_fingerprint(model_dir)``: the files of ``model_dir/unet``, the weights that make one
@@ -12,8 +14,10 @@ records the same way.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 UNET_FINGERPRINT_CHARS = 16
 
@@ -26,6 +30,20 @@ def _update_with_file(digest, path: Path, block: int = 1 << 22) -> None:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(block), b""):
             digest.update(chunk)
+
+
+def content_sha256(obj: Any, length: int | None = 16) -> str:
+    """SHA-256 (first ``length`` hex digits; all 64 when None) of ``obj`` as canonical JSON:
+    ``json.dumps(obj, sort_keys=True)``, with ``str()`` for values JSON cannot hold."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return digest if length is None else digest[:length]
+
+
+def file_sha256(path: str | os.PathLike, length: int | None = None) -> str:
+    """SHA-256 (first ``length`` hex digits; all 64 when None) of the bytes of the file ``path``."""
+    digest = hashlib.sha256()
+    _update_with_file(digest, Path(path))
+    return digest.hexdigest() if length is None else digest.hexdigest()[:length]
 
 
 def directory_fingerprint(path: str | os.PathLike) -> str:

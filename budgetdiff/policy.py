@@ -30,32 +30,20 @@ request's ``quality_target`` against.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .adaptive import AdaptiveSkipConfig
+from .fingerprint import content_sha256
 
 SKIP_POLICY_FORMAT = "budgetdiff-skip-policy/1"
 
 
 class PolicyError(ValueError):
     """A policy file is missing, malformed or does not fit the request."""
-
-
-def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
-    """sha256 of a file's bytes (first ``length`` hex digits)."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return digest[:length]
-
-
-def content_sha256(obj: Any, length: int = 16) -> str:
-    """sha256 of an object's canonical JSON (sorted keys): a policy's identity in records."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:length]
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,18 @@ def level_seed(offset: int, n_objects: int, i: int) -> int:
     return offset + LEVEL_SEED_STRIDE * n_objects + i
 
 
+def level_prompts(prompts_per_level: dict, offset: int) -> tuple[list[str], list[int], list[int]]:
+    """(prompts, noise seeds, object counts) of a per-level held-out set: ``n`` scenes per object
+    count (``prompts_per_level`` maps counts to ``n``) from the seeds ``level_seed(offset, count, i)``;
+    each image's noise seed is its scene seed. bench_adaptive's prompts and tune_skip's."""
+    prompts, seeds, levels = [], [], []
+    for n_obj, n in sorted((int(k), int(v)) for k, v in prompts_per_level.items()):
+        prompts += held_out_scenes(n, level_seed(offset, n_obj, 0), n_objects=n_obj)[1]
+        seeds += [level_seed(offset, n_obj, i) for i in range(n)]
+        levels += [n_obj] * n
+    return prompts, seeds, levels
+
+
 _SCENE_TEMPLATES = (
     "{objects} on a {bg} background",
     "{objects}, {bg} background",
@@ -573,5 +585,5 @@ def without_detail(spec: SceneSpec) -> SceneSpec:
 
 
 def with_seed(spec: SceneSpec, seed: int) -> SceneSpec:
-    """The same scene with another render seed (other sub-pixel jitter)."""
+    """The same scene with another render seed (other sub-pixel jitter, other grain)."""
     return replace(spec, seed=seed)

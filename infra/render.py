@@ -32,19 +32,18 @@ one line naming it; files are replaced atomically.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from budgetdiff.io import atomic_write_bytes
 from mlops.cli import ArgumentParser, print_error
+from mlops.repo import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "serving" / "configs" / "gpu.yaml"
-DEFAULT_OUT_DIR = REPO / "infra" / "k8s"
+DEFAULT_CONFIG = REPO_ROOT / "serving" / "configs" / "gpu.yaml"
+DEFAULT_OUT_DIR = REPO_ROOT / "infra" / "k8s"
 RAYSERVICE_FILE = "rayservice.yaml"
 PODMONITOR_FILE = "podmonitor.yaml"
 
@@ -71,10 +70,10 @@ LATENCY_ENV = "RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS"
 
 
 def _project_version() -> str:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
-def locked_version(package: str, lock: Path = REPO / "uv.lock") -> str:
+def locked_version(package: str, lock: Path = REPO_ROOT / "uv.lock") -> str:
     """``package``'s version in uv.lock (ValueError when it is not locked)."""
     for pkg in tomllib.loads(lock.read_text()).get("package", []):
         if pkg.get("name") == package:
@@ -125,7 +124,7 @@ class RenderOptions:
 def _display(path: Path) -> str:
     path = Path(path).resolve()
     try:
-        return str(path.relative_to(REPO))
+        return str(path.relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
 
@@ -428,22 +427,6 @@ def render(opts: RenderOptions | None = None) -> dict[str, str]:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename (a reader sees the old file or the new one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def stale_files(texts: dict[str, str], out_dir: Path) -> list[str]:
     """The files under ``out_dir`` that are missing or differ from ``texts``."""
     return [name for name, text in texts.items()
@@ -488,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"up to date: {', '.join(_display(out_dir / n) for n in texts)}")
         return 0
     for name, text in texts.items():
-        write_atomic(out_dir / name, text)
+        atomic_write_bytes(out_dir / name, text.encode())
         print(f"wrote {_display(out_dir / name)}")
     return 0
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .repo import REPO_ROOT
+
 EXPERIMENT = "budgetdiff"
 
 

@@ -30,8 +30,8 @@ import urllib.request
 from pathlib import Path
 
 from mlops.cli import print_error
+from mlops.repo import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = Path(__file__).resolve().parent / "prometheus"
 TEMPLATE = PROM_DIR / "prometheus.yml.in"
 RULES = PROM_DIR / "rules.yml"

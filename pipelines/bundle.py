@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 
 from budgetdiff.bundle import write_bundle
-from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy, file_sha256, quality_of
+from budgetdiff.fingerprint import file_sha256
+from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy, quality_of
 from budgetdiff.adaptive import AdaptiveSkipConfig
 from mlops.cli import fail
 from mlops.params import load_params
@@ -81,13 +82,13 @@ def skip_policy_for(policy_cfg: dict) -> SkipPolicy:
             loaded = load_skip_policy(path)
         except PolicyError as exc:
             raise BundleStageError(f"bundle.skip_policy.policy: {exc}") from None
-        source = {**loaded.source, "policy_file": path, "policy_file_sha256": file_sha256(path)}
+        source = {**loaded.source, "policy_file": path, "policy_file_sha256": file_sha256(path, 16)}
         return SkipPolicy(loaded.schedulers, source, loaded.steps)
     report_path = policy_cfg["report"]
     adaptive = _read_json(report_path, "skip_policy.report")
     return skip_policy_from_adaptive_report(
         adaptive, {"stage": policy_cfg.get("stage", "bench_adaptive"), "report": report_path,
-                   "report_sha256": file_sha256(report_path),
+                   "report_sha256": file_sha256(report_path, 16),
                    "selection": "default: the delta bench_adaptive tuned per scheduler; points: its delta sweep"})
 
 

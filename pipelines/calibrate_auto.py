@@ -29,7 +29,6 @@ run resumes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -41,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from budgetdiff.engine import GenerationRequest, Generator
+from budgetdiff.fingerprint import content_sha256
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.scenes import held_out_scenes
 from budgetdiff.auto_policy import AutoCandidate, AutoPolicy, conformal_lower_bound, quality_from_values
@@ -238,7 +238,7 @@ def run(cfg: dict) -> tuple[AutoPolicy, dict]:
     cache = Path(cfg["cache_dir"])
 
     def key(name: str) -> str:
-        return hashlib.sha256(json.dumps([model_key, name, prompts, seeds, cfg["batch_size"]]).encode()).hexdigest()[:16]
+        return content_sha256([model_key, name, prompts, seeds, cfg["batch_size"]])
 
     start = time.time()
     ref_cand = AutoCandidate(f"base@{int(cfg['reference_steps'])}", "uniform", "base", steps=int(cfg["reference_steps"]))

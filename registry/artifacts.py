@@ -29,6 +29,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from budgetdiff.fingerprint import content_sha256, file_sha256
+
 from . import RegistryError
 
 MANIFEST = "registry_manifest.json"
@@ -36,14 +38,6 @@ MANIFEST_FORMAT = "budgetdiff-registry-manifest/1"
 COPY_SUFFIXES = (".safetensors", ".json", ".txt")
 SHARED_PARTS = ("text_encoder",)  # frozen: referenced by content hash, not copied per version
 PARTS = ("base", "student", "budget")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def directory_sha256(path: str | os.PathLike) -> str:
@@ -126,14 +120,12 @@ def stage_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike) -> Stage
     files = {p.relative_to(out).as_posix(): file_sha256(p) for p in sorted(out.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     content = {"files": files, "shared": {k: v["sha256"] for k, v in shared.items()}}
-    sha = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    sha = content_sha256(content, None)
     manifest = {"format": MANIFEST_FORMAT, "bundle_sha256": sha, "files": files,
                 "shared": {k: {"sha256": v["sha256"], "uri": None} for k, v in shared.items()},
                 "left_out": left_out}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     bundle_json = json.loads((out / BUNDLE_FILE).read_text())
-    from budgetdiff.policy import content_sha256
-
     return StagedBundle(out, sha, content_sha256(bundle_json), shared,
                         {k: v for k, v in sources.items() if v}, left_out)
 

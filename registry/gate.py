@@ -26,8 +26,6 @@ moves only when every one holds.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 
@@ -56,6 +54,7 @@ class ValidationSet:
 
     @classmethod
     def build(cls, cfg: dict, evaluator_id: str) -> "ValidationSet":
+        from budgetdiff.fingerprint import content_sha256
         from budgetdiff.scenes import sample_scene, spec_to_prompt
 
         n, offset = int(cfg["prompts"]), int(cfg["seed_offset"])
@@ -63,7 +62,7 @@ class ValidationSet:
         prompts = [spec_to_prompt(sample_scene(offset + i, count_weights=weights)) for i in range(n)]
         seeds = [offset + i for i in range(n)]
         mode = cfg.get("mode", "auto")
-        key = hashlib.sha256(json.dumps([prompts, seeds, mode, evaluator_id]).encode()).hexdigest()[:16]
+        key = content_sha256([prompts, seeds, mode, evaluator_id])
         return cls(prompts, seeds, mode, key)
 
 

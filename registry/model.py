@@ -16,11 +16,12 @@ and ``index`` the row. Params: ``output`` ("png" or "array"), ``batch_size``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
 import mlflow.pyfunc
+
+from budgetdiff.io import png_bytes
 
 from .artifacts import resolve_shared_parts
 
@@ -78,9 +79,7 @@ class BudgetdiffModel(mlflow.pyfunc.PythonModel):
         images = []
         for r in results:
             if output == "png":
-                buf = io.BytesIO()
-                r.image.save(buf, format="PNG")
-                images.append(buf.getvalue())
+                images.append(png_bytes(r.image))
             else:
                 images.append(np.asarray(r.image, dtype=np.uint8))
         return pd.DataFrame({"image": images, "record": [json.dumps(r.record.to_dict(), default=str) for r in results]})

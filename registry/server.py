@@ -23,8 +23,8 @@ import urllib.request
 from pathlib import Path
 
 from mlops.cli import print_error
+from mlops.repo import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def create_database(db: str | os.PathLike, artifacts: str | os.PathLike) -> str:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlops.repo import REPO_ROOT
 from mlops.tracking import git_commit, tracking_uri
 
 from . import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME, RegistryError
@@ -24,7 +25,6 @@ from . import CHALLENGER, CHAMPION, EXPERIMENT, MODEL_NAME, RegistryError
 if TYPE_CHECKING:
     from .artifacts import StagedBundle
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 HISTORY_TAG = "champion_history"  # registered-model tag: JSON list of {version, at, by}
 SHA_TAG = "bundle_sha256"
 PIP_PACKAGES = ("torch", "diffusers", "transformers", "safetensors", "open_clip_torch", "lpips", "mlflow", "pandas")

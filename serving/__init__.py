@@ -13,5 +13,3 @@ Replicas, CPUs/GPUs, autoscaling, queue bounds and batch settings live in the YA
 ``serving/configs`` and are checked by ``serving.config`` before anything is deployed. Start and
 stop a local cluster with ``python -m serving start`` / ``stop`` (``make serve`` / ``serve-stop``).
 """
-
-MODEL_ID = "budgetdiff"

@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "cpu.yaml"
 APP_IMPORT_PATH = "serving.app:app"

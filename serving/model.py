@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import math
 import os
@@ -94,7 +93,7 @@ def available_modes(gen) -> list[str]:
 def model_version(gen, source) -> dict:
     """What produced an image: the bundle (settings hash), each model's UNet hash, the skip policy,
     and the registry version when the source is a registry URI. ``id`` hashes all of them."""
-    from budgetdiff.policy import content_sha256
+    from budgetdiff.fingerprint import content_sha256
 
     parts = {
         "bundle_sha256": gen.bundle.sha256 if gen.bundle else None,
@@ -148,9 +147,9 @@ def load_served_model(options: ModelOptions) -> ServedModel:
 
 
 def encode_png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    from budgetdiff.io import png_bytes
+
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def _jsonable(value):

@@ -84,13 +84,13 @@ class ShadowEvaluatorBase:
         from budgetdiff.drift import MiniLMEmbedder
         from monitoring.drift import ServingDriftMonitor
 
-        from .config import REPO
+        from mlops.repo import REPO_ROOT
 
         embed = None
         if self.core is not None:  # the base model's own frozen MiniLM: no second copy in memory
             pipe = self.core.generator.models["base"].pipe
             embed = MiniLMEmbedder(pipe.text_encoder, pipe.tokenizer)
-        return ServingDriftMonitor.from_params(str(REPO / "params.yaml"), window=options.drift_window,
+        return ServingDriftMonitor.from_params(str(REPO_ROOT / "params.yaml"), window=options.drift_window,
                                                alpha=options.drift_alpha, embed=embed,
                                                set_gauge=lambda name, value: self.metrics.set(name, value))
 

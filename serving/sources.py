@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import REPO
+from mlops.repo import REPO_ROOT
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def resolve_local_path(path: str) -> str:
     if _scheme(path):
         return path
     p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (REPO / p).resolve())
+    return str(p if p.is_absolute() else (REPO_ROOT / p).resolve())
 
 
 def _scheme(source: str) -> str | None:

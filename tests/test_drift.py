@@ -8,7 +8,6 @@ import threading
 import time
 import zlib
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +30,8 @@ from budgetdiff.drift import (
     window_slices,
 )
 from budgetdiff.prompt_table import scene_prompt_rows
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from budgetdiff.fingerprint import FingerprintError, directory_fingerprint, unet_fingerprint
+from budgetdiff.fingerprint import (FingerprintError, content_sha256, directory_fingerprint, file_sha256,
+                                    unet_fingerprint)
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def test_unet_fingerprint_is_the_value_the_budget_predictor_stored():
@@ -50,3 +51,31 @@ def test_directory_fingerprint_covers_names_and_bytes_recursively(tmp_path):
     renamed = directory_fingerprint(tmp_path / "a")
     (tmp_path / "a" / "b" / "y.bin").write_bytes(b"2")
     assert len({first, renamed, directory_fingerprint(tmp_path / "a")}) == 3
+
+
+def test_content_sha256_is_each_former_key():
+    """The seven sha256-of-JSON helpers it replaced (cache keys, checkpoint keys, policy and bundle
+    ids), as they were written: sorted or not, ``default=str`` or not, 8 to 64 hex digits. Their
+    inputs hold no dicts where the keys were not sorted, so every key keeps its value."""
+    cfg = {"model": "/m", "steps": 12, "space": {"b": [1, 2], "a": 0.5}, "seed": None}
+    listed = [["abc", "def"], "auto", ["a red circle", "a blue square"], [3, 4], 16, 1.25]
+
+    def sha(blob: str) -> str:
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    assert content_sha256(cfg, 12) == sha(json.dumps(cfg, sort_keys=True))[:12]  # training checkpoints
+    assert content_sha256(cfg, 12) == sha(json.dumps(cfg, sort_keys=True, default=str))[:12]  # tune_skip
+    assert content_sha256(cfg) == sha(json.dumps(cfg, sort_keys=True))[:16]  # policies, bundles
+    assert content_sha256(cfg, None) == sha(json.dumps(cfg, sort_keys=True))  # registry bundle_sha256
+    assert content_sha256(listed) == sha(json.dumps(listed))[:16]  # bench/calibrate/gate caches
+    assert content_sha256({"configs": cfg, "confirm": cfg}, 8) == sha(
+        json.dumps({"configs": cfg, "confirm": cfg}, sort_keys=True, default=str))[:8]
+    assert content_sha256([Path("/x")]) == sha(json.dumps([Path("/x")], default=str))[:16]
+    assert content_sha256({"a": 1, "b": 2}) == content_sha256({"b": 2, "a": 1})
+
+
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\0" * (1 << 23) + b"tail")  # more than one read block
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_sha256(path, 16) == file_sha256(path)[:16]

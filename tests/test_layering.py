@@ -3,7 +3,8 @@
 - ``budgetdiff/`` (the library) imports no other layer, nor mlflow, ray, dvc or lightning;
 - ``mlops/`` (what the MLOps layers share) imports only the library;
 - the runtime layers (``registry/``, ``monitoring/``, ``serving/``, ``infra/``) never import the
-  offline ones (``training/``, ``pipelines/``, ``benchmarks/``);
+  offline ones (``training/``, ``pipelines/``, ``benchmarks/``), and the stages that build models
+  and data (``pipelines/``, ``training/``) import no benchmark;
 - params loading, the tracking URI and the lineage tags are defined in ``mlops/`` and nowhere else.
 """
 
@@ -26,8 +27,8 @@ ALLOWED = {
     "monitoring": {"budgetdiff", "mlops", "registry"},
     "serving": {"budgetdiff", "mlops", "registry", "monitoring"},
     "infra": {"budgetdiff", "mlops", "registry", "monitoring", "serving"},
-    "pipelines": {"budgetdiff", "mlops", "benchmarks"},
-    "training": {"budgetdiff", "mlops", "benchmarks"},
+    "pipelines": {"budgetdiff", "mlops"},
+    "training": {"budgetdiff", "mlops"},
     "benchmarks": {"budgetdiff", "mlops", "pipelines", "training", "registry", "monitoring", "serving"},
 }
 FORBIDDEN_IN_LIBRARY = {"mlflow", "ray", "dvc", "lightning"}

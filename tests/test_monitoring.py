@@ -3,10 +3,8 @@ quality SLO arithmetic, the shadow evaluator on the tiny components, and the sha
 
 import asyncio
 import base64
-import io
 import math
 
-import numpy as np
 import pytest
 
 from monitoring.metrics import MemoryMetrics, observe_call
@@ -223,9 +221,9 @@ def test_slo_arithmetic():
 # The evaluator on the tiny components
 # ------------------------------------------------------------------------------------------
 def _png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    from budgetdiff.io import png_bytes
+
+    return base64.b64encode(png_bytes(image)).decode()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import json
-import os
 import re
 import shutil
 import socket
@@ -26,7 +25,8 @@ import yaml
 
 from monitoring import names
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 PROM_DIR = REPO / "monitoring" / "prometheus"
 RULES = PROM_DIR / "rules.yml"
 RULES_TEST = PROM_DIR / "rules_test.yml"

@@ -1,4 +1,4 @@
-"""training/tune_skip.py: Ray Tune + Optuna over the skip settings, on the tiny components.
+"""training/tune_skip/: Ray Tune + Optuna over the skip settings, on the tiny components.
 
 The tuning tests share one private local Ray (module fixture); the params are synthetic, chosen
 so that the behaviour checked does not depend on what the tiny random models happen to do.
@@ -11,7 +11,10 @@ import json
 import pytest
 import yaml
 
-from training import tune_skip as ts
+from training.tune_skip import main, tune
+from training.tune_skip.confirm import confirm_candidates, confirm_choice
+from training.tune_skip.report import seconds_all_phases
+from training.tune_skip.search import hypervolume, pareto_front, select_points
 
 PROMPTS = {1: 1, 2: 1}
 
@@ -56,7 +59,7 @@ def private_ray():
 
     started = not ray.is_initialized()
     if started:
-        os.environ.setdefault("RAY_worker_niceness", "0")  # as tune_skip.start_ray: not starved on a busy machine
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as tune_skip.search.start_ray: not starved on a busy machine
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     if started:
@@ -100,7 +103,7 @@ def test_bad_params_give_one_line_error_before_ray_starts(change, key, tiny_mode
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tune_skip": cfg}))
     with pytest.raises(SystemExit) as exc:
-        ts.main(["--params", str(params)])
+        main(["--params", str(params)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and key in err, err
@@ -119,28 +122,28 @@ def pts(*pairs, quality=None):
 
 def test_pareto_front_and_hypervolume():
     points = pts((10, 0.5), (20, 0.2), (15, 0.6), (30, 0.1), (25, 0.3))
-    front = ts.pareto_front(points)
+    front = pareto_front(points)
     assert [(p["nfe"], p["lpips"]) for p in front] == [(10, 0.5), (20, 0.2), (30, 0.1)]
     # staircase below (50, 1): (50-10)*(1-.5) + (50-20)*(.5-.2) + (50-30)*(.2-.1)
-    assert ts.hypervolume(points, (50, 1.0)) == pytest.approx(20 + 9 + 2)
-    assert ts.hypervolume(front, (50, 1.0)) == pytest.approx(ts.hypervolume(points, (50, 1.0)))
-    assert ts.hypervolume([], (50, 1.0)) == 0.0
-    assert ts.hypervolume(pts((60, 0.1)), (50, 1.0)) == 0.0
+    assert hypervolume(points, (50, 1.0)) == pytest.approx(20 + 9 + 2)
+    assert hypervolume(front, (50, 1.0)) == pytest.approx(hypervolume(points, (50, 1.0)))
+    assert hypervolume([], (50, 1.0)) == 0.0
+    assert hypervolume(pts((60, 0.1)), (50, 1.0)) == 0.0
 
 
 def test_selection_rule():
-    front = ts.pareto_front(pts((12, 0.5), (16, 0.2), (20, 0.05), (40, 0.01)))
+    front = pareto_front(pts((12, 0.5), (16, 0.2), (20, 0.05), (40, 0.01)))
     # dominating points of baseline (20, 0.3): (16, .2) gains min(20/16-1, .3/.2-1)=.25; (20, .05): min(0, 5)=0
-    sel = ts.select_points(front, {"nfe": 20, "lpips": 0.3}, {"loss_ratio": 1.0, "quality_levels": [0.9, 0.99]})
+    sel = select_points(front, {"nfe": 20, "lpips": 0.3}, {"loss_ratio": 1.0, "quality_levels": [0.9, 0.99]})
     assert (sel["default"]["nfe"], sel["default"]["lpips"]) == (16, 0.2) and "dominates" in sel["why"]
     assert sel["levels"][0.9]["nfe"] == 20 and sel["levels"][0.99]["nfe"] == 40
     # nothing dominates (baseline faster than every point at its loss): fewest NFE at no more loss
-    sel = ts.select_points(front, {"nfe": 10, "lpips": 0.1}, {})
+    sel = select_points(front, {"nfe": 10, "lpips": 0.1}, {})
     assert sel["default"]["nfe"] == 20 and "no front point dominates" in sel["why"]
     # a stricter loss_ratio moves the default towards quality
-    sel = ts.select_points(front, {"nfe": 20, "lpips": 0.3}, {"loss_ratio": 0.1})
+    sel = select_points(front, {"nfe": 20, "lpips": 0.3}, {"loss_ratio": 0.1})
     assert sel["default"]["nfe"] == 40
-    assert ts.select_points(front, None, {})["default"]["lpips"] == 0.01
+    assert select_points(front, None, {})["default"]["lpips"] == 0.01
 
 
 def test_confirmation_candidates_and_choice():
@@ -148,22 +151,22 @@ def test_confirmation_candidates_and_choice():
                "nfe": n, "lpips": lp, "quality": 0.9} for i, (th, n, lp) in
               enumerate([(0.1, 18, 0.3), (0.5, 13, 0.2), (0.3, 16, 0.1), (0.9, 10, 0.5), (0.05, 30, 0.05)])]
     base = {"config": _cfg(0.1), "nfe": 18, "lpips": 0.3}
-    front = ts.pareto_front(trials)
+    front = pareto_front(trials)
     # the baseline itself is not a candidate; points that lose on either objective are not either
-    cands = ts.confirm_candidates(front, base, {"confirm": {"candidates": 3}})
+    cands = confirm_candidates(front, base, {"confirm": {"candidates": 3}})
     # margins: t1 min(18/13 - 1, .3/.2 - 1) = .385, t2 min(18/16 - 1, .3/.1 - 1) = .125
     assert [c["trial_id"] for c in cands] == ["t1", "t2"]
-    assert ts.confirm_candidates(front, base, {"confirm": {"candidates": 1}}) == cands[:1]
-    assert ts.confirm_candidates(front, base, {"loss_ratio": 0.4, "confirm": {}}) == [trials[2]]
+    assert confirm_candidates(front, base, {"confirm": {"candidates": 1}}) == cands[:1]
+    assert confirm_candidates(front, base, {"loss_ratio": 0.4, "confirm": {}}) == [trials[2]]
     # on the confirmation prompts: the one that still beats the baseline by the largest margin ships
     rows = {"baseline": {"nfe": 18.0, "lpips": 0.30}, "t1": {"nfe": 13.0, "lpips": 0.35},
             "t2": {"nfe": 16.0, "lpips": 0.25}}
-    assert ts.confirm_choice(rows)[0] == "t2"
+    assert confirm_choice(rows)[0] == "t2"
     rows["t2"]["lpips"] = 0.31  # a lucky draw on the tuning prompts: the baseline ships
-    pick, why = ts.confirm_choice(rows)
+    pick, why = confirm_choice(rows)
     assert pick == "baseline" and "baseline ships" in why
     rows["t2"]["lpips"] = 0.40
-    assert ts.confirm_choice(rows, ratio=1.2)[0] == "t1"  # a looser loss ratio admits t1 (0.35 <= 1.2 x 0.30)
+    assert confirm_choice(rows, ratio=1.2)[0] == "t1"  # a looser loss ratio admits t1 (0.35 <= 1.2 x 0.30)
 
 
 def _cfg(th):
@@ -193,7 +196,7 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
     selection = {"loss_ratio": 1000.0, "quality_levels": [0.99, 0.5],
                  "confirm": {"seed_offset": 94000000, "prompts_per_level": {1: 1}, "candidates": 2}}
     cfg = base_cfg(base, tmp_path, holdout=hold, selection=selection)
-    report = ts.tune(cfg)
+    report = tune(cfg)
 
     # the policy file loads and holds the tuned points, each within the search space
     policy = load_skip_policy(cfg["policy_path"])
@@ -211,7 +214,7 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
     assert len(res["searches"]["optuna"]["trials"]) == 4
     conf = res["confirm"]
     assert conf["candidates"] and set(conf["rows"]) == {"baseline", *conf["candidates"]}
-    assert conf["prompts"]["count"] == 1 and conf["chosen"] == ts.confirm_choice(conf["rows"], 1000.0)[0]
+    assert conf["prompts"]["count"] == 1 and conf["chosen"] == confirm_choice(conf["rows"], 1000.0)[0]
     assert conf["chosen"] != "baseline" and res["chosen"]["default"]["trial_id"] == conf["chosen"]
     assert res["chosen"]["default"]["trial_id"] in {p["trial_id"] for p in res["pareto_front"]}
     assert default.config.threshold == pytest.approx(res["chosen"]["default"]["threshold"])
@@ -252,7 +255,7 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
     assert {"skip_policy.json", "tune_skip.json", "tune_skip_pareto.png", "pareto_front.json"} <= artifacts
 
     # a rerun resumes from the checkpoints: same trials, no new search
-    again = ts.tune(cfg)
+    again = tune(cfg)
     assert again["schedulers"]["ddim"]["searches"]["optuna"]["trials"] == res["searches"]["optuna"]["trials"]
 
 
@@ -263,7 +266,7 @@ def test_tunes_a_stock_sd_pipeline_with_the_random_ablation(private_ray, tiny_sd
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = base_cfg(tiny_sd_dir, tmp_path, steps=8, num_samples=2, searches=["optuna", "random"],
                    prompts_per_level={1: 2}, schedulers=["euler"])
-    report = ts.tune(cfg)
+    report = tune(cfg)
     assert report["model_class"] == "StableDiffusionPipeline" and report["guidance"] == 7.5
     policy = load_skip_policy(cfg["policy_path"])
     assert set(policy.schedulers) == {"euler"}
@@ -282,5 +285,5 @@ def test_seconds_all_phases_counts_resumed_phases_too():
                  "holdout": {"reference_seconds": 7.0, "rows": {"tuned": {"seconds": 3.0}}}},
         "euler": {"reference_seconds": 1.0, "searches": {"optuna": {"wall_seconds": 4.0}},
                   "confirm": {"candidates": [], "chosen": "x"}}}}
-    assert ts.seconds_all_phases(report) == {"references": 11.0, "searches": 174.0, "confirmation": 8.0,
+    assert seconds_all_phases(report) == {"references": 11.0, "searches": 174.0, "confirmation": 8.0,
                                              "holdout": 10.0, "total": 203.0}

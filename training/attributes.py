@@ -17,7 +17,6 @@ Recipe:
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from typing import Any
@@ -38,6 +37,7 @@ from budgetdiff.evaluators import (
 )
 from budgetdiff.scenes import SceneSpec, held_out_scenes, level_seed, render_scene_array, sample_scene
 from training.batches import stack_columns
+from training.trainer import make_trainer, warmup_cosine_scheduler
 
 HELD_OUT_SEED_OFFSET = 40_000_000  # evaluation scenes: a seed range no training stream reaches
 
@@ -121,23 +121,13 @@ class AttributeCheckerModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.cfg
         opt = torch.optim.AdamW(self.checker.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        total, warmup = cfg["max_steps"], max(1, int(cfg["warmup_fraction"] * cfg["max_steps"]))
-
-        def factor(step: int) -> float:  # linear warm-up, then cosine to 5 %
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        warmup = max(1, int(cfg["warmup_fraction"] * cfg["max_steps"]))
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, cfg["max_steps"], warmup)}
 
 
 def train(cfg: dict) -> dict[str, Any]:
     """Train the checker per ``cfg`` (the ``train_attributes`` params section), save it to
     ``cfg["output_dir"]`` (config.json + model.safetensors), return held-out accuracies."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
     from mlops.tracking import mlflow_logger
 
     L.seed_everything(cfg["seed"], workers=True)
@@ -145,11 +135,8 @@ def train(cfg: dict) -> dict[str, Any]:
     loader = DataLoader(SpecSceneStream(cfg["seed"], cfg["resolution"], cfg["count_weights"]),
                         batch_size=cfg["batch_size"], collate_fn=_collate, num_workers=0)
     logger = mlflow_logger("train_attributes", run_name="train_attributes")
-    gpu = torch.cuda.is_available()
-    trainer = L.Trainer(max_steps=cfg["max_steps"], accelerator="gpu" if gpu else "cpu", devices=1,
-                        precision="32-true", logger=logger, callbacks=[TQDMProgressBar(refresh_rate=10)],
-                        log_every_n_steps=max(1, min(10, cfg["max_steps"] // 2)), enable_model_summary=False, enable_checkpointing=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = make_trainer(logger, mixed_precision=False, max_steps=cfg["max_steps"],
+                           log_every_n_steps=max(1, min(10, cfg["max_steps"] // 2)), limit_val_batches=0)
     t0 = time.time()
     trainer.fit(module, loader)
     train_seconds = time.time() - t0

@@ -23,9 +23,7 @@ last checkpoint after an interruption.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -40,11 +38,13 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch.utils.data import DataLoader, IterableDataset
 
 from budgetdiff.evaluators import check_scene_heuristic, summarize_checks
+from budgetdiff.fingerprint import content_sha256
 from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
 from budgetdiff.scenes import held_out_scenes, render_scene_array, sample_scene, spec_to_prompt
 from budgetdiff.text import encode_prompts, load_minilm
 from mlops.cli import UsageError, command
 from training.batches import stack_columns
+from training.trainer import make_trainer, warmup_cosine_scheduler
 
 COORD_CHANNELS = 2
 VAL_SEED_OFFSET = 10_000_000  # validation scenes never collide with training seeds
@@ -243,21 +243,10 @@ class BaseDiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.cfg
         opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        total, start = cfg["max_steps"], int(cfg["lr_decay_start"] * cfg["max_steps"])
-
-        def factor(step: int) -> float:  # hold, then cosine decay to 5 %
-            if step < start:
-                return 1.0
-            progress = min(1.0, (step - start) / max(1, total - start))
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        warmup = int(cfg.get("lr_warmup_steps", 0))
-
-        def warmed(step: int) -> float:  # linear warm-up (a fine-tune starts with a fresh optimizer)
-            return factor(step) * min(1.0, (step + 1) / warmup) if warmup else factor(step)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmed)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # hold, then cosine decay; a linear warm-up on top (a fine-tune starts with a fresh optimizer)
+        sched = warmup_cosine_scheduler(opt, cfg["max_steps"], int(cfg.get("lr_warmup_steps", 0)),
+                                        decay_start=int(cfg["lr_decay_start"] * cfg["max_steps"]))
+        return {"optimizer": opt, "lr_scheduler": sched}
 
 
 # Keys that only affect what happens after training (the guidance choice, where results go):
@@ -267,14 +256,9 @@ POST_TRAINING_KEYS = frozenset({"stage", "output_dir", "metrics_path", "guidance
                                 "guidance_eval_objects", "curve_path", "val_composition"})
 
 
-def json_digest(obj) -> str:
-    """12 hex digits of the SHA-256 of ``obj`` as sorted JSON: the key of a run's checkpoints."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def config_hash(cfg: dict) -> str:
     """Key of a run's checkpoints: the training-relevant part of its config."""
-    return json_digest({k: v for k, v in cfg.items() if k not in POST_TRAINING_KEYS})
+    return content_sha256({k: v for k, v in cfg.items() if k not in POST_TRAINING_KEYS}, 12)
 
 
 def choose_guidance(module: BaseDiffusionModule, cfg: dict) -> tuple[float, dict]:
@@ -319,8 +303,6 @@ def init_weights(module: BaseDiffusionModule, model_dir: str | os.PathLike) -> N
 def train(cfg: dict) -> dict[str, Any]:
     """Train the base model per ``cfg`` (the ``train_base`` section of params.yaml) and save it
     as a diffusers pipeline directory at ``cfg["output_dir"]``. Returns the final metrics."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-
     from mlops.tracking import mlflow_logger
 
     L.seed_everything(cfg["seed"], workers=True)
@@ -337,25 +319,9 @@ def train(cfg: dict) -> dict[str, Any]:
                         batch_size=cfg["batch_size"], collate_fn=stack_columns, num_workers=0)
     stage = cfg.get("stage", "train_base")
     logger = mlflow_logger(stage, run_name=stage)
-    gpu = torch.cuda.is_available()
-    trainer = L.Trainer(
-        max_steps=cfg["max_steps"],
-        accelerator="gpu" if gpu else "cpu",
-        devices=1,
-        precision="bf16-mixed" if gpu else "32-true",
-        logger=logger,
-        callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg["checkpoint_every"], save_last=True,
-                            enable_version_counter=False,
-                            save_top_k=0),
-            TQDMProgressBar(refresh_rate=10),
-        ],
-        log_every_n_steps=10,
-        gradient_clip_val=cfg["grad_clip"],
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = make_trainer(logger, checkpoint_dir=ckpt_dir, checkpoint_every=cfg["checkpoint_every"],
+                           max_steps=cfg["max_steps"], log_every_n_steps=10, gradient_clip_val=cfg["grad_clip"],
+                           limit_val_batches=0)
     t0 = time.time()
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
     train_seconds = time.time() - t0

@@ -59,6 +59,7 @@ from budgetdiff.budget import (
 )
 from budgetdiff.text import encode_prompts
 from mlops.cli import command
+from training.trainer import make_trainer
 
 STAGE = "train_budget"
 ARCHITECTURES = ("bilstm", "mlp")
@@ -254,7 +255,7 @@ def mae_by_metric(pred: np.ndarray, true: np.ndarray, metrics: list[str], points
 def fit_network(arch: str, network_config: dict, cfg: dict, emb: EmbeddingTable, z: np.ndarray,
                 train_rows: np.ndarray, val_rows: np.ndarray, logger=None) -> tuple[torch.nn.Module, dict]:
     """Train one network with early stopping on ``val_rows``; returns the best-val network."""
-    from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping
 
     L.seed_everything(cfg["seed"], workers=True)
     module = BudgetModule(network_config, cfg["lr"], cfg["weight_decay"], cfg.get("lr_patience", 10))
@@ -263,13 +264,10 @@ def fit_network(arch: str, network_config: dict, cfg: dict, emb: EmbeddingTable,
                               generator=generator)
     val_loader = DataLoader(tensors(emb, z, val_rows), batch_size=max(len(val_rows), 1))
     best = KeepBestWeights()
-    callbacks = [best, EarlyStopping(monitor="val/loss", patience=cfg["patience"], mode="min")]
-    if cfg.get("progress", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, len(train_loader))))
-    trainer = L.Trainer(max_epochs=cfg["max_epochs"], accelerator="cpu", devices=1, logger=logger or False,
-                        callbacks=callbacks, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=cfg.get("progress", True), num_sanity_val_steps=0,
-                        log_every_n_steps=max(1, len(train_loader)), deterministic=True)
+    trainer = make_trainer(logger or False, gpu=False,
+                           callbacks=[best, EarlyStopping(monitor="val/loss", patience=cfg["patience"], mode="min")],
+                           progress_every=max(1, len(train_loader)) if cfg.get("progress", True) else None,
+                           max_epochs=cfg["max_epochs"], log_every_n_steps=max(1, len(train_loader)), deterministic=True)
     t0 = time.time()
     trainer.fit(module, train_loader, val_loader)
     seconds = time.time() - t0

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import shutil
@@ -65,12 +64,13 @@ from torch.utils.data import DataLoader
 
 # Importing budgetdiff.pipeline registers BudgetDiffusionPipeline with diffusers (from_pretrained).
 from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
-from budgetdiff.fingerprint import directory_fingerprint, unet_fingerprint
+from budgetdiff.fingerprint import content_sha256, directory_fingerprint, unet_fingerprint
 from budgetdiff.text import PromptEmbeddings, encode_prompts
 from mlops.cli import UsageError, command
-from training.base import (SceneStream, choose_guidance, evaluate_pipeline, json_digest, update_ema,
+from training.base import (SceneStream, choose_guidance, evaluate_pipeline, update_ema,
                            validation_scenes)
 from training.batches import stack_columns
+from training.trainer import make_trainer, warmup_cosine_scheduler
 
 DISTILLATION_FILE = "distillation.json"  # beside model_index.json: what the student was distilled from
 
@@ -365,16 +365,8 @@ class DistillationModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.cfg
         opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        total, warmup = cfg["max_steps"], int(cfg["lr_warmup_steps"])
-
-        def factor(step: int) -> float:  # linear warm-up, then cosine decay to 5 %
-            if warmup and step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt,
+                "lr_scheduler": warmup_cosine_scheduler(opt, cfg["max_steps"], int(cfg["lr_warmup_steps"]))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +375,7 @@ class DistillationModule(L.LightningModule):
 def config_hash(cfg: dict) -> str:
     """Key of a student run's checkpoints: its whole config and its teacher's weights (a
     retrained teacher never resumes an old checkpoint)."""
-    return json_digest({**cfg, "teacher_fingerprint": unet_fingerprint(cfg["teacher"])})
+    return content_sha256({**cfg, "teacher_fingerprint": unet_fingerprint(cfg["teacher"])}, 12)
 
 
 @torch.no_grad()
@@ -456,8 +448,6 @@ def save_student(module: DistillationModule, out_dir: str | Path, guidance: floa
 def train(cfg: dict) -> dict[str, Any]:
     """Distil ``cfg["teacher"]`` into a ``cfg["student_steps"]``-step student and save it at
     ``cfg["output_dir"]`` (see ``stage_config`` for the params.yaml sections). Returns metrics."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-
     from mlops.tracking import mlflow_logger
 
     L.seed_everything(cfg["seed"], workers=True)
@@ -472,24 +462,9 @@ def train(cfg: dict) -> dict[str, Any]:
                         batch_size=cfg["batch_size"], collate_fn=stack_columns, num_workers=0)
     stage = cfg.get("stage", "distill")
     logger = mlflow_logger(stage, run_name=stage)
-    gpu = torch.cuda.is_available()
-    trainer = L.Trainer(
-        max_steps=cfg["max_steps"],
-        accelerator="gpu" if gpu else "cpu",
-        devices=1,
-        precision="bf16-mixed" if gpu else "32-true",
-        logger=logger,
-        callbacks=[
-            ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg["checkpoint_every"], save_last=True,
-                            enable_version_counter=False, save_top_k=0),
-            TQDMProgressBar(refresh_rate=10),
-        ],
-        log_every_n_steps=10,
-        gradient_clip_val=cfg["grad_clip"],
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = make_trainer(logger, checkpoint_dir=ckpt_dir, checkpoint_every=cfg["checkpoint_every"],
+                           max_steps=cfg["max_steps"], log_every_n_steps=10, gradient_clip_val=cfg["grad_clip"],
+                           limit_val_batches=0)
     resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"]) if last.exists() else 0
     t0 = time.time()
     with warnings.catch_warnings():  # the frozen teacher, text encoder and EMA are in eval mode on purpose

@@ -42,7 +42,7 @@ from .pixel import lsnr, psnr, ssim
 from .semantic import ClipBackbone, clipt, iclip, load_clip_backbone
 
 __all__ = [
-    "ScoringConfig", "MetricScorer", "score_images", "resize_to", "images_to_tensor",
+    "ScoringConfig", "MetricScorer", "resize_to", "images_to_tensor",
     "psnr", "ssim", "lsnr", "LpipsMetric", "ClipBackbone", "load_clip_backbone", "iclip", "clipt",
     "frechet_distance", "LPIPS_NAME", "LPIPS_RANDINIT_NAME",
 ]
@@ -237,9 +237,3 @@ class MetricScorer:
     def missing_models(self) -> dict[str, str]:
         """Components skipped because their directory is missing: {component: message}."""
         return dict(self._missing)
-
-
-def score_images(images, refs=None, prompts: Sequence[str] | None = None,
-                 config: ScoringConfig | None = None, resize: bool = False) -> dict[str, np.ndarray]:
-    """One-call batched scoring: ``MetricScorer(config).score(images, refs, prompts, resize)``."""
-    return MetricScorer(config).score(images, refs, prompts, resize)
