@@ -38,6 +38,7 @@ from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
 from budgetdiff.fingerprint import content_sha256, unet_fingerprint
+from budgetdiff.quality import coverage_held, mean_quality, realised_quality
 from budgetdiff.scenes import held_out_scenes
 from mlops.cli import command
 from mlops.params import load_params
@@ -48,14 +49,6 @@ LEVELS = ("pixel/ssim", "pixel/psnr", "mid/lpips_alex_randinit", "high/iclip_dom
 
 class BenchAutoError(ValueError):
     """A params value bench_auto cannot run with."""
-
-
-def realised_quality(values: dict[str, np.ndarray]) -> np.ndarray:
-    """Per image: the lowest of SSIM, 1 − LPIPS and I-CLIP against the full-step image (the
-    quality fraction ``quality_target`` and the skip policy's ``measured.quality`` speak of)."""
-    from budgetdiff.auto_policy import quality_from_values
-
-    return quality_from_values(values)
 
 
 def run_mode(gen: Generator, requests: list[GenerationRequest], batch_size: int, desc: str):
@@ -117,7 +110,7 @@ def summarize(name: str, records: list[dict], seconds: float, values: dict[str, 
     out = {"mode": records[0]["mode"], "nfe": float(nfe.mean()), "gflops_per_image": float(per_image_gflops.mean()),
            "images_per_second": len(records) / seconds, "seconds": round(seconds, 2),
            "steps_mean": float(np.mean([r["steps"] for r in records])), "routes": routes,
-           "quality": float(quality.mean()), FD: fd,
+           "quality": mean_quality(quality), FD: fd,
            **{k: float(np.nanmean(v)) for k, v in values.items() if k in LEVELS or k in (CLIPT, ATTR)}}
     return out
 
@@ -181,16 +174,12 @@ def calibration(results: dict, per_image_quality: dict, targets: list[float], co
     for q in targets:
         name = f"auto_q{q:g}"
         quality = per_image_quality[name]
-        share = float(np.mean(quality >= q))
-        n = len(quality)
-        # a one-sided 95 % lower confidence bound of the share (Wilson): is the promise held?
-        z = 1.645
-        centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        rows.append({"quality_target": q, "share_reaching_target": share,
-                     "share_lower_95": float(centre - half), "promised_coverage": coverage,
-                     "promise_met": None if coverage is None else bool(centre + half >= coverage),
-                     "mean_realised_quality": float(quality.mean()), "nfe": results[name]["nfe"],
+        # the share's one-sided 95 % Wilson bounds: the promise is held unless the upper one is below it
+        held = coverage_held(quality, q, coverage if coverage is not None else 0.0)
+        rows.append({"quality_target": q, "share_reaching_target": held["share"],
+                     "share_lower_95": held["lower"], "promised_coverage": coverage,
+                     "promise_met": None if coverage is None else held["held"],
+                     "mean_realised_quality": mean_quality(quality), "nfe": results[name]["nfe"],
                      "gflops_per_image": results[name]["gflops_per_image"], "routes": results[name]["routes"]})
     return rows
 

@@ -6,10 +6,11 @@ requests by it:
 
 - no ``quality_target``: the ``default`` candidate (the cheapest that kept attr_acc and CLIP-T
   within the tolerances of the full-step images);
-- ``quality_target`` q: the cheapest candidate whose conformal lower bound of realised quality at
-  the policy's ``coverage`` is >= q, i.e. a request asking for q gets an image of realised quality
-  >= q with probability >= coverage (marginally over prompts like the calibration ones); when no
-  candidate reaches q, the reference plan (the base model at its full steps).
+- ``quality_target`` q: the cheapest candidate whose conformal lower bound of realised quality
+  (``budgetdiff.quality``) at the policy's ``coverage`` is >= q, i.e. a request asking for q gets
+  an image of realised quality >= q with probability >= coverage (marginally over prompts like the
+  calibration ones): auto's ``quality_target`` is a **coverage** promise; when no candidate
+  reaches q, the reference plan (the base model at its full steps).
 
 Format ``budgetdiff-auto-policy/1``::
 
@@ -25,12 +26,9 @@ Format ``budgetdiff-auto-policy/1``::
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 AUTO_POLICY_FORMAT = "budgetdiff-auto-policy/1"
 KINDS = ("uniform", "budget")
@@ -38,28 +36,6 @@ KINDS = ("uniform", "budget")
 
 class AutoPolicyError(ValueError):
     """An auto policy file is missing, malformed, or cannot serve a request."""
-
-
-def conformal_lower_bound(values, coverage: float) -> float:
-    """Split-conformal lower bound: the k-th smallest of the n values with k = floor((n + 1)(1 - c)),
-    so a new exchangeable value is >= it with probability >= c; -inf when n is too small (k < 1)."""
-    v = np.sort(np.asarray(values, dtype=float))
-    k = math.floor((len(v) + 1) * (1.0 - coverage) + 1e-9)  # + 1e-9: 0.2 is 0.19999... in binary
-    return float(v[k - 1]) if k >= 1 else float("-inf")
-
-
-def quality_from_values(values: dict) -> np.ndarray:
-    """Per image: the lowest of SSIM, 1 - LPIPS and I-CLIP against the full-step image (what
-    ``quality_target`` means); ``values`` maps metric names to per-image arrays."""
-    parts = []
-    for name, v in values.items():
-        if name.startswith("pixel/ssim") or name.startswith("high/iclip"):
-            parts.append(np.asarray(v, dtype=float))
-        elif name.startswith("mid/lpips"):
-            parts.append(1.0 - np.asarray(v, dtype=float))
-    if not parts:
-        raise AutoPolicyError("quality: no pixel/ssim, mid/lpips* or high/iclip* values to judge by")
-    return np.minimum.reduce(parts)
 
 
 @dataclass(frozen=True)

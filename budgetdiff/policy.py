@@ -23,15 +23,15 @@ measured them writes the file (``bench_adaptive`` through the ``bundle`` stage t
       }
     }
 
-``measured.quality`` is the point's mean quality as a fraction of the full-step image's (the
-lowest level of pixel SSIM, 1 − LPIPS and I-CLIP), which is what ``point_for_quality`` compares a
-request's ``quality_target`` against.
+``measured.quality`` is the realised quality (``budgetdiff.quality.realised_quality``: the lowest of
+pixel SSIM, 1 − LPIPS and I-CLIP against the full-step image) of the point's mean levels, which is
+what ``point_for_quality`` compares a request's ``quality_target`` against: adaptive mode's
+``quality_target`` is a mean (``budgetdiff.quality.QUALITY_PROMISES``), not a per-request promise.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,19 +177,3 @@ def load_skip_policy(path: str | os.PathLike) -> SkipPolicy:
         raise PolicyError(f"skip policy: {str(path)!r} is not valid JSON ({exc})") from None
     policy = SkipPolicy.from_dict(data, f"skip policy {str(path)!r}")
     return SkipPolicy(policy.schedulers, policy.source, policy.steps, str(path))
-
-
-def quality_of(levels: dict[str, float]) -> float:
-    """A skip point's quality fraction from its mean level metrics against the full-step image:
-    the lowest of pixel SSIM, 1 − LPIPS and I-CLIP that are present."""
-    parts = []
-    for name, value in levels.items():
-        if value is None or not math.isfinite(float(value)):
-            continue
-        if name.startswith("pixel/ssim") or name.startswith("high/iclip"):
-            parts.append(float(value))
-        elif name.startswith("mid/lpips"):
-            parts.append(1.0 - float(value))
-    if not parts:
-        raise PolicyError("skip policy: no quality level (pixel/ssim, mid/lpips*, high/iclip*) to judge a point by")
-    return min(parts)

@@ -5,14 +5,22 @@ The Serve config has one source of truth, ``serving/configs/gpu.yaml``; the RayS
 needs it:
 
 1. ``http_options.host`` becomes ``0.0.0.0`` (the KubeRay serve Service must reach the proxies);
-2. when the model source is an MLflow registry URI (``--model-source models:/budgetdiff@champion``
-   or ``models:/budgetdiff/7``, or the config's own ``model_source``), the GPU worker pods get an
-   init container that fetches that version into ``/var/lib/budgetdiff/bundle`` (an emptyDir;
-   ``infra/docker/entrypoint.sh`` -> ``python -m registry fetch``) and the ``model_source`` of
-   ``ImageModel`` and ``ShadowEvaluator`` becomes that directory (the ShadowEvaluator loads local
-   directories only, and every pod of a new cluster serves the one fetched version). Any other
-   ``--model-source`` (a path inside the image; relative paths resolve against ``/app``) replaces
-   both ``model_source`` values as it is (``serving.config.with_overrides``).
+2. which bundle is served (the files' header says it):
+
+   - a path inside the image (the default ``models/bundle``: the bundle ``dvc repro`` built, which
+     its ``register`` stage makes the registry's ``champion`` when the gate passes; relative paths
+     resolve against ``/app``) replaces both ``model_source`` values as it is
+     (``serving.config.with_overrides``);
+   - a pinned MLflow registry URI (``--model-source models:/budgetdiff/7``, or an alias without
+     ``--registry-poll-s``): the GPU worker pods get an init container that fetches that version
+     into ``/var/lib/budgetdiff/bundle`` (an emptyDir; ``infra/docker/entrypoint.sh`` ->
+     ``python -m registry fetch``) and the ``model_source`` of ``ImageModel`` and
+     ``ShadowEvaluator`` becomes that directory: every pod of a new cluster serves the one version;
+   - an alias followed in place (``--model-source models:/budgetdiff@champion --registry-poll-s 60``,
+     or a config whose ``ImageModel`` has such a source and ``registry_poll_s > 0``): no init
+     container; both deployments keep the alias (each replica resolves it when it loads) and
+     ``ImageModel`` looks it up every ``registry_poll_s`` seconds and swaps in the version it
+     names, as the local profile does; ``MLFLOW_TRACKING_URI`` is then required.
 
 Everything else about the cluster is derived from the same config: the serve port, the API-key
 variable (the ingress's ``api_key_env``), and the GPU worker group's size: ``minReplicas`` /
@@ -23,6 +31,7 @@ deployment's replicas at its min / max (``autoscaling_config`` or ``num_replicas
     python -m infra.render                 # writes infra/k8s/rayservice.yaml and podmonitor.yaml
     python -m infra.render --check         # exit 1, one line, when the committed files are stale
     python -m infra.render --image REG/budgetdiff-gpu:TAG --model-source models:/budgetdiff/7 --out-dir deploy/
+    python -m infra.render --model-source models:/budgetdiff@champion --registry-poll-s 60 --out-dir deploy/
 
 Before anything is written the manifests pass ``infra.checks`` (the CRD schema, unknown keys,
 ``ray start`` options, ``serveConfigV2`` against Serve's schema and ours). Bad input exits 2 with
@@ -88,6 +97,9 @@ class RenderOptions:
     Args:
         config: the Serve profile (a GPU one: ``ImageModel`` needs ``num_gpus``).
         model_source: replaces ``ImageModel``'s ``model_source`` (None: the config's).
+        registry_poll_s: with a ``models:/NAME@ALIAS`` source, follow the alias in place, looking
+            it up every this many seconds (None: the config's ``registry_poll_s``; 0 with an alias:
+            fetch the version it names when a pod starts).
         image: the GPU image (``infra/docker/Dockerfile``) for the head, the workers and the
             autoscaler.
         name: the RayService's name (and the ``app.kubernetes.io/instance`` label of its pods).
@@ -98,6 +110,7 @@ class RenderOptions:
 
     config: Path = DEFAULT_CONFIG
     model_source: str | None = None
+    registry_poll_s: float | None = None
     image: str = field(default_factory=lambda: f"budgetdiff-gpu:{_project_version()}")
     name: str = "budgetdiff"
     head_cpus: int = 2
@@ -163,6 +176,8 @@ class ClusterServeConfig:
     http_port: int
     api_key_env: str
     deployments: tuple[Replicas, ...]
+    follows: str | None = None   # a models:/NAME@ALIAS the replicas follow in place (None: they do not)
+    served: str = ""             # which bundle is served, in words (the manifests' header)
 
 
 def _replicas(dep: dict, where: str) -> Replicas:
@@ -180,13 +195,15 @@ def _replicas(dep: dict, where: str) -> Replicas:
     return Replicas(dep["name"], lo, hi, float(actor.get("num_cpus", 1)), float(actor.get("num_gpus") or 0))
 
 
-def cluster_serve_config(config_path: Path | str = DEFAULT_CONFIG, model_source: str | None = None) -> ClusterServeConfig:
+def cluster_serve_config(config_path: Path | str = DEFAULT_CONFIG, model_source: str | None = None,
+                         registry_poll_s: float | None = None) -> ClusterServeConfig:
     """Load and validate the profile, apply the cluster adaptations (module docstring), validate again."""
     from serving.config import INGRESS, MODEL, load_serve_config, user_config, with_overrides
 
     cfg = load_serve_config(config_path)
     where = _display(Path(config_path))
-    source = model_source if model_source is not None else user_config(cfg, MODEL).model_source
+    options = user_config(cfg, MODEL)
+    source = model_source if model_source is not None else options.model_source
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"--model-source: must be a non-empty string, got {source!r}")
     if ":/" in source and not is_registry_uri(source):
@@ -195,9 +212,26 @@ def cluster_serve_config(config_path: Path | str = DEFAULT_CONFIG, model_source:
     registry = source if is_registry_uri(source) else None
     if registry and not registry[len(REGISTRY_SCHEME):].strip("/"):
         raise ValueError(f"--model-source: {source!r} names no model (models:/NAME@ALIAS or models:/NAME/VERSION)")
-    # with_overrides sets the model source of ImageModel and of the ShadowEvaluator (same bundle)
-    new_source = BUNDLE_DIR if registry else model_source
-    cfg = with_overrides(cfg, host="0.0.0.0", model_source=new_source)
+    if registry_poll_s is not None and (not isinstance(registry_poll_s, (int, float)) or registry_poll_s < 0):
+        raise ValueError(f"--registry-poll-s: must be a number >= 0, got {registry_poll_s!r}")
+    poll = float(registry_poll_s) if registry_poll_s is not None else (
+        options.registry_poll_s if model_source is None else 0.0)
+    if registry_poll_s and not (registry and "@" in registry):
+        raise ValueError(f"--registry-poll-s: follows a registry alias (models:/NAME@ALIAS); the model source "
+                         f"is {source!r}")
+    follows = registry if registry and "@" in registry and poll > 0 else None
+    if follows:  # way 2: the replicas resolve the alias themselves and follow it
+        cfg = with_overrides(cfg, host="0.0.0.0", model_source=source, model={"registry_poll_s": poll})
+        registry = None
+        served = f"{follows}, followed in place: each ImageModel replica looks the alias up every {poll:g} s"
+    elif registry:  # way 1: one version, fetched by an init container when a pod starts
+        cfg = with_overrides(cfg, host="0.0.0.0", model_source=BUNDLE_DIR)
+        served = f"{registry}, fetched into {BUNDLE_DIR} by the init container when a pod starts"
+    else:
+        cfg = with_overrides(cfg, host="0.0.0.0", model_source=model_source)
+        served = (f"{source} in the image" + (" (the bundle dvc repro built; its register stage makes it the "
+                                               "registry's champion when the gate passes)"
+                                               if source.rstrip("/") == "models/bundle" else ""))
 
     deps = tuple(_replicas(d, f"{where}: {d['name']}") for d in cfg["applications"][0].get("deployments") or [])
     model = next(d for d in deps if d.name == MODEL)
@@ -209,7 +243,7 @@ def cluster_serve_config(config_path: Path | str = DEFAULT_CONFIG, model_source:
         if d.num_gpus > GPUS_PER_WORKER:
             raise ValueError(f"{where}: {d.name}.ray_actor_options.num_gpus {d.num_gpus:g} > {GPUS_PER_WORKER} "
                              "GPU per worker pod")
-    return ClusterServeConfig(config=cfg, registry_source=registry,
+    return ClusterServeConfig(config=cfg, registry_source=registry, follows=follows, served=served,
                               http_port=int((cfg.get("http_options") or {}).get("port", 8000)),
                               api_key_env=user_config(cfg, INGRESS).api_key_env, deployments=deps)
 
@@ -253,7 +287,8 @@ def _env(serve: ClusterServeConfig) -> list[dict]:
     return [
         {"name": LATENCY_ENV, "value": latency_buckets_env()},
         {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"configMapKeyRef": {
-            "name": CONFIGMAP, "key": CONFIGMAP_MLFLOW_KEY, "optional": serve.registry_source is None}}},
+            "name": CONFIGMAP, "key": CONFIGMAP_MLFLOW_KEY,
+            "optional": serve.registry_source is None and serve.follows is None}}},
         # the ingress reads its key from the variable its user_config names; without it the API is open
         {"name": serve.api_key_env, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": SECRET_API_KEY}}},
     ]
@@ -267,7 +302,7 @@ def _resources(cpus: int | str, memory: str, gpus: int = 0) -> dict:
 
 
 def build_rayservice(opts: RenderOptions, serve: ClusterServeConfig | None = None) -> dict:
-    serve = serve or cluster_serve_config(opts.config, opts.model_source)
+    serve = serve or cluster_serve_config(opts.config, opts.model_source, opts.registry_poll_s)
     lo, hi = worker_group_bounds(serve, opts.worker_cpus)
     env = _env(serve)
     metrics = {"metrics-export-port": str(METRICS_PORT)}
@@ -387,10 +422,11 @@ def to_yaml(obj: dict) -> str:
     return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=1000, default_flow_style=False)
 
 
-def _header(opts: RenderOptions, what: str) -> str:
+def _header(opts: RenderOptions, what: str, served: str) -> str:
     cmd = " ".join(["python -m infra.render", *opts.non_default_args()])
     return (f"# GENERATED by `{cmd}` from {_display(Path(opts.config))}: do not edit by hand.\n"
             f"# {what}\n"
+            f"# Serves: {served}.\n"
             "# Edit the serve config (or the render options) and re-run the command; `--check` tells a stale file.\n")
 
 
@@ -416,13 +452,15 @@ def check_manifests(rayservice: dict, podmonitor: dict) -> None:
 def render(opts: RenderOptions | None = None) -> dict[str, str]:
     """{file name: text} of the checked manifests."""
     opts = opts or RenderOptions()
-    rayservice, podmonitor = build_rayservice(opts), build_podmonitor(opts)
+    serve = cluster_serve_config(opts.config, opts.model_source, opts.registry_poll_s)
+    rayservice, podmonitor = build_rayservice(opts, serve), build_podmonitor(opts)
     check_manifests(rayservice, podmonitor)
     return {
         RAYSERVICE_FILE: _header(opts, "KubeRay RayService: CPU head + autoscaling GPU workers; serveConfigV2 is "
-                                       "the serve config adapted for the cluster (infra/render.py).")
+                                       "the serve config adapted for the cluster (infra/render.py).", serve.served)
                          + to_yaml(rayservice),
-        PODMONITOR_FILE: _header(opts, "Prometheus Operator PodMonitor: Ray's metrics port on the RayService's pods.")
+        PODMONITOR_FILE: _header(opts, "Prometheus Operator PodMonitor: Ray's metrics port on the RayService's pods.",
+                                 serve.served)
                          + to_yaml(podmonitor),
     }
 
@@ -440,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=d.config, help="serve profile (default: serving/configs/gpu.yaml)")
     p.add_argument("--model-source", default=None, help="ImageModel's model_source: a path in the image or a "
                    "models:/NAME@ALIAS | models:/NAME/VERSION registry URI (default: the config's)")
+    p.add_argument("--registry-poll-s", type=float, default=None,
+                   help="with --model-source models:/NAME@ALIAS: the replicas follow the alias, looking it up every N "
+                        "seconds (no init container); default: the config's registry_poll_s")
     p.add_argument("--image", default=d.image, help=f"the GPU image (default: {d.image})")
     p.add_argument("--name", default=d.name, help="the RayService's name")
     p.add_argument("--head-cpus", type=int, default=d.head_cpus)
@@ -453,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = RenderOptions(config=args.config, model_source=args.model_source, image=args.image, name=args.name,
+    opts = RenderOptions(config=args.config, model_source=args.model_source, registry_poll_s=args.registry_poll_s,
+                         image=args.image, name=args.name,
                          head_cpus=args.head_cpus, head_memory=args.head_memory, worker_cpus=args.worker_cpus,
                          worker_memory=args.worker_memory)
     try:

@@ -11,7 +11,7 @@ deployment, which
    I-CLIP) and against the prompt (CLIP-T, and attr_acc through the lenient prompt parser; a
    prompt it cannot parse is recorded with the reason);
 3. computes the realised quality exactly as ``quality_target`` and ``bench_auto`` define it: the
-   lowest of SSIM, 1 - LPIPS and I-CLIP (``budgetdiff.policy.quality_of``);
+   lowest of SSIM, 1 - LPIPS and I-CLIP (``budgetdiff.quality.realised_quality``);
 4. judges the request: **good** when the realised quality reaches the quality target the request
    asked for; a request that gave none is judged against what the auto policy promised for the
    plan it ran (its route's conformal lower bound at the policy's coverage), or against the
@@ -329,7 +329,7 @@ class ShadowEvaluator:
 
     def evaluate(self, job: ShadowJob) -> dict:
         """Score one served image; returns its verdict record (also exported and logged)."""
-        from budgetdiff.policy import PolicyError, quality_of
+        from budgetdiff.quality import QualityError, realised_quality
 
         start = time.perf_counter()
         target, target_from = self.target_for(job)
@@ -354,9 +354,11 @@ class ShadowEvaluator:
                 if attr is not None:
                     levels["domain/attr_acc"] = attr
                 try:
-                    realised = quality_of(levels)
-                except PolicyError:
+                    realised = realised_quality(levels)
+                except QualityError:
                     realised = None
+                if realised is not None and not math.isfinite(realised):
+                    realised = None  # no finite level: unscored
                 good = is_good(realised, target) if target is not None else None
                 verdict.update({"levels": levels, "realised_quality": realised, "good": good,
                                 "attr_parse_error": reason, "seconds": round(time.perf_counter() - start, 3)})

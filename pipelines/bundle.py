@@ -24,12 +24,11 @@ from pathlib import Path
 
 from budgetdiff.bundle import write_bundle
 from budgetdiff.fingerprint import file_sha256
-from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy, quality_of
+from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy
+from budgetdiff.quality import QUALITY_LEVELS, realised_quality
 from budgetdiff.adaptive import AdaptiveSkipConfig
 from mlops.cli import fail
 from mlops.params import load_params
-
-QUALITY_LEVELS = ("pixel/ssim", "mid/lpips", "high/iclip")
 
 
 class BundleStageError(ValueError):
@@ -56,7 +55,7 @@ def skip_policy_from_adaptive_report(report: dict, source: dict) -> SkipPolicy:
             delta = float(row["params"]["threshold"])
             levels = {k: row[k] for k in row if k.startswith(QUALITY_LEVELS)}
             measured = {"nfe_speedup": row["nfe_speedup"], "mean_nfe": row["mean_nfe"],
-                        "quality": round(quality_of(levels), 6),
+                        "quality": round(realised_quality(levels), 6),
                         **{k: row[k] for k in sorted(levels)},
                         **{k: row[k] for k in ("pixel/psnr", "domain/attr_acc_vs_full") if k in row}}
             config = AdaptiveSkipConfig(threshold=delta, max_skip=int(report["max_skip"]),

@@ -43,7 +43,8 @@ from budgetdiff.engine import GenerationRequest, Generator
 from budgetdiff.fingerprint import content_sha256
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.scenes import held_out_scenes
-from budgetdiff.auto_policy import AutoCandidate, AutoPolicy, conformal_lower_bound, quality_from_values
+from budgetdiff.auto_policy import AutoCandidate, AutoPolicy
+from budgetdiff.quality import conformal_lower_bound, mean_quality, realised_quality
 from mlops.cli import fail
 from mlops.params import load_params
 
@@ -141,7 +142,7 @@ def paired(diff: np.ndarray) -> dict:
 
 
 def measure(cand: AutoCandidate, out: dict, values: dict, ref_values: dict, coverages: list[float]) -> AutoCandidate:
-    quality = quality_from_values(values)
+    quality = realised_quality(values)
     measured = {
         "gflops_per_image": float(np.mean(out["gflops"])), "mean_nfe": float(np.mean(out["nfe"])),
         "mean_steps": float(np.mean(out["steps"])),
@@ -149,7 +150,7 @@ def measure(cand: AutoCandidate, out: dict, values: dict, ref_values: dict, cove
         "attr_acc": float(np.nanmean(values[ATTR])), "clipt": float(np.mean(values[CLIPT])),
         "attr_acc_vs_full": paired(values[ATTR] - ref_values[ATTR]),
         "clipt_vs_full": paired(values[CLIPT] - ref_values[CLIPT]),
-        "quality_mean": float(quality.mean()),
+        "quality_mean": mean_quality(quality),
         "quality_quantiles": {f"{q:g}": float(np.quantile(quality, q)) for q in (0.01, 0.05, 0.1, 0.25, 0.5)},
         "quality_lower_bound": {f"{c:g}": float(conformal_lower_bound(quality, c)) for c in coverages},
         "n": int(len(quality)),

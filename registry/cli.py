@@ -66,6 +66,12 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def format_criteria(criteria: list[dict], indent: str = "  ") -> list[str]:
+    """One line per criterion of a ``gate.criteria`` tag: name, kind, value, bound, pass / FAIL."""
+    return [f"{indent}{c['metric']:<24} {c['kind']:<13} {c['value']:>10.4f} {c['bound']:<14} "
+            f"{'pass' if c['passed'] else 'FAIL'}" for c in criteria]
+
+
 def cmd_list(args) -> int:
     from mlops.tracking import tracking_uri
 
@@ -87,6 +93,8 @@ def cmd_list(args) -> int:
             gate += f" (failed: {r['gate_failed']})"
         print(f"  {r['version']:>4} {','.join(r['aliases']) or '-':<22} {r['created']:<17} {r['bundle_sha256']:<13} "
               f"{r['git_commit']:<11} {gate}")
+        for line in format_criteria(r["gate_criteria"], indent=" " * 8):
+            print(line)
     return 0
 
 
@@ -153,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_promote)
     b = sub.add_parser("rollback", help="move champion back to the previous champion")
     b.set_defaults(fn=cmd_rollback)
-    lst = sub.add_parser("list", help="versions, aliases and gate verdicts")
+    lst = sub.add_parser("list", help="versions, aliases and gate verdicts (per criterion)")
     lst.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     lst.set_defaults(fn=cmd_list)
     gen = sub.add_parser("generate", help="generate one image from models:/budgetdiff@ALIAS")

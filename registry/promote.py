@@ -1,7 +1,8 @@
 """``promote``: run the gate (``registry.gate``) on the challenger and move ``champion`` when it
-passes. The verdict and the numbers go to the challenger's version tags (``gate.*``) and to an
-MLflow run in the registry's experiment (``challenger/<metric>``, ``champion/<metric>``,
-thresholds as params, ``gate.json`` as an artifact)."""
+passes. The verdict and the numbers go to the challenger's version tags (``gate.*``; the verdict
+per criterion in ``gate.criteria``, which ``budgetdiff-registry list`` shows) and to an MLflow run
+in the registry's experiment (``challenger/<metric>``, ``champion/<metric>``, thresholds as
+params, ``gate.json`` as an artifact)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def version_metrics(client, mv, valset: ValidationSet, scorer, batch_size: int, 
     version = str(mv.version)
     if mv.tags.get("gate.valset") == valset.key and mv.tags.get("gate.metrics"):
         return json.loads(mv.tags["gate.metrics"]), True
+    targets = f" + quality targets {', '.join(f'{q:g}' for q in valset.quality_targets)}" if valset.quality_targets else ""
     log(f"gate: evaluating version {version} on {len(valset.prompts)} prompts (mode {valset.mode} + full-step "
-        "references)")
+        f"references{targets})")
     start = time.perf_counter()
     metrics = evaluate(load_generator(version), valset, scorer, batch_size)
     log(f"gate: version {version} evaluated in {time.perf_counter() - start:.0f} s")
@@ -75,7 +77,7 @@ def promote(cfg: dict, version: str | None = None, client=None, scorer=None, eva
     result = {"verdict": "promoted" if verdict["passed"] else "refused", "challenger": c_version,
               "champion_before": b_version, "against": against,
               "validation_set": {"key": valset.key, "prompts": len(valset.prompts), "seed_offset": cfg["seed_offset"],
-                                 "mode": valset.mode},
+                                 "mode": valset.mode, "quality_targets": list(valset.quality_targets)},
               "reused_metrics": {"challenger": cached_c, "champion": cached_b},
               "challenger_metrics": candidate, "champion_metrics": baseline, **verdict}
 
@@ -95,6 +97,7 @@ def promote(cfg: dict, version: str | None = None, client=None, scorer=None, eva
     result["run_id"] = run.info.run_id
     tags = {"gate.verdict": result["verdict"], "gate.against": against, "gate.run_id": run.info.run_id,
             "gate.failed": ",".join(verdict["failed"]) or "none",
+            "gate.criteria": json.dumps(criteria_tag(verdict["rows"]), separators=(",", ":")),
             "gate.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tags.update({tag_key(f"gate.value.{k}"): f"{v:.6g}" for k, v in candidate.items()})
     for key, value in tags.items():
@@ -105,17 +108,23 @@ def promote(cfg: dict, version: str | None = None, client=None, scorer=None, eva
     return result
 
 
+def criteria_tag(rows: list[dict]) -> list[dict]:
+    """The verdict per criterion, as the ``gate.criteria`` version tag keeps it (compact)."""
+    return [{"metric": r["metric"], "kind": r["kind"], "passed": r["passed"], "value": round(r["challenger"], 6),
+             "bound": f"{r['direction']} {r['threshold']:.6g}"} for r in rows]
+
+
 def format_gate(result: dict) -> str:
     """The gate's table, for the terminal."""
     if result["verdict"] == "unchanged":
         return f"gate: {result['why']}"
     lines = [f"gate: version {result['challenger']} against {result['against']}: {result['verdict'].upper()}",
-             f"  {'metric':<28} {'challenger':>11} {'champion':>11}   {'bound':<24} ok"]
+             f"  {'criterion':<24} {'kind':<13} {'challenger':>11} {'champion':>11}   {'bound':<48} ok"]
     for r in result["rows"]:
         champ = "-" if r["champion"] is None else f"{r['champion']:.4f}"
         bound = f"{r['direction']} {r['threshold']:.4f} ({r['from']})"
-        lines.append(f"  {r['metric']:<28} {r['challenger']:>11.4f} {champ:>11}   {bound:<24} "
-                     f"{'yes' if r['passed'] else 'NO'}")
+        lines.append(f"  {r['metric']:<24} {r['kind']:<13} {r['challenger']:>11.4f} {champ:>11}   {bound:<48} "
+                     f"{'yes' if r['passed'] else 'NO'}" + (f"   [{r['measured']}]" if r.get("measured") else ""))
     if result["failed"]:
         lines.append(f"  failing: {', '.join(result['failed'])}")
     return "\n".join(lines)

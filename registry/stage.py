@@ -1,8 +1,9 @@
 """DVC stage ``register``: the last stage of ``dvc repro``.
 
 Registers the bundle the pipeline built (a new version with alias ``challenger``, unless a
-version already holds a bundle with the same content hash), runs the gate on the challenger,
-and writes ``reports/registry.json``. A refused challenger is recorded in the report, not
+version already holds a bundle with the same content hash), runs the gate on **that** version (the
+bundle ``bench_auto`` measured, whichever version holds it) and moves ``champion`` to it when the
+gate passes, then writes ``reports/registry.json``. A refused challenger is recorded in the report, not
 raised: the pipeline's outputs stay valid and ``champion`` stays where it was
 (``registry.fail_on_refusal: true`` makes a refusal fail the stage instead).
 """
@@ -28,13 +29,14 @@ def run(cfg: dict, client=None, scorer=None, evaluator_id=None) -> dict:
     client = client or connect()
     registered = register(cfg["bundle"], cfg["reports"], client)
     print(f"register: {'version ' + registered['version'] if registered['registered'] else registered['why']}")
-    gate = promote(cfg["gate"], client=client, scorer=scorer, evaluator_id=evaluator_id,
-                   log=lambda m: print(m, file=sys.stderr))
+    gate = promote(cfg["gate"], version=registered["version"], client=client, scorer=scorer,
+                   evaluator_id=evaluator_id, log=lambda m: print(m, file=sys.stderr))
     print(format_gate(gate))
     if gate["verdict"] == "unchanged":  # nothing judged now: report the numbers the champion was judged with
         tags = client.get_model_version(MODEL_NAME, gate["champion"]).tags
         gate["champion_metrics"] = json.loads(tags.get("gate.metrics", "null"))
         gate["against"] = f"champion's own gate ({tags.get('gate.verdict', 'none')} vs {tags.get('gate.against', '-')})"
+        gate["criteria"] = json.loads(tags.get("gate.criteria", "[]"))
     uri = tracking_uri()
     return {
         "model": MODEL_NAME,
@@ -43,7 +45,7 @@ def run(cfg: dict, client=None, scorer=None, evaluator_id=None) -> dict:
         "bundle_sha256": registered["bundle_sha256"],
         "registered": registered["registered"],
         "version": registered["version"],
-        "gate": {k: gate.get(k) for k in ("verdict", "challenger", "against", "champion", "failed", "rows",
+        "gate": {k: gate.get(k) for k in ("verdict", "challenger", "against", "champion", "failed", "rows", "criteria",
                                           "challenger_metrics", "champion_metrics", "validation_set", "why")
                  if k in gate},
         "aliases": aliases(client),

@@ -298,7 +298,8 @@ def _pip_requirements() -> list[str]:
 
 
 def describe_versions(client) -> list[dict]:
-    """What ``list`` shows: each version with its aliases, bundle hash and gate verdict."""
+    """What ``list`` shows: each version with its aliases, bundle hash, gate verdict and the verdict
+    per criterion (``gate.criteria``: the promise, floors and no-regression rules)."""
     by_version: dict[str, list[str]] = {}
     for alias, version in aliases(client).items():
         by_version.setdefault(str(version), []).append(alias)
@@ -309,5 +310,6 @@ def describe_versions(client) -> list[dict]:
                      "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
                      "bundle_sha256": t.get(SHA_TAG, "")[:12], "git_commit": t.get("git_commit", "")[:10],
                      "gate": t.get("gate.verdict", "-"), "gate_against": t.get("gate.against", ""),
-                     "gate_failed": t.get("gate.failed", "")})
+                     "gate_failed": t.get("gate.failed", ""),
+                     "gate_criteria": json.loads(t.get("gate.criteria", "[]"))})
     return rows

@@ -26,7 +26,7 @@ import typer
 
 from mlops.cli import print_error
 
-from .config import DEFAULT_CONFIG, load_serve_config, with_overrides
+from .config import DEFAULT_CONFIG, MODEL, load_serve_config, user_config, with_overrides
 
 DEFAULT_TEMP_DIR = "/tmp/bdserve"
 STATE_FILE = "budgetdiff_serve.json"
@@ -126,9 +126,11 @@ def _dashboard_from_env() -> str | None:
     return f"http://{host}:8265"
 
 
-def _load(config: Path, http_port: Optional[int], model: Optional[str], host: Optional[str] = None) -> dict:
+def _load(config: Path, http_port: Optional[int], model: Optional[str], host: Optional[str] = None,
+          registry_poll_s: Optional[float] = None) -> dict:
     try:
-        return with_overrides(load_serve_config(config), http_port=http_port, model_source=model, host=host)
+        poll = None if registry_poll_s is None else {"registry_poll_s": registry_poll_s}
+        return with_overrides(load_serve_config(config), http_port=http_port, model_source=model, host=host, model=poll)
     except ValueError as exc:
         _fail(str(exc), 2)
 
@@ -152,7 +154,10 @@ def start(
     dashboard_port: int = typer.Option(8266, help="the dashboard / Serve REST port"),
     metrics_port: Optional[int] = typer.Option(None, help="Prometheus metrics export port (default: free)"),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs the head offers (default: all)"),
-    model: Optional[str] = typer.Option(None, help="model_source override: a bundle directory"),
+    model: Optional[str] = typer.Option(None, help="model_source override: a bundle directory or a registry URI "
+                                         "(models:/budgetdiff@champion)"),
+    registry_poll_s: Optional[float] = typer.Option(None, help="with a registry alias: look it up every N s and swap "
+                                                     "in the version it names (default: the config's)"),
     temp_dir: str = typer.Option(DEFAULT_TEMP_DIR, help="this cluster's Ray temp dir (keeps it apart)"),
     timeout: float = typer.Option(300.0, help="seconds to wait for /healthz"),
 ):
@@ -162,7 +167,7 @@ def start(
     from .deploy import base_url, deploy_rest, probe, wait_healthy
 
     console = Console(stderr=True)
-    cfg = _load(config, http_port, model)
+    cfg = _load(config, http_port, model, registry_poll_s=registry_poll_s)
     http = cfg.get("http_options") or {}
     port = int(http.get("port", 8000))
     state = _read_state(temp_dir)
@@ -202,7 +207,10 @@ def start(
              "dashboard": dashboard, "metrics_port": metrics_port, "url": url, "config": str(config),
              "started_at": time.time()}
     _state_path(temp_dir).write_text(json.dumps(state, indent=2))
-    console.print(f"deploying {config} via {dashboard}")
+    served = user_config(cfg, MODEL)
+    follow = f", following it every {served.registry_poll_s:g} s" if served.registry_poll_s and \
+        served.model_source.startswith("models:/") else ""
+    console.print(f"deploying {config} via {dashboard}: serves {served.model_source}{follow}")
     deadline = time.monotonic() + 60
     while True:  # the dashboard's Serve REST API comes up a few seconds after ray start
         try:

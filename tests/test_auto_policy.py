@@ -2,14 +2,12 @@
 engine's routing by it, and the calibrate_auto stage on the tiny components."""
 
 import json
-import math
 import shutil
 
 import numpy as np
 import pytest
 
-from budgetdiff.auto_policy import (AUTO_POLICY_FORMAT, AutoCandidate, AutoPolicy, AutoPolicyError,
-                                    conformal_lower_bound, load_auto_policy, quality_from_values)
+from budgetdiff.auto_policy import AUTO_POLICY_FORMAT, AutoCandidate, AutoPolicy, AutoPolicyError, load_auto_policy
 from budgetdiff.engine import GenerationRequest, Generator
 
 PROMPT = "a small red circle at the top left on a white background"
@@ -30,28 +28,6 @@ def synthetic_policy(default="base@3") -> AutoPolicy:
         _cand("base@12", "uniform", "base", 12.0, 0.97, steps=12),
     ), reference={"model": "base", "steps": 20, "gflops_per_image": 20.0},
         source={"default_rule": "synthetic"})
-
-
-def test_conformal_lower_bound_is_the_right_order_statistic():
-    values = np.arange(1, 100)  # n = 99: k = floor(100 * 0.05) = 5 -> the 5th smallest
-    assert conformal_lower_bound(values, 0.95) == 5
-    assert conformal_lower_bound(values, 0.8) == 20
-    assert conformal_lower_bound(np.arange(10), 0.95) == -math.inf  # too few values for 95 %
-
-
-def test_conformal_bound_covers_new_draws():
-    rng = np.random.default_rng(0)
-    hits = []
-    for _ in range(400):
-        cal, new = rng.normal(size=60), rng.normal()
-        hits.append(new >= conformal_lower_bound(cal, 0.9))
-    assert np.mean(hits) >= 0.87  # >= 0.9 in expectation; binomial slack over 400 trials
-
-
-def test_quality_from_values_is_the_lowest_level():
-    q = quality_from_values({"pixel/ssim": [0.9, 0.5], "mid/lpips_alex": [0.05, 0.1], "high/iclip_x": [0.99, 0.99],
-                             "pixel/psnr": [30, 20]})
-    assert q.tolist() == pytest.approx([0.9, 0.5])
 
 
 def test_choice_rule():

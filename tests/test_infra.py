@@ -260,6 +260,45 @@ def test_registry_model_source_fetches_into_the_pods_and_points_serve_there():
     assert "initContainers" not in _worker(render.build_rayservice(RenderOptions()))["template"]["spec"]
 
 
+def test_an_alias_with_registry_poll_s_is_followed_in_place(tmp_path):
+    """Way 2 on Kubernetes: the replicas keep the alias and poll it (no init container), as the
+    local profile does; the tracking URI is required; the header says what is served."""
+    opts = RenderOptions(model_source="models:/budgetdiff@champion", registry_poll_s=60)
+    manifest, monitor = render.build_rayservice(opts), render.build_podmonitor(opts)
+    render.check_manifests(manifest, monitor)
+    cfg = checks.serve_config_of(manifest)
+    model = _deployment(cfg, "ImageModel")["user_config"]
+    assert model["model_source"] == "models:/budgetdiff@champion" and model["registry_poll_s"] == 60
+    assert _deployment(cfg, "ShadowEvaluator")["user_config"]["model_source"] == "models:/budgetdiff@champion"
+    spec = _worker(manifest)["template"]["spec"]
+    assert "initContainers" not in spec and "volumes" not in spec
+    env = _env(spec["containers"][0])
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]["optional"] is False
+    texts = render.render(opts)
+    assert "# Serves: models:/budgetdiff@champion, followed in place" in texts[render.RAYSERVICE_FILE]
+    assert "--registry-poll-s 60" in texts[render.RAYSERVICE_FILE].splitlines()[0]
+    # the serve config's own alias + registry_poll_s is followed too, without render options
+    source = yaml.safe_load(GPU_YAML.read_text())
+    _deployment(source, "ImageModel")["user_config"].update(model_source="models:/budgetdiff@champion",
+                                                             registry_poll_s=30)
+    config = tmp_path / "gpu-follow.yaml"
+    config.write_text(yaml.safe_dump(source))
+    follow = render.cluster_serve_config(config)
+    assert follow.follows == "models:/budgetdiff@champion" and follow.registry_source is None
+    # a pinned version cannot be followed; an alias without polling is fetched at pod start (way 1)
+    with pytest.raises(ValueError, match="--registry-poll-s: follows a registry alias"):
+        render.cluster_serve_config(GPU_YAML, "models:/budgetdiff/7", 60)
+    pinned = render.cluster_serve_config(GPU_YAML, "models:/budgetdiff@champion", 0)
+    assert pinned.registry_source == "models:/budgetdiff@champion" and pinned.follows is None
+
+
+def test_the_manifest_says_which_bundle_is_served(texts):
+    header = texts[render.RAYSERVICE_FILE].splitlines()[2]
+    assert header.startswith("# Serves: models/bundle in the image (the bundle dvc repro built")
+    pinned = render.render(RenderOptions(model_source="models:/budgetdiff/7"))[render.RAYSERVICE_FILE]
+    assert f"# Serves: models:/budgetdiff/7, fetched into {render.BUNDLE_DIR}" in pinned
+
+
 def test_a_local_model_source_is_used_as_it_is():
     manifest = render.build_rayservice(RenderOptions(model_source="/models/sd15-bundle"))
     cfg = checks.serve_config_of(manifest)

@@ -79,7 +79,7 @@ def render(ctx: dict, scheduler: str, skip: dict | None, prompts: list[str] | No
 
 def judge(ctx: dict, images, refs, nfe: list[int]) -> dict:
     """Mean NFE, LPIPS and the levels of ``quality_of`` against the full-step images."""
-    from budgetdiff.policy import quality_of
+    from budgetdiff.quality import realised_quality as quality_of
 
     scorer = cached_scorer(ctx.get("clip_dir"))
     values = scorer.score(images, refs=refs)
