@@ -51,8 +51,12 @@ VAL_SEED_OFFSET = 10_000_000  # validation scenes never collide with training se
 
 
 def build_unet(cfg: dict) -> UNet2DConditionModel:
-    """The base model's UNet from the ``unet`` section of the config."""
+    """The base model's UNet from the ``unet`` section of the config. ``pooled_text`` (default
+    true) adds the pooled sentence embedding to the timestep embedding; without it the prompt
+    reaches the UNet through cross-attention alone (the pooled vector, added at every pixel, holds
+    every object's attributes unbound, a path for one object's colour to leak onto another)."""
     u = cfg["unet"]
+    pooled = u.get("pooled_text", True)
     levels = u["cross_attention_levels"]
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels))
@@ -67,8 +71,8 @@ def build_unet(cfg: dict) -> UNet2DConditionModel:
         cross_attention_dim=u["text_dim"],
         attention_head_dim=u["attention_head_dim"],
         norm_num_groups=u["norm_num_groups"],
-        class_embed_type="projection",
-        projection_class_embeddings_input_dim=u["text_dim"],
+        class_embed_type="projection" if pooled else None,
+        projection_class_embeddings_input_dim=u["text_dim"] if pooled else None,
     )
 
 
@@ -296,8 +300,11 @@ def init_weights(module: BaseDiffusionModule, model_dir: str | os.PathLike) -> N
                   if tuple(np.atleast_1d(saved.config[k])) != tuple(np.atleast_1d(expected[k]))]
     if mismatched:
         raise ValueError(f"init_from {model_dir}: its UNet differs from the config in {', '.join(mismatched)}")
-    module.unet.load_state_dict(saved.state_dict())
-    module.ema_unet.load_state_dict(saved.state_dict())
+    state = saved.state_dict()
+    if module.unet.class_embedding is None:  # the new UNet drops the pooled-text path
+        state = {k: v for k, v in state.items() if not k.startswith("class_embedding.")}
+    module.unet.load_state_dict(state)
+    module.ema_unet.load_state_dict(state)
 
 
 def train(cfg: dict) -> dict[str, Any]:
