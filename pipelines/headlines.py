@@ -299,6 +299,16 @@ HEADLINES: dict[str, tuple[str, dict[str, Source]]] = {
         "images": ("images",),
         "shards": ("shards",),
     }),
+    "pilot_detail": ("reports/pilot_detail.json", {
+        "largest_detail_variance_kept_at_8": ("decision", "largest_variance_kept_at_8_on_detailed"),
+        "faintly_grainy_variance_kept_at_8": ("classes", "faintly grainy", "variance_kept", "8"),
+        "heavily_mottled_variance_kept_at_8": ("classes", "heavily mottled", "variance_kept", "8"),
+    }),
+    "ablate_composition": ("reports/ablate_composition.json", {
+        "objects_all_right_at_1_25": ("by_guidance", "1.25", "per_object", "all_right"),
+        "objects_with_other_colour_at_1_25": ("by_guidance", "1.25", "per_object", "color_from_other"),
+        "objects_in_cell_at_1_25": ("by_guidance", "1.25", "per_object", "in_cell"),
+    }),
     "bench_render": ("reports/bench_render.json", {
         "network_evaluations_per_s_1_worker": ("network_evaluations_per_s", "1"),
         "network_evaluations_per_s_2_workers": ("network_evaluations_per_s", "2"),
@@ -429,6 +439,8 @@ SCORECARD: dict[str, dict[str, str]] = {
                       "accuracy": "student_8_cfg_attr_acc"},
     "render": {"size": "images"},
     "bench_render": {"speedup": "speedup_2_vs_1_workers", "throughput": "network_evaluations_per_s_2_workers"},
+    "pilot_detail": {"quality": "largest_detail_variance_kept_at_8"},
+    "ablate_composition": {"accuracy": "objects_all_right_at_1_25"},
     "dataset": {"size": "rows"},
     "bench_adaptive": {"speedup": "ddim_nfe_speedup", "quality": "ddim_psnr"},
     "train_budget": {"loss": "bilstm_best_val_loss"},

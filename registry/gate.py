@@ -156,11 +156,11 @@ def evaluate(generator, valset: ValidationSet, scorer, batch_size: int = 16) -> 
                         f"promise/{short}_vs_full/tolerance": float(policy.tolerances[short])})
     for block, q in enumerate(targets, start=2):
         quality = realised_quality(scorer.score(images(block), refs=refs))
-        block_records = [r.record for r in results[block * n:(block + 1) * n]]
+        block_records = [r.record for r in results[block * n:(block + 1) * n]]  # ImageRecord
         metrics.update({f"promise/q{q:g}/reached": float(round(share_reaching(quality, q) * n)),
                         f"promise/q{q:g}/n": float(n),
                         f"promise/q{q:g}/mean_quality": mean_quality(quality),
-                        f"promise/q{q:g}/gflops_per_image": float(np.mean([r["unet_gflops"] for r in block_records]))})
+                        f"promise/q{q:g}/gflops_per_image": float(np.mean([r.unet_gflops for r in block_records]))})
     return metrics
 
 
