@@ -528,15 +528,6 @@ def object_masks(spec: SceneSpec, resolution: int = BASE_RESOLUTION) -> np.ndarr
     return np.stack(masks) if masks else np.zeros((0, resolution, resolution), np.float32)
 
 
-def detail_std_map(spec: SceneSpec, object_mask: np.ndarray, speckle_mask: np.ndarray | None) -> np.ndarray:
-    """Per-pixel luminance standard deviation (on the [-1, 1] scale) of the random detail the spec
-    asks for: the material's strength on the background, ``SPECKLE_STD`` inside speckled objects
-    (before rounding and clipping to 0..255)."""
-    bg = STRENGTHS[spec.strength] * (1.0 - object_mask) if spec.material != "plain" else 0.0 * object_mask
-    sp = SPECKLE_STD * speckle_mask if speckle_mask is not None else 0.0 * object_mask
-    return np.sqrt(bg ** 2 + sp ** 2).astype(np.float32)
-
-
 def detail_field(seed: int, material: str, resolution: int, salt: int = 0) -> np.ndarray:
     """Unit-variance grain for ``material`` ("grainy": independent per pixel of the 32 px grid;
     "mottled": the same grain smoothed by a Gaussian of ``MOTTLE_SIGMA_PX`` and rescaled to unit
