@@ -28,11 +28,11 @@ Modes (``MODES``):
   predicted budget S <= ``auto.student_max_steps`` -> the student at ``auto.student_guidance``,
   otherwise the base model at S steps with the skip policy's point for ``quality_target``.
 
-Compatible requests (same model, steps, scheduler, guidance and skip configuration) run as one
-batched pipeline call; every request keeps its own seed (one noise generator per image), so an
-image does not depend on the batch it ran in. The engine keeps no state between calls: each
-pipeline call builds its own scheduler and opens its own skip scope, and the UNet hooks are
-installed once at load, so threads may share one ``Generator``.
+Requests of any plan share UNet calls through the step scheduler (``budgetdiff.continuous``):
+each image has its own sampler state and seed (one noise generator per image), so an image does
+not depend on what it shared its calls with (up to floating-point reassociation, tested). The
+engine keeps no state between calls: each call builds its own ``StepBatcher`` (a server keeps
+one running, ``serving/model.py``), so threads may share one ``Generator``.
 """
 
 from __future__ import annotations
@@ -222,7 +222,12 @@ class ImageRecord:
     mask, scheduler, guidance), what it cost (UNet evaluations, GFLOPs, seconds) and the policies
     that decided it. Built in one place (``Generator``); ``to_dict`` is the JSON record (CLI,
     ``records.jsonl``, the registry pyfunc), ``summary`` the per-image record an API reply
-    carries."""
+    carries.
+
+    Under the step scheduler (``budgetdiff.continuous``): ``seconds`` is the image's share of the
+    UNet calls it took part in (by rows) plus its own scheduler steps, ``batch_size`` the most
+    images that shared one of its UNet calls, ``mean_call_images`` their mean, ``queue_seconds``
+    the wait from submission to admission and ``latency_seconds`` submission to done."""
 
     prompt: str
     mode: str
@@ -245,6 +250,9 @@ class ImageRecord:
     budget: BudgetChoice | None = None
     route: AutoRoute | None = None
     bundle: dict | None = None
+    queue_seconds: float | None = None
+    latency_seconds: float | None = None
+    mean_call_images: float | None = None
 
     @property
     def skipped(self) -> int:
@@ -259,12 +267,18 @@ class ImageRecord:
     def unet_sample_evals(self) -> int:
         return self.nfe * (2 if self.cfg else 1)
 
+    def _timing(self) -> dict:
+        """How the step scheduler served it: queue wait, submit-to-done latency, images per call."""
+        return {k: v for k, v in (("queue_seconds", self.queue_seconds), ("latency_seconds", self.latency_seconds),
+                                  ("mean_call_images", self.mean_call_images)) if v is not None}
+
     def to_dict(self) -> dict:
         d = {"prompt": self.prompt, "steps": self.steps, "nfe": self.nfe, "seconds": self.seconds,
              "scheduler": self.scheduler, "guidance": self.guidance, "seed": self.seed,
              "batch_size": self.batch_size, "prompt_truncated": self.prompt_truncated}
         if self.decision_seconds is not None:
             d["decision_seconds"] = self.decision_seconds
+        d.update(self._timing())
         d.update({
             "mode": self.mode, "request_id": self.request_id, "quality_target": self.quality_target,
             "model": self.model.describe(), "skipped": self.skipped, "skip_mask": self.skip_mask,
@@ -288,7 +302,7 @@ class ImageRecord:
              "seed": self.seed, "batch_size": self.batch_size, "quality_target": self.quality_target,
              "unet_sample_evals": self.unet_sample_evals, "unet_gflops": self.unet_gflops,
              "prompt_truncated": self.prompt_truncated, "request_id": self.request_id,
-             "model": self.model.name, "generate_seconds": self.seconds}
+             "model": self.model.name, "generate_seconds": self.seconds, **self._timing()}
         if self.route is not None:
             d["route"] = self.route.route
             if self.route.calibration is not None:
@@ -677,15 +691,21 @@ class Generator:
     def __call__(self, requests: GenerationRequest | Sequence[GenerationRequest], output_type: str = "pil",
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | Callable[[int], None] = False
                  ) -> list[GenerationResult]:
-        """Generate one image per request, in order.
+        """Generate one image per request, in order, through the step scheduler
+        (``budgetdiff.continuous``): requests of any plan share every UNet call they can, new ones
+        join as others finish.
 
         Args:
             requests: a request or a list of them.
             output_type: "pil", "np" (H, W, 3) or "pt" (3, H, W), values in [0, 1].
-            batch_size: the most images per pipeline call (>= 1).
+            batch_size: the most guided images per UNet call (a row budget of 2 x batch_size:
+                a guided image takes two rows, an unguided one); twice as many are in flight,
+                so rows that skipping samples free are used.
             progress: True for a tqdm bar over images, or a callable given each finished call's
                 image count.
         """
+        from .continuous import StepBatchConfig, StepBatcher
+
         single = isinstance(requests, GenerationRequest)
         requests = [requests] if single else list(requests)
         if not requests:
@@ -694,29 +714,47 @@ class Generator:
             raise ValueError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-        plans = self.plan(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(plans):
-            groups.setdefault(p.key, []).append(i)
+        batcher = StepBatcher(StepBatchConfig(max_rows=2 * batch_size, max_inflight=2 * batch_size, policy="fifo"))
+        return self.run_batched(batcher, requests, output_type, progress)
+
+    def run_batched(self, batcher, requests: Sequence[GenerationRequest], output_type: str = "pil",
+                    progress: bool | Callable[[int], None] = False) -> list[GenerationResult]:
+        """``requests`` through ``batcher`` (a ``continuous.StepBatcher`` not running a thread of
+        its own), driven in this thread until they are done."""
         bar = None
         if progress is True:
             from tqdm import tqdm
 
             bar = tqdm(total=len(requests), desc="generate", unit="image", leave=False)
-        results: list[GenerationResult | None] = [None] * len(requests)
+        on_image = (lambda i, r: bar.update(1)) if bar is not None else (
+            (lambda i, r: progress(1)) if callable(progress) else None)
         try:
-            for key, indices in groups.items():
-                for start in range(0, len(indices), batch_size):
-                    chunk = indices[start:start + batch_size]
-                    self._run_chunk([requests[i] for i in chunk], [plans[i] for i in chunk], chunk,
-                                    output_type, results)
-                    if bar is not None:
-                        bar.update(len(chunk))
-                    elif callable(progress):
-                        progress(len(chunk))
+            ticket = batcher.submit(self, requests, output_type, on_image=on_image)
+            batcher.run_until_idle()
+            return ticket.future.result(timeout=0)
         finally:
             if bar is not None:
                 bar.close()
+
+    def run_grouped(self, requests: Sequence[GenerationRequest], output_type: str = "pil",
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> list[GenerationResult]:
+        """Request-level batching, as the engine did before the step scheduler: requests with
+        equal plans (``Plan.key``) run as pipeline calls of at most ``batch_size`` images, one
+        group after another, each to its end. Kept as the baseline that ``bench_serve`` measures
+        step-level batching against (``batching: request`` in a serving profile)."""
+        requests = list(requests)
+        if not requests:
+            return []
+        plans = self.plan(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(plans):
+            groups.setdefault(p.key, []).append(i)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                self._run_chunk([requests[i] for i in chunk], [plans[i] for i in chunk], chunk, output_type,
+                                results)
         return results
 
     def _run_chunk(self, requests: list[GenerationRequest], plans: list[Plan], indices: list[int],
@@ -738,6 +776,26 @@ class Generator:
                 skip_config=p.skip.to_record() if p.skip else None, skip_source=p.skip_source if p.skip else None,
                 budget=p.budget, route=p.route, bundle=bundle)
             results[i] = GenerationResult(out.images[j], record)
+
+    def _result(self, slot, now: float) -> GenerationResult:
+        """The finished image of a step-scheduler slot and its record."""
+        p, r, model = slot.plan, slot.request, slot.model
+        image = slot.pipe.to_output(slot.latents, slot.ticket.output_type)[0]
+        state = slot.skip_state
+        mask = state.skip_masks()[0] if state is not None else None
+        nfe = slot.total_steps - (sum(mask) if mask else 0)
+        record = ImageRecord(
+            prompt=r.prompt, mode=r.mode, request_id=r.request_id, quality_target=r.quality_target,
+            model=model, steps=p.steps, nfe=nfe, skip_mask=mask, scheduler=p.scheduler, guidance=p.guidance,
+            seed=r.seed, batch_size=slot.max_call_images, prompt_truncated=slot.truncated,
+            seconds=slot.compute_seconds,
+            unet_gflops=round(nfe * self.gflops_per_evaluation[(model.name, p.guidance != 1.0)], 4),
+            decision_seconds=state.decision_seconds if state is not None else None,
+            skip_config=p.skip.to_record() if p.skip else None, skip_source=p.skip_source if p.skip else None,
+            budget=p.budget, route=p.route, bundle=self.bundle.describe() if self.bundle else None,
+            queue_seconds=slot.admitted - slot.ticket.submitted, latency_seconds=now - slot.ticket.submitted,
+            mean_call_images=slot.call_images / slot.calls if slot.calls else None)
+        return GenerationResult(image, record)
 
 
 def _same_text_encoder(base: str, student: str) -> bool:

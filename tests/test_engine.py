@@ -73,28 +73,27 @@ def test_quality_target_chooses_the_skip_point(tiny_generator):
     assert plan(None).skip.threshold == 0.5  # the default point
 
 
-def test_compatible_requests_share_batched_calls_and_keep_their_order(tiny_generator, monkeypatch):
+def test_requests_of_any_plan_share_unet_calls_and_keep_their_order(tiny_generator):
+    """Through the step scheduler, images of different plans (steps, models) share UNet calls
+    up to the row budget, and results come back in request order."""
+    from budgetdiff.continuous import StepBatchConfig, StepBatcher
+
+    batcher = StepBatcher(StepBatchConfig(max_rows=4, max_inflight=4))
     calls = []
-
-    class Spy:
-        def __init__(self, name, pipe):
-            self.name, self.pipe = name, pipe
-
-        def __call__(self, prompts, **kwargs):
-            calls.append((self.name, len(prompts), kwargs["num_inference_steps"]))
-            return self.pipe(prompts, **kwargs)
-
-        def __getattr__(self, attr):
-            return getattr(self.pipe, attr)
-
-    for name, model in tiny_generator.models.items():
-        monkeypatch.setattr(model, "pipe", Spy(name, model.pipe))
-    requests = [GenerationRequest(PROMPTS[i % 3], mode=m, seed=i, steps=6 if m == "full" else None)
-                for i, m in enumerate(["full", "student", "full", "student", "full"])]
-    results = tiny_generator(requests, output_type="np", batch_size=2)
+    batcher.observers.append(lambda event, data: calls.append(data) if event == "call" else None)
+    requests = [GenerationRequest(PROMPTS[i % 3], mode=m, seed=i, steps=s)
+                for i, (m, s) in enumerate([("full", 6), ("student", None), ("full", 9), ("student", None),
+                                            ("full", 6)])]
+    results = tiny_generator.run_batched(batcher, requests, "np")
     assert [r.record.seed for r in results] == [0, 1, 2, 3, 4]
     assert [r.record.mode for r in results] == ["full", "student", "full", "student", "full"]
-    assert sorted(calls) == sorted([("base", 2, 6), ("base", 1, 6), ("student", 2, 4)])
+    assert [r.record.steps for r in results] == [6, 4, 9, 4, 6]
+    assert calls and max(c["rows"] for c in calls) <= 4
+    assert {c["model"] for c in calls} == {"base", "student"}
+    # the 6-step and 9-step images shared calls; every image took one evaluation per step
+    assert max(c["images"] for c in calls if c["model"] == "base") == 2
+    assert sum(c["images"] for c in calls) == 6 + 4 + 9 + 4 + 6
+    assert results[2].record.batch_size == 2 and results[2].record.mean_call_images > 1
 
 
 def test_a_request_reproduces_bit_for_bit_alone_or_in_a_batch(tiny_generator):
