@@ -254,10 +254,12 @@ def batch(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, dpmpp or euler."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first prompt; prompt i uses seed + i unless the CSV gives one."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per pipeline call."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Guided images per UNet call (step-level batching: any plans share calls)."),
 ) -> None:
     """Generate one image per prompt of a file into a folder, with one JSON record per image in
-    records.jsonl. Re-running skips images already written, so an interrupted run resumes."""
+    records.jsonl, written as each image finishes (so in finishing order; the image name carries
+    the prompt's line index). Re-running skips images already written, so an interrupted run
+    resumes."""
     from .engine import GenerationRequest
     from .prompt_files import PromptFileError, read_prompt_file
 
@@ -299,22 +301,31 @@ def batch(
     gen = _generator(_load_bundle_or_none(bundle, None, None, True))
     from tqdm import tqdm
 
-    generated = nfe = 0
-    with tqdm(total=len(todo), desc="batch", unit="image", disable=None) as bar:
-        for start in range(0, len(todo), batch_size * 4):  # write after each slice: little lost on interrupt
-            chunk = todo[start:start + batch_size * 4]
-            try:
-                results = gen([r for _, r in chunk], batch_size=batch_size, progress=bar.update)
-            except RequestError as exc:
-                line = chunk[exc.index][1].request_id if exc.index is not None else None
-                raise CliError(f"{line}: {_request_error(exc)}" if line else str(_request_error(exc))) from None
-            with open(records_path, "a") as log:
-                for (i, r), result in zip(chunk, results):
-                    name = _image_name(i, r)
-                    _write_png(out_dir / name, result.image)
-                    log.write(json.dumps({**_cli_record(result.record), "image": name}) + "\n")
-                    generated += 1
-                    nfe += result.record.nfe
+    from .continuous import StepBatchConfig, StepBatcher
+
+    # One step scheduler over every image: requests of any plan share UNet calls, and each image
+    # is written the moment it is done, so an interrupted run loses only those in flight.
+    batcher = StepBatcher(StepBatchConfig(max_rows=2 * batch_size, max_inflight=2 * batch_size))
+    counts = {"generated": 0, "nfe": 0}
+    with tqdm(total=len(todo), desc="batch", unit="image", disable=None) as bar, open(records_path, "a") as log:
+        def write(j: int, result) -> None:
+            i, r = todo[j]
+            name = _image_name(i, r)
+            _write_png(out_dir / name, result.image)
+            log.write(json.dumps({**_cli_record(result.record), "image": name}) + "\n")
+            log.flush()
+            counts["generated"] += 1
+            counts["nfe"] += result.record.nfe
+            bar.update(1)
+
+        try:
+            ticket = batcher.submit(gen, [r for _, r in todo], on_image=write)
+        except RequestError as exc:
+            line = todo[exc.index][1].request_id if exc.index is not None else None
+            raise CliError(f"{line}: {_request_error(exc)}" if line else str(_request_error(exc))) from None
+        batcher.run_until_idle()
+        ticket.future.result(timeout=0)
+    generated, nfe = counts["generated"], counts["nfe"]
     print(json.dumps({"images": len(requests), "generated": generated, "mean_nfe": round(nfe / generated, 3),
                       "out_dir": str(out_dir), "records": str(records_path)}))
 

@@ -219,3 +219,15 @@ def test_the_cost_model_fits_a_line_and_starts_from_a_prior():
     for rows, secs in [(1, 3.0), (3, 5.0), (5, 7.0)]:
         cost2.observe(rows, secs)
     assert cost2.coefficients() == pytest.approx((2.0, 1.0))
+
+
+def test_request_level_baseline_gives_the_same_images(tiny_generator):
+    """``Generator.run_grouped`` (request-level batching, the serving baseline) and the step
+    scheduler make the same images and records of what ran."""
+    requests = mixed_requests()[:7]
+    grouped = tiny_generator.run_grouped(requests, "np", batch_size=4)
+    stepped = tiny_generator(requests, output_type="np", batch_size=4)
+    for g, s in zip(grouped, stepped):
+        assert np.abs(np.asarray(g.image) - np.asarray(s.image)).max() <= ATOL
+        assert (g.record.steps, g.record.nfe, g.record.skip_mask, g.record.scheduler, g.record.guidance) == \
+            (s.record.steps, s.record.nfe, s.record.skip_mask, s.record.scheduler, s.record.guidance)
