@@ -8,8 +8,9 @@ deployment, which
    count (the bundle's full steps, 50) on the base model: the image the request would have got
    without any budget;
 2. scores the served image against it on every level (``MetricScorer``: pixel SSIM/PSNR, LPIPS,
-   I-CLIP) and against the prompt (CLIP-T, and attr_acc through the lenient prompt parser; a
-   prompt it cannot parse is recorded with the reason);
+   I-CLIP) and against the prompt (CLIP-T, and attr_acc on the attributes the prompt states, as
+   ``budgetdiff score`` does: ``budgetdiff.parse.parse_stated_scene``; what was scored is recorded,
+   and a prompt it cannot read is recorded with the reason);
 3. computes the realised quality exactly as ``quality_target`` and ``bench_auto`` define it: the
    lowest of SSIM, 1 - LPIPS and I-CLIP (``budgetdiff.quality.realised_quality``);
 4. judges the request: **good** when the realised quality reaches the quality target the request
@@ -314,18 +315,20 @@ class ShadowEvaluator:
                 return float(bound), "auto_route_promise"
         return None, "none"
 
-    def _attr_acc(self, image, prompt: str) -> tuple[float | None, str | None]:
-        from budgetdiff.evaluators import check_scenes, scene_attr_acc
-        from budgetdiff.parse import parse_prompt_lenient
+    def _stated(self, prompt: str) -> tuple[dict | None, list[str], str | None]:
+        """What ``domain/attr_acc`` scores in ``prompt`` (``parse_stated_scene``, the reading
+        ``MetricScorer`` and ``budgetdiff score`` use): (the scored objects and background, the
+        words left unscored, why nothing is scored or None)."""
+        from budgetdiff.parse import parse_stated_scene
+        from budgetdiff.scenes import PromptParseError
 
-        outcome = parse_prompt_lenient(prompt)
-        if outcome.spec is None:
-            return None, outcome.reason
-        checker = self.scorer.checker
-        if checker is None:
-            return None, "no attribute checker loaded"
-        check = check_scenes(checker, [image], [outcome.spec])[0]
-        return float(scene_attr_acc(check)), None
+        try:
+            stated = parse_stated_scene(prompt)
+        except PromptParseError as exc:
+            return None, [], str(exc)
+        if self.scorer.checker is None:
+            return None, [], "no attribute checker loaded"
+        return stated.scored(), list(stated.skipped), None
 
     def evaluate(self, job: ShadowJob) -> dict:
         """Score one served image; returns its verdict record (also exported and logged)."""
@@ -341,18 +344,12 @@ class ShadowEvaluator:
             try:
                 served = _decode_png(job.image_b64)
                 ref = self._reference(job)
-                values = self.scorer.score([served], refs=[ref], prompts=None)
+                # every level, CLIP-T and attr_acc (on the attributes the prompt states) as `budgetdiff score`
+                values = self.scorer.score([served], refs=[ref], prompts=[job.prompt])
                 levels = {k: float(v[0]) for k, v in values.items()}
-                clip = self.scorer.clip
-                if clip is not None:
-                    from budgetdiff.metrics import clipt
-
-                    from budgetdiff.evaluators import images_to_tensor
-
-                    levels[f"high/clipt_{clip.name}"] = float(clipt(clip, images_to_tensor([served]), [job.prompt])[0])
-                attr, reason = self._attr_acc(served, job.prompt)
-                if attr is not None:
-                    levels["domain/attr_acc"] = attr
+                if not math.isfinite(levels.get("domain/attr_acc", 0.0)):
+                    del levels["domain/attr_acc"]  # NaN: nothing in the prompt the checker can judge
+                scored, skipped, reason = self._stated(job.prompt)
                 try:
                     realised = realised_quality(levels)
                 except QualityError:
@@ -361,7 +358,9 @@ class ShadowEvaluator:
                     realised = None  # no finite level: unscored
                 good = is_good(realised, target) if target is not None else None
                 verdict.update({"levels": levels, "realised_quality": realised, "good": good,
-                                "attr_parse_error": reason, "seconds": round(time.perf_counter() - start, 3)})
+                                "attr_scored": scored if "domain/attr_acc" in levels else None,
+                                "attr_skipped": skipped, "attr_parse_error": reason,
+                                "seconds": round(time.perf_counter() - start, 3)})
                 self.evaluated += 1
             except Exception as exc:
                 self.errors += 1

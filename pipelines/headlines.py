@@ -126,12 +126,17 @@ def lowest(list_path: Path_, field: str) -> Callable[[dict], float]:
     return f
 
 
-def at_default_guidance(field: str) -> Callable[[dict], Any]:
-    """``field`` of the guidance sweep's row at the report's ``default_guidance`` (the operating point)."""
+def at_guidance(guidance: str, field: str) -> Callable[[dict], Any]:
+    """``field`` of the guidance sweep's row at the guidance the report names under ``guidance``."""
     def f(report: dict) -> Any:
-        key = _key_equal_to(report, ("guidance_sweep",), dig(report, ("default_guidance",)), "default_guidance")
+        key = _key_equal_to(report, ("guidance_sweep",), dig(report, (guidance,)), guidance)
         return dig(report, ("guidance_sweep", key, field))
     return f
+
+
+def at_default_guidance(field: str) -> Callable[[dict], Any]:
+    """``field`` of the guidance sweep's row at the report's ``default_guidance`` (the operating point)."""
+    return at_guidance("default_guidance", field)
 
 
 def distill_gflops_reduction(report: dict) -> float:
@@ -216,13 +221,16 @@ SCHEDULERS = ("ddim", "dpmpp", "euler")
 
 
 def _distill_training(report: str) -> tuple[str, dict[str, Source]]:
-    """distill_16 and every distill_8 variant: the same training report."""
+    """distill_16 and every distill_8 variant: the same training report. The student's default
+    guidance is its teacher's (where bench_distill judges it); the training sweep's rows are at
+    other candidates, so its accuracy headline is at the sweep's best."""
     return (report, {
         "final_train_loss": ("final_train_loss",),
         "heldout_loss_dstl_cfg": ("heldout_loss_dstl", "student_ema", "cfg"),
         "heldout_loss_dstl_vanilla": ("heldout_loss_dstl", "student_ema", "vanilla"),
         "default_guidance": ("default_guidance",),
-        "all_attributes_at_default_guidance": at_default_guidance("all_attributes"),
+        "sweep_best_guidance": ("sweep_best_guidance",),
+        "all_attributes_at_sweep_best": at_guidance("sweep_best_guidance", "all_attributes"),
     })
 
 
@@ -426,7 +434,7 @@ HEADLINES: dict[str, tuple[str, dict[str, Source]]] = {
 # per word and one row per stage. `targets_met` / `targets` count the stage's `*_met` headlines;
 # reports/scorecard.md is the legend (which headline each word is, per stage).
 WORDS = ("targets_met", "targets", "speedup", "quality", "accuracy", "loss", "throughput", "size")
-_TRAINED = {"accuracy": "all_attributes_at_default_guidance", "loss": "heldout_loss_dstl_cfg"}
+_DISTILLED = {"accuracy": "all_attributes_at_sweep_best", "loss": "heldout_loss_dstl_cfg"}
 SCORECARD: dict[str, dict[str, str]] = {
     "train_base": {"accuracy": "all_attributes_at_default_guidance", "loss": "final_train_loss"},
     "finetune_base": {"accuracy": "all_attributes_at_default_guidance"},
@@ -434,7 +442,7 @@ SCORECARD: dict[str, dict[str, str]] = {
     "train_attributes": {"accuracy": "held_out_1obj_all_attributes", "loss": "final_train_loss"},
     "bench_metrics": {"accuracy": "attr_checker_1obj_all_attributes", "throughput": "all_metrics_images_per_s"},
     "bench_base": {"accuracy": "attr_acc_1obj"},
-    **{stage: dict(_TRAINED) for stage in HEADLINES if stage.startswith(("distill_16", "distill_8@"))},
+    **{stage: dict(_DISTILLED) for stage in HEADLINES if stage.startswith(("distill_16", "distill_8@"))},
     "bench_distill": {"speedup": "gflops_reduction_vs_teacher_50", "quality": "student_8_cfg_clipt_seed_mean",
                       "accuracy": "student_8_cfg_attr_acc"},
     "render": {"size": "images"},

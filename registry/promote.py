@@ -2,13 +2,18 @@
 passes. The verdict and the numbers go to the challenger's version tags (``gate.*``; the verdict
 per criterion in ``gate.criteria``, which ``budgetdiff-registry list`` shows) and to an MLflow run
 in the registry's experiment (``challenger/<metric>``, ``champion/<metric>``, thresholds as
-params, ``gate.json`` as an artifact)."""
+params, ``gate.json`` as an artifact).
+
+Idempotent: a version's numbers are kept on its tags (``gate.metrics``), and a gate that judges
+the same numbers against the same bounds and champion again logs nothing new (the result's hash,
+``gate.result_sha256``, matches), so ``dvc repro`` may run the ``register`` stage every time."""
 
 from __future__ import annotations
 
 import json
 import time
 
+from budgetdiff.fingerprint import content_sha256
 from mlops.tracking import git_commit
 
 from . import CHALLENGER, CHAMPION, MODEL_NAME, RegistryError
@@ -45,9 +50,10 @@ def version_metrics(client, mv, valset: ValidationSet, scorer, batch_size: int, 
 def promote(cfg: dict, version: str | None = None, client=None, scorer=None, evaluator_id: str | None = None,
             log=print) -> dict:
     """Judge the challenger (or ``version``) against the champion; move ``champion`` when every
-    threshold holds. Returns the gate result (``verdict``: promoted | refused | unchanged)."""
-    import mlflow
+    threshold holds. Returns the gate result (``verdict``: promoted | refused | unchanged).
 
+    A version judged before on the same numbers, bounds and champion is not logged again and does
+    not move ``champion`` (the result then has ``why``): re-running is a no-op."""
     client = client or connect()
     if version is not None:
         from mlflow.exceptions import MlflowException
@@ -81,21 +87,14 @@ def promote(cfg: dict, version: str | None = None, client=None, scorer=None, eva
               "reused_metrics": {"challenger": cached_c, "champion": cached_b},
               "challenger_metrics": candidate, "champion_metrics": baseline, **verdict}
 
-    with mlflow.start_run(experiment_id=experiment_id(client),
-                          run_name=f"gate v{c_version} vs {'v' + b_version if champion else 'floors'}",
-                          tags={"git_commit": git_commit(), "dvc_stage": "register", "gate.verdict": result["verdict"],
-                                "challenger_version": c_version,
-                                "champion_version": b_version or "none"}) as run:
-        mlflow.log_params({tag_key(f"threshold.{r['metric']}"): f"{r['direction']} {r['threshold']:.6g} ({r['from']})"
-                           for r in verdict["rows"]})
-        mlflow.log_params({"valset.key": valset.key, "valset.prompts": len(valset.prompts),
-                           "valset.seed_offset": cfg["seed_offset"], "valset.mode": valset.mode})
-        mlflow.log_metrics({tag_key(f"challenger/{k}"): v for k, v in candidate.items()})
-        if baseline:
-            mlflow.log_metrics({tag_key(f"champion/{k}"): v for k, v in baseline.items()})
-        mlflow.log_dict(result, "gate.json")
-    result["run_id"] = run.info.run_id
-    tags = {"gate.verdict": result["verdict"], "gate.against": against, "gate.run_id": run.info.run_id,
+    # Judged exactly so before (a re-run of the stage): nothing new to log, and champion stays
+    # where it is (a rollback since then holds; the gate moves champion only on a new judgement).
+    result_sha = content_sha256({k: v for k, v in result.items() if k != "reused_metrics"}, None)
+    if challenger.tags.get("gate.result_sha256") == result_sha and challenger.tags.get("gate.run_id"):
+        return {**result, "run_id": challenger.tags["gate.run_id"], "champion": b_version,
+                "why": f"version {c_version} was judged so before (run {challenger.tags['gate.run_id']})"}
+    result["run_id"] = log_gate_run(client, result, verdict["rows"], candidate, baseline)
+    tags = {"gate.verdict": result["verdict"], "gate.against": against, "gate.run_id": result["run_id"],
             "gate.failed": ",".join(verdict["failed"]) or "none",
             "gate.criteria": json.dumps(criteria_tag(verdict["rows"]), separators=(",", ":")),
             "gate.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -104,8 +103,42 @@ def promote(cfg: dict, version: str | None = None, client=None, scorer=None, eva
         client.set_model_version_tag(MODEL_NAME, c_version, key, value)
     if verdict["passed"]:
         set_champion(client, c_version, by="promote")
+    # last: a gate interrupted before this point is judged (and its champion moved) again next time
+    client.set_model_version_tag(MODEL_NAME, c_version, "gate.result_sha256", result_sha)
     result["champion"] = c_version if verdict["passed"] else b_version
     return result
+
+
+def log_gate_run(client, result: dict, rows: list[dict], candidate: dict, baseline: dict | None) -> str:
+    """One run in the registry's experiment for a gate: thresholds as params, both versions'
+    numbers as metrics, the whole result as ``gate.json``. Returns its run id."""
+    import mlflow
+
+    c_version, b_version = result["challenger"], result["champion_before"]
+    with mlflow.start_run(experiment_id=experiment_id(client),
+                          run_name=f"gate v{c_version} vs {'v' + b_version if b_version else 'floors'}",
+                          tags={"git_commit": git_commit(), "dvc_stage": "register", "gate.verdict": result["verdict"],
+                                "challenger_version": c_version,
+                                "champion_version": b_version or "none"}) as run:
+        mlflow.log_params({tag_key(f"threshold.{r['metric']}"): f"{r['direction']} {r['threshold']:.6g} ({r['from']})"
+                           for r in rows})
+        valset = result["validation_set"]
+        mlflow.log_params({"valset.key": valset["key"], "valset.prompts": valset["prompts"],
+                           "valset.seed_offset": valset["seed_offset"], "valset.mode": valset["mode"]})
+        mlflow.log_metrics({tag_key(f"challenger/{k}"): v for k, v in candidate.items()})
+        if baseline:
+            mlflow.log_metrics({tag_key(f"champion/{k}"): v for k, v in baseline.items()})
+        mlflow.log_dict(result, "gate.json")
+    return run.info.run_id
+
+
+def judged_result(client, version: str) -> dict | None:
+    """The result of the gate that last judged ``version`` (its ``gate.json``), or None when no
+    gate judged it (a champion set by hand)."""
+    import mlflow
+
+    run_id = client.get_model_version(MODEL_NAME, str(version)).tags.get("gate.run_id")
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/gate.json") if run_id else None
 
 
 def criteria_tag(rows: list[dict]) -> list[dict]:

@@ -248,6 +248,22 @@ def test_a_few_steps_reduce_the_loss(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # train(cfg): save, load, generate, resume, chain
 # ----------------------------------------------------------------------------------------------
+def test_post_training_settings_are_not_in_the_checkpoint_key(tiny_model_dir, tmp_path):
+    """Changing the guidance sweep, the held-out loss or where the student goes resumes the finished
+    checkpoint (the same key); changing what training does starts a new one."""
+    from training.distill import POST_TRAINING_KEYS, config_hash
+
+    cfg = distill_config(tiny_model_dir, tmp_path)
+    assert POST_TRAINING_KEYS <= set(cfg) | {"guidance_eval_objects", "guidance_eval_steps", "guidance_checker",
+                                             "share_frozen_components"}
+    after = {**cfg, "sweep_guidance": not cfg["sweep_guidance"], "guidance_candidates": [1.25],
+             "guidance_eval_prompts": 7, "heldout_loss_scenes": 0, "output_dir": "elsewhere",
+             "metrics_path": "elsewhere.json"}
+    assert config_hash(after) == config_hash(cfg)
+    for key, value in (("max_steps", 3), ("p_cfg", 0.5), ("guidance_range", [1.0, 2.0]), ("seed", 9)):
+        assert config_hash({**cfg, key: value}) != config_hash(cfg), key
+
+
 def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from diffusers import DiffusionPipeline
 
@@ -258,7 +274,10 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
     cfg = distill_config(tiny_model_dir, tmp_path)
     metrics = train(cfg)
     assert metrics["steps"] == 2 and metrics["teacher_steps"] == 8 and metrics["student_steps"] == 4
-    assert metrics["default_guidance"] in (1.0, 2.0)
+    # the saved default is the teacher's guidance (what the student is judged and served at); the
+    # sweep is a diagnostic with its best candidate recorded
+    assert metrics["default_guidance"] == DiffusionPipeline.from_pretrained(tiny_model_dir).config.default_guidance_scale
+    assert metrics["sweep_best_guidance"] in (1.0, 2.0) and set(metrics["guidance_sweep"]) == {"1.0", "2.0"}
     held = metrics["heldout_loss_dstl"]  # L_dstl of the teacher's UNet as the student, and of the result
     assert set(held) == {"teacher_copy", "student_ema"} and all(set(v) == {"vanilla", "cfg"} for v in held.values())
 
@@ -288,7 +307,7 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
     # The student is a teacher in turn (16 -> 8 in the real workflow); the chain is recorded.
     # A checkpoint of a longer run with the same config resumes (as training/base.py).
     chained = distill_config(tmp_path / "student", tmp_path / "chain", student_steps=2, max_steps=3,
-                             choose_guidance=False)
+                             sweep_guidance=False)
     ckpt = tmp_path / "chain" / "ckpt" / config_hash(chained)
     first = {**chained, "max_steps": 2}
     train(first)

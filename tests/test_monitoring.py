@@ -274,6 +274,40 @@ def test_shadow_judges_the_reference_itself_good_and_a_worse_image_by_its_qualit
     assert summary["slo"]["n"] == 2 and summary["evaluated"] == 2
 
 
+def test_shadow_scores_attr_acc_on_the_attributes_a_partial_prompt_states(tiny_generator):
+    """A served prompt that leaves the size unstated is scored on what it states, exactly as
+    `budgetdiff score` (MetricScorer with parse_stated_scene) scores it, and the verdict names what
+    was scored; an unreadable prompt is recorded with the reason, not guessed."""
+    from test_metrics_helpers import tiny_checker
+
+    from budgetdiff.metrics import MetricScorer, ScoringConfig
+    from monitoring.shadow import ShadowEvaluator, ShadowSettings
+
+    scorer = MetricScorer(ScoringConfig(clip_dir="/nonexistent", attributes_dir="/nonexistent",
+                                        skip_missing_models=True), checker=tiny_checker())
+    settings = ShadowSettings(model_source="unused", clip_dir="/x", attributes_dir="/x", reference_steps=6)
+    ev = ShadowEvaluator(settings, MemoryMetrics(), generator=tiny_generator, scorer=scorer)
+    partial = "a red circle in the center on a white background"
+    served = _served(tiny_generator, 3, prompt=partial)
+    verdict = ev.evaluate(ShadowJob(partial, "full", 4, None, None, 0.5, _png_b64(served), "bd-1", {"steps": 3}))
+    assert "error" not in verdict, verdict.get("error")
+    expected = scorer.score_one(served, prompt=partial)["domain/attr_acc"]
+    assert math.isfinite(expected) and verdict["levels"]["domain/attr_acc"] == pytest.approx(expected)
+    assert verdict["attr_scored"] == {"objects": [{"object": "red circle in the center",
+                                                   "attributes": ["color", "shape", "position", "texture"]}],
+                                      "background": True}
+    assert verdict["attr_parse_error"] is None and verdict["attr_skipped"] == []
+    # a background colour outside the domain leaves the background unscored, not the prompt
+    teal = "a small red circle in the center on a teal background"
+    verdict = ev.evaluate(ShadowJob(teal, "full", 4, None, None, 0.5, _png_b64(served), "bd-1", {"steps": 3}))
+    assert "domain/attr_acc" in verdict["levels"] and verdict["attr_scored"]["background"] is False
+    assert any("teal" in s for s in verdict["attr_skipped"])
+    unreadable = "a red dog chasing a blue cat"
+    verdict = ev.evaluate(ShadowJob(unreadable, "full", 4, None, None, 0.5, _png_b64(served), "bd-1", {"steps": 3}))
+    assert "domain/attr_acc" not in verdict["levels"] and verdict["attr_scored"] is None
+    assert verdict["attr_parse_error"]
+
+
 def test_shadow_counts_a_failed_evaluation(evaluator):
     before = evaluator.errors
     v = evaluator.evaluate(ShadowJob(PROMPT, "auto", 1, None, None, None, "not-a-png", "bd-1", {}))

@@ -369,6 +369,84 @@ def test_fresh_store_register_then_promote_makes_a_champion_that_generates(bundl
     assert Image.open(png).size == (16, 16)
 
 
+def _stage_twice(cfg: dict, store: Path, scorer, evaluator_id: str, monkeypatch, between=None) -> list[dict]:
+    """Run the register stage's function twice on the tracking store ``store`` (a sqlite file that
+    need not exist: a fresh clone has no mlflow.db), writing the report as the stage does; after each
+    run: the report's bytes, the versions, the aliases and the number of runs in the experiment."""
+    import mlflow
+
+    from budgetdiff.io import atomic_write_json
+    from registry import EXPERIMENT
+    from registry.stage import run
+    from registry.store import aliases, connect, versions
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.setenv("BUDGETDIFF_REGISTRY_CACHE", str(store.parent / "cache"))
+    states = []
+    try:
+        for i in range(2):
+            report = run(cfg, scorer=scorer, evaluator_id=evaluator_id)
+            path = store.parent / f"registry-{i}.json"
+            atomic_write_json(path, report)
+            client = connect()
+            exp = client.get_experiment_by_name(EXPERIMENT)
+            states.append({"report": report, "bytes": path.read_bytes(), "aliases": aliases(client),
+                           "versions": [(v.version, v.tags.get("bundle_sha256")) for v in versions(client)],
+                           "runs": len(client.search_runs([exp.experiment_id], max_results=1000))})
+            if between is not None and i == 0:
+                between(client)
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    return states
+
+
+def test_register_stage_on_a_fresh_store_makes_a_champion_and_a_rerun_changes_nothing(bundles, scorer, tmp_path,
+                                                                                      monkeypatch):
+    """A fresh clone's `dvc repro`: mlflow.db is git-ignored, so the store is empty (not even created);
+    the register stage (always_changed in dvc.yaml) registers the bundle, judges it and makes it
+    champion. Run again, it registers nothing, logs no gate run, moves no alias and writes the same
+    reports/registry.json byte for byte (so no stage below it re-runs)."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "mlflow.db"
+    assert not store.exists()
+    cfg = {"bundle": str(bundles["good"]), "reports": [], "gate": GATE}
+    first, second = _stage_twice(cfg, store, scorer, "tiny", monkeypatch)
+    report = first["report"]
+    assert report["version"] == "1" and report["registered"] is True
+    assert report["gate"]["verdict"] == "promoted" and report["gate"]["against"].startswith("floors")
+    assert first["aliases"] == {"challenger": "1", "champion": "1"} and report["champion_history"] == ["1"]
+    assert "seconds" not in report and "run_id" not in report["gate"]  # nothing that differs per run
+    assert second["bytes"] == first["bytes"]
+    assert (second["versions"], second["aliases"], second["runs"]) == (first["versions"], first["aliases"],
+                                                                       first["runs"])
+
+
+def test_register_stage_rerun_keeps_a_refusal_and_a_rollback(bundles, scorer, tmp_path, monkeypatch):
+    """Re-running the stage on a bundle the gate refused re-judges it (its numbers reused) without
+    logging the same verdict again; and a rollback made between two runs holds: the gate moves
+    champion only on a new judgement, not on the same one found again."""
+    from registry.promote import promote
+    from registry.store import connect, register, rollback
+
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    register(str(bundles["good"]), [], connect())
+    promote(GATE, client=connect(), scorer=scorer, evaluator_id="tiny")  # version 1: champion
+    refused = _stage_twice({"bundle": str(bundles["broken"]), "reports": [], "gate": GATE}, store, scorer, "tiny",
+                           monkeypatch)
+    assert refused[0]["report"]["gate"]["verdict"] == "refused" and refused[0]["report"]["version"] == "2"
+    assert refused[1]["bytes"] == refused[0]["bytes"] and refused[1]["runs"] == refused[0]["runs"]
+    assert refused[1]["aliases"] == {"champion": "1", "challenger": "2"}
+    rolled = _stage_twice({"bundle": str(bundles["same_behaviour"]), "reports": [], "gate": GATE}, store, scorer,
+                          "tiny", monkeypatch, between=rollback)
+    assert rolled[0]["report"]["gate"]["verdict"] == "promoted" and rolled[0]["aliases"]["champion"] == "3"
+    assert rolled[1]["aliases"]["champion"] == "1"  # rolled back between the runs, and the re-run kept it
+    assert rolled[1]["runs"] == rolled[0]["runs"] and rolled[1]["versions"] == rolled[0]["versions"]
+
+
 def test_params_gate_judges_auto_on_its_promise_not_on_pixels():
     """The shipped gate: auto is judged on what its policy promises; no rule names pixel similarity
     to the 50-step image (the absolute pixel/ssim floor once refused even a first model)."""

@@ -372,10 +372,19 @@ class DistillationModule(L.LightningModule):
 # ----------------------------------------------------------------------------------------------
 # train(cfg)
 # ----------------------------------------------------------------------------------------------
+# Settings of what happens after the last optimizer step (the guidance sweep, the held-out loss,
+# where the student and its report go): they do not change the trained weights, so they are not
+# in the checkpoint key, and changing one resumes the finished checkpoint instead of retraining.
+POST_TRAINING_KEYS = frozenset({"sweep_guidance", "guidance_candidates", "guidance_eval_prompts",
+                                "guidance_eval_objects", "guidance_eval_steps", "guidance_checker",
+                                "heldout_loss_scenes", "output_dir", "metrics_path", "share_frozen_components"})
+
+
 def config_hash(cfg: dict) -> str:
-    """Key of a student run's checkpoints: its whole config and its teacher's weights (a
-    retrained teacher never resumes an old checkpoint)."""
-    return content_sha256({**cfg, "teacher_fingerprint": unet_fingerprint(cfg["teacher"])}, 12)
+    """Key of a student run's checkpoints: its training config (``POST_TRAINING_KEYS`` left out)
+    and its teacher's weights (a retrained teacher never resumes an old checkpoint)."""
+    training = {k: v for k, v in cfg.items() if k not in POST_TRAINING_KEYS}
+    return content_sha256({**training, "teacher_fingerprint": unet_fingerprint(cfg["teacher"])}, 12)
 
 
 @torch.no_grad()
@@ -478,10 +487,14 @@ def train(cfg: dict) -> dict[str, Any]:
     heldout = {"teacher_copy": heldout_distillation_loss(module, module.teacher_unet, n_heldout),
                "student_ema": heldout_distillation_loss(module, module.ema_unet, n_heldout)} if n_heldout else {}
     print(f"[held-out L_dstl, {n_heldout} scenes] " + json.dumps(heldout), flush=True)
-    if cfg["choose_guidance"]:
-        guidance, guidance_results = choose_guidance(module, {**cfg, "val_steps": cfg["student_steps"]})
+    # The student's default guidance is its teacher's: the guidance it is distilled to match, judged
+    # at (bench_distill's target_guidance) and served at (the bundle's student.guidance). The sweep
+    # over guidance_candidates is a diagnostic, recorded with its best candidate.
+    guidance = module.teacher_guidance
+    if cfg["sweep_guidance"]:
+        sweep_best, guidance_results = choose_guidance(module, {**cfg, "val_steps": cfg["student_steps"]})
     else:
-        guidance, guidance_results = module.teacher_guidance, {}
+        sweep_best, guidance_results = None, {}
     teacher_record = {}
     teacher_file = Path(cfg["teacher"]) / DISTILLATION_FILE
     if teacher_file.is_file():  # the teacher is itself a student: keep the chain
@@ -500,6 +513,7 @@ def train(cfg: dict) -> dict[str, Any]:
         "gamma": cfg["gamma"],
         "lr": cfg["lr"],
         "default_guidance": guidance,
+        "sweep_best_guidance": sweep_best,
         "stage": stage,
         "teacher_distillation": teacher_record or None,
     }
@@ -512,6 +526,7 @@ def train(cfg: dict) -> dict[str, Any]:
         "train_seconds_this_run": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / steps_this_run, 3) if steps_this_run else None,
         "default_guidance": guidance,
+        "sweep_best_guidance": sweep_best,
         "guidance_sweep": guidance_results,
         "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         "heldout_loss_dstl": heldout,
