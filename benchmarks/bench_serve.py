@@ -7,13 +7,14 @@ has a client timeout, and the cluster is shut down at the end, so the stage stop
 
 | scenario | what | target |
 |---|---|---|
-| ``throughput`` | images/s and p50/p95/p99 latency of the service in ``auto`` mode (batching on) against a naive deployment of the same replica: ``full`` 50 steps, ``max_batch_size`` 1 | >= 5x images/s |
-| ``batching`` | ``auto`` images/s with ``max_batch_size`` 8 vs 1 at the same concurrency | reported |
+| ``throughput`` | images/s and p50/p95/p99 latency of the service in ``auto`` mode (step-level batching, the profile's) against a naive deployment of the same replica: ``full`` 50 steps, request-level ``max_batch_size`` 1 | >= 5x images/s |
+| ``batching`` | ``auto`` images/s with step-level batching vs request-level ``max_batch_size`` 1 (no batching) at the same concurrency | reported |
 | ``overhead`` | end-to-end images/s at saturation (HTTP, validation, PNG, base64 included) against the in-process ``Generator`` at the same batch size and threads | >= 0.85x |
 | ``autoscale`` | replicas under a load step (low, high, idle): 1 -> 2 -> 1, timeline plotted | observed |
 | ``overload`` | open-loop arrivals at ``factor`` x the measured capacity: every request 200 or 429/503 with Retry-After, no 5xx, nothing lost, queue bounded | 0 lost |
 | ``kill`` | a replica of two killed mid-load: time until two run again, every request accounted for | reported |
 | ``bad_inputs`` | >= 25 malformed or unauthorised requests -> 4xx with a clear OpenAI-shaped error each, service healthy after | all 4xx |
+| ``mixed`` | mixed traffic (60 % auto, 20 % full-50, 10 % adaptive-50, 10 % student), open-loop Poisson arrivals plus a burst at 50/80/100 % of the measured capacity, the same trace served with request-level batching (``batching: request``, today's) and step-level batching (``batching: step``) on the same replica: p50/p95 per mode; short requests' (auto, student) p95 at 80 % vs alone and vs request-level; an auto request 1 s after a 4-image 50-step one; images/s at saturation; the share of adaptive requests' NFE saving that became throughput; rows per UNet call | short p95 <= 1.5x alone and <= 0.5x request-level; probe <= 2x alone; saturation >= 1.0x |
 
 Writes reports/serve.json (everything), reports/serve_headline.json (the numbers and targets),
 reports/serve.png (latency/throughput bars and the autoscaling timeline) and
@@ -72,7 +73,8 @@ class Client:
                 j = r.json()
                 out["images"] = len(j["data"])
                 out["records"] = [{k: d["record"].get(k) for k in ("steps", "nfe", "skipped", "route",
-                                                                     "batch_images", "model_version")}
+                                                                     "batch_images", "model_version", "batch_size",
+                                                                     "mean_call_images", "queue_ms", "batching")}
                                   for d in j["data"]]
             else:
                 try:
@@ -102,6 +104,24 @@ class Client:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             wall = time.perf_counter() - start
         return summarise(results, wall)
+
+    async def replay(self, trace: list[tuple[float, str]], make_body) -> dict:
+        """Open loop: request i (``make_body(i, kind)``) is sent at ``trace[i][0]`` seconds after the
+        start, whether or not earlier ones were answered."""
+        import httpx
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s, limits=limits) as client:
+            start = time.perf_counter()
+
+            async def at(i: int, t: float, kind: str) -> dict:
+                await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
+                out = await self.one(client, make_body(i, kind))
+                out.update(kind=kind, t_arrival=t)
+                return out
+            results = await asyncio.gather(*(at(i, t, kind) for i, (t, kind) in enumerate(trace)))
+            wall = time.perf_counter() - start
+        return summarise(list(results), wall)
 
     async def open_loop(self, make_body, rate: float, duration_s: float) -> dict:
         """Poisson-free fixed-rate arrivals for ``duration_s``: the load does not wait for answers."""
@@ -214,13 +234,21 @@ def replica_cpu_s(url: str) -> float:
     return float(httpx.get(f"{url}/healthz", timeout=60).json()["cpu_s"])
 
 
-def served_batch_size(url: str, key: str) -> int | None:
-    """The max_batch_size a model replica reports (/v1/models asks one)."""
+def served_batching(url: str, key: str) -> tuple:
+    """(batching, max_batch_size, max_rows) as a model replica reports them (/v1/models asks one)."""
     import httpx
 
     r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=60)
     r.raise_for_status()
-    return r.json()["data"][0].get("max_batch_size")
+    card = r.json()["data"][0]
+    return card.get("batching"), card.get("max_batch_size"), card.get("max_rows")
+
+
+def step_stats(url: str) -> dict | None:
+    """The (single) replica's step-scheduler counters (/healthz), None under request batching."""
+    import httpx
+
+    return httpx.get(f"{url}/healthz", timeout=60).json().get("batcher")
 
 
 def measured(client: "Client", url: str, bodies: list[dict], concurrency: int) -> dict:
@@ -370,13 +398,193 @@ def screenshot_playground(url: str, key: str, path: str, timeout_s: float = 120)
 
 
 # ----------------------------------------------------------------------------------------------
-def run(cfg: dict, progress=print) -> dict:
+# Mixed traffic: request-level vs step-level batching (issue 31)
+# ----------------------------------------------------------------------------------------------
+MIX_BODIES = {"auto": {}, "full50": {"mode": "full", "steps": 50}, "adaptive50": {"mode": "adaptive", "steps": 50},
+              "student": {"mode": "student"}}
+SHORT_KINDS = ("auto", "student")
+
+
+def mixed_trace(mix: dict, rate: float, duration_s: float, burst: dict, seed: int) -> list[tuple[float, str]]:
+    """Open-loop arrivals: a Poisson process of ``rate`` requests/s over ``duration_s`` plus
+    ``burst["requests"]`` arriving together at ``burst["at_s"]``; each request's kind drawn from
+    ``mix`` ({kind: share}). The same arguments give the same trace."""
+    rng = np.random.default_rng(seed)
+    times, t = [], float(rng.exponential(1.0 / rate))
+    while t < duration_s:
+        times.append(t)
+        t += float(rng.exponential(1.0 / rate))
+    times = sorted(times + [float(burst["at_s"])] * int(burst["requests"]))
+    kinds, shares = list(mix), np.asarray(list(mix.values()), dtype=float)
+    drawn = rng.choice(len(kinds), size=len(times), p=shares / shares.sum())
+    return [(round(t, 4), kinds[k]) for t, k in zip(times, drawn)]
+
+
+def by_kind(results: list[dict]) -> dict:
+    """Latency percentiles (s) of the answered requests per kind, and the non-200 count."""
+    out = {}
+    for kind in sorted({r["kind"] for r in results}):
+        rs = [r for r in results if r["kind"] == kind]
+        ok = [r["latency_s"] for r in rs if r["status"] == 200]
+        out[kind] = {"requests": len(rs), "ok": len(ok), **_percentiles(ok)}
+    return out
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def run_mixed(mx: dict, base: dict, client: "Client", deploy, bodies, threads: int, url: str, progress) -> dict:
+    """The mixed-traffic scenario (module docstring): one replica, the bench profile's step
+    settings against ``batching: request`` at the same ``max_batch_size``; every phase runs the
+    same requests (prompts, seeds, arrival times) on both."""
+    mix = {k: float(v) for k, v in mx["mix"].items()}
+    unknown = set(mix) - set(MIX_BODIES)
+    if unknown:
+        raise ValueError(f"bench_serve.mixed.mix: unknown kinds {sorted(unknown)}; known: {sorted(MIX_BODIES)}")
+    seed = int(mx["seed"])
+    all_bodies = bodies(4096, 60_000)
+
+    def body(i: int, kind: str, **extra) -> dict:
+        return {**all_bodies[i % len(all_bodies)], **MIX_BODIES[kind], **extra}
+
+    modes = {m: model_config(base, replicas=1, torch_threads=threads, batching=m) for m in ("request", "step")}
+    out: dict = {"mix": mix, "modes": {m: user_config_record(c) for m, c in modes.items()}, "deploy_s": {}}
+    alone: dict = {}
+    saturation: dict = {}
+    probe: dict = {}
+    share: dict = {}
+    loads: dict = {}
+    capacity = None
+    measured_first = ("alone", "saturation", "probe", "adaptive_share")
+    # three deployments in all (a batching switch reconfigures the replica in place)
+    schedule = [("request", measured_first), ("step", measured_first + ("loads",)), ("request", ("loads",))]
+    for mode, phases in schedule:
+        out["deploy_s"][f"{mode}_{phases[-1]}"] = deploy(modes[mode], f"mixed: batching {mode}")
+        for phase in phases:
+            if phase == "loads" and capacity is None:  # what both batchings sustain
+                capacity = min(saturation[m]["images_per_s"] for m in saturation)
+            before = step_stats(url) if mode == "step" else None
+            if phase == "alone":  # one request at a time: nothing to share calls with or wait behind
+                progress(f"[bench_serve] mixed: alone latency, batching {mode}")
+                res = {}
+                for kind in SHORT_KINDS:
+                    reqs = [body(i, kind) for i in range(int(mx["alone_requests"]))]
+                    res[kind] = _strip(asyncio.run(client.closed_loop(reqs, 1)))
+                alone[mode] = {k: v["latency_s"]["p50"] for k, v in res.items()}
+            elif phase == "saturation":  # closed loop at a fixed concurrency: what the replica can do
+                progress(f"[bench_serve] mixed: saturation, batching {mode}")
+                rng = np.random.default_rng(seed + 1)
+                kinds = list(mix)
+                p = np.asarray([mix[k] for k in kinds]) / sum(mix.values())
+                reqs = [body(i, kinds[k]) for i, k in enumerate(rng.choice(len(kinds), int(mx["saturation_requests"]),
+                                                                            p=p))]
+                saturation[mode] = _strip(asyncio.run(client.closed_loop(reqs, int(mx["saturation_concurrency"]))))
+            elif phase == "probe":  # an auto request arriving while a 4-image 50-step one runs
+                progress(f"[bench_serve] mixed: probe, batching {mode}")
+                pr = mx["probe"]
+                latencies = []
+                for r in range(int(pr["repeats"])):
+                    async def one_probe(r=r):
+                        trace = [(0.0, "full50"), (float(pr["delay_s"]), "auto")]
+
+                        def make(i, kind):
+                            return body(100 + 2 * r + i, kind, **({"n": int(pr["long_images"])} if i == 0 else {}))
+                        return await client.replay(trace, make)
+                    res = asyncio.run(one_probe())["_results"]
+                    short = [x for x in res if x["kind"] == "auto"][0]
+                    latencies.append(round(short["latency_s"], 3) if short["status"] == 200 else None)
+                ok = [x for x in latencies if x is not None]
+                probe[mode] = {"auto_latency_s": latencies, "median_s": round(float(np.median(ok)), 3) if ok else None}
+            elif phase == "adaptive_share":  # full-50 only, then adaptive-50 only, closed loop
+                progress(f"[bench_serve] mixed: adaptive vs full throughput, batching {mode}")
+                a = mx["adaptive_share"]
+                runs = {}
+                for kind in ("full50", "adaptive50"):
+                    reqs = [body(200 + i, kind) for i in range(int(a["requests"]))]
+                    runs[kind] = _strip(asyncio.run(client.closed_loop(reqs, int(a["concurrency"]))))
+                f, ad = runs["full50"], runs["adaptive50"]
+                ideal = _ratio(f["mean_nfe"], ad["mean_nfe"])
+                realised = _ratio(ad["images_per_s"], f["images_per_s"])
+                share[mode] = {"full50": f, "adaptive50": ad, "nfe_ratio": ideal, "throughput_ratio": realised,
+                               "share": round((realised - 1) / (ideal - 1), 3) if ideal and realised and ideal > 1.001
+                               else None}
+            else:  # open-loop mixed traffic at each load level, the same trace for both modes
+                for load in mx["loads"]:
+                    rate = float(load) * capacity
+                    trace = mixed_trace(mix, rate, float(mx["duration_s"]), mx["burst"], seed + int(round(load * 100)))
+                    progress(f"[bench_serve] mixed: {len(trace)} requests at {load:.0%} of {capacity:.3f} images/s, "
+                             f"batching {mode}")
+                    res = asyncio.run(client.replay(trace, body))
+                    loads.setdefault(str(load), {})[mode] = {
+                        **{k: v for k, v in _strip(res).items() if k != "latency_s"}, "rate_rps": round(rate, 4),
+                        "latency_s": res["latency_s"], "by_kind": by_kind(res["_results"])}
+            if mode == "step":
+                after = step_stats(url)
+                if before is not None and after is not None:
+                    calls = after["unet_calls"] - before["unet_calls"]
+                    rows = (after["rows_per_call"] or 0) * after["unet_calls"] - \
+                        (before["rows_per_call"] or 0) * before["unet_calls"]
+                    out.setdefault("rows_per_unet_call", {})[phase] = round(rows / calls, 3) if calls else None
+    out.update(alone_latency_s=alone, saturation=saturation, probe=probe, adaptive_share=share, loads=loads,
+               capacity_images_per_s=capacity)
+    out["summary"] = mixed_summary(out, mx)
+    return out
+
+
+def user_config_record(config: dict) -> dict:
+    from serving.config import MODEL, user_config
+
+    return user_config(config, MODEL).batching_record()
+
+
+def mixed_summary(out: dict, mx: dict) -> dict:
+    """The targets of issue 31 from a finished mixed run."""
+    t = mx["targets"]
+    at80 = out["loads"].get(str(mx["target_load"]), {})
+    alone, sat, probe = out["alone_latency_s"], out["saturation"], out["probe"]
+    short = {}
+    for kind in SHORT_KINDS:
+        step_p95 = at80.get("step", {}).get("by_kind", {}).get(kind, {}).get("p95")
+        req_p95 = at80.get("request", {}).get("by_kind", {}).get(kind, {}).get("p95")
+        short[kind] = {"step_p95_s": step_p95, "request_p95_s": req_p95,
+                       "alone_step_s": alone.get("step", {}).get(kind), "alone_request_s": alone.get("request", {}).get(kind),
+                       "step_p95_vs_alone": _ratio(step_p95, alone.get("step", {}).get(kind)),
+                       "step_p95_vs_request_alone": _ratio(step_p95, alone.get("request", {}).get(kind)),
+                       "step_vs_request_p95": _ratio(step_p95, req_p95),
+                       "request_p95_vs_alone": _ratio(req_p95, alone.get("request", {}).get(kind))}
+    vs_alone = [v["step_p95_vs_alone"] for v in short.values()]
+    vs_req = [v["step_vs_request_p95"] for v in short.values()]
+    probe_step = _ratio(probe.get("step", {}).get("median_s"), alone.get("step", {}).get("auto"))
+    probe_req = _ratio(probe.get("request", {}).get("median_s"), alone.get("request", {}).get("auto"))
+    sat_ratio = _ratio(sat["step"]["images_per_s"], sat["request"]["images_per_s"]) if sat else None
+    return {
+        "short": short,
+        "short_p95_vs_alone_max": max(vs_alone) if None not in vs_alone else None,
+        "short_p95_vs_alone_met": None not in vs_alone and max(vs_alone) <= float(t["short_p95_vs_alone"]),
+        "short_p95_vs_request_max": max(vs_req) if None not in vs_req else None,
+        "short_p95_vs_request_met": None not in vs_req and max(vs_req) <= float(t["short_p95_vs_request"]),
+        "probe_step_vs_alone": probe_step, "probe_request_vs_alone": probe_req,
+        "probe_met": probe_step is not None and probe_step <= float(t["probe_vs_alone"]),
+        "saturation_step_vs_request": sat_ratio,
+        "saturation_met": sat_ratio is not None and sat_ratio >= float(t["saturation_vs_request"]),
+        "adaptive_share_step": out["adaptive_share"].get("step", {}).get("share"),
+        "adaptive_share_request": out["adaptive_share"].get("request", {}).get("share"),
+        "rows_per_unet_call": out.get("rows_per_unet_call"),
+    }
+
+
+
+# ----------------------------------------------------------------------------------------------
+def run(cfg: dict, progress=print, only: str | None = None) -> dict:
+    """Every scenario (``only`` None), or only the ``standard`` ones or only ``mixed``."""
     import ray
     from ray import serve
 
     from serving.config import MODEL, load_serve_config, user_config, with_overrides
     from serving.deploy import run_in_process
 
+    standard, mixed = only in (None, "standard"), only in (None, "mixed")
     t0 = time.perf_counter()
     key = secrets.token_hex(16)
     os.environ["BENCH_SERVE_API_KEY"] = key  # the local raylet, hence the replicas, inherit it
@@ -404,10 +612,13 @@ def run(cfg: dict, progress=print) -> dict:
             progress(f"[bench_serve] deploy: {what}")
             start = time.perf_counter()
             run_in_process(config, wait_s=600)  # returns once a user_config change reaches the replicas
-            want = user_config(config, MODEL).max_batch_size
-            served = served_batch_size(url, key)
+            options = user_config(config, MODEL)
+            want = (options.batching, options.max_batch_size,
+                    options.step_max_rows if options.batching == "step" else None)
+            served = served_batching(url, key)
             if served != want:
-                raise RuntimeError(f"bench_serve: deployed max_batch_size {want}, replicas report {served}")
+                raise RuntimeError(f"bench_serve: deployed (batching, max_batch_size, max_rows) {want}, "
+                                   f"replicas report {served}")
             return round(time.perf_counter() - start, 2)
 
         from serving.deploy import base_url
@@ -415,132 +626,141 @@ def run(cfg: dict, progress=print) -> dict:
         url = base_url(base)
         client = Client(url, key, timeout_s)
         tp = cfg["throughput"]
-        # 1. auto mode, batching on, one replica
-        one = model_config(base, replicas=1, torch_threads=threads, max_batch_size=int(tp["max_batch_size"]))
-        report["deploy_s"] = {"auto_batch": deploy(one, "auto, max_batch_size %d" % tp["max_batch_size"])}
-        asyncio.run(client.closed_loop(bodies(4, 10_000), 4))  # warm the path end to end
-        progress("[bench_serve] throughput: auto")
-        auto = measured(client, url, bodies(int(tp["requests"])), int(tp["concurrency"]))
-        # 2. overload at factor x the capacity just measured (same deployment)
-        ov = cfg["overload"]
-        rate = float(auto["images_per_s"]) * float(ov["factor"])
-        progress(f"[bench_serve] overload: {rate:.2f} req/s for {ov['duration_s']}s")
-        over = asyncio.run(client.open_loop(lambda i: bodies(1, 20_000 + i)[0], rate, float(ov["duration_s"])))
-        over_results = over["_results"]
-        bad_status = [r for r in over_results if r["status"] not in (200, 429, 503)]
-        no_retry = [r for r in over_results if r["status"] in (429, 503) and not r.get("retry_after")]
-        model_dep = [d for d in base["applications"][0]["deployments"] if d["name"] == "ImageModel"][0]
-        report["overload"] = {
-            **_strip(over), "offered_rate_rps": round(rate, 3), "capacity_images_per_s": auto["images_per_s"],
-            "lost": len(bad_status), "rejected_without_retry_after": len(no_retry),
-            "queue_bound": int(model_dep["max_queued_requests"]) + int(model_dep["max_ongoing_requests"]),
-            "max_ok_latency_s": over["latency_s"]["max"],
-            "met": not bad_status and not no_retry and over["ok"] > 0}
-        # 3. bad inputs, health after, and the playground
-        progress("[bench_serve] bad inputs")
-        report["bad_inputs"] = run_bad_inputs(url, key, timeout_s)
-        try:
-            progress("[bench_serve] playground screenshot")
-            report["playground"] = screenshot_playground(url, key, cfg["screenshot_path"])
-        except Exception as exc:  # chromium missing: say so, keep the numbers
-            report["playground"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        # 4. batching off (same replica: a user_config change reconfigures in place)
-        bt = cfg["batching"]
-        report["deploy_s"]["auto_nobatch"] = deploy(
-            model_config(base, replicas=1, torch_threads=threads, max_batch_size=1), "auto, max_batch_size 1")
-        progress("[bench_serve] batching: max_batch_size 1")
-        auto_nobatch = measured(client, url, bodies(int(tp["requests"])), int(tp["concurrency"]))
-        # 5. the naive deployment: full 50 steps, no batching, same replica
-        progress("[bench_serve] throughput: naive (full 50 steps, max_batch_size 1)")
-        naive = measured(client, url, bodies(int(tp["naive_requests"]), 0, mode="full", steps=50),
-                         int(tp["concurrency"]))
-        # 6. overhead: saturation vs the in-process Generator at the same batch size and threads
-        oh = cfg["overhead"]
-        report["deploy_s"]["overhead"] = deploy(
-            model_config(base, replicas=1, torch_threads=threads, max_batch_size=int(oh["batch_size"])),
-            "overhead")
-        progress("[bench_serve] overhead: service at saturation")
-        service = measured(client, url, bodies(int(oh["requests"]), 30_000), int(oh["concurrency"]))
-        progress("[bench_serve] overhead: in-process Generator")
-        local = in_process_baseline(base_bundle(base), bodies(int(oh["requests"]), 30_000), int(oh["batch_size"]),
-                                    threads)
-        ratio = service["images_per_s"] / local["images_per_s"]
-        report["overhead"] = {"service": _strip(service), "in_process": local, "ratio": round(ratio, 3),
-                              "ratio_cpu_time": round(local["cpu_s_per_image"] / service["replica_cpu_s_per_image"], 3),
-                              "target": oh["target"], "met": ratio >= float(oh["target"])}
-        speedup = auto["images_per_s"] / naive["images_per_s"]
-        cpu_speedup = naive["replica_cpu_s_per_image"] / auto["replica_cpu_s_per_image"]
-        report["throughput"] = {"auto": _strip(auto), "naive": _strip(naive), "speedup": round(speedup, 2),
-                                "speedup_replica_cpu_time": round(cpu_speedup, 2),
-                                "target": tp["target_speedup"], "met": speedup >= float(tp["target_speedup"])}
-        report["batching"] = {"max_batch_size_8": _strip(auto), "max_batch_size_1": _strip(auto_nobatch),
-                              "gain": round(auto["images_per_s"] / auto_nobatch["images_per_s"], 3),
-                              "concurrency": int(tp["concurrency"]), "note": bt.get("note")}
-        # 7. autoscaling under a load step
-        au = cfg["autoscale"]
-        report["deploy_s"]["autoscale"] = deploy(model_config(base, autoscale=True, torch_threads=threads),
-                                                 "autoscaling 1..2")
-        wait_replicas(1, 120)
-        progress("[bench_serve] autoscale: load step")
-        with replica_sampler() as samples:
-            t_start = time.monotonic()
-
-            async def step():
-                low = await client.closed_loop(bodies(int(au["low_requests"]), 40_000), 1)
-                t_high = time.monotonic()
-                high = asyncio.create_task(client.closed_loop(bodies(int(au["high_requests"]), 41_000),
-                                                              int(au["high_concurrency"])))
-                return low, t_high, await high
-            low, t_high, high = asyncio.run(step())
-            t_idle = time.monotonic()
+        report["deploy_s"] = {}
+        if standard:
+            # 1. auto mode, batching on, one replica
+            one = model_config(base, replicas=1, torch_threads=threads, max_batch_size=int(tp["max_batch_size"]))
+            report["deploy_s"]["auto_batch"] = deploy(one, "auto, the profile's step-level batching")
+            asyncio.run(client.closed_loop(bodies(4, 10_000), 4))  # warm the path end to end
+            progress("[bench_serve] throughput: auto")
+            auto = measured(client, url, bodies(int(tp["requests"])), int(tp["concurrency"]))
+            # 2. overload at factor x the capacity just measured (same deployment)
+            ov = cfg["overload"]
+            rate = float(auto["images_per_s"]) * float(ov["factor"])
+            progress(f"[bench_serve] overload: {rate:.2f} req/s for {ov['duration_s']}s")
+            over = asyncio.run(client.open_loop(lambda i: bodies(1, 20_000 + i)[0], rate, float(ov["duration_s"])))
+            over_results = over["_results"]
+            bad_status = [r for r in over_results if r["status"] not in (200, 429, 503)]
+            no_retry = [r for r in over_results if r["status"] in (429, 503) and not r.get("retry_after")]
+            model_dep = [d for d in base["applications"][0]["deployments"] if d["name"] == "ImageModel"][0]
+            report["overload"] = {
+                **_strip(over), "offered_rate_rps": round(rate, 3), "capacity_images_per_s": auto["images_per_s"],
+                "lost": len(bad_status), "rejected_without_retry_after": len(no_retry),
+                "queue_bound": int(model_dep["max_queued_requests"]) + int(model_dep["max_ongoing_requests"]),
+                "max_ok_latency_s": over["latency_s"]["max"],
+                "met": not bad_status and not no_retry and over["ok"] > 0}
+            # 3. bad inputs, health after, and the playground
+            progress("[bench_serve] bad inputs")
+            report["bad_inputs"] = run_bad_inputs(url, key, timeout_s)
             try:
-                down_s = wait_replicas(1, float(au["idle_timeout_s"]))
-            except RuntimeError:
-                down_s = None
-        timeline = [{"t": round(t - t_start, 2), **c} for t, c in samples]
-        peak = max((c.get("RUNNING", 0) for _, c in samples), default=0)
-        first_two = next((s["t"] for s in timeline if s.get("RUNNING", 0) >= 2), None)
-        report["autoscale"] = {"low": _strip(low), "high": _strip(high), "timeline": timeline,
-                               "t_high_start": round(t_high - t_start, 2), "t_idle_start": round(t_idle - t_start, 2),
-                               "peak_replicas": peak, "t_two_replicas": first_two,
-                               "scale_down_s_after_idle": round(down_s, 2) if down_s is not None else None,
-                               "met": peak >= 2 and down_s is not None}
-        # 8. a replica killed mid-load (two fixed replicas)
-        kl = cfg["kill"]
-        report["deploy_s"]["kill"] = deploy(model_config(base, replicas=2, torch_threads=threads), "2 replicas")
-        wait_replicas(2, 180)
-        progress("[bench_serve] kill: one replica of two mid-load")
+                progress("[bench_serve] playground screenshot")
+                report["playground"] = screenshot_playground(url, key, cfg["screenshot_path"])
+            except Exception as exc:  # chromium missing: say so, keep the numbers
+                report["playground"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            # 4. batching off (same replica: a user_config change reconfigures in place)
+            bt = cfg["batching"]
+            report["deploy_s"]["auto_nobatch"] = deploy(
+                model_config(base, replicas=1, torch_threads=threads, batching="request", max_batch_size=1),
+                "auto, request-level max_batch_size 1")
+            progress("[bench_serve] batching: request-level max_batch_size 1 (no batching)")
+            auto_nobatch = measured(client, url, bodies(int(tp["requests"])), int(tp["concurrency"]))
+            # 5. the naive deployment: full 50 steps, no batching, same replica
+            progress("[bench_serve] throughput: naive (full 50 steps, request-level max_batch_size 1)")
+            naive = measured(client, url, bodies(int(tp["naive_requests"]), 0, mode="full", steps=50),
+                             int(tp["concurrency"]))
+            # 6. overhead: saturation vs the in-process Generator at the same batch size and threads
+            oh = cfg["overhead"]
+            report["deploy_s"]["overhead"] = deploy(
+                model_config(base, replicas=1, torch_threads=threads, max_batch_size=int(oh["batch_size"]),
+                             # the in-process Generator's step scheduler: FIFO, 2 x batch_size rows
+                             step_max_rows=2 * int(oh["batch_size"]), step_max_inflight=2 * int(oh["batch_size"]),
+                             step_policy="fifo", step_latency_slack=None),
+                "overhead")
+            progress("[bench_serve] overhead: service at saturation")
+            service = measured(client, url, bodies(int(oh["requests"]), 30_000), int(oh["concurrency"]))
+            progress("[bench_serve] overhead: in-process Generator")
+            local = in_process_baseline(base_bundle(base), bodies(int(oh["requests"]), 30_000), int(oh["batch_size"]),
+                                        threads)
+            ratio = service["images_per_s"] / local["images_per_s"]
+            report["overhead"] = {"service": _strip(service), "in_process": local, "ratio": round(ratio, 3),
+                                  "ratio_cpu_time": round(local["cpu_s_per_image"] / service["replica_cpu_s_per_image"], 3),
+                                  "target": oh["target"], "met": ratio >= float(oh["target"])}
+            speedup = auto["images_per_s"] / naive["images_per_s"]
+            cpu_speedup = naive["replica_cpu_s_per_image"] / auto["replica_cpu_s_per_image"]
+            report["throughput"] = {"auto": _strip(auto), "naive": _strip(naive), "speedup": round(speedup, 2),
+                                    "speedup_replica_cpu_time": round(cpu_speedup, 2),
+                                    "target": tp["target_speedup"], "met": speedup >= float(tp["target_speedup"])}
+            report["batching"] = {"step": _strip(auto), "request_max_batch_size_1": _strip(auto_nobatch),
+                                  "gain": round(auto["images_per_s"] / auto_nobatch["images_per_s"], 3),
+                                  "concurrency": int(tp["concurrency"]), "note": bt.get("note")}
+        if mixed:
+            report["mixed"] = run_mixed(cfg["mixed"], base, client, deploy, bodies, threads, url, progress)
+        if standard:
+            # 7. autoscaling under a load step
+            au = cfg["autoscale"]
+            report["deploy_s"]["autoscale"] = deploy(model_config(base, autoscale=True, torch_threads=threads),
+                                                     "autoscaling 1..2")
+            wait_replicas(1, 120)
+            progress("[bench_serve] autoscale: load step")
+            with replica_sampler() as samples:
+                t_start = time.monotonic()
 
-        async def killed():
-            load = asyncio.create_task(client.closed_loop(bodies(int(kl["requests"]), 50_000), int(kl["concurrency"])))
-            await asyncio.sleep(float(kl["kill_after_s"]))
-            t_kill = time.monotonic()
-            replica = await asyncio.to_thread(kill_one_replica, url, key)
-            return t_kill, replica, await load
-        with replica_sampler(0.25) as kill_samples:
-            t_kill, replica, load = asyncio.run(killed())
-            deadline = time.monotonic() + float(kl["recovery_timeout_s"])
-            while time.monotonic() < deadline:  # until the controller noticed and two run again
-                noticed = any(t > t_kill and c.get("RUNNING", 0) < 2 for t, c in kill_samples)
-                if noticed and kill_samples and kill_samples[-1][1].get("RUNNING", 0) == 2 \
-                        and sum(kill_samples[-1][1].values()) == 2:
-                    break
-                time.sleep(0.5)
-        after = [(t, c) for t, c in kill_samples if t > t_kill]
-        t_noticed = next((t for t, c in after if c.get("RUNNING", 0) < 2), None)
-        t_back = next((t for t, c in after if t_noticed and t > t_noticed and c.get("RUNNING", 0) == 2
-                       and sum(c.values()) == 2), None)
-        results = load["_results"]
-        first_ok = min((r["t_end"] for r in results if r["status"] == 200 and r["t_start"] > t_kill), default=None)
-        unaccounted = [r for r in results if r["status"] not in (200, 503, 429)]
-        report["kill"] = {**_strip(load), "killed_replica": replica,
-                          "noticed_s": round(t_noticed - t_kill, 2) if t_noticed else None,
-                          "recovery_s": round(t_back - t_kill, 2) if t_back else None,
-                          "first_ok_after_kill_s": round(first_ok - t_kill, 2) if first_ok else None,
-                          "timeline": [{"t": round(t - t_kill, 2), **c} for t, c in kill_samples],
-                          "failed": sum(1 for r in results if r["status"] != 200),
-                          "errors": [(r.get("error") or {}).get("code") for r in results if r["status"] != 200],
-                          "unaccounted": len(unaccounted), "met": not unaccounted and t_back is not None}
+                async def step():
+                    low = await client.closed_loop(bodies(int(au["low_requests"]), 40_000), 1)
+                    t_high = time.monotonic()
+                    high = asyncio.create_task(client.closed_loop(bodies(int(au["high_requests"]), 41_000),
+                                                                  int(au["high_concurrency"])))
+                    return low, t_high, await high
+                low, t_high, high = asyncio.run(step())
+                t_idle = time.monotonic()
+                try:
+                    down_s = wait_replicas(1, float(au["idle_timeout_s"]))
+                except RuntimeError:
+                    down_s = None
+            timeline = [{"t": round(t - t_start, 2), **c} for t, c in samples]
+            peak = max((c.get("RUNNING", 0) for _, c in samples), default=0)
+            first_two = next((s["t"] for s in timeline if s.get("RUNNING", 0) >= 2), None)
+            report["autoscale"] = {"low": _strip(low), "high": _strip(high), "timeline": timeline,
+                                   "t_high_start": round(t_high - t_start, 2), "t_idle_start": round(t_idle - t_start, 2),
+                                   "peak_replicas": peak, "t_two_replicas": first_two,
+                                   "scale_down_s_after_idle": round(down_s, 2) if down_s is not None else None,
+                                   "met": peak >= 2 and down_s is not None}
+            # 8. a replica killed mid-load (two fixed replicas)
+            kl = cfg["kill"]
+            report["deploy_s"]["kill"] = deploy(model_config(base, replicas=2, torch_threads=threads), "2 replicas")
+            wait_replicas(2, 180)
+            progress("[bench_serve] kill: one replica of two mid-load")
+
+            async def killed():
+                load = asyncio.create_task(client.closed_loop(bodies(int(kl["requests"]), 50_000), int(kl["concurrency"])))
+                await asyncio.sleep(float(kl["kill_after_s"]))
+                t_kill = time.monotonic()
+                replica = await asyncio.to_thread(kill_one_replica, url, key)
+                return t_kill, replica, await load
+            with replica_sampler(0.25) as kill_samples:
+                t_kill, replica, load = asyncio.run(killed())
+                deadline = time.monotonic() + float(kl["recovery_timeout_s"])
+                while time.monotonic() < deadline:  # until the controller noticed and two run again
+                    noticed = any(t > t_kill and c.get("RUNNING", 0) < 2 for t, c in kill_samples)
+                    if noticed and kill_samples and kill_samples[-1][1].get("RUNNING", 0) == 2 \
+                            and sum(kill_samples[-1][1].values()) == 2:
+                        break
+                    time.sleep(0.5)
+            after = [(t, c) for t, c in kill_samples if t > t_kill]
+            t_noticed = next((t for t, c in after if c.get("RUNNING", 0) < 2), None)
+            t_back = next((t for t, c in after if t_noticed and t > t_noticed and c.get("RUNNING", 0) == 2
+                           and sum(c.values()) == 2), None)
+            results = load["_results"]
+            first_ok = min((r["t_end"] for r in results if r["status"] == 200 and r["t_start"] > t_kill), default=None)
+            unaccounted = [r for r in results if r["status"] not in (200, 503, 429)]
+            report["kill"] = {**_strip(load), "killed_replica": replica,
+                              "noticed_s": round(t_noticed - t_kill, 2) if t_noticed else None,
+                              "recovery_s": round(t_back - t_kill, 2) if t_back else None,
+                              "first_ok_after_kill_s": round(first_ok - t_kill, 2) if first_ok else None,
+                              "timeline": [{"t": round(t - t_kill, 2), **c} for t, c in kill_samples],
+                              "failed": sum(1 for r in results if r["status"] != 200),
+                              "errors": [(r.get("error") or {}).get("code") for r in results if r["status"] != 200],
+                              "unaccounted": len(unaccounted), "met": not unaccounted and t_back is not None}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -556,6 +776,45 @@ def base_bundle(config: dict) -> str:
 
 
 def headline(report: dict) -> dict:
+    out = standard_headline(report) if "throughput" in report else {}
+    if "mixed" in report:
+        out.update(mixed_headline(report["mixed"]))
+    out["seconds_total"] = report["seconds_total"]
+    return out
+
+
+def mixed_headline(m: dict) -> dict:
+    """The mixed scenario's numbers and targets (prefixed ``mixed_``)."""
+    s = m["summary"]
+    at = {load: {mode: v for mode, v in by_mode.items()} for load, by_mode in m["loads"].items()}
+    out = {"mixed_capacity_images_per_s": m["capacity_images_per_s"]}
+    for load, by_mode in at.items():
+        pct = int(round(float(load) * 100))
+        for mode, r in by_mode.items():
+            for kind, q in r["by_kind"].items():
+                out[f"mixed_{pct}_{mode}_{kind}_p50_s"] = q["p50"]
+                out[f"mixed_{pct}_{mode}_{kind}_p95_s"] = q["p95"]
+    for kind, v in s["short"].items():
+        out[f"mixed_alone_step_{kind}_s"] = v["alone_step_s"]
+        out[f"mixed_alone_request_{kind}_s"] = v["alone_request_s"]
+        out[f"mixed_short_{kind}_p95_vs_alone"] = v["step_p95_vs_alone"]
+        out[f"mixed_short_{kind}_p95_vs_request"] = v["step_vs_request_p95"]
+    out.update({
+        "mixed_short_p95_vs_alone_met": s["short_p95_vs_alone_met"],
+        "mixed_short_p95_vs_request_met": s["short_p95_vs_request_met"],
+        "mixed_probe_step_vs_alone": s["probe_step_vs_alone"], "mixed_probe_request_vs_alone": s["probe_request_vs_alone"],
+        "mixed_probe_met": s["probe_met"],
+        "mixed_saturation_step_images_per_s": m["saturation"]["step"]["images_per_s"],
+        "mixed_saturation_request_images_per_s": m["saturation"]["request"]["images_per_s"],
+        "mixed_saturation_step_vs_request": s["saturation_step_vs_request"], "mixed_saturation_met": s["saturation_met"],
+        "mixed_adaptive_saving_share_step": s["adaptive_share_step"],
+        "mixed_adaptive_saving_share_request": s["adaptive_share_request"],
+        "mixed_rows_per_unet_call": s["rows_per_unet_call"],
+    })
+    return out
+
+
+def standard_headline(report: dict) -> dict:
     t, o, a = report["throughput"], report["overhead"], report["autoscale"]
     return {
         "auto_images_per_s": t["auto"]["images_per_s"], "naive_images_per_s": t["naive"]["images_per_s"],
@@ -566,7 +825,7 @@ def headline(report: dict) -> dict:
         "auto_latency_p50_s": t["auto"]["latency_s"]["p50"], "auto_latency_p95_s": t["auto"]["latency_s"]["p95"],
         "auto_latency_p99_s": t["auto"]["latency_s"]["p99"],
         "naive_latency_p50_s": t["naive"]["latency_s"]["p50"], "naive_latency_p99_s": t["naive"]["latency_s"]["p99"],
-        "batching_gain_8_vs_1": report["batching"]["gain"],
+        "batching_gain_step_vs_unbatched": report["batching"]["gain"],
         "overhead_ratio": o["ratio"], "overhead_met": o["met"], "overhead_ratio_cpu_time": o["ratio_cpu_time"],
         "load_average_start": report["load_average_start"][0], "load_average_end": report["load_average_end"][0],
         "autoscale_peak_replicas": a["peak_replicas"], "autoscale_down_s": a["scale_down_s_after_idle"],
@@ -577,7 +836,6 @@ def headline(report: dict) -> dict:
         "kill_failed": report["kill"]["failed"], "kill_unaccounted": report["kill"]["unaccounted"],
         "bad_inputs": report["bad_inputs"]["n"], "bad_inputs_all_4xx": report["bad_inputs"]["all_4xx_clear"],
         "healthy_after_bad_inputs": report["bad_inputs"]["healthy_after"],
-        "seconds_total": report["seconds_total"],
     }
 
 
@@ -589,40 +847,45 @@ def plot(report: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    t = report["throughput"]
-    rows = [("naive\nfull 50, bs 1", t["naive"]), ("auto\nbs 1", report["batching"]["max_batch_size_1"]),
-            ("auto\nbs 8", t["auto"]), ("auto bs 8\nsaturated", report["overhead"]["service"])]
-    ax = axes[0]
-    ax.bar([r[0] for r in rows], [r[1]["images_per_s"] for r in rows], color=["#999", "#7aa", "#3a7", "#385"])
-    ax.axhline(report["overhead"]["in_process"]["images_per_s"], color="k", ls="--", lw=1,
-               label="in-process Generator")
-    ax.set_ylabel("images / s")
-    ax.set_title(f"throughput (auto vs naive: {t['speedup']:.1f}x)")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    x = np.arange(3)
-    for k, (name, r) in enumerate(rows[:3]):
-        lat = r["latency_s"]
-        ax.bar(x + (k - 1) * 0.27, [lat["p50"], lat["p95"], lat["p99"]], 0.27, label=name.replace("\n", " "))
-    ax.set_xticks(x, ["p50", "p95", "p99"])
-    ax.set_yscale("log")
-    ax.set_ylabel("latency (s)")
-    ax.set_title("latency")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    a = report["autoscale"]
-    tl = a["timeline"]
-    ax.step([s["t"] for s in tl], [s.get("RUNNING", 0) for s in tl], where="post", label="running replicas")
-    ax.step([s["t"] for s in tl], [sum(v for k, v in s.items() if k != "t") for s in tl], where="post",
-            ls=":", label="all replicas (incl. starting/stopping)")
-    for key, label in (("t_high_start", "high load"), ("t_idle_start", "idle")):
-        ax.axvline(a[key], color="grey", lw=1, ls="--")
-        ax.text(a[key], 0.1, f" {label}", fontsize=8)
-    ax.set_ylim(0, 3)
-    ax.set_xlabel("seconds")
-    ax.set_title("autoscaling under a load step")
-    ax.legend(fontsize=8, loc="upper right")
+    has_std, has_mixed = "throughput" in report, "mixed" in report
+    fig, grid = plt.subplots(has_std + has_mixed, 3, figsize=(15, 4.2 * (has_std + has_mixed)), squeeze=False)
+    if has_std:
+        axes = grid[0]
+        t = report["throughput"]
+        rows = [("naive\nfull 50, bs 1", t["naive"]), ("auto\nbs 1", report["batching"]["request_max_batch_size_1"]),
+                ("auto\nstep", t["auto"]), ("auto step\nsaturated", report["overhead"]["service"])]
+        ax = axes[0]
+        ax.bar([r[0] for r in rows], [r[1]["images_per_s"] for r in rows], color=["#999", "#7aa", "#3a7", "#385"])
+        ax.axhline(report["overhead"]["in_process"]["images_per_s"], color="k", ls="--", lw=1,
+                   label="in-process Generator")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"throughput (auto vs naive: {t['speedup']:.1f}x)")
+        ax.legend(fontsize=8)
+        ax = axes[1]
+        x = np.arange(3)
+        for k, (name, r) in enumerate(rows[:3]):
+            lat = r["latency_s"]
+            ax.bar(x + (k - 1) * 0.27, [lat["p50"], lat["p95"], lat["p99"]], 0.27, label=name.replace("\n", " "))
+        ax.set_xticks(x, ["p50", "p95", "p99"])
+        ax.set_yscale("log")
+        ax.set_ylabel("latency (s)")
+        ax.set_title("latency")
+        ax.legend(fontsize=8)
+        ax = axes[2]
+        a = report["autoscale"]
+        tl = a["timeline"]
+        ax.step([s["t"] for s in tl], [s.get("RUNNING", 0) for s in tl], where="post", label="running replicas")
+        ax.step([s["t"] for s in tl], [sum(v for k, v in s.items() if k != "t") for s in tl], where="post",
+                ls=":", label="all replicas (incl. starting/stopping)")
+        for key, label in (("t_high_start", "high load"), ("t_idle_start", "idle")):
+            ax.axvline(a[key], color="grey", lw=1, ls="--")
+            ax.text(a[key], 0.1, f" {label}", fontsize=8)
+        ax.set_ylim(0, 3)
+        ax.set_xlabel("seconds")
+        ax.set_title("autoscaling under a load step")
+        ax.legend(fontsize=8, loc="upper right")
+    if has_mixed:
+        plot_mixed(grid[-1], report["mixed"])
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -630,15 +893,85 @@ def plot(report: dict) -> bytes:
     return buf.getvalue()
 
 
-def main() -> None:
+def plot_mixed(axes, m: dict) -> None:
+    """Mixed traffic: p95 per kind at each load (request vs step), the probe, saturation."""
+    loads = sorted(m["loads"], key=float)
+    kinds = [k for k in MIX_BODIES if any(k in m["loads"][ld][md]["by_kind"] for ld in loads for md in m["loads"][ld])]
+    ax = axes[0]
+    x = np.arange(len(kinds))
+    width = 0.8 / (2 * len(loads))
+    for j, load in enumerate(loads):
+        for k, (mode, color) in enumerate((("request", "#c66"), ("step", "#3a7"))):
+            r = m["loads"][load].get(mode, {}).get("by_kind", {})
+            vals = [r.get(kind, {}).get("p95") or 0 for kind in kinds]
+            ax.bar(x + (2 * j + k - len(loads)) * width + width / 2, vals, width, color=color,
+                   alpha=0.4 + 0.6 * (j + 1) / len(loads),
+                   label=f"{mode} {float(load):.0%}")
+    ax.set_xticks(x, kinds)
+    ax.set_yscale("log")
+    ax.set_ylabel("p95 latency (s)")
+    ax.set_title("mixed traffic: p95 by mode, request vs step")
+    ax.legend(fontsize=7, ncol=2)
+    ax = axes[1]
+    s = m["summary"]
+    names = ["auto alone", "auto after 4x50\n(request)", "auto after 4x50\n(step)"]
+    vals = [m["alone_latency_s"]["step"]["auto"], m["probe"]["request"]["median_s"], m["probe"]["step"]["median_s"]]
+    ax.bar(names, vals, color=["#999", "#c66", "#3a7"])
+    ax.set_ylabel("latency (s)")
+    ax.set_title(f"probe: step {s['probe_step_vs_alone']}x alone, request {s['probe_request_vs_alone']}x")
+    ax = axes[2]
+    sat = m["saturation"]
+    ax.bar(["request", "step"], [sat["request"]["images_per_s"], sat["step"]["images_per_s"]], color=["#c66", "#3a7"])
+    ax.set_ylabel("images / s")
+    ax.set_title(f"mixed saturation: step {s['saturation_step_vs_request']}x request; "
+                 f"rows/call {((s['rows_per_unet_call'] or {}).get('saturation'))}")
+
+
+def scaled_mixed(mx: dict, scale: float) -> dict:
+    """``mx`` with its durations and request counts times ``scale`` (a quick check of the scenario)."""
+    mx = json.loads(json.dumps(mx))
+    mx["duration_s"] = float(mx["duration_s"]) * scale
+    for key in ("alone_requests", "saturation_requests"):
+        mx[key] = max(1, int(round(int(mx[key]) * scale)))
+    mx["adaptive_share"]["requests"] = max(1, int(round(int(mx["adaptive_share"]["requests"]) * scale)))
+    mx["probe"]["repeats"] = max(1, int(round(int(mx["probe"]["repeats"]) * scale)))
+    mx["burst"]["requests"] = max(1, int(round(int(mx["burst"]["requests"]) * scale)))
+    mx["burst"]["at_s"] = float(mx["burst"]["at_s"]) * scale
+    return mx
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.bench_serve`` runs the stage (every scenario, reports/). For a
+    check: ``--only mixed|standard`` and ``--scale F`` (mixed durations and counts times F) write to
+    ``--out-dir`` instead."""
+    import argparse
+    import sys
+    from pathlib import Path
+
     from budgetdiff.io import atomic_write_bytes, atomic_write_json
     from mlops.params import load_params
 
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve")
+    parser.add_argument("--only", choices=("standard", "mixed"), default=None)
+    parser.add_argument("--scale", type=float, default=None)
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    if (args.only or args.scale is not None) and not args.out_dir:
+        sys.exit("--out-dir: required with --only or --scale (reports/ holds the full run)")
+    if args.scale is not None and not 0 < args.scale <= 10:
+        sys.exit(f"--scale: must be in (0, 10], got {args.scale}")
     cfg = load_params("bench_serve")
-    report = run(cfg)
-    atomic_write_json(cfg["report_path"], report)
-    atomic_write_json(cfg["headline_path"], headline(report))
-    atomic_write_bytes(cfg["plot_path"], plot(report))
+    if args.scale is not None:
+        cfg["mixed"] = scaled_mixed(cfg["mixed"], args.scale)
+    paths = {k: cfg[k] for k in ("report_path", "headline_path", "plot_path", "screenshot_path")}
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        paths = {k: str(Path(args.out_dir) / Path(v).name) for k, v in paths.items()}
+        cfg["screenshot_path"] = paths["screenshot_path"]
+    report = run(cfg, only=args.only)
+    atomic_write_json(paths["report_path"], report)
+    atomic_write_json(paths["headline_path"], headline(report))
+    atomic_write_bytes(paths["plot_path"], plot(report))
     print(json.dumps(headline(report)))
 
 

@@ -18,6 +18,7 @@ STEP_BUCKETS = [1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 25, 30, 40, 50, 75, 100, 150]
 RATIO_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 QUALITY_BUCKETS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0]
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+ROW_BUCKETS = [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("budgetdiff_images", "counter", "images generated, by mode and auto route", ("mode", "route")),
     MetricSpec("budgetdiff_request_latency_ms", "histogram", "model-side latency of one API call (queue + "
                "generation of all its images), ms", ("mode",), tuple(LATENCY_MS_BUCKETS)),
-    MetricSpec("budgetdiff_queue_wait_ms", "histogram", "time an image waited for its batch to start, ms",
+    MetricSpec("budgetdiff_queue_wait_ms", "histogram", "time an image waited before its generation started (step "
+               "batching: admission into the denoising pool; request batching: its batch's start), ms",
                ("mode",), tuple(LATENCY_MS_BUCKETS)),
     MetricSpec("budgetdiff_steps", "histogram", "denoising steps per image", ("mode",), tuple(STEP_BUCKETS)),
     MetricSpec("budgetdiff_nfe", "histogram", "UNet evaluations per image (a CFG pair counts once)", ("mode",),
@@ -54,8 +56,13 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("budgetdiff_skip_ratio", "histogram", "share of steps whose noise prediction was reused",
                ("mode",), tuple(RATIO_BUCKETS)),
     MetricSpec("budgetdiff_unet_gflops", "counter", "UNet GFLOPs spent, by mode", ("mode",)),
-    MetricSpec("budgetdiff_batch_images", "histogram", "images in one batched generation call", (),
-               tuple(BATCH_BUCKETS)),
+    MetricSpec("budgetdiff_batch_images", "histogram", "images in one batched generation call (step batching: "
+               "in one UNet call; request batching: in one @serve.batch call)", (), tuple(BATCH_BUCKETS)),
+    MetricSpec("budgetdiff_unet_call_rows", "histogram", "rows in one UNet call of the step scheduler (a guided "
+               "image takes 2), by model", ("model",), tuple(ROW_BUCKETS)),
+    MetricSpec("budgetdiff_inflight_images", "gauge", "images denoising in this replica's step scheduler"),
+    MetricSpec("budgetdiff_step_queue_delay_ms", "histogram", "time a call waited in the replica's step "
+               "scheduler before its images joined the denoising pool, ms", ("mode",), tuple(LATENCY_MS_BUCKETS)),
     MetricSpec("budgetdiff_predicted_quality", "histogram", "the budget predictor's predicted quality at the "
                "chosen steps (lowest level), per image", ("mode",), tuple(QUALITY_BUCKETS)),
     MetricSpec("budgetdiff_queue_depth", "gauge", "images accepted by this replica and not yet generated"),

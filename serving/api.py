@@ -242,6 +242,10 @@ def build_reply(request_id: str, result: dict, options: IngressOptions, started:
 # ----------------------------------------------------------------------------------------------
 def _model_error(result: dict, options: IngressOptions) -> APIError:
     e = result["error"]
+    if e.get("code") == "queue_full":  # the replica's step queue: answered like Serve's own backpressure
+        status = options.overload_status
+        return APIError(status, e.get("message", "the service is at capacity"), None,
+                        "rate_limit_exceeded" if status == 429 else "overloaded", options.retry_after_s)
     retry = options.retry_after_s if e.get("status") in (429, 503) else None
     return APIError(int(e.get("status", 500)), e.get("message", "model error"), e.get("param"), e.get("code"),
                     retry)
@@ -410,7 +414,9 @@ def create_api(state: IngressState) -> FastAPI:
     def _model_card(info: dict) -> dict:
         return {"id": state.options.model_id, "object": "model", "created": int(info.get("loaded_at", 0)),
                 "owned_by": "budgetdiff", "version": info["version"], "sizes": info["sizes"],
-                "modes": info["modes"], "max_batch_size": info.get("max_batch_size")}
+                "modes": info["modes"], "max_batch_size": info.get("max_batch_size"),
+                "batching": info.get("batching"),
+                "max_rows": info.get("max_rows") if info.get("batching") == "step" else None}
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -436,7 +442,8 @@ def create_api(state: IngressState) -> FastAPI:
             return APIError(503, f"unhealthy: {exc.message}", None, "unhealthy",
                             state.options.retry_after_s).response()
         return {"status": "ok", "model_version": info["version"]["id"], "sizes": info["sizes"],
-                "replica": info.get("replica"), "swaps": info.get("swaps"), "cpu_s": info.get("cpu_s")}
+                "replica": info.get("replica"), "swaps": info.get("swaps"), "cpu_s": info.get("cpu_s"),
+                "batching": info.get("batching"), "batcher": info.get("batcher")}
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():

@@ -29,6 +29,8 @@ MODEL = "ImageModel"
 SHADOW = "ShadowEvaluator"
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BATCHING = ("step", "request")
+STEP_POLICIES = ("srpt", "fifo")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,8 +72,30 @@ class ModelOptions:
         device: "cpu", "cuda" or "auto" (CUDA when available).
         dtype: "auto" (fp16 on CUDA, fp32 on CPU), "float32", "float16" or "bfloat16".
         torch_threads: intra-op threads per replica (None: the replica's num_cpus, at least 1).
-        max_batch_size: the most images one ``@serve.batch`` call and one pipeline call take.
-        batch_wait_timeout_s: how long a batch waits to fill after its first image.
+        batching: "step" (the default): step-level continuous batching. One
+            ``budgetdiff.continuous.StepBatcher`` per replica, fed from every call; each denoising
+            iteration runs one UNet call over every in-flight image that needs a prediction,
+            whatever its plan, and images join and leave at iteration boundaries (docs/serving.md).
+            "request": request-level batching as before (``@serve.batch`` collects up to
+            ``max_batch_size`` images, ``Generator.run_grouped`` runs each group of equal plans to
+            its end); kept as the baseline ``bench_serve`` measures against.
+        max_batch_size: request batching: the most images one ``@serve.batch`` call and one
+            pipeline call take.
+        batch_wait_timeout_s: request batching: how long a batch waits to fill after its first image.
+        step_max_rows: step batching: the most UNet rows per call (a guided image takes 2).
+        step_max_inflight: step batching: the most images denoising at once in the replica;
+            more wait in its queue (admitted first come first served).
+        step_max_queue: step batching: the most images waiting for admission in the replica; past
+            it a call is refused with the ingress's overload status and Retry-After (null: unbounded,
+            only Serve's ``max_queued_requests`` bounds the load).
+        step_policy: step batching: which images take the rows: "srpt" (fewest remaining steps
+            first) or "fifo" (oldest first); an image passed over ``step_max_wait_iterations``
+            times in a row goes first either way.
+        step_latency_slack: step batching: null, or how much slower (a fraction) an iteration that
+            carries a short request may become because longer ones share it (an online cost model
+            t(rows) = a + b·rows predicts it): small on a CPU, where each row costs, null on a GPU.
+        step_short_steps: step batching: plans of at most this many steps count as short.
+        step_max_wait_iterations: step batching: the starvation guard.
         warmup: run one small generation after loading, before the model takes traffic.
         shadow_sample_rate: the fraction of served images sent to the ShadowEvaluator (0: none).
         shadow_queue_size: sampled images waiting in this replica, at most; more are dropped (counted).
@@ -87,8 +111,16 @@ class ModelOptions:
     device: str = "cpu"
     dtype: str = "auto"
     torch_threads: int | None = None
+    batching: str = "step"
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.02
+    step_max_rows: int = 8
+    step_max_inflight: int = 16
+    step_max_queue: int | None = 64
+    step_policy: str = "srpt"
+    step_latency_slack: float | None = 0.3
+    step_short_steps: int = 16
+    step_max_wait_iterations: int = 8
     warmup: bool = True
     shadow_sample_rate: float = 0.0
     shadow_queue_size: int = 32
@@ -110,6 +142,14 @@ class ModelOptions:
         _check_number(f"{where}.torch_threads", o.torch_threads, int, 1, 256, allow_none=True)
         _check_number(f"{where}.max_batch_size", o.max_batch_size, int, 1, 256)
         _check_number(f"{where}.batch_wait_timeout_s", o.batch_wait_timeout_s, float, 0, 10)
+        _check_choice(f"{where}.batching", o.batching, BATCHING)
+        _check_number(f"{where}.step_max_rows", o.step_max_rows, int, 2, 4096)
+        _check_number(f"{where}.step_max_inflight", o.step_max_inflight, int, 1, 4096)
+        _check_number(f"{where}.step_max_queue", o.step_max_queue, int, 10, 1_000_000, allow_none=True)  # n <= 10 must fit
+        _check_choice(f"{where}.step_policy", o.step_policy, STEP_POLICIES)
+        _check_number(f"{where}.step_latency_slack", o.step_latency_slack, float, 0, 100, allow_none=True)
+        _check_number(f"{where}.step_short_steps", o.step_short_steps, int, 1, 1000)
+        _check_number(f"{where}.step_max_wait_iterations", o.step_max_wait_iterations, int, 1, 10_000)
         if not isinstance(o.warmup, bool):
             raise ValueError(f"{where}.warmup: must be true or false, got {o.warmup!r}")
         _check_number(f"{where}.shadow_sample_rate", o.shadow_sample_rate, float, 0, 1)
@@ -125,6 +165,22 @@ class ModelOptions:
 
         return ModelOptions(**{**asdict(self), "model_source": resolve_local_path(self.model_source),
                                "skip_policy": resolve_local_path(self.skip_policy) if self.skip_policy else None})
+
+    def step_config(self):
+        """The ``budgetdiff.continuous.StepBatchConfig`` of the ``step_*`` keys."""
+        from budgetdiff.continuous import StepBatchConfig
+
+        return StepBatchConfig(max_rows=self.step_max_rows, max_inflight=self.step_max_inflight,
+                               max_queue=self.step_max_queue, policy=self.step_policy,
+                               latency_slack=self.step_latency_slack, short_steps=self.step_short_steps,
+                               max_wait_iterations=self.step_max_wait_iterations)
+
+    def batching_record(self) -> dict:
+        """What a replica says about its batching (``/v1/models``, bench reports)."""
+        if self.batching == "request":
+            return {"batching": "request", "max_batch_size": self.max_batch_size,
+                    "batch_wait_timeout_s": self.batch_wait_timeout_s}
+        return {"batching": "step", **self.step_config().to_record()}
 
     def loads_same_model(self, other: "ModelOptions | None") -> bool:
         """True when ``other`` would load the same weights and policy (only batch settings differ)."""
@@ -317,9 +373,12 @@ def _validate_deployment(dep: dict, where: str) -> None:
     options = USER_CONFIGS[name].from_dict(dep.get("user_config"), f"{where}.user_config")
     if name == MODEL:
         ongoing = dep.get("max_ongoing_requests", 5)  # Serve's default
-        if isinstance(ongoing, int) and ongoing < options.max_batch_size:
+        if options.batching == "request" and isinstance(ongoing, int) and ongoing < options.max_batch_size:
             raise ValueError(f"{where}.max_ongoing_requests: {ongoing} < user_config.max_batch_size "
                              f"{options.max_batch_size}; a batch could never fill")
+        if options.batching == "step" and isinstance(ongoing, int) and ongoing < options.step_max_inflight:
+            raise ValueError(f"{where}.max_ongoing_requests: {ongoing} < user_config.step_max_inflight "
+                             f"{options.step_max_inflight}; one-image calls could never fill the denoising pool")
         # a replica asking for a GPU on a machine without one stays pending forever
         gpus = (actor or {}).get("num_gpus", 0) or 0
         if options.device == "cuda" and not gpus:

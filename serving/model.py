@@ -1,26 +1,40 @@
-"""The model deployment: one ``Generator`` per replica, dynamic batching, in-place model swaps.
+"""The model deployment: one ``Generator`` per replica, step-level batching, in-place model swaps.
 
 ``ImageModel`` (the Serve deployment, bound in ``serving.app``) takes a call from the ingress (one
 HTTP request: its ``GenerationRequest``\ s, one per image, already validated by the ingress),
 checks only what the loaded bundle supports (``Generator.check_supported``: a mode whose part is
-missing, the size) and hands one job per image to ``@serve.batch``. A batch may mix
-requests: the engine groups compatible ones (same model, steps, scheduler, guidance, skip config)
-into one pipeline call and every image keeps its own seed, so an image does not depend on the batch
-it ran in. Per-sample skipping happens inside the engine.
+missing, the size) and batches it one of two ways (user_config ``batching``):
 
-Swapping a model (``reconfigure`` with a new ``model_source`` or ``skip_policy``) loads the new
-``Generator`` in a thread while the old one keeps serving, then replaces one reference. A call
-holds the ``ServedModel`` it was checked against until its images are done, so no request fails
-or mixes versions during a switch, and every reply names the version that produced it.
+- ``step`` (the default): the call's requests go to the replica's one ``StepBatcher``
+  (``budgetdiff.continuous``), whose loop runs in a thread of its own. Every denoising iteration
+  makes one UNet call per model over every in-flight image that needs a prediction, whatever its
+  plan (steps, scheduler, guidance, skipping); new images join at iteration boundaries and a call
+  is answered as soon as its last image is done, so a 5-step request never waits for a 50-step
+  one to end. The row budget, admission limit, queue bound, policy and latency slack are the
+  ``step_*`` keys of the profile. A call whose client went away (the ingress timed out or cancelled
+  it) cancels its ticket: its images leave at the next iteration and free their rows. A full
+  step queue answers ``queue_full`` (the ingress turns it into 503/429 with Retry-After).
+- ``request``: request-level batching as before the step scheduler: ``@serve.batch`` collects up
+  to ``max_batch_size`` images, ``Generator.run_grouped`` runs each group of equal plans as one
+  pipeline call to its end, one group after another. Kept as the baseline.
 
-``LocalImageModel`` is the same logic without Ray (no ``@serve.batch``): tests and the in-process
-benchmark baseline use it.
+Either way every image keeps its own seed, so an image does not depend on what it shared calls
+with. Swapping a model (``reconfigure`` with a new ``model_source`` or ``skip_policy``) loads the
+new ``Generator`` in a thread while the old one keeps serving, then replaces one reference. A call
+holds the ``ServedModel`` it was checked against until its images are done (under step batching
+its images carry that generator into the shared scheduler, which may hold images of both models
+for a while, never in one UNet call), so no request fails or mixes versions during a switch, and
+every reply names the version that produced it.
+
+``LocalImageModel`` is the same logic without Ray (no ``@serve.batch``: under request batching a
+call's images run as one batch): tests and the in-process benchmark baseline use it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import logging
 import math
 import os
@@ -52,6 +66,7 @@ class ServedModel:
         gen = self.generator
         return {"version": self.version, "sizes": self.native_sizes,
                 "modes": self.modes, "max_batch_size": self.options.max_batch_size,
+                **self.options.batching_record(),
                 "device": str(gen.models["base"].pipe.device), "loaded_at": self.loaded_at}
 
 
@@ -173,9 +188,13 @@ def image_record(record, version: dict) -> dict:
 
 
 def run_jobs(jobs: list[ImageJob], batch_size: int | None = None) -> list[dict]:
-    """Generate every job's image (the body of one ``@serve.batch`` call; runs in a thread).
-    Jobs checked against different ``ServedModel``\\ s (a swap in between) run on their own model.
-    Returns, per job, ``{"b64_json", "record"}`` or ``{"error": {...}}``."""
+    """Request-level batching: generate every job's image (the body of one ``@serve.batch`` call;
+    runs in a thread) with ``Generator.run_grouped``: jobs with equal plans share pipeline calls of
+    at most ``batch_size`` images, one group after another, as the service did before step-level
+    batching. Jobs checked against different ``ServedModel``\\ s (a swap in between) run on their
+    own model. Returns, per job, ``{"b64_json", "record"}`` or ``{"error": {...}}``; a record's
+    ``queue_ms`` is the wait from the call's arrival to the batch's start, ``batch_ms`` the batch's
+    generation time and ``batch_images`` the images in the ``@serve.batch`` call."""
     from budgetdiff.errors import RequestError
 
     results: list[dict | None] = [None] * len(jobs)
@@ -186,8 +205,8 @@ def run_jobs(jobs: list[ImageJob], batch_size: int | None = None) -> list[dict]:
         served = jobs[indices[0]].served
         start = time.perf_counter()
         try:
-            out = served.generator([jobs[i].request for i in indices], output_type="pil",
-                                   batch_size=batch_size or served.options.max_batch_size)
+            out = served.generator.run_grouped([jobs[i].request for i in indices], output_type="pil",
+                                               batch_size=batch_size or served.options.max_batch_size)
         except RequestError as exc:  # checked before batching; a bug if it happens
             err = ModelCallError(422, str(exc), exc.field, "invalid_request").to_dict()
             for i in indices:
@@ -206,22 +225,42 @@ def run_jobs(jobs: list[ImageJob], batch_size: int | None = None) -> list[dict]:
             record["queue_ms"] = round((start - jobs[i].enqueued) * 1000, 2)
             record["batch_ms"] = round((done - start) * 1000, 2)
             record["batch_images"] = len(jobs)
+            record["batching"] = "request"
             results[i] = {"b64_json": encode_png_b64(result.image), "record": record}
     return results
 
 
-async def refresh_gauges_forever(metrics, period_s: float = 5.0) -> None:
-    """Keep the replica's gauges exported (``MetricsSink.refresh_gauges``)."""
+def step_reply(job: ImageJob, result) -> dict:
+    """One step-scheduled image as a reply entry. Its record's ``queue_ms`` is the wait from the
+    call's submission to the image's admission into the denoising pool, ``batch_ms`` the time from
+    admission to done (denoising while sharing UNet calls), ``batch_images`` the most images that
+    shared one of its UNet calls and ``mean_call_images`` their mean."""
+    rec = result.record
+    record = image_record(rec, job.served.version)
+    queue_s = rec.queue_seconds or 0.0
+    record["queue_ms"] = round(queue_s * 1000, 2)
+    record["batch_ms"] = round(((rec.latency_seconds or queue_s) - queue_s) * 1000, 2)
+    record["batch_images"] = rec.batch_size
+    record["batching"] = "step"
+    return {"b64_json": encode_png_b64(result.image), "record": record}
+
+
+async def refresh_gauges_forever(metrics, period_s: float = 5.0, before=None) -> None:
+    """Keep the replica's gauges exported (``MetricsSink.refresh_gauges``); ``before()`` runs
+    first each period (the step scheduler's events are flushed into the sink)."""
     while True:
         await asyncio.sleep(period_s)
         try:
+            if before is not None:
+                before()
             metrics.refresh_gauges()
         except Exception:
             logger.exception("gauge refresh failed")
 
 
 class ImageModelBase:
-    """The model deployment's logic; subclasses say how jobs are batched (``_run``).
+    """The model deployment's logic: step-level batching here (``_run_step``); subclasses say how
+    request-level batching runs (``_run_request``).
 
     Args:
         shadow: the shadow evaluator (a Serve handle to ``ShadowEvaluator``, or a local object with
@@ -241,6 +280,10 @@ class ImageModelBase:
         self.sampler = None  # monitoring.shadow.ShadowSampler, made by reconfigure when a shadow exists
         self._prompts: list[str] = []
         self._pending_images = 0
+        self._batcher = None  # budgetdiff.continuous.StepBatcher, made by the first step-batching reconfigure
+        # the step scheduler's observers run in its loop thread: they only append here (a deque is
+        # thread-safe), and the replica's event loop moves the values into the metrics sink
+        self._step_events: collections.deque = collections.deque(maxlen=100_000)
         self._poller: asyncio.Task | None = None
         self._gauge_refresher: asyncio.Task | None = None
         # called as fn(requests, reply, latency_s) after every answered call (metrics, shadow
@@ -268,7 +311,8 @@ class ImageModelBase:
             self._apply_shadow_options(options)
         self._start_poller(options)
         if self._gauge_refresher is None or self._gauge_refresher.done():
-            self._gauge_refresher = asyncio.get_running_loop().create_task(refresh_gauges_forever(self.metrics))
+            self._gauge_refresher = asyncio.get_running_loop().create_task(
+                refresh_gauges_forever(self.metrics, before=self.flush_step_events))
 
     # -- registry alias polling ---------------------------------------------------------------
     def _start_poller(self, options: ModelOptions) -> None:
@@ -353,7 +397,57 @@ class ImageModelBase:
             logger.debug("drift prompts not delivered: %s", exc)
 
     def _apply_batch_options(self, options: ModelOptions) -> None:
-        pass
+        """Step batching: start the replica's scheduler, or give it the new settings (read afresh
+        by every iteration; images in flight keep their state). Switching to request batching
+        leaves it running idle, so images already in it finish."""
+        if options.batching != "step":
+            return
+        config = options.step_config()
+        if self._batcher is None:
+            from budgetdiff.continuous import StepBatcher
+
+            self._batcher = StepBatcher(config)
+            self._batcher.observers.append(self._on_step_event)
+            self._batcher.start()
+        else:
+            self._batcher.config = config
+
+    def _on_step_event(self, event: str, data: dict) -> None:
+        """The step scheduler's observer (its loop thread): hand the values over, nothing else."""
+        if event in ("call", "queue_delay"):
+            self._step_events.append((event, data))
+
+    def flush_step_events(self) -> int:
+        """Move the step scheduler's call and queue-delay events into the metrics sink and set the
+        in-flight gauge (the replica's event loop calls it after every call and periodically)."""
+        n = 0
+        while True:
+            try:
+                event, data = self._step_events.popleft()
+            except IndexError:
+                break
+            n += 1
+            if event == "call":
+                self.metrics.observe("budgetdiff_unet_call_rows", data["rows"], {"model": data["model"]})
+                self.metrics.observe("budgetdiff_batch_images", data["images"], {})
+            else:
+                self.metrics.observe("budgetdiff_step_queue_delay_ms", data["seconds"] * 1000.0,
+                                     {"mode": data["mode"]})
+        if self._batcher is not None:
+            stats = self._batcher.stats()
+            self.metrics.set("budgetdiff_inflight_images", stats["in_flight"])
+        return n
+
+    def close(self) -> None:
+        """Stop the step scheduler's thread (a replica shutting down)."""
+        if self._batcher is not None:
+            self._batcher.stop(timeout=1.0)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def check_health(self) -> None:
         if self._served is None:
@@ -362,7 +456,9 @@ class ImageModelBase:
     async def info(self) -> dict:
         if self._served is None:
             raise ModelCallError(503, "the model is loading", None, "model_loading")
-        return {**self._served.describe(), "swaps": self.swaps, "replica": self._replica_id(),
+        return {**self._served.describe(), **self._options.batching_record(), "swaps": self.swaps,
+                "replica": self._replica_id(),
+                "batcher": self._batcher.stats() if self._batcher is not None else None,
                 "shadow": dict(self.sampler.counts, depth=self.sampler.depth,
                                rate=self.sampler.rate) if self.sampler is not None else None,
                 "pid": os.getpid(), "cpu_s": round(time.process_time(), 3)}  # this replica's CPU time
@@ -421,20 +517,64 @@ class ImageModelBase:
         self.metrics.set("budgetdiff_queue_depth", self._pending_images)
 
     async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
+        if self._options.batching == "step":
+            return await self._run_step(served, jobs)
+        return await self._run_request(served, jobs)
+
+    async def _run_step(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
+        """The call's images through the replica's step scheduler, on the generator they were
+        checked against. Cancelled (the client went away, the ingress timed out): the ticket is
+        cancelled, so its images leave at the next iteration and free their rows."""
+        from budgetdiff.continuous import QueueFullError
+        from budgetdiff.errors import RequestError
+
+        loop = asyncio.get_running_loop()
+        # planning may run the budget predictor: off the event loop
+        submitting = loop.run_in_executor(None, self._batcher.submit, served.generator,
+                                          [job.request for job in jobs], "pil")
+        try:
+            ticket = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            submitting.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() is not None else f.result().cancel())
+            raise
+        except QueueFullError as exc:
+            err = ModelCallError(503, f"the service is at capacity ({exc}); retry after the Retry-After delay",
+                                 None, "queue_full").to_dict()
+            return [err] * len(jobs)
+        except RequestError as exc:  # checked before; a bug if it happens
+            return [ModelCallError(422, str(exc), exc.field, "invalid_request").to_dict()] * len(jobs)
+        try:
+            results = await asyncio.wrap_future(ticket.future)
+        except asyncio.CancelledError:
+            ticket.cancel()
+            raise
+        except Exception as exc:
+            logger.exception("generation failed")
+            err = ModelCallError(500, f"generation failed: {type(exc).__name__}: {exc}", None,
+                                 "generation_failed").to_dict()
+            return [err] * len(jobs)
+        finally:
+            self.flush_step_events()
+        return await asyncio.to_thread(lambda: [step_reply(job, r) for job, r in zip(jobs, results)])
+
+    async def _run_request(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
         raise NotImplementedError
 
 
 class LocalImageModel(ImageModelBase):
-    """``ImageModel`` in the current process: a request's images run as one batch (no Ray)."""
+    """``ImageModel`` in the current process (no Ray); under request batching a call's images run
+    as one batch."""
 
-    async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
+    async def _run_request(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
         self.metrics.observe("budgetdiff_batch_images", len(jobs), {})
         return await asyncio.to_thread(run_jobs, jobs)
 
 
 class ImageModel(ImageModelBase):
-    """The Serve model deployment: images from concurrent requests share ``@serve.batch`` calls
-    (``max_batch_size`` / ``batch_wait_timeout_s`` come from user_config); metrics go to Prometheus
+    """The Serve model deployment: images from concurrent requests share the replica's step
+    scheduler (``batching: step``) or ``@serve.batch`` calls (``batching: request``;
+    ``max_batch_size`` / ``batch_wait_timeout_s`` come from user_config); metrics go to Prometheus
     through ``ray.serve.metrics``."""
 
     def __init__(self, shadow=None):
@@ -442,7 +582,7 @@ class ImageModel(ImageModelBase):
 
         super().__init__(shadow=shadow, metrics=RayMetrics())
 
-    async def _run(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
+    async def _run_request(self, served: ServedModel, jobs: list[ImageJob]) -> list[dict]:
         return list(await asyncio.gather(*(self._batched(job) for job in jobs)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
@@ -457,5 +597,6 @@ class ImageModel(ImageModelBase):
             return None
 
     def _apply_batch_options(self, options: ModelOptions) -> None:
+        super()._apply_batch_options(options)
         self._batched.set_max_batch_size(options.max_batch_size)
         self._batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s)

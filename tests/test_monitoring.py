@@ -104,7 +104,9 @@ def test_local_model_exports_metrics_for_real_calls(tiny_bundle_dir):
     assert m.counter("budgetdiff_requests", mode="full", status="ok") == 1
     assert m.counter("budgetdiff_requests", mode="full", status="invalid_size") == 1
     assert m.values("budgetdiff_steps", mode="full") == [3, 3]
-    assert m.values("budgetdiff_batch_images") == [2]
+    assert m.values("budgetdiff_batch_images") == [2, 2, 2]  # step batching: both images in each of 3 UNet calls
+    assert m.values("budgetdiff_unet_call_rows", model="base") == [4, 4, 4]  # two guided images: 4 rows
+    assert len(m.values("budgetdiff_step_queue_delay_ms", mode="full")) == 1 and m.gauge("budgetdiff_inflight_images") == 0
     assert m.gauge("budgetdiff_queue_depth") == 0
     assert m.gauge("budgetdiff_model_info", model_version=ok["model_version"]["id"]) == 1
     assert len(m.values("budgetdiff_request_latency_ms", mode="full")) == 2

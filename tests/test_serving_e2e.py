@@ -1,8 +1,9 @@
 """End to end: the CPU profile on a real (throw-away, private) Ray cluster, called over HTTP.
 
 One local Ray (``address="local"``: never joins another engineer's cluster), the tiny bundle, a
-free loopback port; a real HTTP client (httpx) sends concurrent requests so ``@serve.batch`` sees
-more than one image, then checks the reply, errors and the model swap through ``user_config``.
+free loopback port; a real HTTP client (httpx) sends concurrent requests so the replica's step
+scheduler (``batching: step``, the profile's) runs more than one image per UNet call, then checks
+the reply, errors and the model swap through ``user_config``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def served(tiny_bundle_dir):
     config = with_overrides(
         load_serve_config(CONFIG_DIR / "cpu.yaml"), http_port=_free_port(),
         model={"model_source": str(tiny_bundle_dir), "torch_threads": 1, "max_batch_size": 4,
-               "batch_wait_timeout_s": 0.2},
+               "batch_wait_timeout_s": 0.2, "step_max_inflight": 8},  # the profile's step-level batching
         deployments={"ImageModel": {"autoscaling_config": None, "num_replicas": 1, "max_ongoing_requests": 8,
                                     "max_queued_requests": 8, "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}})
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy 2-core machine starts slowly
@@ -61,11 +62,11 @@ def test_service_end_to_end_over_http(served, tiny_bundle_dir, tmp_path):
             return await asyncio.gather(*(client.post("/v1/images/generations", json={**body, "seed": s})
                                           for s in seeds))
 
-    # concurrent requests share batches; every reply is OpenAI-shaped and names its model version
+    # concurrent requests share UNet calls; every reply is OpenAI-shaped and names its model version
     replies = asyncio.run(burst(range(6)))
     assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies]
     records = [r.json()["data"][0]["record"] for r in replies]
-    assert max(rec["batch_images"] for rec in records) >= 2
+    assert max(rec["batch_images"] for rec in records) >= 2 and {rec["batching"] for rec in records} == {"step"}
     assert {rec["seed"] for rec in records} == set(range(6))
     image = Image.open(io.BytesIO(base64.b64decode(replies[0].json()["data"][0]["b64_json"])))
     assert image.size == (16, 16)

@@ -127,8 +127,14 @@ ROWS: list[tuple[str, list[dict]]] = [
            quantiles("ray_serve_http_request_latency_ms", "", API), unit="ms", w=12,
            description="Serve's default buckets jump 10 s -> 60 s: set RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS "
                        "on the head for diffusion-scale resolution."),
-        ts("Queue wait before the batch starts",
-           quantiles("ray_budgetdiff_queue_wait_ms", "mode", MODE, qs=(0.5, 0.95)), unit="ms", w=12),
+        ts("Queue wait before generation starts",
+           quantiles("ray_budgetdiff_queue_wait_ms", "mode", MODE, qs=(0.5, 0.95)), unit="ms", w=12,
+           description="Per image: step batching, until it joins the denoising pool; request batching, "
+                       "until its @serve.batch call starts."),
+        ts("Step scheduler queue delay by mode",
+           quantiles("ray_budgetdiff_step_queue_delay_ms", "mode", MODE, qs=(0.5, 0.95)), unit="ms", w=12,
+           description="Per call: from submission to the replica's step scheduler until its images "
+                       "are admitted (step_max_inflight reached: they wait)."),
         ts("Latency SLI: calls under 30 s",
            [target('1 - budgetdiff:slo_errors:ratio_rate5m{slo="latency"}', "5 m"),
             target('1 - budgetdiff:slo_errors:ratio_rate1h{slo="latency"}', "1 h"),
@@ -156,6 +162,13 @@ ROWS: list[tuple[str, list[dict]]] = [
                    "images per generation call (p95)"),
             target(f"histogram_quantile(0.5, sum by (le) (rate(ray_serve_actual_batch_size_bucket[{RI}])))",
                    "requests per @serve.batch call (p50)")]),
+        ts("Rows per UNet call (step scheduler)",
+           [target(f"sum by (model) (rate(ray_budgetdiff_unet_call_rows_sum[{RI}])) / "
+                   f"sum by (model) (rate(ray_budgetdiff_unet_call_rows_count[{RI}]))", "{{model}} mean"),
+            target(f"histogram_quantile(0.95, sum by (le, model) (rate(ray_budgetdiff_unet_call_rows_bucket[{RI}])))",
+                   "{{model}} p95")],
+           description="A guided image takes 2 rows; capped by step_max_rows. Low under load on a CPU "
+                       "with step_latency_slack set: short requests are not slowed down by long ones."),
     ]),
     ("Quality (shadow evaluation)", [
         stat("Quality SLO, 1 h (images reaching their target)",
@@ -227,6 +240,8 @@ ROWS: list[tuple[str, list[dict]]] = [
            [target("sum by (deployment) (ray_serve_deployment_queued_queries)", "{{deployment}}")], w=6),
         ts("Images queued per model replica",
            [target("max by (replica) (ray_budgetdiff_queue_depth)", "{{replica}}")], w=6),
+        ts("Images denoising per model replica (step scheduler)",
+           [target("max by (replica) (ray_budgetdiff_inflight_images)", "{{replica}}")], w=6),
         ts("Requests in progress per replica",
            [target("sum by (deployment, replica) (ray_serve_replica_processing_queries)",
                    "{{deployment}} {{replica}}")], w=6),
