@@ -19,10 +19,10 @@ from collections import Counter
 
 import numpy as np
 
-from budgetdiff.evaluators import detect_scenes, images_to_tensor, load_attribute_checker
+from budgetdiff.domain.evaluators import detect_scenes, images_to_tensor, load_attribute_checker
 from budgetdiff.io import atomic_write_json
-from budgetdiff.pipeline import BudgetDiffusionPipeline
-from budgetdiff.scenes import held_out_scenes
+from budgetdiff.generation.pipeline import BudgetDiffusionPipeline
+from budgetdiff.domain.scenes import held_out_scenes
 from mlops.cli import command
 from mlops.params import load_params
 

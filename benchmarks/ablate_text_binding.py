@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from budgetdiff.io import atomic_write_json
-from budgetdiff.scenes import (BACKGROUNDS, COLORS, MATERIALS, POSITIONS, SHAPES, SIZES, STRENGTHS, TEXTURES,
+from budgetdiff.domain.scenes import (BACKGROUNDS, COLORS, MATERIALS, POSITIONS, SHAPES, SIZES, STRENGTHS, TEXTURES,
                                sample_scene, spec_to_prompt)
 from budgetdiff.text import encode_prompts, load_minilm
 from mlops.cli import command

@@ -10,7 +10,7 @@ the same prompt, seed, scheduler and guidance (the reference):
 | row | what |
 |---|---|
 | ``full`` | every step computes: the reference (δ = 0) |
-| ``adaptive`` δ | ``budgetdiff.adaptive`` with the paper's estimator ‖Δ³x‖ <= δ‖Δx‖ at each δ of the sweep (the official default δ = 0.01 and the scheduler's tuned δ among them), C_max and warm-up from params |
+| ``adaptive`` δ | ``budgetdiff.methods.adaptive`` with the paper's estimator ‖Δ³x‖ <= δ‖Δx‖ at each δ of the sweep (the official default δ = 0.01 and the scheduler's tuned δ among them), C_max and warm-up from params |
 | ``adaptive_official`` δ | the official code: its scalar estimator, reusing the raw network output (with our per-sample decisions) |
 | ``adaptive_rawoutput`` δ | the paper's estimator at the tuned δ, reusing the raw output (v for this model) instead of the scheduler's ``reuse`` space (ε̂ or x̂0): what ``reuse`` adds |
 | ``uniform`` | plain sampling with fewer steps: the tuned row's mean NFE, rounded up |
@@ -59,19 +59,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from budgetdiff.adaptive import (
+from budgetdiff.methods.adaptive import (
     AdaptiveSkipConfig,
     SkipPlan,
     longest_skip_run,
     max_skips,
     oracle_skip_path,
 )
-from budgetdiff.evaluators import check_scenes, detect_scenes, scene_attr_acc
-from budgetdiff.flops import counting_unet_flops
-from budgetdiff.generation import load_pipeline
+from budgetdiff.domain.evaluators import check_scenes, detect_scenes, scene_attr_acc
+from budgetdiff.generation.flops import counting_unet_flops
+from budgetdiff.generation.loading import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig, psnr
-from budgetdiff.scenes import level_prompts
+from budgetdiff.domain.scenes import level_prompts
 
 PAB_HOOK = "pyramid_attention_broadcast"  # diffusers.hooks.pyramid_attention_broadcast's hook name
 ATTR_VS_FULL = "domain/attr_acc_vs_full"

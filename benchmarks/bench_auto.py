@@ -32,14 +32,14 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.bench_distill import rendered
-from budgetdiff.engine import GenerationRequest, Generator
-from budgetdiff.evaluators import load_attribute_checker
+from budgetdiff.generation.engine import GenerationRequest, Generator
+from budgetdiff.domain.evaluators import load_attribute_checker
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
-from budgetdiff.fingerprint import content_sha256, unet_fingerprint
-from budgetdiff.quality import coverage_held, mean_quality, realised_quality
-from budgetdiff.scenes import held_out_scenes
+from budgetdiff.io.fingerprint import content_sha256, unet_fingerprint
+from budgetdiff.statistics.quality import coverage_held, mean_quality, realised_quality
+from budgetdiff.domain.scenes import held_out_scenes
 from mlops.cli import command
 from mlops.params import load_params
 

@@ -2,7 +2,7 @@
 
 On held-out prompts (a seed range no training or tuning run uses), generate at the model's
 default guidance and judge each image against the renderer's ground truth with two checkers:
-the trained attribute checker (``budgetdiff.evaluators.attr_check``, stage train_attributes;
+the trained attribute checker (``budgetdiff.domain.evaluators.attr_check``, stage train_attributes;
 the primary judge) and the training-free heuristic one (``check_scene_heuristic``). Each
 checker run on the rendered ground-truth images gives its own ceiling, reported beside the
 model's scores.
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from budgetdiff.evaluators import attr_check, check_scene_heuristic, load_attribute_checker, summarize_checks
-from budgetdiff.generation import load_pipeline
+from budgetdiff.domain.evaluators import attr_check, check_scene_heuristic, load_attribute_checker, summarize_checks
+from budgetdiff.generation.loading import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json, png_bytes
-from budgetdiff.scenes import held_out_scenes, level_seed, render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.domain.scenes import held_out_scenes, level_seed, render_scene_array, sample_scene, spec_to_prompt
 
 CHECKERS = {"primary": "trained attribute checker (models/attributes)", "heuristic": "heuristic_v1"}
 

@@ -14,7 +14,7 @@ Reported (reports/budget.json):
 - **Allocations**: for each predictor and each rule setting (plateau at several ε, the model's
   default among them; quality target at several q): mean chosen steps, % saved against
   ``full_steps`` (50), and per level the realised quality at the chosen steps as a fraction of the
-  reference (``budgetdiff.budget.quality_fraction``: SSIM, 1 − LPIPS, I-CLIP) against the
+  reference (``budgetdiff.methods.budget.quality_fraction``: SSIM, 1 − LPIPS, I-CLIP) against the
   ``full_steps`` images (drop in %) and the reference; every metric's realised mean besides.
 - **Uniform at equal mean steps** (BudgetFusion's baseline): every prompt gets the same count m =
   the allocation's mean steps. m is rarely a grid count, so the uniform quality is interpolated
@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from budgetdiff.budget import (
+from budgetdiff.methods.budget import (
     ABLATION_SUBDIR,
     BudgetModelError,
     BudgetPredictor,
@@ -221,8 +221,8 @@ def prediction_cost(predictor: BudgetPredictor, pipe, prompts: list[str], rule, 
                     scheduler: str | None, guidance: float | None) -> dict:
     """Per prompt, one at a time: prediction (encode + network + rule) ms, and one generation at
     the chosen steps and at the largest grid count, timed in this process."""
-    from budgetdiff.budget import text_encoder_of
-    from budgetdiff.generation import generate
+    from budgetdiff.methods.budget import text_encoder_of
+    from budgetdiff.generation.loading import generate
 
     encoder, tokenizer, _ = text_encoder_of(pipe)
     predictor.predict(prompts[:1], encoder, tokenizer)  # warm-up

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from budgetdiff.evaluators import load_attribute_checker
-from budgetdiff.generation import load_pipeline
+from budgetdiff.domain.evaluators import load_attribute_checker
+from budgetdiff.generation.loading import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json, png_bytes
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
-from budgetdiff.scenes import held_out_scenes, render_scene_array
-from budgetdiff.fingerprint import content_sha256, unet_fingerprint
+from budgetdiff.domain.scenes import held_out_scenes, render_scene_array
+from budgetdiff.io.fingerprint import content_sha256, unet_fingerprint
 from mlops.cli import command
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"

@@ -20,11 +20,11 @@ import time
 import numpy as np
 import torch
 
-from budgetdiff.evaluators import check_scenes, load_attribute_checker, summarize_attribute_checks
+from budgetdiff.domain.evaluators import check_scenes, load_attribute_checker, summarize_attribute_checks
 from budgetdiff.io import atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
-from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.domain.scenes import render_scene_array, sample_scene, spec_to_prompt
 
 SEED_OFFSET = 50_000_000  # a seed range of its own: no training stream or training evaluation uses it
 

@@ -64,8 +64,8 @@ def degraded_bundle(bundle_dir: str, out_dir: Path, steps: int) -> Path:
     miscalibrated auto policy: one candidate, the base model at ``steps`` steps, claimed to reach
     realised quality 1.0 for every request. What a bad calibration rollout looks like: every
     ``auto`` request, whatever its quality_target, runs ``steps`` steps."""
-    from budgetdiff.auto_policy import AutoCandidate, AutoPolicy
-    from budgetdiff.bundle import load_bundle
+    from budgetdiff.methods.auto_policy import AutoCandidate, AutoPolicy
+    from budgetdiff.generation.bundle import load_bundle
 
     src = Path(bundle_dir).resolve()
     bundle = load_bundle(src)

@@ -41,7 +41,7 @@ APP = "budgetdiff"
 # Load generation
 # ----------------------------------------------------------------------------------------------
 def prompts(n: int, seed: int) -> list[str]:
-    from budgetdiff.scenes import sample_scene, spec_to_prompt
+    from budgetdiff.domain.scenes import sample_scene, spec_to_prompt
 
     return [spec_to_prompt(sample_scene(seed + i), seed=seed + i) for i in range(n)]
 
@@ -347,7 +347,7 @@ def in_process_baseline(bundle: str, bodies: list[dict], batch_size: int, thread
     """The same requests through ``Generator`` in this process (PIL images, no HTTP, no PNG)."""
     import torch
 
-    from budgetdiff.engine import GenerationRequest, Generator
+    from budgetdiff.generation.engine import GenerationRequest, Generator
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

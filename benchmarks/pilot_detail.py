@@ -5,7 +5,7 @@ strengths) this renders ``renders_per_prompt`` ground-truth images (the same pro
 seed each: the grain differs, the scene does not), takes the eigenvalues of their per-pixel
 covariance on the [-1, 1] scale, and computes exactly what deterministic DDIM with a perfect
 (Gaussian minimum-MSE) denoiser keeps of that variance at each step count of ``steps``, on the
-embedded model's own noise schedule (``budgetdiff.detail``).
+embedded model's own noise schedule (``budgetdiff.domain.detail``).
 
 Two covariances per prompt: the detail's own (each render minus the same render without its
 material and speckles: same seed, same sub-pixel jitter), which is what the prompt's detail words
@@ -30,9 +30,9 @@ import numpy as np
 from diffusers import DDIMScheduler
 from tqdm import tqdm
 
-from budgetdiff.detail import sample_eigenvalues, variance_kept
+from budgetdiff.domain.detail import sample_eigenvalues, variance_kept
 from budgetdiff.io import atomic_write_json
-from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt, with_seed, without_detail
+from budgetdiff.domain.scenes import render_scene_array, sample_scene, spec_to_prompt, with_seed, without_detail
 from mlops.cli import command
 from mlops.params import load_params
 

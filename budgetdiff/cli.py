@@ -22,7 +22,7 @@ from typing import Optional
 
 import typer
 
-from .errors import RequestError
+from budgetdiff.errors import RequestError
 
 try:  # typer >= 0.20 vendors click
     from typer._click import exceptions as click_exceptions
@@ -99,7 +99,7 @@ def _skip_override(threshold: float | None, max_skip: int | None, reuse: str | N
     """An explicit skip configuration from the flags given, or None to use the shipped policy."""
     if threshold is None and max_skip is None and reuse is None and warmup is None:
         return None
-    from .adaptive import AdaptiveSkipConfig
+    from budgetdiff.methods.adaptive import AdaptiveSkipConfig
 
     base = AdaptiveSkipConfig()
     try:
@@ -114,7 +114,7 @@ def _skip_override(threshold: float | None, max_skip: int | None, reuse: str | N
 def _load_bundle_or_none(bundle: str, model: str | None, budget_model: str | None, need_budget: bool):
     """The bundle, or None when it cannot load and the command does not need it (a ``--model``
     running full / adaptive, or budget with ``--budget-model``)."""
-    from .bundle import BundleError, load_bundle
+    from budgetdiff.generation.bundle import BundleError, load_bundle
 
     try:
         return load_bundle(bundle)
@@ -126,8 +126,8 @@ def _load_bundle_or_none(bundle: str, model: str | None, budget_model: str | Non
 
 def _generator(bundle, model: str | None = None, budget_model: str | None = None):
     """``Generator.from_bundle`` with its errors as one CLI line naming the flag."""
-    from .bundle import BundleError
-    from .engine import Generator
+    from budgetdiff.generation.bundle import BundleError
+    from budgetdiff.generation.engine import Generator
 
     try:
         return Generator.from_bundle(bundle, model=model, budget_model=budget_model)
@@ -161,7 +161,7 @@ def generate(
     reuse: Optional[str] = typer.Option(None, "--reuse", help="Adaptive: what a skipped step reuses (epsilon, output, sample) instead of the policy's."),
 ) -> None:
     """Generate one image; the last stdout line is a JSON record."""
-    from .engine import MODES, GenerationRequest
+    from budgetdiff.generation.engine import MODES, GenerationRequest
 
     if mode is not None and mode not in MODES:  # before --steps, whose rules depend on the mode
         raise CliError(f"--mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -209,9 +209,9 @@ def generate(
 
 
 def _is_stock(model: str) -> bool:
-    """True for a stock SD / SDXL directory (run through budgetdiff.generation, not the engine)."""
-    from .generation import ModelDirectoryError, model_class_name
-    from .pipeline import BudgetDiffusionPipeline
+    """True for a stock SD / SDXL directory (run through budgetdiff.generation.loading, not the engine)."""
+    from budgetdiff.generation.loading import ModelDirectoryError, model_class_name
+    from budgetdiff.generation.pipeline import BudgetDiffusionPipeline
 
     try:
         return model_class_name(model) != BudgetDiffusionPipeline.__name__
@@ -220,15 +220,15 @@ def _is_stock(model: str) -> bool:
 
 
 def _write_png(out: Path, image) -> None:
-    from .io import atomic_write_bytes, png_bytes
+    from budgetdiff.io import atomic_write_bytes, png_bytes
 
     atomic_write_bytes(out, png_bytes(image))
 
 
 def _generate_stock(model: str, request):
-    """Modes full and adaptive on a stock SD / SDXL pipeline (budgetdiff.generation)."""
-    from .adaptive import AdaptiveSkipConfig
-    from .generation import ModelDirectoryError, generate as run, load_pipeline
+    """Modes full and adaptive on a stock SD / SDXL pipeline (budgetdiff.generation.loading)."""
+    from budgetdiff.methods.adaptive import AdaptiveSkipConfig
+    from budgetdiff.generation.loading import ModelDirectoryError, generate as run, load_pipeline
 
     if request.mode not in ("full", "adaptive"):
         raise CliError(f"--mode: {request.mode} needs the embedded model's bundle; a stock SD/SDXL model runs "
@@ -260,8 +260,8 @@ def batch(
     records.jsonl, written as each image finishes (so in finishing order; the image name carries
     the prompt's line index). Re-running skips images already written, so an interrupted run
     resumes."""
-    from .engine import GenerationRequest
-    from .prompt_files import PromptFileError, read_prompt_file
+    from budgetdiff.generation.engine import GenerationRequest
+    from budgetdiff.io.prompt_files import PromptFileError, read_prompt_file
 
     if batch_size < 1:
         raise CliError(f"--batch-size: must be >= 1, got {batch_size}")
@@ -301,7 +301,7 @@ def batch(
     gen = _generator(_load_bundle_or_none(bundle, None, None, True))
     from tqdm import tqdm
 
-    from .continuous import StepBatchConfig, StepBatcher
+    from budgetdiff.generation.continuous import StepBatchConfig, StepBatcher
 
     # One step scheduler over every image: requests of any plan share UNet calls, and each image
     # is written the moment it is done, so an interrupted run loses only those in flight.
@@ -399,9 +399,9 @@ def score(
     """
     import warnings
 
-    from .evaluators import ATTRIBUTE_CHECKER_DIR, DOMAIN_CLIP_DIR, EvaluatorModelError
-    from .parse import parse_stated_scene
-    from .scenes import PromptParseError
+    from budgetdiff.domain.evaluators import ATTRIBUTE_CHECKER_DIR, DOMAIN_CLIP_DIR, EvaluatorModelError
+    from budgetdiff.domain.parse import parse_stated_scene
+    from budgetdiff.domain.scenes import PromptParseError
 
     if prompt is not None and not prompt.strip():
         raise CliError("--prompt: must not be empty (CLIP-T needs text)")
@@ -416,7 +416,7 @@ def score(
         raise CliError(f"--ref: reference is {reference.width}x{reference.height} but IMAGE is "
                        f"{picture.width}x{picture.height}; pass --resize to resize IMAGE to the reference")
 
-    from .metrics import MetricScorer, ScoringConfig
+    from budgetdiff.metrics import MetricScorer, ScoringConfig
 
     config = ScoringConfig(clip_dir=clip_dir or DOMAIN_CLIP_DIR, attributes_dir=attributes_dir or ATTRIBUTE_CHECKER_DIR,
                            alexnet_weights=alexnet_weights, skip_missing_models=True)
@@ -465,7 +465,7 @@ def drift(
     """Test served prompts for drift from the budget predictor's training prompts (kernel MMD and
     classifier two-sample tests per window) and write an HTML report; the last stdout line is a
     JSON summary."""
-    from .drift import MIN_WINDOW, PromptLogError, ReportWriteError, drift_report, read_prompt_log, reference_prompts
+    from budgetdiff.statistics.drift import MIN_WINDOW, PromptLogError, ReportWriteError, drift_report, read_prompt_log, reference_prompts
 
     if window < MIN_WINDOW:
         raise CliError(f"--window: must be >= {MIN_WINDOW}, got {window}")

@@ -1,10 +1,10 @@
-"""Serving-side prompt drift: the glue between the model deployment and ``budgetdiff.drift``.
+"""Serving-side prompt drift: the glue between the model deployment and ``budgetdiff.statistics.drift``.
 
 ``ServingDriftMonitor.observe(prompt)`` is what the model deployment calls for every served prompt.
 It costs a lock and a deque append; the deque keeps only the latest ``window`` prompts, so memory is
 bounded however fast prompts arrive. Every ``window`` observed prompts the latest window is tested
 against the budget predictor's training prompts (kernel MMD permutation test and classifier
-two-sample test on pooled MiniLM embeddings, ``budgetdiff.drift``) in a background thread, and the
+two-sample test on pooled MiniLM embeddings, ``budgetdiff.statistics.drift``) in a background thread, and the
 gauges ``budgetdiff_drift_mmd_pvalue``, ``budgetdiff_drift_c2st_pvalue``, ``budgetdiff_drift_c2st_auc``
 and ``budgetdiff_drift_window_prompts`` (``monitoring.names``) are set through the injected
 ``set_gauge(name, value)`` callable (e.g. ``MetricsSink.set`` of ``monitoring.metrics``). While a
@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from budgetdiff.drift import (
+from budgetdiff.statistics.drift import (
     DEFAULT_ALPHA,
     DEFAULT_PERMUTATIONS,
     DEFAULT_WINDOW,
@@ -42,7 +42,7 @@ from budgetdiff.drift import (
     prompt_table,
     reference_prompts,
 )
-from budgetdiff.prompt_table import scene_prompt_rows
+from budgetdiff.domain.prompt_table import scene_prompt_rows
 
 from .names import BY_NAME
 
@@ -75,7 +75,7 @@ class ServingDriftMonitor:
         embed: prompts -> (N, d) embeddings; default pooled MiniLM (loaded on the first window). To
             share the served pipeline's encoder: ``MiniLMEmbedder(pipe.text_encoder, pipe.tokenizer)``.
         window: prompts per tested window (>= 10); also the deque's bound.
-        alpha, n_permutations, seed: as ``budgetdiff.drift.DriftMonitor``.
+        alpha, n_permutations, seed: as ``budgetdiff.statistics.drift.DriftMonitor``.
         on_result: optional callback with each ``DriftResult`` (e.g. to log it).
     """
 
@@ -277,7 +277,7 @@ def drift_benchmark(params: Mapping | str = "params.yaml", *, embed: Embedder | 
     reference_seeds = [r["seed"] for r in train_rows]
     return {
         "reference": {"prompts": len(reference), "split": split, "seed_range": [min(reference_seeds), max(reference_seeds)],
-                      "source": "the prompts stage regenerated from params.yaml (budgetdiff.drift.prompt_table)"},
+                      "source": "the prompts stage regenerated from params.yaml (budgetdiff.statistics.drift.prompt_table)"},
         "embedding": "pooled MiniLM sentence embedding (budgetdiff.text.encode_prompts), L2-normalised",
         "alpha": alpha, "correction": "bonferroni", "per_test_level": level, "n_permutations": int(n_permutations),
         "window": window,

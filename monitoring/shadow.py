@@ -9,10 +9,10 @@ deployment, which
    without any budget;
 2. scores the served image against it on every level (``MetricScorer``: pixel SSIM/PSNR, LPIPS,
    I-CLIP) and against the prompt (CLIP-T, and attr_acc on the attributes the prompt states, as
-   ``budgetdiff score`` does: ``budgetdiff.parse.parse_stated_scene``; what was scored is recorded,
+   ``budgetdiff score`` does: ``budgetdiff.domain.parse.parse_stated_scene``; what was scored is recorded,
    and a prompt it cannot read is recorded with the reason);
 3. computes the realised quality exactly as ``quality_target`` and ``bench_auto`` define it: the
-   lowest of SSIM, 1 - LPIPS and I-CLIP (``budgetdiff.quality.realised_quality``);
+   lowest of SSIM, 1 - LPIPS and I-CLIP (``budgetdiff.statistics.quality.realised_quality``);
 4. judges the request: **good** when the realised quality reaches the quality target the request
    asked for; a request that gave none is judged against what the auto policy promised for the
    plan it ran (its route's conformal lower bound at the policy's coverage), or against the
@@ -243,7 +243,7 @@ class ShadowEvaluator:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         if generator is None:
-            from budgetdiff.engine import Generator
+            from budgetdiff.generation.engine import Generator
 
             generator = Generator.from_bundle(settings.model_source, device=settings.device)
         if scorer is None:
@@ -278,7 +278,7 @@ class ShadowEvaluator:
         return int(getattr(bundle, "base_steps", None) or 50)
 
     def _reference(self, job: ShadowJob):
-        from budgetdiff.engine import GenerationRequest
+        from budgetdiff.generation.engine import GenerationRequest
 
         key = (job.prompt, job.seed, job.scheduler, job.guidance, self.reference_steps)
         if key in self._refs:
@@ -319,8 +319,8 @@ class ShadowEvaluator:
         """What ``domain/attr_acc`` scores in ``prompt`` (``parse_stated_scene``, the reading
         ``MetricScorer`` and ``budgetdiff score`` use): (the scored objects and background, the
         words left unscored, why nothing is scored or None)."""
-        from budgetdiff.parse import parse_stated_scene
-        from budgetdiff.scenes import PromptParseError
+        from budgetdiff.domain.parse import parse_stated_scene
+        from budgetdiff.domain.scenes import PromptParseError
 
         try:
             stated = parse_stated_scene(prompt)
@@ -332,7 +332,7 @@ class ShadowEvaluator:
 
     def evaluate(self, job: ShadowJob) -> dict:
         """Score one served image; returns its verdict record (also exported and logged)."""
-        from budgetdiff.quality import QualityError, realised_quality
+        from budgetdiff.statistics.quality import QualityError, realised_quality
 
         start = time.perf_counter()
         target, target_from = self.target_for(job)

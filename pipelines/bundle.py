@@ -22,11 +22,11 @@ import json
 import os
 from pathlib import Path
 
-from budgetdiff.bundle import write_bundle
-from budgetdiff.fingerprint import file_sha256
-from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy
-from budgetdiff.quality import QUALITY_LEVELS, realised_quality
-from budgetdiff.adaptive import AdaptiveSkipConfig
+from budgetdiff.generation.bundle import write_bundle
+from budgetdiff.io.fingerprint import file_sha256
+from budgetdiff.methods.policy import OperatingPoint, SchedulerPolicy, SkipPolicy
+from budgetdiff.statistics.quality import QUALITY_LEVELS, realised_quality
+from budgetdiff.methods.adaptive import AdaptiveSkipConfig
 from mlops.cli import fail
 from mlops.params import load_params
 
@@ -74,7 +74,7 @@ def skip_policy_for(policy_cfg: dict) -> SkipPolicy:
     models/skip_policy/skip_policy.json), or the operating points of a benchmark report
     (``report``: bench_adaptive's δ sweep)."""
     if policy_cfg.get("policy"):
-        from budgetdiff.policy import PolicyError, load_skip_policy
+        from budgetdiff.methods.policy import PolicyError, load_skip_policy
 
         path = policy_cfg["policy"]
         try:
@@ -151,7 +151,7 @@ def build(cfg: dict) -> dict:
     }
     auto_policy = None
     if auto_cfg.get("policy"):
-        from budgetdiff.auto_policy import load_auto_policy
+        from budgetdiff.methods.auto_policy import load_auto_policy
 
         auto_policy = load_auto_policy(auto_cfg["policy"])
         raw["auto"]["policy"] = auto_policy.to_dict()

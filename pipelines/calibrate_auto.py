@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from budgetdiff.engine import GenerationRequest, Generator
-from budgetdiff.fingerprint import content_sha256
+from budgetdiff.generation.engine import GenerationRequest, Generator
+from budgetdiff.io.fingerprint import content_sha256
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
-from budgetdiff.scenes import held_out_scenes
-from budgetdiff.auto_policy import AutoCandidate, AutoPolicy
-from budgetdiff.quality import conformal_lower_bound, mean_quality, realised_quality
+from budgetdiff.domain.scenes import held_out_scenes
+from budgetdiff.methods.auto_policy import AutoCandidate, AutoPolicy
+from budgetdiff.statistics.quality import conformal_lower_bound, mean_quality, realised_quality
 from mlops.cli import fail
 from mlops.params import load_params
 
@@ -81,8 +81,8 @@ def build_generator(cfg: dict) -> Generator:
     """The engine on the models themselves (not models/bundle, which this stage's output feeds);
     the skip candidates use the skip policy the bundle will ship, built the way the bundle stage
     builds it (``pipelines.bundle.skip_policy_for`` on params ``bundle.skip_policy``)."""
-    from budgetdiff.budget import load_budget_predictor
-    from budgetdiff.generation import load_pipeline
+    from budgetdiff.methods.budget import load_budget_predictor
+    from budgetdiff.generation.loading import load_pipeline
     from pipelines.bundle import skip_policy_for
 
     base = load_pipeline(cfg["base"])
@@ -219,8 +219,8 @@ def plot(policy: AutoPolicy, full_gflops: float) -> bytes:
 def run(cfg: dict) -> tuple[AutoPolicy, dict]:
     from budgetdiff.metrics import MetricScorer, ScoringConfig
     from budgetdiff.metrics.semantic import load_clip_backbone
-    from budgetdiff.evaluators import load_attribute_checker
-    from budgetdiff.fingerprint import directory_fingerprint, unet_fingerprint
+    from budgetdiff.domain.evaluators import load_attribute_checker
+    from budgetdiff.io.fingerprint import directory_fingerprint, unet_fingerprint
 
     torch.manual_seed(0)
     if cfg.get("torch_threads"):

@@ -9,7 +9,7 @@ Two sources, one output (``data/prompts.parquet``: prompt_id, prompt, seed, comp
   text repeats an earlier one is passed over.
 - a user's prompt file (``source: PATH``): one prompt per line, or a CSV with a ``prompt`` column
   (COCO captions, DiffusionDB, ...). Bad lines (empty, over-long, not UTF-8, control characters,
-  duplicates) are reported one per line and skipped (``budgetdiff.prompt_files``). Complexity is the
+  duplicates) are reported one per line and skipped (``budgetdiff.io.prompt_files``). Complexity is the
   number of objects when a prompt parses in the scene domain, otherwise its word-count quartile
   (1 = shortest quarter ... 4 = longest). Seeds are ``seed_offset + i``. ``n_prompts`` keeps the
   first n valid prompts (null: all). Add the file to this stage's deps in dvc.yaml so that DVC
@@ -30,7 +30,7 @@ from collections import Counter
 import pandas as pd
 
 from budgetdiff.io import atomic_write_json
-from budgetdiff.prompt_table import PROMPT_COLUMNS, prompt_rows
+from budgetdiff.domain.prompt_table import PROMPT_COLUMNS, prompt_rows
 from mlops.cli import command
 from pipelines.schema import SPLITS, write_parquet
 
@@ -44,7 +44,7 @@ PARAMS = (
 
 def build_prompts(cfg: dict) -> tuple[pd.DataFrame, list[str]]:
     """The prompt table (columns ``PROMPT_COLUMNS``) and the rejected lines of a prompt file
-    (``budgetdiff.prompt_table``, which the drift monitor regenerates too)."""
+    (``budgetdiff.domain.prompt_table``, which the drift monitor regenerates too)."""
     rows, rejected = prompt_rows(cfg)
     frame = pd.DataFrame(rows, columns=list(PROMPT_COLUMNS))
     frame = frame.astype({"prompt_id": "int64", "seed": "int64", "complexity": "int64"})

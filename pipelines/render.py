@@ -2,7 +2,7 @@
 
 Work is cut into shards of ``batch_size`` prompts at one step count (batching images of the
 same step count is where the speed is: one network call per step for the whole batch). Each
-shard is a Ray task; the driver writes its result with ``budgetdiff.shards.ShardStore``
+shard is a Ray task; the driver writes its result with ``budgetdiff.io.shards.ShardStore``
 (data and manifest each written atomically, SHA-256 recorded and verified). A rerun after an
 interruption finds the finished shards by their manifests, verifies them, and renders only the
 rest; a shard whose key (model fingerprint, scheduler, guidance, step count, its prompts and
@@ -52,9 +52,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from budgetdiff.fingerprint import directory_fingerprint
+from budgetdiff.io.fingerprint import directory_fingerprint
 from budgetdiff.io import atomic_write_json
-from budgetdiff.shards import ShardStore, work_key
+from budgetdiff.io.shards import ShardStore, work_key
 from mlops.cli import command
 from pipelines.schema import INDEX_FILE, read_prompts
 
@@ -152,7 +152,7 @@ _PIPELINES: dict[tuple, object] = {}  # per worker process: load the model once,
 def _pipeline(model: str, fingerprint: str):
     import torch
 
-    from budgetdiff.generation import load_pipeline
+    from budgetdiff.generation.loading import load_pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache_key = (model, fingerprint, device)
@@ -304,8 +304,8 @@ def render_shards(plan: list[ShardSpec], settings: RenderSettings, store: ShardS
 
 
 def resolve_settings(cfg: dict) -> RenderSettings:
-    from budgetdiff.generation import model_class_name
-    from budgetdiff.pipeline import SCHEDULERS
+    from budgetdiff.generation.loading import model_class_name
+    from budgetdiff.generation.pipeline import SCHEDULERS
 
     model = str(cfg["model"])
     model_class_name(model)  # a clear error for a missing or invalid model directory

@@ -8,7 +8,7 @@ states; NaN for a prompt the scene parser cannot read); ``pixel/lsnr`` needs nei
 reference (their reference-based columns are NaN: an image compared with itself says nothing).
 
 Every shard's checksum is verified before scoring starts and again as it is read
-(``budgetdiff.shards``); a corrupt or missing shard stops the stage with a one-line error that
+(``budgetdiff.io.shards``); a corrupt or missing shard stops the stage with a one-line error that
 names it. Images of several shards are scored
 together in batches of ``batch_size``.
 
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from budgetdiff.shards import ShardError, ShardStore
+from budgetdiff.io.shards import ShardError, ShardStore
 from mlops.cli import command
 from pipelines.schema import INDEX_FILE, RECORD_COLUMNS, read_prompts, write_parquet
 

@@ -2,7 +2,7 @@
 
 A registered model ``budgetdiff`` whose versions each hold one whole bundle (base model,
 student, budget predictor, skip policy, ``bundle.json``) as an MLflow pyfunc: prompts in, PNG
-or arrays out, through ``budgetdiff.engine.Generator``. Two aliases, never stages:
+or arrays out, through ``budgetdiff.generation.engine.Generator``. Two aliases, never stages:
 ``challenger`` (the latest registration) and ``champion`` (what serves, moved only by the gate
 in ``registry.gate`` or by ``rollback``). The frozen text encoder is stored once per content
 hash and referenced by every version that uses it.

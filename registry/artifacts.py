@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from budgetdiff.fingerprint import content_sha256, file_sha256
+from budgetdiff.io.fingerprint import content_sha256, file_sha256
 
 from . import RegistryError
 
@@ -98,7 +98,7 @@ def _copy_model_dir(src: Path, dst: Path, rel: str, shared: dict, left_out: list
 def stage_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike) -> StagedBundle:
     """Copy the bundle at ``bundle_dir`` with its model directories into ``out`` (module
     docstring). Raises RegistryError (one line) when the bundle does not load."""
-    from budgetdiff.bundle import BUNDLE_FILE, BundleError, load_bundle, write_bundle
+    from budgetdiff.generation.bundle import BUNDLE_FILE, BundleError, load_bundle, write_bundle
 
     try:
         bundle = load_bundle(bundle_dir)

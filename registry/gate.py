@@ -1,17 +1,17 @@
 """The promotion gate: a challenger is judged on what it promises, on held-out prompts.
 
-The validation set is ``prompts`` procedural scenes (``budgetdiff.scenes``) sampled from seeds
+The validation set is ``prompts`` procedural scenes (``budgetdiff.domain.scenes``) sampled from seeds
 ``seed_offset + i`` (95 000 000 by default: no training, tuning or benchmark seed is there), each
 generated with image seed ``seed_offset + i``. A version is judged in the gate's ``mode`` (``auto``)
 against its **own** full-step reference images (the same prompt and seed at the bundle's base
 steps), all from one Generator call.
 
-**The promise** (``mode: auto`` with the bundle's calibrated auto policy, ``budgetdiff.auto_policy``):
+**The promise** (``mode: auto`` with the bundle's calibrated auto policy, ``budgetdiff.methods.auto_policy``):
 
 | criterion | what the policy promises | checked as |
 |---|---|---|
 | ``fidelity/attr_acc``, ``fidelity/clipt`` | the default plan keeps attr_acc and CLIP-T within the policy's ``tolerances`` of its full-step images | paired difference (auto - own full-step image) over the prompts: mean + ``fidelity_z`` standard errors >= -tolerance |
-| ``coverage/q<q>`` for each ``promise.quality_targets`` q | a request asking for ``quality_target`` q gets realised quality >= q (``budgetdiff.quality``) for >= ``coverage`` (95 %) of requests | the share of prompts reaching q: its one-sided Wilson upper bound (z = ``coverage_z``) >= coverage |
+| ``coverage/q<q>`` for each ``promise.quality_targets`` q | a request asking for ``quality_target`` q gets realised quality >= q (``budgetdiff.statistics.quality``) for >= ``coverage`` (95 %) of requests | the share of prompts reaching q: its one-sided Wilson upper bound (z = ``coverage_z``) >= coverage |
 
 A promise check fails only when the held-out data refute the promise at that confidence. A
 challenger without a calibrated auto policy promises neither, and fails ``auto_policy`` when the
@@ -29,7 +29,7 @@ Measured per version (cached on its version tags, ``gate.metrics``):
 | metric | vs | better |
 |---|---|---|
 | ``pixel/ssim``, ``mid/lpips_alex_randinit``, ``high/iclip_domainclip`` | own full-step image | higher, lower, higher |
-| ``quality/mean`` | own full-step image (realised quality, ``budgetdiff.quality``) | higher |
+| ``quality/mean`` | own full-step image (realised quality, ``budgetdiff.statistics.quality``) | higher |
 | ``high/clipt_domainclip``, ``domain/attr_acc`` | prompt | higher |
 | ``cost/mean_nfe``, ``cost/unet_sample_evals`` (CFG pairs count twice), ``cost/gflops_per_image`` | - | lower |
 | ``promise/...`` | the auto policy's promise: paired differences, shares reaching each target | - |
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from budgetdiff.quality import mean_quality, realised_quality, share_reaching, wilson_bounds
+from budgetdiff.statistics.quality import mean_quality, realised_quality, share_reaching, wilson_bounds
 
 GATE_FORMAT = "gate/2"  # in the validation-set key: numbers an older gate measured are not reused
 COST_METRICS = {"cost/mean_nfe": False, "cost/unet_sample_evals": False, "cost/gflops_per_image": False}
@@ -74,8 +74,8 @@ class ValidationSet:
 
     @classmethod
     def build(cls, cfg: dict, evaluator_id: str) -> "ValidationSet":
-        from budgetdiff.fingerprint import content_sha256
-        from budgetdiff.scenes import sample_scene, spec_to_prompt
+        from budgetdiff.io.fingerprint import content_sha256
+        from budgetdiff.domain.scenes import sample_scene, spec_to_prompt
 
         n, offset = int(cfg["prompts"]), int(cfg["seed_offset"])
         weights = tuple(cfg.get("count_weights", (0.25, 0.25, 0.25, 0.25)))
@@ -116,7 +116,7 @@ def evaluate(generator, valset: ValidationSet, scorer, batch_size: int = 16) -> 
     against its own full-step images, cost, and (auto with a calibrated policy) what the policy
     promised: paired attr_acc / CLIP-T differences to the full-step images, and per quality target
     the prompts whose realised quality reaches it."""
-    from budgetdiff.engine import GenerationRequest
+    from budgetdiff.generation.engine import GenerationRequest
 
     n = len(valset.prompts)
     pairs = list(zip(valset.prompts, valset.seeds))

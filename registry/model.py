@@ -41,7 +41,7 @@ class BudgetdiffModel(mlflow.pyfunc.PythonModel):
     generator = None
 
     def load_context(self, context):
-        from budgetdiff.engine import Generator
+        from budgetdiff.generation.engine import Generator
 
         self.generator = Generator.from_bundle(resolve_shared_parts(context.artifacts["bundle"]))
 
@@ -49,7 +49,7 @@ class BudgetdiffModel(mlflow.pyfunc.PythonModel):
         import numpy as np
         import pandas as pd
 
-        from budgetdiff.engine import GenerationRequest
+        from budgetdiff.generation.engine import GenerationRequest
         from budgetdiff.errors import RequestError
 
         params = params or {}

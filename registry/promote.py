@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from budgetdiff.fingerprint import content_sha256
+from budgetdiff.io.fingerprint import content_sha256
 from mlops.tracking import git_commit
 
 from . import CHALLENGER, CHAMPION, MODEL_NAME, RegistryError

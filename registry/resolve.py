@@ -152,7 +152,7 @@ def _manifest(bundle_dir: Path) -> dict | None:
 
 def _verify(uri: str, bundle_dir: Path, manifest: dict) -> None:
     """Every file the manifest lists has its sha256; every referenced part is a real directory."""
-    from budgetdiff.fingerprint import file_sha256
+    from budgetdiff.io.fingerprint import file_sha256
 
     for rel, sha in sorted((manifest.get("files") or {}).items()):
         path = bundle_dir / rel

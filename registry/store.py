@@ -131,7 +131,7 @@ def _repo_relative(path: str) -> str:
 
 
 def lineage_tags(staged: StagedBundle, bundle_dir: str, reports: list[str]) -> dict[str, str]:
-    from budgetdiff.fingerprint import unet_fingerprint
+    from budgetdiff.io.fingerprint import unet_fingerprint
 
     tags = {
         "git_commit": git_commit(),

@@ -43,7 +43,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, Str
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from budgetdiff.engine import GenerationRequest
+from budgetdiff.generation.engine import GenerationRequest
 from budgetdiff.errors import RequestError
 
 from .config import IngressOptions

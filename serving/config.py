@@ -73,7 +73,7 @@ class ModelOptions:
         dtype: "auto" (fp16 on CUDA, fp32 on CPU), "float32", "float16" or "bfloat16".
         torch_threads: intra-op threads per replica (None: the replica's num_cpus, at least 1).
         batching: "step" (the default): step-level continuous batching. One
-            ``budgetdiff.continuous.StepBatcher`` per replica, fed from every call; each denoising
+            ``budgetdiff.generation.continuous.StepBatcher`` per replica, fed from every call; each denoising
             iteration runs one UNet call over every in-flight image that needs a prediction,
             whatever its plan, and images join and leave at iteration boundaries (docs/serving.md).
             "request": request-level batching as before (``@serve.batch`` collects up to
@@ -167,8 +167,8 @@ class ModelOptions:
                                "skip_policy": resolve_local_path(self.skip_policy) if self.skip_policy else None})
 
     def step_config(self):
-        """The ``budgetdiff.continuous.StepBatchConfig`` of the ``step_*`` keys."""
-        from budgetdiff.continuous import StepBatchConfig
+        """The ``budgetdiff.generation.continuous.StepBatchConfig`` of the ``step_*`` keys."""
+        from budgetdiff.generation.continuous import StepBatchConfig
 
         return StepBatchConfig(max_rows=self.step_max_rows, max_inflight=self.step_max_inflight,
                                max_queue=self.step_max_queue, policy=self.step_policy,

@@ -6,7 +6,7 @@ checks only what the loaded bundle supports (``Generator.check_supported``: a mo
 missing, the size) and batches it one of two ways (user_config ``batching``):
 
 - ``step`` (the default): the call's requests go to the replica's one ``StepBatcher``
-  (``budgetdiff.continuous``), whose loop runs in a thread of its own. Every denoising iteration
+  (``budgetdiff.generation.continuous``), whose loop runs in a thread of its own. Every denoising iteration
   makes one UNet call per model over every in-flight image that needs a prediction, whatever its
   plan (steps, scheduler, guidance, skipping); new images join at iteration boundaries and a call
   is answered as soon as its last image is done, so a 5-step request never waits for a 50-step
@@ -75,7 +75,7 @@ class ImageJob:
     """One image to generate, with the model it was checked against."""
 
     served: ServedModel
-    request: Any  # budgetdiff.engine.GenerationRequest
+    request: Any  # budgetdiff.generation.engine.GenerationRequest
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -92,7 +92,7 @@ class ModelCallError(Exception):
 
 def available_modes(gen) -> list[str]:
     """The modes this generator can serve (``check_supported`` accepts them)."""
-    from budgetdiff.engine import MODES, GenerationRequest
+    from budgetdiff.generation.engine import MODES, GenerationRequest
     from budgetdiff.errors import RequestError
 
     modes = []
@@ -108,7 +108,7 @@ def available_modes(gen) -> list[str]:
 def model_version(gen, source) -> dict:
     """What produced an image: the bundle (settings hash), each model's UNet hash, the skip policy,
     and the registry version when the source is a registry URI. ``id`` hashes all of them."""
-    from budgetdiff.fingerprint import content_sha256
+    from budgetdiff.io.fingerprint import content_sha256
 
     parts = {
         "bundle_sha256": gen.bundle.sha256 if gen.bundle else None,
@@ -138,7 +138,7 @@ def load_served_model(options: ModelOptions) -> ServedModel:
     """Load ``options``' bundle (and skip-policy override) into a new ``ServedModel``; warm it up."""
     import torch
 
-    from budgetdiff.engine import GenerationRequest, Generator
+    from budgetdiff.generation.engine import GenerationRequest, Generator
 
     from .sources import resolve_model_source
 
@@ -280,7 +280,7 @@ class ImageModelBase:
         self.sampler = None  # monitoring.shadow.ShadowSampler, made by reconfigure when a shadow exists
         self._prompts: list[str] = []
         self._pending_images = 0
-        self._batcher = None  # budgetdiff.continuous.StepBatcher, made by the first step-batching reconfigure
+        self._batcher = None  # budgetdiff.generation.continuous.StepBatcher, made by the first step-batching reconfigure
         # the step scheduler's observers run in its loop thread: they only append here (a deque is
         # thread-safe), and the replica's event loop moves the values into the metrics sink
         self._step_events: collections.deque = collections.deque(maxlen=100_000)
@@ -404,7 +404,7 @@ class ImageModelBase:
             return
         config = options.step_config()
         if self._batcher is None:
-            from budgetdiff.continuous import StepBatcher
+            from budgetdiff.generation.continuous import StepBatcher
 
             self._batcher = StepBatcher(config)
             self._batcher.observers.append(self._on_step_event)
@@ -525,7 +525,7 @@ class ImageModelBase:
         """The call's images through the replica's step scheduler, on the generator they were
         checked against. Cancelled (the client went away, the ingress timed out): the ticket is
         cancelled, so its images leave at the next iteration and free their rows."""
-        from budgetdiff.continuous import QueueFullError
+        from budgetdiff.generation.continuous import QueueFullError
         from budgetdiff.errors import RequestError
 
         loop = asyncio.get_running_loop()

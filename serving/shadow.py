@@ -81,7 +81,7 @@ class ShadowEvaluatorBase:
             return None
         if current is not None and current.window == options.drift_window and current.alpha == options.drift_alpha:
             return current
-        from budgetdiff.drift import MiniLMEmbedder
+        from budgetdiff.statistics.drift import MiniLMEmbedder
         from monitoring.drift import ServingDriftMonitor
 
         from mlops.repo import REPO_ROOT

@@ -63,7 +63,7 @@ def tiny_components():
 def make_tiny_pipe(components):
     from diffusers import DDIMScheduler
 
-    from budgetdiff.pipeline import BudgetDiffusionPipeline
+    from budgetdiff.generation.pipeline import BudgetDiffusionPipeline
 
     unet, encoder, tokenizer = components
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
@@ -83,7 +83,7 @@ def tiny_pipe(tiny_components):
 def unet_batch_sizes(tiny_pipe, monkeypatch) -> list[int]:
     """The batch size of every network evaluation tiny_pipe makes during the test, in order
     (spied on beneath the adaptive-skip hook, which the pipeline installs once per UNet)."""
-    from budgetdiff.adaptive import install_adaptive_skip
+    from budgetdiff.methods.adaptive import install_adaptive_skip
 
     sizes: list[int] = []
     hook = install_adaptive_skip(tiny_pipe.unet)
@@ -186,7 +186,7 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------
-# A tiny model bundle (budgetdiff.bundle): base, student, budget predictor, skip policy.
+# A tiny model bundle (budgetdiff.generation.bundle): base, student, budget predictor, skip policy.
 # ------------------------------------------------------------------------------------------
 TINY_BUDGET_METRICS = ["pixel/lsnr", "pixel/psnr", "pixel/ssim", "mid/lpips_alex_randinit",
                        "high/clipt_domainclip", "high/iclip_domainclip", "domain/attr_acc"]
@@ -195,8 +195,8 @@ TINY_BUDGET_GRID = [2, 3, 4, 6, 8, 12, 20]
 
 def tiny_skip_policy(thresholds=(0.05, 0.5), default: float = 0.5, schedulers=("ddim", "dpmpp", "euler")):
     """A skip policy with made-up measurements: a lower δ keeps more quality and saves less."""
-    from budgetdiff.adaptive import AdaptiveSkipConfig
-    from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy
+    from budgetdiff.methods.adaptive import AdaptiveSkipConfig
+    from budgetdiff.methods.policy import OperatingPoint, SchedulerPolicy, SkipPolicy
 
     points = tuple(OperatingPoint(f"delta={d:g}", AdaptiveSkipConfig(threshold=d, max_skip=2, warmup=4,
                                                                         reuse="epsilon"),
@@ -210,7 +210,7 @@ def make_tiny_predictor(model_dir: Path, out: Path, seed: int = 0) -> Path:
     """A random tiny BiLSTM budget predictor trained "for" ``model_dir``'s UNet, saved at ``out``."""
     import numpy as np
 
-    from budgetdiff.budget import TargetNormalizer, build_network, make_config, model_record, save_budget_model
+    from budgetdiff.methods.budget import TargetNormalizer, build_network, make_config, model_record, save_budget_model
 
     values = np.random.default_rng(0).normal(size=(8, len(TINY_BUDGET_METRICS), len(TINY_BUDGET_GRID) + 1))
     config = make_config("bilstm", {"hidden": 8}, text_dim=TINY_TEXT_DIM, max_text_length=64,
@@ -228,7 +228,7 @@ def make_tiny_bundle(root: Path, components, student_max_steps: int = 8, policy=
     UNet of the same shape), budget/ (a random BiLSTM for base's UNet), bundle/."""
     import numpy as np
 
-    from budgetdiff.bundle import write_bundle
+    from budgetdiff.generation.bundle import write_bundle
     from training.base import build_unet
 
     root.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def tiny_bundle_dir(tiny_components, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_bundle_dir):
     """A Generator loaded from the tiny bundle, shared by a session's tests (it keeps no state)."""
-    from budgetdiff.engine import Generator
+    from budgetdiff.generation.engine import Generator
 
     return Generator.load(tiny_bundle_dir, device="cpu")
 

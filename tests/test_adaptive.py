@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from budgetdiff import adaptive as adaptive_module
-from budgetdiff.adaptive import (
+from budgetdiff.methods import adaptive as adaptive_module
+from budgetdiff.methods.adaptive import (
     AdaptiveSkipConfig,
     AdaptiveSkipState,
     SkipPlan,
@@ -16,7 +16,7 @@ from budgetdiff.adaptive import (
     oracle_skip_path,
     skip_candidates,
 )
-from budgetdiff.generation import generate, load_pipeline
+from budgetdiff.generation.loading import generate, load_pipeline
 
 PROMPTS = ["a small red circle at the top left on a white background",
            "two large blue squares at the left and in the right on a black background",

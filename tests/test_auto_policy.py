@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from budgetdiff.auto_policy import AUTO_POLICY_FORMAT, AutoCandidate, AutoPolicy, AutoPolicyError, load_auto_policy
-from budgetdiff.engine import GenerationRequest, Generator
+from budgetdiff.methods.auto_policy import AUTO_POLICY_FORMAT, AutoCandidate, AutoPolicy, AutoPolicyError, load_auto_policy
+from budgetdiff.generation.engine import GenerationRequest, Generator
 
 PROMPT = "a small red circle at the top left on a white background"
 
@@ -105,7 +105,7 @@ def test_engine_routes_auto_by_the_policy_and_records_it(policy_bundle):
 
 
 def test_a_bad_embedded_policy_is_one_bundle_error(policy_bundle):
-    from budgetdiff.bundle import BundleError, load_bundle
+    from budgetdiff.generation.bundle import BundleError, load_bundle
 
     raw = json.loads((policy_bundle / "bundle.json").read_text())
     raw["auto"]["policy"]["coverage"] = 2
@@ -123,7 +123,7 @@ def test_calibrate_auto_stage_on_tiny_components(tiny_bundle_dir, tmp_path, monk
     from test_metrics_helpers import tiny_backbone, tiny_checker
 
     monkeypatch.setattr("budgetdiff.metrics.semantic.load_clip_backbone", lambda *a, **k: tiny_backbone())
-    monkeypatch.setattr("budgetdiff.evaluators.load_attribute_checker", lambda *a, **k: tiny_checker())
+    monkeypatch.setattr("budgetdiff.domain.evaluators.load_attribute_checker", lambda *a, **k: tiny_checker())
     root = tiny_bundle_dir.parent
     cfg = {"base": str(root / "base"), "student": str(root / "student"), "student_steps": 4,
            "budget": str(root / "budget"), "clip_dir": "unused", "attributes_dir": "unused", "scheduler": "ddim",

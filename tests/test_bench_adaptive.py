@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from benchmarks import bench_adaptive
-from budgetdiff.evaluators import domain_clip_model_cfg, save_attribute_checker, save_domain_clip
+from budgetdiff.domain.evaluators import domain_clip_model_cfg, save_attribute_checker, save_domain_clip
 from conftest import REPO
 from test_metrics_helpers import TINY_CLIP_CFG, tiny_checker, tiny_clip
 from test_workflow import merge
@@ -90,7 +90,7 @@ def test_main_writes_report_and_plot(workspace, capsys, monkeypatch):
 
 def test_flops_counter_sees_attention_and_sub_batches(tiny_pipe):
     prompts = ["a small red circle at the top left on a white background"] * 3
-    from budgetdiff.flops import counting_unet_flops
+    from budgetdiff.generation.flops import counting_unet_flops
 
     with counting_unet_flops(tiny_pipe.unet) as calls:
         tiny_pipe(prompts, num_inference_steps=2, guidance_scale=2.0, progress=False)

@@ -8,7 +8,7 @@ from test_auto_policy import bundle_with_policy
 
 
 def test_degraded_bundle_routes_every_auto_request_to_the_cheap_plan(tiny_bundle_dir, tmp_path):
-    from budgetdiff.engine import GenerationRequest, Generator
+    from budgetdiff.generation.engine import GenerationRequest, Generator
 
     src = bundle_with_policy(tiny_bundle_dir, tmp_path / "src")
     out = bm.degraded_bundle(str(src), tmp_path / "bad", steps=2)

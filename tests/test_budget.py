@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from budgetdiff.budget import (
+from budgetdiff.methods.budget import (
     BudgetModelError,
     BudgetModelMismatch,
     BudgetPredictor,
@@ -27,7 +27,7 @@ from budgetdiff.budget import (
     save_budget_model,
 )
 from budgetdiff.cli import main
-from budgetdiff.scenes import sample_scene, spec_to_prompt
+from budgetdiff.domain.scenes import sample_scene, spec_to_prompt
 
 METRICS = ["pixel/lsnr", "pixel/psnr", "pixel/ssim", "mid/lpips_alex_randinit", "high/clipt_domainclip",
            "high/iclip_domainclip", "domain/attr_acc"]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from budgetdiff.bundle import load_bundle
-from budgetdiff.policy import load_skip_policy
+from budgetdiff.generation.bundle import load_bundle
+from budgetdiff.methods.policy import load_skip_policy
 from pipelines.bundle import (BundleStageError, build, cheapest_guidance_within,
                               skip_policy_from_adaptive_report)
 

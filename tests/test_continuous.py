@@ -1,4 +1,4 @@
-"""budgetdiff.continuous: step-level continuous batching (batch invariance, joins and leaves,
+"""budgetdiff.generation.continuous: step-level continuous batching (batch invariance, joins and leaves,
 cancellation, timeouts, model swaps, the row budget and the latency-aware policy)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from budgetdiff.adaptive import AdaptiveSkipConfig
-from budgetdiff.continuous import CostModel, QueueFullError, StepBatchConfig, StepBatcher
-from budgetdiff.engine import GenerationRequest, Generator
+from budgetdiff.methods.adaptive import AdaptiveSkipConfig
+from budgetdiff.generation.continuous import CostModel, QueueFullError, StepBatchConfig, StepBatcher
+from budgetdiff.generation.engine import GenerationRequest, Generator
 
 PROMPTS = ["a small red circle at the top left on a white background",
            "a large blue square in the center and a small green triangle at the bottom right on a black background",

@@ -11,9 +11,9 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image, ImageFilter
 
-from budgetdiff.detail import (ddim_alpha_bars, detail_scores, expected_region_sd, sample_eigenvalues,
+from budgetdiff.domain.detail import (ddim_alpha_bars, detail_scores, expected_region_sd, sample_eigenvalues,
                                variance_kept, variance_kept_per_direction)
-from budgetdiff.scenes import (MATERIALS, STRENGTHS, PromptParseError, SceneSpec, object_masks, parse_prompt,
+from budgetdiff.domain.scenes import (MATERIALS, STRENGTHS, PromptParseError, SceneSpec, object_masks, parse_prompt,
                                render_scene_array, sample_scene, spec_to_prompt, with_seed,
                                without_detail)
 

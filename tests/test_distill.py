@@ -267,7 +267,7 @@ def test_post_training_settings_are_not_in_the_checkpoint_key(tiny_model_dir, tm
 def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from diffusers import DiffusionPipeline
 
-    from budgetdiff.pipeline import BudgetDiffusionPipeline
+    from budgetdiff.generation.pipeline import BudgetDiffusionPipeline
     from training.distill import DISTILLATION_FILE, config_hash, train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

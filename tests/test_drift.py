@@ -1,4 +1,4 @@
-"""Prompt drift (budgetdiff/drift.py, monitoring/drift.py, ``budgetdiff drift``): the statistics on
+"""Prompt drift (budgetdiff/statistics/drift.py, monitoring/drift.py, ``budgetdiff drift``): the statistics on
 constructed Gaussian data, the windows, the reference prompts, the CLI and the serving glue."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from budgetdiff import drift
+from budgetdiff.statistics import drift
 from budgetdiff.cli import main
-from budgetdiff.drift import (
+from budgetdiff.statistics.drift import (
     C2STResult,
     DriftMonitor,
     DriftResult,
@@ -29,7 +29,7 @@ from budgetdiff.drift import (
     reference_prompts,
     window_slices,
 )
-from budgetdiff.prompt_table import scene_prompt_rows
+from budgetdiff.domain.prompt_table import scene_prompt_rows
 from conftest import REPO
 
 PARAMS = REPO / "params.yaml"
@@ -415,7 +415,7 @@ def test_serving_monitor_survives_failures():
 
 def test_drift_benchmark_small(fake_embedder):
     from monitoring.drift import drift_benchmark, out_of_domain_prompts
-    from budgetdiff.scenes import PromptParseError, parse_prompt
+    from budgetdiff.domain.scenes import PromptParseError, parse_prompt
 
     ood = out_of_domain_prompts(100)
     assert len(set(ood)) == 100
@@ -437,7 +437,7 @@ def test_no_mlflow_ray_or_dvc_imports():
     """budgetdiff/ never imports them; monitoring/drift.py stays testable without Ray."""
     import ast
 
-    for path in (REPO / "budgetdiff" / "drift.py", REPO / "monitoring" / "drift.py"):
+    for path in (REPO / "budgetdiff" / "statistics" / "drift.py", REPO / "monitoring" / "drift.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

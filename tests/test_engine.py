@@ -1,4 +1,4 @@
-"""budgetdiff.engine.Generator: modes, grouping, seeds, concurrency, shipped policies, errors."""
+"""budgetdiff.generation.engine.Generator: modes, grouping, seeds, concurrency, shipped policies, errors."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from budgetdiff.bundle import BundleError, load_bundle
+from budgetdiff.generation.bundle import BundleError, load_bundle
 from budgetdiff.cli import main
-from budgetdiff.engine import MODES, GenerationRequest, Generator
+from budgetdiff.generation.engine import MODES, GenerationRequest, Generator
 from budgetdiff.errors import RequestError
-from budgetdiff.policy import PolicyError, SkipPolicy, load_skip_policy
+from budgetdiff.methods.policy import PolicyError, SkipPolicy, load_skip_policy
 
 PROMPTS = ["a small red circle at the top left on a white background",
            "a large blue square in the center and a small green triangle at the bottom right on a black background",
@@ -76,7 +76,7 @@ def test_quality_target_chooses_the_skip_point(tiny_generator):
 def test_requests_of_any_plan_share_unet_calls_and_keep_their_order(tiny_generator):
     """Through the step scheduler, images of different plans (steps, models) share UNet calls
     up to the row budget, and results come back in request order."""
-    from budgetdiff.continuous import StepBatchConfig, StepBatcher
+    from budgetdiff.generation.continuous import StepBatchConfig, StepBatcher
 
     batcher = StepBatcher(StepBatchConfig(max_rows=4, max_inflight=4))
     calls = []

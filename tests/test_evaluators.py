@@ -1,7 +1,7 @@
 import numpy as np
 
-from budgetdiff.evaluators import check_scene_heuristic, summarize_checks
-from budgetdiff.scenes import SceneSpec, parse_prompt, render_scene_array, sample_scene
+from budgetdiff.domain.evaluators import check_scene_heuristic, summarize_checks
+from budgetdiff.domain.scenes import SceneSpec, parse_prompt, render_scene_array, sample_scene
 
 
 def test_checker_on_ground_truth_single_objects():
@@ -35,7 +35,7 @@ def test_checker_accepts_pil_images_of_other_sizes():
 import pytest
 import torch
 
-from budgetdiff.evaluators import (
+from budgetdiff.domain.evaluators import (
     AttributeChecker,
     EvaluatorModelError,
     attr_check,
@@ -45,7 +45,7 @@ from budgetdiff.evaluators import (
     save_attribute_checker,
     scene_attr_acc,
 )
-from budgetdiff.scenes import spec_to_prompt
+from budgetdiff.domain.scenes import spec_to_prompt
 from test_metrics_helpers import OracleChecker
 
 
@@ -114,9 +114,9 @@ def test_trained_checker_reads_rendered_scenes_and_worsens_under_noise(tmp_path,
 # --------------------------------------------------------------------------------------------
 from dataclasses import replace  # noqa: E402
 
-from budgetdiff.evaluators import summarize_attribute_checks  # noqa: E402
-from budgetdiff.parse import parse_stated_scene  # noqa: E402
-from budgetdiff.scenes import SceneObject  # noqa: E402
+from budgetdiff.domain.evaluators import summarize_attribute_checks  # noqa: E402
+from budgetdiff.domain.parse import parse_stated_scene  # noqa: E402
+from budgetdiff.domain.scenes import SceneObject  # noqa: E402
 
 
 def one(shape, color, size, position, background, texture="plain"):

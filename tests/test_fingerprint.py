@@ -1,4 +1,4 @@
-"""budgetdiff.fingerprint: one hash per idea, and the values stored with the models still hold."""
+"""budgetdiff.io.fingerprint: one hash per idea, and the values stored with the models still hold."""
 
 import hashlib
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from budgetdiff.fingerprint import (FingerprintError, content_sha256, directory_fingerprint, file_sha256,
+from budgetdiff.io.fingerprint import (FingerprintError, content_sha256, directory_fingerprint, file_sha256,
                                     unet_fingerprint)
 
 from conftest import REPO
@@ -20,7 +20,7 @@ def test_unet_fingerprint_is_the_value_the_budget_predictor_stored():
     assert unet_fingerprint(REPO / stored["path"]) == stored["unet_sha256"]
 
 
-def _old_budget_fingerprint(model_dir: Path) -> str:  # budgetdiff.budget.model_fingerprint before the merge
+def _old_budget_fingerprint(model_dir: Path) -> str:  # budgetdiff.methods.budget.model_fingerprint before the merge
     digest = hashlib.sha256()
     for path in sorted(p for p in (model_dir / "unet").glob("*") if p.is_file()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

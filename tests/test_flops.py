@@ -1,9 +1,9 @@
-"""budgetdiff.flops: the one FLOP counter, and how its two attention modes differ."""
+"""budgetdiff.generation.flops: the one FLOP counter, and how its two attention modes differ."""
 
 import pytest
 import torch
 
-from budgetdiff.flops import counting_unet_flops
+from budgetdiff.generation.flops import counting_unet_flops
 
 PROMPT = "a small red circle at the top left on a white background"
 

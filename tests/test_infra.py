@@ -601,8 +601,8 @@ def tiny_registry(tiny_bundle_dir, tmp_path_factory):
 
 
 def test_entrypoint_fetches_the_champion_into_a_loadable_bundle(tiny_registry, tmp_path, capsys):
-    from budgetdiff.bundle import load_bundle
-    from budgetdiff.engine import GenerationRequest, Generator
+    from budgetdiff.generation.bundle import load_bundle
+    from budgetdiff.generation.engine import GenerationRequest, Generator
 
     out = tmp_path / "data" / "bundle"
     env = {"BUDGETDIFF_MODEL_SOURCE": "models:/budgetdiff@champion", "BUDGETDIFF_BUNDLE_DIR": str(out),

@@ -1,4 +1,4 @@
-"""budgetdiff/io.py: atomic writes (whole file or none, permissions as a plain write) and PNG bytes."""
+"""budgetdiff/io/__init__.py: atomic writes (whole file or none, permissions as a plain write) and PNG bytes."""
 
 from __future__ import annotations
 

@@ -97,3 +97,54 @@ def test_error_lines_are_printed_by_mlops_cli_only():
     printers = sorted(str(path.relative_to(REPO)) for layer in LAYERS for path in layer_files(layer)
                       if re.search(r"""(print|echo)\(\s*f?["']error: """, path.read_text()))
     assert printers == ["budgetdiff/cli.py", "mlops/cli.py"]
+
+
+# Inside the library: subpackages by concern, importing downwards only.
+LIBRARY = {  # budgetdiff/<part> -> the parts it may import
+    "errors": set(),
+    "io": {"errors"},                                   # files, fingerprints, shards, prompt files
+    "text": {"errors"},                                 # the frozen text encoder
+    "domain": {"errors", "io"},                         # the procedural domain and its judges
+    "metrics": {"errors", "io", "domain"},              # pixel, perceptual, semantic, distributional, quality
+    "methods": {"errors", "io", "text"},                # skip hook and policy, budget predictor, auto policy
+    "generation": {"errors", "io", "text", "methods"},  # pipeline, engine, step scheduler, bundles
+    "statistics": {"errors", "io", "text", "domain"},   # drift tests over served prompts
+    "cli": {"errors", "io", "text", "domain", "metrics", "methods", "generation", "statistics"},
+    "__init__": {"generation"},
+}
+
+
+def library_part(path: Path) -> str:
+    rel = path.relative_to(REPO / "budgetdiff").parts
+    return rel[0] if len(rel) > 1 else path.stem
+
+
+def library_imports(path: Path) -> set[str]:
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "budgetdiff"
+                                     else [])
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            bits = name.split(".")
+            if bits[0] == "budgetdiff" and len(bits) > 1:
+                parts.add(bits[1])
+    return parts
+
+
+def test_the_library_is_split_by_concern_and_imports_downwards():
+    on_disk = {library_part(p) for p in layer_files("budgetdiff")}
+    assert on_disk == set(LIBRARY), f"every part of budgetdiff/ needs its row in LIBRARY: {on_disk ^ set(LIBRARY)}"
+    wrong = {}
+    for path in layer_files("budgetdiff"):
+        part = library_part(path)
+        bad = library_imports(path) - LIBRARY[part] - {part}
+        if bad:
+            wrong[str(path.relative_to(REPO))] = sorted(bad)
+    assert not wrong, f"budgetdiff/ parts import upwards: {wrong}"
+    assert not any(node.level for path in layer_files("budgetdiff")
+                   for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)), \
+        "relative imports hide which part of the library a module uses"

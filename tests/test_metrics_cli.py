@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from budgetdiff.cli import main
-from budgetdiff.evaluators import domain_clip_model_cfg, save_attribute_checker, save_domain_clip
-from budgetdiff.scenes import SceneObject, SceneSpec, render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.domain.evaluators import domain_clip_model_cfg, save_attribute_checker, save_domain_clip
+from budgetdiff.domain.scenes import SceneObject, SceneSpec, render_scene_array, sample_scene, spec_to_prompt
 from conftest import REPO
 from test_metrics_helpers import TINY_CLIP_CFG, tiny_checker, tiny_clip
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from budgetdiff.evaluators import AttributeChecker, attribute_targets
+from budgetdiff.domain.evaluators import AttributeChecker, attribute_targets
 
 TINY_CLIP_CFG = {
     "resolution": 32, "embed_dim": 16,
@@ -18,7 +18,7 @@ TINY_CHECKER = {"channels": (4, 8, 8), "hidden": 16}
 
 def tiny_clip():
     """(open_clip model, tokenizer) of a randomly initialised tiny domain CLIP (seed 0)."""
-    from budgetdiff.evaluators import build_domain_clip
+    from budgetdiff.domain.evaluators import build_domain_clip
 
     model, tokenizer = build_domain_clip(TINY_CLIP_CFG, seed=0)
     return model.eval(), tokenizer
@@ -31,7 +31,7 @@ def tiny_backbone():
 
 
 def tiny_checker():
-    from budgetdiff.evaluators import AttributeChecker
+    from budgetdiff.domain.evaluators import AttributeChecker
 
     torch.manual_seed(0)
     return AttributeChecker(32, **TINY_CHECKER).eval()
@@ -39,7 +39,7 @@ def tiny_checker():
 
 def rendered_batch(n: int, offset: int = 0, n_objects: int | None = None):
     """(specs, float images (n, 3, 32, 32) in [0, 1], prompts) of scenes with seeds offset..."""
-    from budgetdiff.scenes import render_scene_array, sample_scene, spec_to_prompt
+    from budgetdiff.domain.scenes import render_scene_array, sample_scene, spec_to_prompt
 
     specs = [sample_scene(offset + i, n_objects=n_objects) for i in range(n)]
     images = np.stack([render_scene_array(s) for s in specs])

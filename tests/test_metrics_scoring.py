@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from budgetdiff.evaluators import EvaluatorModelError
+from budgetdiff.domain.evaluators import EvaluatorModelError
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.perceptual import LpipsMetric
-from budgetdiff.scenes import BACKGROUNDS
+from budgetdiff.domain.scenes import BACKGROUNDS
 from test_metrics_helpers import OracleChecker, add_noise, rendered_batch, tiny_backbone, tiny_checker
 
 _, IMAGES, PROMPTS = rendered_batch(12)

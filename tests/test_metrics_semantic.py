@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from budgetdiff.evaluators import EvaluatorModelError, save_domain_clip, domain_clip_model_cfg
+from budgetdiff.domain.evaluators import EvaluatorModelError, save_domain_clip, domain_clip_model_cfg
 from budgetdiff.metrics.semantic import clipt, iclip, load_clip_backbone
 from test_metrics_helpers import (
     BLUR_LEVELS, NOISE_LEVELS, TINY_CLIP_CFG, add_noise, blur, rendered_batch, strictly_decreasing, tiny_backbone,

@@ -32,7 +32,7 @@ def test_train_both_evaluators_then_bench(tmp_path, mlflow_uri):
     import mlflow
 
     from benchmarks.bench_metrics import run as bench
-    from budgetdiff.evaluators import load_attribute_checker
+    from budgetdiff.domain.evaluators import load_attribute_checker
     from budgetdiff.metrics.semantic import load_clip_backbone
     from training.attributes import train as train_attributes
     from training.clip import train as train_clip

@@ -57,7 +57,7 @@ def test_sink_rejects_unknown_names_wrong_kinds_and_tags():
 
 def _requests(n=1, request_id="r", **fields):
     """The n engine requests of one API call (what the ingress sends to the model deployment)."""
-    from budgetdiff.engine import GenerationRequest
+    from budgetdiff.generation.engine import GenerationRequest
 
     first = GenerationRequest(fields.pop("prompt", PROMPT), **fields)
     return [first.for_image(i, f"{request_id}/{i}") for i in range(n)]
@@ -245,7 +245,7 @@ def evaluator(tiny_generator):
 
 
 def _served(gen, steps, seed=4, prompt=PROMPT):
-    from budgetdiff.engine import GenerationRequest
+    from budgetdiff.generation.engine import GenerationRequest
 
     return gen([GenerationRequest(prompt, mode="full", steps=steps, seed=seed)])[0].image
 

@@ -1,4 +1,4 @@
-"""budgetdiff.parse: the lenient prompt parser of the shadow evaluator (issue 21)."""
+"""budgetdiff.domain.parse: the lenient prompt parser of the shadow evaluator (issue 21)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-import budgetdiff.parse as parse_mod
-from budgetdiff.parse import RULES, ParseOutcome, parse_prompt_lenient
-from budgetdiff.scenes import (
+import budgetdiff.domain.parse as parse_mod
+from budgetdiff.domain.parse import RULES, ParseOutcome, parse_prompt_lenient
+from budgetdiff.domain.scenes import (
     BACKGROUNDS,
     COLORS,
     POSITIONS,
@@ -428,7 +428,7 @@ def test_perturbed_canonical_prompts_never_raise():
 # --------------------------------------------------------------------------------------------
 # Partial prompts: parse_stated_scene (issue 29) reads what a prompt states and nothing more
 # --------------------------------------------------------------------------------------------
-from budgetdiff.parse import StatedObject, StatedScene, parse_stated_scene  # noqa: E402
+from budgetdiff.domain.parse import StatedObject, StatedScene, parse_stated_scene  # noqa: E402
 
 
 def stated(background, *objects, skipped=()):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
+from budgetdiff.generation.pipeline import BudgetDiffusionPipeline, coordinate_channels
 
 PROMPT = "a small red circle at the top left on a white background"
 

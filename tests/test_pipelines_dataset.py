@@ -12,7 +12,7 @@ import torch
 import mlops.params
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.perceptual import LpipsMetric
-from budgetdiff.shards import ShardStore
+from budgetdiff.io.shards import ShardStore
 from pipelines import dataset, render, score
 from conftest import cli_error
 from pipelines import prompts as prompt_stage

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 import mlops.params
-from budgetdiff import prompt_table
-from budgetdiff.prompt_files import PromptFileError, read_prompt_file
+from budgetdiff.domain import prompt_table
+from budgetdiff.io.prompt_files import PromptFileError, read_prompt_file
 from conftest import cli_error
 from pipelines import prompts as stage
 

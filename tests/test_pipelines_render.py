@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from budgetdiff.shards import ShardChecksumError, ShardError, ShardStore
+from budgetdiff.io.shards import ShardChecksumError, ShardError, ShardStore
 from conftest import REPO, cli_error
 from pipelines import prompts as prompt_stage
 from pipelines import render

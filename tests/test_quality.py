@@ -1,4 +1,4 @@
-"""Realised quality (budgetdiff.quality): one definition per image and aggregated, its NaN
+"""Realised quality (budgetdiff.statistics.quality): one definition per image and aggregated, its NaN
 handling, the conformal bound and the coverage test, and what each mode promises."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from budgetdiff.quality import (QUALITY_PROMISES, QualityError, conformal_lower_bound, coverage_held, mean_quality,
+from budgetdiff.statistics.quality import (QUALITY_PROMISES, QualityError, conformal_lower_bound, coverage_held, mean_quality,
                                 quality_promise, realised_quality, share_reaching, wilson_bounds)
 
 

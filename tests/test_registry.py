@@ -66,7 +66,7 @@ def tiny_auto_policy(route_targets_to_steps: int = 20) -> dict:
     model at its full 20 steps, so it keeps the prompt fidelity it promises; a quality_target is
     routed to the base model at ``route_targets_to_steps`` steps, which claims a 95 % lower bound
     of 0.999: true at 20 steps (the reference itself), false at 1 step."""
-    from budgetdiff.auto_policy import AUTO_POLICY_FORMAT
+    from budgetdiff.methods.auto_policy import AUTO_POLICY_FORMAT
 
     def cand(steps: int, gflops: float) -> dict:
         return {"name": f"base@{steps}", "kind": "uniform", "model": "base", "steps": steps,
@@ -81,7 +81,7 @@ def tiny_auto_policy(route_targets_to_steps: int = 20) -> dict:
 
 def with_auto_policy(bundle: Path, policy: dict) -> Path:
     """``bundle`` with ``policy`` embedded as its calibrated auto policy (bundle.json auto.policy)."""
-    from budgetdiff.bundle import load_bundle, write_bundle
+    from budgetdiff.generation.bundle import load_bundle, write_bundle
 
     raw = json.loads((bundle / "bundle.json").read_text())
     raw["auto"] = {**raw["auto"], "policy": policy}
@@ -211,7 +211,7 @@ def test_challenger_without_a_promise_is_refused(flow):
 
 
 def test_lineage_tags(flow, bundles):
-    from budgetdiff.fingerprint import unet_fingerprint
+    from budgetdiff.io.fingerprint import unet_fingerprint
 
     tags = flow["client"].get_model_version("budgetdiff", "1").tags
     assert tags["bundle_sha256"] == flow["reg_good"]["bundle_sha256"]
@@ -564,7 +564,7 @@ def test_mlflow_server_http_uri(bundles, scorer, tmp_path, monkeypatch):
 def test_service_loads_the_champion_and_follows_the_alias(flow, registry_env):
     import asyncio
 
-    from budgetdiff.engine import GenerationRequest
+    from budgetdiff.generation.engine import GenerationRequest
     from registry.store import aliases, set_champion
     from serving.model import LocalImageModel
 
@@ -593,7 +593,7 @@ def test_service_loads_the_champion_and_follows_the_alias(flow, registry_env):
 
 
 def test_fetch_writes_a_bundle_that_loads(flow, registry_env, tmp_path, capsys):
-    from budgetdiff.engine import Generator
+    from budgetdiff.generation.engine import Generator
     from registry.cli import main
 
     assert main(["fetch", "models:/budgetdiff@champion", "--out", str(tmp_path / "dl")]) == 0

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from budgetdiff.scenes import (
+from budgetdiff.domain.scenes import (
     COLORS,
     MAX_OBJECTS,
     POSITIONS,

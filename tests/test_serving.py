@@ -217,7 +217,7 @@ def test_one_http_request_is_validated_once_per_edge(local_model, monkeypatch):
     """HTTP -> ingress -> (pickled, as through Ray) -> model deployment -> engine: the request's
     own fields are validated once, at the ingress; the model deployment and the engine only check
     what the bundle supports, and the typed requests arrive as they were sent."""
-    from budgetdiff.engine import GenerationRequest, Generator
+    from budgetdiff.generation.engine import GenerationRequest, Generator
 
     validations, supported, received = [], [], []
     validate, check_supported, generate = (GenerationRequest.validate, Generator.check_supported,
@@ -329,7 +329,7 @@ def test_dead_replica_becomes_503_with_retry_after():
 # Batching and model swaps
 # ------------------------------------------------------------------------------------------
 def test_batched_images_equal_single_request_images(local_model):
-    from budgetdiff.engine import GenerationRequest
+    from budgetdiff.generation.engine import GenerationRequest
 
     served = local_model._served
     requests = [GenerationRequest("a red circle", mode="full", steps=3, seed=1),
@@ -365,7 +365,7 @@ def test_reconfigure_swaps_the_model_without_failing_requests(tiny_bundle_dir, t
     model = _model(tiny_bundle_dir)
     client = TestClient(create_api(IngressState(LocalBackend(model))))
     before = client.get("/healthz").json()["model_version"]
-    from budgetdiff.engine import GenerationRequest
+    from budgetdiff.generation.engine import GenerationRequest
 
     def call(seed):  # one API call of two images, as the ingress sends it
         first = GenerationRequest("a red circle", mode="adaptive", steps=8, seed=seed)

@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from budgetdiff.engine import GenerationRequest  # noqa: E402
+from budgetdiff.generation.engine import GenerationRequest  # noqa: E402
 from serving.api import IngressState, LocalBackend, create_api  # noqa: E402
 from serving.config import IngressOptions, validate_serve_config  # noqa: E402
 from serving.model import LocalImageModel  # noqa: E402

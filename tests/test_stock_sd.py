@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from budgetdiff.cli import main
-from budgetdiff.generation import generate, load_pipeline, model_class_name
+from budgetdiff.generation.loading import generate, load_pipeline, model_class_name
 
 
 @pytest.mark.parametrize("which", ["tiny_sd_dir", "tiny_sdxl_dir"])

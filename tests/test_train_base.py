@@ -34,7 +34,7 @@ def mlflow_uri(tmp_path, monkeypatch):
 def test_train_save_load_generate_and_resume(tmp_path, mlflow_uri):
     from diffusers import DiffusionPipeline
 
-    from budgetdiff.pipeline import BudgetDiffusionPipeline
+    from budgetdiff.generation.pipeline import BudgetDiffusionPipeline
     from training.base import config_hash, train
 
     cfg = tiny_train_config(tmp_path)
@@ -85,7 +85,7 @@ def test_version2_training_validates_composition_and_detail_and_logs_the_curve(t
 
 
 def test_version2_stream_carries_detail_and_version1_stream_does_not():
-    from budgetdiff.scenes import parse_prompt
+    from budgetdiff.domain.scenes import parse_prompt
     from training.base import SceneStream
 
     v1 = iter(SceneStream(0, 16, [0.25] * 4))

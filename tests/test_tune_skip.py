@@ -182,8 +182,8 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from budgetdiff.engine import GenerationRequest, Generator
-    from budgetdiff.policy import load_skip_policy
+    from budgetdiff.generation.engine import GenerationRequest, Generator
+    from budgetdiff.methods.policy import load_skip_policy
     from conftest import make_tiny_pipe, tiny_skip_policy
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -261,7 +261,7 @@ def test_tuning_writes_a_policy_that_changes_adaptive_generation(private_ray, ti
 
 @pytest.mark.integration
 def test_tunes_a_stock_sd_pipeline_with_the_random_ablation(private_ray, tiny_sd_dir, tmp_path, monkeypatch):
-    from budgetdiff.policy import load_skip_policy
+    from budgetdiff.methods.policy import load_skip_policy
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = base_cfg(tiny_sd_dir, tmp_path, steps=8, num_samples=2, searches=["optuna", "random"],

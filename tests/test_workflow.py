@@ -116,7 +116,7 @@ def check_budget(tmp_path):
 def check_engine(tmp_path):
     """bundle -> models/bundle (loads, names what was measured); bench_auto -> reports/auto.json;
     register -> reports/registry.json."""
-    from budgetdiff.bundle import load_bundle
+    from budgetdiff.generation.bundle import load_bundle
 
     bundle = load_bundle(tmp_path / "models/bundle")
     assert bundle.student is not None and bundle.auto is not None and bundle.skip_policy.schedulers

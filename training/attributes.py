@@ -6,7 +6,7 @@ Recipe:
   1 to 4 objects (``count_weights``); augmentation so it also judges imperfect (generated)
   images: Gaussian pixel noise (σ ~ U[0, ``noise_aug``]) and a Gaussian blur (σ ~ U[0.1,
   ``blur_aug``]), each on half of the images.
-- Loss: ``budgetdiff.evaluators.attribute_loss`` (occupancy BCE + per-cell cross-entropies +
+- Loss: ``budgetdiff.domain.evaluators.attribute_loss`` (occupancy BCE + per-cell cross-entropies +
   background CE); AdamW, linear warm-up then cosine decay.
 - Held-out metrics: ``attr_check`` accuracies on ``eval_scenes_per_count`` held-out scenes of
   each object count 1 to 4 (target: >= 95 % on every attribute of 1-object scenes).
@@ -27,7 +27,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, IterableDataset
 
-from budgetdiff.evaluators import (
+from budgetdiff.domain.evaluators import (
     AttributeChecker,
     attribute_loss,
     attribute_targets,
@@ -35,7 +35,7 @@ from budgetdiff.evaluators import (
     save_attribute_checker,
     summarize_attribute_checks,
 )
-from budgetdiff.scenes import SceneSpec, held_out_scenes, level_seed, render_scene_array, sample_scene
+from budgetdiff.domain.scenes import SceneSpec, held_out_scenes, level_seed, render_scene_array, sample_scene
 from training.batches import stack_columns
 from training.trainer import make_trainer, warmup_cosine_scheduler
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch.utils.data import DataLoader, IterableDataset
 
-from budgetdiff.evaluators import check_scene_heuristic, summarize_checks
-from budgetdiff.fingerprint import content_sha256
-from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
-from budgetdiff.scenes import held_out_scenes, render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.domain.evaluators import check_scene_heuristic, summarize_checks
+from budgetdiff.io.fingerprint import content_sha256
+from budgetdiff.generation.pipeline import BudgetDiffusionPipeline, coordinate_channels
+from budgetdiff.domain.scenes import held_out_scenes, render_scene_array, sample_scene, spec_to_prompt
 from budgetdiff.text import encode_prompts, load_minilm
 from mlops.cli import UsageError, command
 from training.batches import stack_columns
@@ -120,7 +120,7 @@ def evaluate_pipeline(pipe, specs, prompts, steps: int, guidance: float, batch_s
     images = pipe.generate_in_batches(prompts, batch_size, seed=0, output_type="np", num_inference_steps=steps,
                                       guidance_scale=guidance, scheduler="ddim").images
     if checker is not None:
-        from budgetdiff.evaluators import attr_check
+        from budgetdiff.domain.evaluators import attr_check
 
         return attr_check(images, specs, checker=checker)
     return summarize_checks([check_scene_heuristic(img, spec) for img, spec in zip(images, specs)])
@@ -132,8 +132,8 @@ def composition_and_detail(pipe, vcfg: dict, steps: int, guidance: float) -> dic
     attribute right per object count of ``vcfg["counts"]`` (judged by the trained attribute
     checker at ``vcfg["checker"]``), and the mean ``detail/score`` on detailed prompts at ``steps``
     and at ``vcfg["detail_short_steps"]`` (the gap that makes steps matter)."""
-    from budgetdiff.detail import detail_scores, expected_region_sd
-    from budgetdiff.evaluators import attr_check, load_attribute_checker
+    from budgetdiff.domain.detail import detail_scores, expected_region_sd
+    from budgetdiff.domain.evaluators import attr_check, load_attribute_checker
 
     checker = load_attribute_checker(vcfg["checker"])
     n = int(vcfg["prompts_per_count"])
@@ -276,7 +276,7 @@ def choose_guidance(module: BaseDiffusionModule, cfg: dict) -> tuple[float, dict
     steps = cfg.get("guidance_eval_steps", cfg["val_steps"])
     checker = None
     if cfg.get("guidance_checker"):
-        from budgetdiff.evaluators import load_attribute_checker
+        from budgetdiff.domain.evaluators import load_attribute_checker
 
         checker = load_attribute_checker(cfg["guidance_checker"])
     results = {}

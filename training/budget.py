@@ -1,4 +1,4 @@
-"""Train the BudgetFusion predictor (``budgetdiff.budget``) on the prompt/step/metric dataset.
+"""Train the BudgetFusion predictor (``budgetdiff.methods.budget``) on the prompt/step/metric dataset.
 
 Recipe:
 - Data: ``data/dataset.parquet`` (the ``dataset`` stage). One example per prompt: its token
@@ -14,7 +14,7 @@ Recipe:
 - Optimiser: AdamW; the learning rate halves when the val split's loss stalls for
   ``lr_patience`` epochs; early stopping after ``patience`` epochs without a better val loss, and
   the best val epoch's weights are the ones saved.
-- The plateau rule's ε (``budgetdiff.budget.PlateauRule``) is chosen per network on the val split
+- The plateau rule's ε (``budgetdiff.methods.budget.PlateauRule``) is chosen per network on the val split
   when ``calibrate_epsilon`` is set: the largest candidate whose per-prompt choices keep every
   level's mean realised quality (looked up in the rendered curves) within ``max_drop_pct`` % of
   the ``full_steps`` images'. It is saved in the model's config as the default rule.
@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from budgetdiff.budget import (
+from budgetdiff.methods.budget import (
     ABLATION_SUBDIR,
     DEFAULT_RULE_METRICS,
     BudgetPredictor,
@@ -163,7 +163,7 @@ def embed_prompts(prompts: list[str], text_encoder, tokenizer, max_length: int, 
 
 def load_text_encoder(model_dir: str):
     """The budgeted model's pipeline (CPU) and its (text encoder, tokenizer, max tokens)."""
-    from budgetdiff.generation import load_pipeline
+    from budgetdiff.generation.loading import load_pipeline
 
     pipe = load_pipeline(model_dir, device="cpu")
     return pipe, text_encoder_of(pipe)
@@ -185,7 +185,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
 
 
 class BudgetModule(L.LightningModule):
-    """Trains a curve predictor (``budgetdiff.budget.build_network(network_config)``) on
+    """Trains a curve predictor (``budgetdiff.methods.budget.build_network(network_config)``) on
     normalised targets."""
 
     def __init__(self, network_config: dict, lr: float, weight_decay: float, lr_patience: int = 10):
@@ -286,7 +286,7 @@ def fit_network(arch: str, network_config: dict, cfg: dict, emb: EmbeddingTable,
 # ------------------------------------------------------------------------------------------------
 def level_quality(curves: CurveTable, rows: np.ndarray, levels: dict[str, str], psnr_cap_db: float) -> dict:
     """{level: (prompts, grid) rendered quality as a fraction of the reference}
-    (``budgetdiff.budget.quality_fraction`` of each level's rule metric)."""
+    (``budgetdiff.methods.budget.quality_fraction`` of each level's rule metric)."""
     out = {}
     for level, m in levels.items():
         i = curves.metrics.index(m)
@@ -326,7 +326,7 @@ def calibrate_epsilon(predictor: BudgetPredictor, z: np.ndarray, curves: CurveTa
 
 def network_config(arch: str, cfg: dict, emb: EmbeddingTable, max_length: int, curves: CurveTable,
                    normalizer: TargetNormalizer, model: dict, epsilon: float, extra: dict | None = None) -> dict:
-    """The budget model config of one ``train_budget`` network (``budgetdiff.budget.make_config``)."""
+    """The budget model config of one ``train_budget`` network (``budgetdiff.methods.budget.make_config``)."""
     return make_config(arch, cfg[arch], text_dim=emb.hidden.shape[-1], max_text_length=max_length,
                        step_grid=curves.step_grid, reference_steps=curves.reference_steps,
                        metrics=curves.metrics, rule_metrics=cfg.get("rule_metrics") or DEFAULT_RULE_METRICS,

@@ -2,7 +2,7 @@
 
 Recipe:
 - Model: a custom open_clip config registered with ``open_clip.add_model_config`` (see
-  ``budgetdiff.evaluators.domain_clip_model_cfg``): a ViT on 32x32 images (patch 4) and a small
+  ``budgetdiff.domain.evaluators.domain_clip_model_cfg``): a ViT on 32x32 images (patch 4) and a small
   text transformer over open_clip's built-in CLIP BPE tokenizer; random initialisation only.
 - Data: scenes sampled and rendered on the fly (never repeating), each with one of the domain's
   phrasings of its prompt; mild Gaussian pixel noise on half of the images so the encoder also
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from budgetdiff.evaluators import build_domain_clip, domain_clip_model_cfg, save_domain_clip
-from budgetdiff import scenes
-from budgetdiff.scenes import parse_prompt, render_scene_array, sample_scene, spec_to_prompt
+from budgetdiff.domain.evaluators import build_domain_clip, domain_clip_model_cfg, save_domain_clip
+from budgetdiff.domain import scenes
+from budgetdiff.domain.scenes import parse_prompt, render_scene_array, sample_scene, spec_to_prompt
 from training.batches import stack_columns
 from training.trainer import make_trainer, warmup_cosine_scheduler
 

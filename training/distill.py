@@ -62,9 +62,9 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from torch.utils.data import DataLoader
 
-# Importing budgetdiff.pipeline registers BudgetDiffusionPipeline with diffusers (from_pretrained).
-from budgetdiff.pipeline import BudgetDiffusionPipeline, coordinate_channels
-from budgetdiff.fingerprint import content_sha256, directory_fingerprint, unet_fingerprint
+# Importing budgetdiff.generation.pipeline registers BudgetDiffusionPipeline with diffusers (from_pretrained).
+from budgetdiff.generation.pipeline import BudgetDiffusionPipeline, coordinate_channels
+from budgetdiff.io.fingerprint import content_sha256, directory_fingerprint, unet_fingerprint
 from budgetdiff.text import PromptEmbeddings, encode_prompts
 from mlops.cli import UsageError, command
 from training.base import (SceneStream, choose_guidance, evaluate_pipeline, update_ema,
@@ -393,7 +393,7 @@ def heldout_distillation_loss(module: DistillationModule, unet, n: int) -> dict[
     timesteps, noise and w: the teacher's own UNet gives the starting point, the EMA student the end."""
     import numpy as np
 
-    from budgetdiff.scenes import render_scene_array
+    from budgetdiff.domain.scenes import render_scene_array
     from training.base import VAL_SEED_OFFSET
 
     specs, prompts = validation_scenes(n, n_objects=None, offset=VAL_SEED_OFFSET + 700_000)

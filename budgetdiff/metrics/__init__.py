@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluators import (
+from budgetdiff.domain.evaluators import (
     ATTRIBUTE_CHECKER_DIR,
     DOMAIN_CLIP_DIR,
     EvaluatorModelError,
@@ -34,12 +34,12 @@ from ..evaluators import (
     load_attribute_checker,
     scene_attr_acc,
 )
-from ..parse import parse_stated_scene
-from ..scenes import PromptParseError
-from .distributional import fd_name, frechet_distance
-from .perceptual import LPIPS_NAME, LPIPS_RANDINIT_NAME, LpipsMetric
-from .pixel import lsnr, psnr, ssim
-from .semantic import ClipBackbone, clipt, iclip, load_clip_backbone
+from budgetdiff.domain.parse import parse_stated_scene
+from budgetdiff.domain.scenes import PromptParseError
+from budgetdiff.metrics.distributional import fd_name, frechet_distance
+from budgetdiff.metrics.perceptual import LPIPS_NAME, LPIPS_RANDINIT_NAME, LpipsMetric
+from budgetdiff.metrics.pixel import lsnr, psnr, ssim
+from budgetdiff.metrics.semantic import ClipBackbone, clipt, iclip, load_clip_backbone
 
 __all__ = [
     "ScoringConfig", "MetricScorer", "resize_to", "images_to_tensor",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .semantic import ClipBackbone
+from budgetdiff.metrics.semantic import ClipBackbone
 
 
 class ClipImageFeatures(torch.nn.Module):

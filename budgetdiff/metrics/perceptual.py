@@ -84,7 +84,7 @@ class LpipsMetric(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
         """LPIPS of each image (N, 3, H, W) in [0, 1] against its reference; returns (N,)."""
-        from .pixel import check_pair
+        from budgetdiff.metrics.pixel import check_pair
 
         check_pair(images, refs)
         if min(images.shape[-2:]) < self.min_size:

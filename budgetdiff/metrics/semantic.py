@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..evaluators import DOMAIN_CLIP_DIR, load_domain_clip
+from budgetdiff.domain.evaluators import DOMAIN_CLIP_DIR, load_domain_clip
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -94,7 +94,7 @@ def load_clip_backbone(domain_clip_dir: str | os.PathLike = DOMAIN_CLIP_DIR, pre
 
 def domain_clip_backbone(model, tokenizer) -> ClipBackbone:
     """Wrap a domain CLIP (loaded, or freshly built in tests) as a ``ClipBackbone``."""
-    from ..evaluators import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+    from budgetdiff.domain.evaluators import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -103,7 +103,7 @@ def domain_clip_backbone(model, tokenizer) -> ClipBackbone:
 
 def iclip(backbone: ClipBackbone, images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
     """``high/iclip_<backbone>``: cos(E_img(image), E_img(ref)) per image; (N,)."""
-    from .pixel import check_pair
+    from budgetdiff.metrics.pixel import check_pair
 
     check_pair(images, refs)
     return (backbone.encode_images(images) * backbone.encode_images(refs)).sum(-1).clamp(-1, 1).cpu()

@@ -16,7 +16,7 @@ objective 1 is the mean NFE, objective 2 the mean LPIPS (under its backend's nam
 From the Pareto front of the Optuna trials, the selection rule in params picks a default point
 (the front point that beats the ``baseline`` configuration — bench_adaptive's hand-tuned δ = 0.1
 row — on both objectives by the largest margin) and one point per quality level (the fewest NFE
-whose quality, ``budgetdiff.quality.realised_quality`` against the full-step image, reaches the level).
+whose quality, ``budgetdiff.statistics.quality.realised_quality`` against the full-step image, reaches the level).
 With ``selection.confirm`` set, the default is confirmed before it ships: the front points that
 beat the baseline on the tuning prompts (at most ``candidates`` of them, by margin) and the
 baseline itself are re-rendered on a confirmation set of their own (another seed range), and the

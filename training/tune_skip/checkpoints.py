@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from budgetdiff.fingerprint import content_sha256
+from budgetdiff.io.fingerprint import content_sha256
 
 REFERENCE_KEYS = ("model", "steps", "guidance", "prompts_per_level", "seed_offset", "clip_dir", "baseline")
 

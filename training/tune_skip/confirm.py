@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from budgetdiff.fingerprint import content_sha256
+from budgetdiff.io.fingerprint import content_sha256
 
 from .checkpoints import Checkpoints
 from .params import baseline_configs

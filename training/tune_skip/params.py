@@ -11,7 +11,7 @@ from pathlib import Path
 SCHEDULER_NAMES = ("ddim", "dpmpp", "euler")
 REUSE_CHOICES = ("epsilon", "sample", "output")
 SEARCHES = ("optuna", "random")
-MIN_WARMUP = 4  # budgetdiff.adaptive.HISTORY: the estimator needs the latents of four steps
+MIN_WARMUP = 4  # budgetdiff.methods.adaptive.HISTORY: the estimator needs the latents of four steps
 PAPER_DEFAULT = {"threshold": 0.01, "max_skip": 4, "warmup": 4}
 
 
@@ -115,7 +115,7 @@ def check_config(cfg: dict) -> dict:
                                   "held-out prompts' seed_offset")
         _integer({"v": conf.get("candidates", 3)}, "v", "tune_skip.selection.confirm.candidates", 1)
     model = absolute_path(cfg["model"])
-    from budgetdiff.generation import ModelDirectoryError, model_class_name
+    from budgetdiff.generation.loading import ModelDirectoryError, model_class_name
 
     try:
         out["model_class"] = model_class_name(model)

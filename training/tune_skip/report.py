@@ -19,8 +19,8 @@ from .search import hypervolume, pareto_front, point_config
 
 def build_policy(steps: int, chosen: dict, source: dict, prompts: int):
     """A ``SkipPolicy`` from the chosen trials of every scheduler."""
-    from budgetdiff.adaptive import AdaptiveSkipConfig
-    from budgetdiff.policy import OperatingPoint, SchedulerPolicy, SkipPolicy
+    from budgetdiff.methods.adaptive import AdaptiveSkipConfig
+    from budgetdiff.methods.policy import OperatingPoint, SchedulerPolicy, SkipPolicy
 
     def measured(t: dict, lpips_name: str) -> dict:
         m = {"quality": round(t["quality"], 6), "nfe_speedup": round(steps / t["nfe"], 4),

@@ -10,9 +10,9 @@ import numpy as np
 
 
 def tuning_prompts(prompts_per_level: dict, offset: int) -> tuple[list[str], list[int]]:
-    """bench_adaptive's prompt recipe (``budgetdiff.scenes.level_prompts``) at this stage's own
+    """bench_adaptive's prompt recipe (``budgetdiff.domain.scenes.level_prompts``) at this stage's own
     seed offset."""
-    from budgetdiff.scenes import level_prompts
+    from budgetdiff.domain.scenes import level_prompts
 
     prompts, seeds, _ = level_prompts(prompts_per_level, offset)
     return prompts, seeds
@@ -25,7 +25,7 @@ _SCORERS: dict[str, Any] = {}
 def cached_pipeline(model: str):
     """One loaded pipeline per worker process (Tune reuses the trial actors)."""
     if model not in _PIPES:
-        from budgetdiff.generation import load_pipeline
+        from budgetdiff.generation.loading import load_pipeline
 
         _PIPES[model] = load_pipeline(model, "cpu")
     return _PIPES[model]
@@ -47,8 +47,8 @@ def render(ctx: dict, scheduler: str, skip: dict | None, prompts: list[str] | No
     ``batch_size`` prompts; ``skip`` None renders the full-step reference."""
     import torch
 
-    from budgetdiff.adaptive import AdaptiveSkipConfig
-    from budgetdiff.pipeline import BudgetDiffusionPipeline
+    from budgetdiff.methods.adaptive import AdaptiveSkipConfig
+    from budgetdiff.generation.pipeline import BudgetDiffusionPipeline
 
     torch.set_num_threads(int(ctx["threads"]))
     pipe = cached_pipeline(ctx["model"])
@@ -63,8 +63,8 @@ def render(ctx: dict, scheduler: str, skip: dict | None, prompts: list[str] | No
             out = pipe.generate_in_batches(prompts, bs, seed=seeds, output_type="pt", num_inference_steps=ctx["steps"],
                                            guidance_scale=ctx["guidance"], scheduler=scheduler, adaptive=config)
             images, records = out.images.float(), out.records
-        else:  # stock SD / SDXL: budgetdiff.generation's path (image i uses seed + i)
-            from budgetdiff.generation import generate
+        else:  # stock SD / SDXL: budgetdiff.generation.loading's path (image i uses seed + i)
+            from budgetdiff.generation.loading import generate
 
             batches, records = [], []
             for i in range(0, len(prompts), bs):
@@ -79,7 +79,7 @@ def render(ctx: dict, scheduler: str, skip: dict | None, prompts: list[str] | No
 
 def judge(ctx: dict, images, refs, nfe: list[int]) -> dict:
     """Mean NFE, LPIPS and the levels of ``quality_of`` against the full-step images."""
-    from budgetdiff.quality import realised_quality as quality_of
+    from budgetdiff.statistics.quality import realised_quality as quality_of
 
     scorer = cached_scorer(ctx.get("clip_dir"))
     values = scorer.score(images, refs=refs)

@@ -16,7 +16,7 @@ with its models (the registry does this) loads from anywhere::
                   "source": "...", "policy": {...}}
     }
 
-``auto.policy`` (optional) is the calibrated auto policy (``budgetdiff.auto_policy``) the
+``auto.policy`` (optional) is the calibrated auto policy (``budgetdiff.methods.auto_policy``) the
 ``calibrate_auto`` stage measured; when present ``auto`` routes by it, otherwise by the older
 student-threshold rule.
 
@@ -32,9 +32,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .auto_policy import AutoPolicy, AutoPolicyError
-from .fingerprint import content_sha256
-from .policy import PolicyError, SkipPolicy, load_skip_policy
+from budgetdiff.methods.auto_policy import AutoPolicy, AutoPolicyError
+from budgetdiff.io.fingerprint import content_sha256
+from budgetdiff.methods.policy import PolicyError, SkipPolicy, load_skip_policy
 
 BUNDLE_FORMAT = "budgetdiff-bundle/1"
 BUNDLE_FILE = "bundle.json"
@@ -77,7 +77,7 @@ class StudentSpec:
 
 @dataclass(frozen=True)
 class AutoRule:
-    """``auto`` mode's routing rule (see ``budgetdiff.engine``): prompts whose predicted budget is
+    """``auto`` mode's routing rule (see ``budgetdiff.generation.engine``): prompts whose predicted budget is
     at most ``student_max_steps`` go to the student at ``student_guidance``; the others run the
     base model at their predicted budget with the skip policy."""
 
@@ -191,7 +191,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
 
 def write_bundle(path: str | os.PathLike, raw: dict, policy: SkipPolicy) -> None:
     """Write ``bundle.json`` and ``skip_policy.json`` into ``path`` atomically (file by file)."""
-    from .io import atomic_write_json
+    from budgetdiff.io import atomic_write_json
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)

@@ -23,10 +23,10 @@ measured them writes the file (``bench_adaptive`` through the ``bundle`` stage t
       }
     }
 
-``measured.quality`` is the realised quality (``budgetdiff.quality.realised_quality``: the lowest of
+``measured.quality`` is the realised quality (``budgetdiff.statistics.quality.realised_quality``: the lowest of
 pixel SSIM, 1 − LPIPS and I-CLIP against the full-step image) of the point's mean levels, which is
 what ``point_for_quality`` compares a request's ``quality_target`` against: adaptive mode's
-``quality_target`` is a mean (``budgetdiff.quality.QUALITY_PROMISES``), not a per-request promise.
+``quality_target`` is a mean (``budgetdiff.statistics.quality.QUALITY_PROMISES``), not a per-request promise.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adaptive import AdaptiveSkipConfig
-from .fingerprint import content_sha256
+from budgetdiff.methods.adaptive import AdaptiveSkipConfig
+from budgetdiff.io.fingerprint import content_sha256
 
 SKIP_POLICY_FORMAT = "budgetdiff-skip-policy/1"
 
@@ -161,7 +161,7 @@ class SkipPolicy:
         return cls(schedulers, dict(d.get("source") or {}), None if steps is None else int(steps))
 
     def save(self, path: str | os.PathLike) -> None:
-        from .io import atomic_write_json
+        from budgetdiff.io import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .adaptive import AdaptiveSkipConfig, apply_adaptive_skip
-from .pipeline import BudgetDiffusionPipeline, check_scheduler, make_scheduler, scheduler_name
+from budgetdiff.methods.adaptive import AdaptiveSkipConfig, apply_adaptive_skip
+from budgetdiff.generation.pipeline import BudgetDiffusionPipeline, check_scheduler, make_scheduler, scheduler_name
 
 STOCK_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 SUPPORTED_PIPELINES = (BudgetDiffusionPipeline.__name__,) + STOCK_PIPELINES

@@ -1,7 +1,7 @@
 """Prompt drift: are the served prompts still drawn from the distribution the budget predictor was
 trained on?
 
-The budget predictor (``budgetdiff/budget.py``) reads a prompt through the frozen MiniLM encoder
+The budget predictor (``budgetdiff/methods/budget.py``) reads a prompt through the frozen MiniLM encoder
 (``budgetdiff/text.py``); its step choices are only as good as its training prompts are
 representative. Drift is tested on the pooled, L2-normalised MiniLM sentence embedding (the masked
 mean of the token embeddings that the BiLSTM reads; exactly the input of the pooled-MLP ablation)
@@ -349,13 +349,13 @@ class MiniLMEmbedder:
     def _load(self):
         with self._lock:
             if self._encoder is None or self._tokenizer is None:
-                from .text import load_minilm
+                from budgetdiff.text import load_minilm
 
                 self._encoder, self._tokenizer = load_minilm()
         return self._encoder, self._tokenizer
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
-        from .text import MAX_TEXT_LENGTH, encode_prompts
+        from budgetdiff.text import MAX_TEXT_LENGTH, encode_prompts
 
         prompts = list(prompts)
         if not prompts:
@@ -399,9 +399,9 @@ def _load_params(params: Mapping | str | os.PathLike) -> Mapping:
 
 def prompt_table(params: Mapping | str | os.PathLike = "params.yaml") -> list[dict]:
     """The ``prompts`` stage's table (data/prompts.parquet) regenerated from code and params
-    (``budgetdiff.prompt_table``, the stage's own definition): rows prompt_id, prompt, seed,
+    (``budgetdiff.domain.prompt_table``, the stage's own definition): rows prompt_id, prompt, seed,
     complexity, split, in the stage's order."""
-    from .prompt_table import prompt_rows
+    from budgetdiff.domain.prompt_table import prompt_rows
 
     cfg = _load_params(params).get("prompts")
     if not isinstance(cfg, Mapping):
@@ -772,7 +772,7 @@ def drift_report(prompts: Sequence[str], reference: Sequence[str], out_html: str
                  top_k: int = 10, prompt_log: str = "", reference_source: str = "") -> dict:
     """Test ``prompts`` (served, in order) window by window against ``reference`` and write a
     self-contained HTML report to ``out_html`` (atomically). Returns the summary record."""
-    from .io import atomic_write_bytes
+    from budgetdiff.io import atomic_write_bytes
 
     t0 = time.perf_counter()
     window, alpha = _check_window(window), _check_alpha(alpha)

@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .errors import RequestError
+from budgetdiff.errors import RequestError
 
 HOOK_NAME = "budgetdiff_adaptive_skip"
 HISTORY = 4  # latents x_(k-3) .. x_k for the third-order difference

@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from .parse import StatedObject, StatedScene, parse_stated_scene
-from .scenes import (
+from budgetdiff.domain.parse import StatedObject, StatedScene, parse_stated_scene
+from budgetdiff.domain.scenes import (
     BACKGROUNDS,
     BASE_RESOLUTION,
     CELL_CENTERS_PX,

@@ -3,13 +3,13 @@
 One definition for the two places that need it: the ``prompts`` DVC stage writes it to
 data/prompts.parquet (``pipelines/prompts.py``), and the drift monitor regenerates the budget
 predictor's training prompts from it without reading that git-ignored file
-(``budgetdiff.drift.reference_prompts``).
+(``budgetdiff.statistics.drift.reference_prompts``).
 
 - ``scene_prompt_rows``: ``n`` distinct scene-domain prompts stratified by object count (quotas
   ``count_weights``): level k's prompts come from the seeds seed_offset + 1,000,000 k, +1, ...,
   and a seed whose prompt repeats an earlier one is passed over. The seed is also the prompt's
   generation seed.
-- ``file_prompt_rows``: the valid prompts of a user's file (``budgetdiff.prompt_files``), seeds
+- ``file_prompt_rows``: the valid prompts of a user's file (``budgetdiff.io.prompt_files``), seeds
   seed_offset + i; complexity is the number of objects when the prompt parses in the scene
   domain, otherwise its word-count quartile.
 - ``stratified_split``: by prompt, within each complexity level shuffled (``split_seed``) and cut
@@ -23,8 +23,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .prompt_files import PromptFileError, read_prompt_file
-from .scenes import MAX_OBJECTS, PromptParseError, parse_prompt, sample_scene, spec_to_prompt
+from budgetdiff.io.prompt_files import PromptFileError, read_prompt_file
+from budgetdiff.domain.scenes import MAX_OBJECTS, PromptParseError, parse_prompt, sample_scene, spec_to_prompt
 
 SPLITS = ("train", "val", "test")
 PROMPT_COLUMNS = ("prompt_id", "prompt", "seed", "complexity", "split")  # data/prompts.parquet's columns

@@ -30,9 +30,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .adaptive import AdaptiveSkipConfig, SkipPlan, adaptive_skip_call, install_adaptive_skip
-from .errors import RequestError
-from .text import MAX_TEXT_LENGTH, encode_prompts
+from budgetdiff.methods.adaptive import AdaptiveSkipConfig, SkipPlan, adaptive_skip_call, install_adaptive_skip
+from budgetdiff.errors import RequestError
+from budgetdiff.text import MAX_TEXT_LENGTH, encode_prompts
 
 SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
@@ -132,10 +132,10 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
     def unet_gflops(self, guidance_scale: float | None = None) -> float:
         """GFLOPs of one denoising-network evaluation for one image at ``guidance_scale``
         (under classifier-free guidance both halves of the pair), counted by
-        ``budgetdiff.flops.counting_unet_flops`` on one UNet call with the attention kernel torch
-        picks ("as_run": on CPU attention is not counted, see budgetdiff/flops.py). Not
+        ``budgetdiff.generation.flops.counting_unet_flops`` on one UNet call with the attention kernel torch
+        picks ("as_run": on CPU attention is not counted, see budgetdiff/generation/flops.py). Not
         thread-safe: call it before serving."""
-        from .flops import counting_unet_flops
+        from budgetdiff.generation.flops import counting_unet_flops
 
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         batch = 2 if guidance_scale != 1.0 else 1
@@ -256,7 +256,7 @@ class BudgetDiffusionPipeline(DiffusionPipeline):
             callback_on_step_end: ``f(pipe, step_index, t, {"latents": ...}) -> dict`` after each
                 scheduler step; a returned "latents" replaces the current latents.
             adaptive: skip redundant noise predictions per sample (AdaptiveDiffusion, see
-                ``budgetdiff.adaptive``), or follow a fixed ``SkipPlan``; records then carry each
+                ``budgetdiff.methods.adaptive``), or follow a fixed ``SkipPlan``; records then carry each
                 image's skip mask, NFE and ``decision_seconds`` (the skip decisions' share of
                 ``seconds``).
         """

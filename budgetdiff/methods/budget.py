@@ -58,8 +58,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .fingerprint import FingerprintError, unet_fingerprint
-from .text import MAX_TEXT_LENGTH, PromptEmbeddings, encode_prompts
+from budgetdiff.io.fingerprint import FingerprintError, unet_fingerprint
+from budgetdiff.text import MAX_TEXT_LENGTH, PromptEmbeddings, encode_prompts
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

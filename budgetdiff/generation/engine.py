@@ -1,7 +1,7 @@
 """The generation engine: requests in, images and per-image records out.
 
 ``Generator`` is the one entry point that runs budgetdiff's methods, alone or together. It is
-loaded once per process from a model bundle (``budgetdiff.bundle``: base model, step-distilled
+loaded once per process from a model bundle (``budgetdiff.generation.bundle``: base model, step-distilled
 student, budget predictor, skip policy) and called with a list of ``GenerationRequest``\\ s::
 
     gen = Generator.load("models/bundle")
@@ -19,7 +19,7 @@ Modes (``MODES``):
   point measured at or above it); ``skip`` overrides it.
 - ``student``: the step-distilled student at its step count and the guidance it was judged at.
 - ``auto``: the methods together, routed by the bundle's calibrated auto policy
-  (``budgetdiff.auto_policy``, measured by ``calibrate_auto``): each candidate plan (the base
+  (``budgetdiff.methods.auto_policy``, measured by ``calibrate_auto``): each candidate plan (the base
   model at a few steps, the student, BudgetFusion's per-prompt budget under a rule) was rendered on
   calibration prompts; without ``quality_target`` auto runs the cheapest plan that kept attr_acc
   and CLIP-T within tolerance of the full-step model, with ``quality_target`` q the cheapest plan
@@ -28,7 +28,7 @@ Modes (``MODES``):
   predicted budget S <= ``auto.student_max_steps`` -> the student at ``auto.student_guidance``,
   otherwise the base model at S steps with the skip policy's point for ``quality_target``.
 
-Requests of any plan share UNet calls through the step scheduler (``budgetdiff.continuous``):
+Requests of any plan share UNet calls through the step scheduler (``budgetdiff.generation.continuous``):
 each image has its own sampler state and seed (one noise generator per image), so an image does
 not depend on what it shared its calls with (up to floating-point reassociation, tested). The
 engine keeps no state between calls: each call builds its own ``StepBatcher`` (a server keeps
@@ -48,11 +48,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .adaptive import AdaptiveSkipConfig
-from .bundle import Bundle, BundleError, load_bundle
-from .errors import RequestError
-from .pipeline import BudgetDiffusionPipeline, check_guidance, check_scheduler, check_steps
-from .policy import PolicyError, SkipPolicy
+from budgetdiff.methods.adaptive import AdaptiveSkipConfig
+from budgetdiff.generation.bundle import Bundle, BundleError, load_bundle
+from budgetdiff.errors import RequestError
+from budgetdiff.generation.pipeline import BudgetDiffusionPipeline, check_guidance, check_scheduler, check_steps
+from budgetdiff.methods.policy import PolicyError, SkipPolicy
 
 MODES = ("full", "budget", "adaptive", "student", "auto")
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -224,7 +224,7 @@ class ImageRecord:
     ``records.jsonl``, the registry pyfunc), ``summary`` the per-image record an API reply
     carries.
 
-    Under the step scheduler (``budgetdiff.continuous``): ``seconds`` is the image's share of the
+    Under the step scheduler (``budgetdiff.generation.continuous``): ``seconds`` is the image's share of the
     UNet calls it took part in (by rows) plus its own scheduler steps, ``batch_size`` the most
     images that shared one of its UNet calls, ``mean_call_images`` their mean, ``queue_seconds``
     the wait from submission to admission and ``latency_seconds`` submission to done."""
@@ -338,7 +338,7 @@ class Generator:
         skip_policy: the ``SkipPolicy``, or None (adaptive mode then needs an explicit skip).
         plateau_epsilon: the budget rule's ε (default: the predictor's own).
         auto_student_max_steps, auto_student_guidance: the older ``auto`` routing rule.
-        auto_policy: the calibrated auto policy (``budgetdiff.auto_policy.AutoPolicy``); when set,
+        auto_policy: the calibrated auto policy (``budgetdiff.methods.auto_policy.AutoPolicy``); when set,
             ``auto`` routes by it instead of the rule.
         base_steps: ``full`` / ``adaptive`` steps when a request gives none.
         base_scheduler, student_scheduler: the defaults.
@@ -391,7 +391,7 @@ class Generator:
     def _describe(name: str, pipe, path: str | None) -> LoadedModel:
         sha = None
         if path is not None:
-            from .fingerprint import FingerprintError, unet_fingerprint
+            from budgetdiff.io.fingerprint import FingerprintError, unet_fingerprint
 
             try:
                 sha = unet_fingerprint(path)
@@ -422,10 +422,10 @@ class Generator:
         record that their measurement was made with the bundle's (``AutoRoute.calibration``).
         Raises ``BundleError`` whose ``part`` names what is missing or does not fit.
         """
-        from .budget import BudgetModelError, load_budget_predictor
-        from .fingerprint import FingerprintError, directory_fingerprint, unet_fingerprint
-        from .generation import ModelDirectoryError, load_pipeline
-        from .policy import load_skip_policy
+        from budgetdiff.methods.budget import BudgetModelError, load_budget_predictor
+        from budgetdiff.io.fingerprint import FingerprintError, directory_fingerprint, unet_fingerprint
+        from budgetdiff.generation.loading import ModelDirectoryError, load_pipeline
+        from budgetdiff.methods.policy import load_skip_policy
 
         if bundle is not None and not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle)
@@ -442,7 +442,7 @@ class Generator:
         if not isinstance(base, BudgetDiffusionPipeline):
             raise BundleError("model" if model is not None else "bundle",
                               f"the base model is a {type(base).__name__}; the engine serves "
-                              "BudgetDiffusionPipeline models (stock SD/SDXL: budgetdiff.generation)")
+                              "BudgetDiffusionPipeline models (stock SD/SDXL: budgetdiff.generation.loading)")
         student = None
         if bundle is not None and bundle.student is not None:
             try:
@@ -602,7 +602,7 @@ class Generator:
         """BudgetFusion: each prompt's predicted curves and chosen step count, one batched
         prediction for all the prompts. ``overrides``: per request an auto candidate whose budget
         rule (quality q' or plateau ε) replaces the request's own."""
-        from .budget import PlateauRule, QualityTargetRule, choose_steps, quality_fraction, text_encoder_of
+        from budgetdiff.methods.budget import PlateauRule, QualityTargetRule, choose_steps, quality_fraction, text_encoder_of
 
         base = self.models["base"].pipe
         encoder, tokenizer, _ = text_encoder_of(base)
@@ -692,7 +692,7 @@ class Generator:
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | Callable[[int], None] = False
                  ) -> list[GenerationResult]:
         """Generate one image per request, in order, through the step scheduler
-        (``budgetdiff.continuous``): requests of any plan share every UNet call they can, new ones
+        (``budgetdiff.generation.continuous``): requests of any plan share every UNet call they can, new ones
         join as others finish.
 
         Args:
@@ -704,7 +704,7 @@ class Generator:
             progress: True for a tqdm bar over images, or a callable given each finished call's
                 image count.
         """
-        from .continuous import StepBatchConfig, StepBatcher
+        from budgetdiff.generation.continuous import StepBatchConfig, StepBatcher
 
         single = isinstance(requests, GenerationRequest)
         requests = [requests] if single else list(requests)

@@ -7,7 +7,7 @@ requests by it:
 - no ``quality_target``: the ``default`` candidate (the cheapest that kept attr_acc and CLIP-T
   within the tolerances of the full-step images);
 - ``quality_target`` q: the cheapest candidate whose conformal lower bound of realised quality
-  (``budgetdiff.quality``) at the policy's ``coverage`` is >= q, i.e. a request asking for q gets
+  (``budgetdiff.statistics.quality``) at the policy's ``coverage`` is >= q, i.e. a request asking for q gets
   an image of realised quality >= q with probability >= coverage (marginally over prompts like the
   calibration ones): auto's ``quality_target`` is a **coverage** promise; when no candidate
   reaches q, the reference plan (the base model at its full steps).
@@ -127,7 +127,7 @@ class AutoPolicy:
 
     @property
     def sha256(self) -> str:
-        from .fingerprint import content_sha256
+        from budgetdiff.io.fingerprint import content_sha256
 
         return content_sha256(self.to_dict())
 
@@ -152,7 +152,7 @@ class AutoPolicy:
         return policy
 
     def save(self, path: str | os.PathLike) -> None:
-        from .io import atomic_write_json
+        from budgetdiff.io import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
 

@@ -95,7 +95,7 @@ def scene_regions(spec, resolution: int = 32) -> list[tuple[str, np.ndarray]]:
     """The judged regions of ``spec`` at ``resolution``: ("background", pixels at least one pixel
     away from every object) and ("object i", each object's fully covered pixels minus a one-pixel
     rim), as boolean masks. Edges are left out: they belong to shapes, not to detail."""
-    from .scenes import object_masks
+    from budgetdiff.domain.scenes import object_masks
 
     masks = object_masks(spec, resolution)
     any_object = masks.max(0) > 0.0 if len(masks) else np.zeros((resolution,) * 2, bool)
@@ -119,7 +119,7 @@ def expected_region_sd(spec, renders: int = EXPECTATION_RENDERS) -> dict[str, fl
     seeds, each judged in ``spec``'s own regions): what a faithful image of the prompt shows."""
     from dataclasses import replace
 
-    from .scenes import render_scene_array
+    from budgetdiff.domain.scenes import render_scene_array
 
     regions = scene_regions(spec)
     values = [region_sd(render_scene_array(replace(spec, seed=k)), regions) for k in range(renders)]

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_write_bytes, atomic_write_json
+from budgetdiff.io import atomic_write_bytes, atomic_write_json
 
 DATA_SUFFIX = ".npz"
 MANIFEST_SUFFIX = ".json"

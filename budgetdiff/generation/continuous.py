@@ -47,8 +47,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .adaptive import AdaptiveSkipConfig, AdaptiveSkipState, parametrization_of
-from .pipeline import coordinate_channels, make_scheduler
+from budgetdiff.methods.adaptive import AdaptiveSkipConfig, AdaptiveSkipState, parametrization_of
+from budgetdiff.generation.pipeline import coordinate_channels, make_scheduler
 
 POLICIES = ("srpt", "fifo")
 

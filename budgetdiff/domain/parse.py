@@ -2,7 +2,7 @@
 
 ``scenes.parse_prompt`` only reads the domain's own phrasings (``spec_to_prompt``). Production
 users of the image service type prompts freely ("a big red ball in the centre, grey backdrop"),
-and the shadow evaluator still needs a :class:`~budgetdiff.scenes.SceneSpec` to score the served
+and the shadow evaluator still needs a :class:`~budgetdiff.domain.scenes.SceneSpec` to score the served
 image with ``attr_acc``. :func:`parse_prompt_lenient` gives it one, or a short human reason why
 it cannot::
 
@@ -46,7 +46,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, fields
 
-from .scenes import (
+from budgetdiff.domain.scenes import (
     BACKGROUNDS,
     COLORS,
     MAX_OBJECTS,

@@ -1,0 +1,1 @@
+"""Generation: the diffusers pipeline of the embedded model, the engine (requests in, images and records out), its step scheduler, model bundles, loading stock SD/SDXL, the text encoder, FLOP counting."""

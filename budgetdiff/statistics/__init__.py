@@ -1,0 +1,1 @@
+"""Statistics over served traffic: prompt drift tests."""
