@@ -51,11 +51,7 @@ def check_against_alone(gen, requests, results):
         image, mask = alone(gen, r)
         assert np.abs(np.asarray(res.image) - image).max() <= ATOL, (r.mode, r.scheduler, r.steps)
         assert res.record.skip_mask == mask, (r.mode, r.scheduler)
-        assert res.record.nfe == r_steps(res) - sum(mask or [])
-
-
-def r_steps(res) -> int:
-    return res.record.steps
+        assert res.record.nfe == res.record.steps - sum(mask or [])
 
 
 def test_batch_invariance_for_every_scheduler_guidance_and_skipping(tiny_generator):

@@ -148,7 +148,7 @@ class CostModel:
                 "rows_seen": sorted(self.rows_seen)}
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Ticket:
     """One submission: its requests' images, answered together when the last is done.
 
@@ -216,12 +216,6 @@ class Slot:
     @property
     def remaining(self) -> int:
         return self.total_steps - self.step
-
-    @property
-    def short(self) -> bool:
-        return self.plan.steps <= self._short_steps
-
-    _short_steps = 16
 
     def decide(self) -> bool:
         """Whether this step reuses the previous prediction (decided once per step)."""
@@ -368,8 +362,9 @@ class StepBatcher:
         for s in self._slots:
             (free if s.decide() else computing).append(s)
         selected = self._select(computing)
+        chosen = set(map(id, selected))
         for s in computing:
-            s.waited = 0 if s in selected else s.waited + 1
+            s.waited = 0 if id(s) in chosen else s.waited + 1
         by_model: dict[int, list[Slot]] = {}
         for s in selected:
             by_model.setdefault(id(s.unet), []).append(s)
@@ -384,18 +379,20 @@ class StepBatcher:
         self._finish()
 
     def _drop_dead(self, now: float) -> None:
-        dead = [s for s in self._slots if s.ticket.future.done() or
-                (s.ticket.deadline is not None and now > s.ticket.deadline)]
+        """Drop the images of cancelled and expired requests (in flight or waiting); an expired
+        request fails with ``TimeoutError``."""
+        def dead(t: Ticket) -> bool:
+            return t.future.done() or (t.deadline is not None and now > t.deadline)
+
         with self._lock:
-            waiting_dead = [(t, i) for t, i in self._waiting
-                            if t.future.done() or (t.deadline is not None and now > t.deadline)]
-            if waiting_dead:
-                self._waiting = collections.deque(w for w in self._waiting if w not in waiting_dead)
-        if not dead and not waiting_dead:
-            return
-        self._slots = [s for s in self._slots if s not in dead]
-        for ticket in {id(t): t for t in [s.ticket for s in dead] + [t for t, _ in waiting_dead]}.values():
-            n = sum(1 for s in dead if s.ticket is ticket) + sum(1 for t, _ in waiting_dead if t is ticket)
+            tickets = [s.ticket for s in self._slots] + [t for t, _ in self._waiting]
+            verdict = {t: dead(t) for t in dict.fromkeys(tickets)}  # once per ticket
+            gone = collections.Counter(t for t in tickets if verdict[t])  # ticket -> its images dropped
+            if not gone:
+                return
+            self._waiting = collections.deque(w for w in self._waiting if w[0] not in gone)
+        self._slots = [s for s in self._slots if s.ticket not in gone]
+        for ticket, n in gone.items():
             if ticket.future.cancelled():
                 self.cancelled_images += n
             elif not ticket.future.done():
@@ -433,7 +430,6 @@ class StepBatcher:
             for j, i in enumerate(indices):
                 rows = [j, n + j] if cfg else [j]
                 slot = Slot(ticket, i, self._seq, hidden[rows], mask[rows], pooled[rows], truncated[j])
-                slot._short_steps = self.config.short_steps
                 self._seq += 1
                 self._slots.append(slot)
 
@@ -449,6 +445,9 @@ class StepBatcher:
             return (1, s.remaining if cfg.policy == "srpt" else 0, s.seq)
 
         order = sorted(computing, key=key)
+        def short(s: Slot) -> bool:
+            return s.plan.steps <= cfg.short_steps
+
         rows: dict[int, int] = {}
         selected: list[Slot] = []
         budget_time = None
@@ -458,10 +457,10 @@ class StepBatcher:
             if new_rows > cfg.max_rows:
                 continue
             if cfg.latency_slack is not None and selected:
-                if budget_time is None and any(x.short for x in selected) and not s.short:
+                if budget_time is None and any(short(x) for x in selected) and not short(s):
                     # the short rows chosen so far set the iteration's time budget
                     budget_time = (1 + cfg.latency_slack) * self._predict(rows)
-                if budget_time is not None and not s.short:
+                if budget_time is not None and not short(s):
                     trial = dict(rows)
                     trial[unet] = new_rows
                     if self._predict(trial) > budget_time:

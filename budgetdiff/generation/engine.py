@@ -764,38 +764,34 @@ class Generator:
         out = model.pipe([r.prompt for r in requests], num_inference_steps=plan.steps, guidance_scale=plan.guidance,
                          scheduler=plan.scheduler, seed=[r.seed for r in requests], output_type=output_type,
                          progress=False, adaptive=plan.skip)
-        bundle = self.bundle.describe() if self.bundle else None
         for j, (r, p, i, rec) in enumerate(zip(requests, plans, indices, out.records)):
-            record = ImageRecord(
-                prompt=rec["prompt"], mode=r.mode, request_id=r.request_id, quality_target=r.quality_target,
-                model=model, steps=rec["steps"], nfe=rec["nfe"], skip_mask=rec.get("skip_mask"),
-                scheduler=rec["scheduler"], guidance=rec["guidance"], seed=rec["seed"],
-                batch_size=rec["batch_size"], prompt_truncated=rec["prompt_truncated"], seconds=rec["seconds"],
-                unet_gflops=round(rec["nfe"] * self.gflops_per_evaluation[(model.name, p.guidance != 1.0)], 4),
-                decision_seconds=rec.get("decision_seconds"),
-                skip_config=p.skip.to_record() if p.skip else None, skip_source=p.skip_source if p.skip else None,
-                budget=p.budget, route=p.route, bundle=bundle)
+            record = self._image_record(r, p, model, nfe=rec["nfe"], skip_mask=rec.get("skip_mask"),
+                                        batch_size=rec["batch_size"], prompt_truncated=rec["prompt_truncated"],
+                                        seconds=rec["seconds"], decision_seconds=rec.get("decision_seconds"))
             results[i] = GenerationResult(out.images[j], record)
 
     def _result(self, slot, now: float) -> GenerationResult:
         """The finished image of a step-scheduler slot and its record."""
-        p, r, model = slot.plan, slot.request, slot.model
         image = slot.pipe.to_output(slot.latents, slot.ticket.output_type)[0]
         state = slot.skip_state
         mask = state.skip_masks()[0] if state is not None else None
-        nfe = slot.total_steps - (sum(mask) if mask else 0)
-        record = ImageRecord(
-            prompt=r.prompt, mode=r.mode, request_id=r.request_id, quality_target=r.quality_target,
-            model=model, steps=p.steps, nfe=nfe, skip_mask=mask, scheduler=p.scheduler, guidance=p.guidance,
-            seed=r.seed, batch_size=slot.max_call_images, prompt_truncated=slot.truncated,
-            seconds=slot.compute_seconds,
-            unet_gflops=round(nfe * self.gflops_per_evaluation[(model.name, p.guidance != 1.0)], 4),
+        record = self._image_record(
+            slot.request, slot.plan, slot.model, nfe=slot.total_steps - (sum(mask) if mask else 0), skip_mask=mask,
+            batch_size=slot.max_call_images, prompt_truncated=slot.truncated, seconds=slot.compute_seconds,
             decision_seconds=state.decision_seconds if state is not None else None,
-            skip_config=p.skip.to_record() if p.skip else None, skip_source=p.skip_source if p.skip else None,
-            budget=p.budget, route=p.route, bundle=self.bundle.describe() if self.bundle else None,
             queue_seconds=slot.admitted - slot.ticket.submitted, latency_seconds=now - slot.ticket.submitted,
             mean_call_images=slot.call_images / slot.calls if slot.calls else None)
         return GenerationResult(image, record)
+
+    def _image_record(self, r: GenerationRequest, p: Plan, model: LoadedModel, *, nfe: int, **ran) -> ImageRecord:
+        """The one place an ``ImageRecord`` is built: the request, its plan and the policies that
+        decided it, plus what ran (``ran``: skip mask, batch size, seconds, ...)."""
+        return ImageRecord(
+            prompt=r.prompt, mode=r.mode, request_id=r.request_id, quality_target=r.quality_target, model=model,
+            steps=p.steps, nfe=nfe, scheduler=p.scheduler, guidance=p.guidance, seed=r.seed,
+            unet_gflops=round(nfe * self.gflops_per_evaluation[(model.name, p.guidance != 1.0)], 4),
+            skip_config=p.skip.to_record() if p.skip else None, skip_source=p.skip_source if p.skip else None,
+            budget=p.budget, route=p.route, bundle=self.bundle.describe() if self.bundle else None, **ran)
 
 
 def _same_text_encoder(base: str, student: str) -> bool:
