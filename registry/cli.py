@@ -11,19 +11,34 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlops.cli import ArgumentParser, print_error
 
 from . import CHAMPION, MODEL_NAME, RegistryError
 
 
-def load_registry_params(path: str | os.PathLike | None = None) -> dict:
+@dataclass(frozen=True)
+class RegistryConfig:
+    """params.yaml's ``registry`` section."""
+
+    bundle: str
+    reports: list[str]
+    # The promotion gate's settings, passed as they are to ``registry.promote.promote`` (the gate
+    # reads and checks them: registry/gate.py).
+    gate: dict[str, Any]
+    report_path: str = "reports/registry.json"
+    fail_on_refusal: bool = False
+
+
+def load_registry_params(path: str | os.PathLike | None = None) -> RegistryConfig:
     """params.yaml's ``registry`` section (``BUDGETDIFF_PARAMS`` or ``path``)."""
-    from mlops.params import ParamsError, load_params
+    from mlops.params import ParamsError, load_config
 
     try:
-        return load_params("registry", path, required=("bundle", "reports", "gate"))
+        return load_config("registry", RegistryConfig, path)
     except ParamsError as exc:
         raise RegistryError(f"params: {exc}") from None
 
@@ -36,8 +51,8 @@ def cmd_register(args) -> int:
     from .store import register
 
     cfg = load_registry_params(args.params)
-    bundle = args.bundle or cfg["bundle"]
-    result = register(bundle, cfg["reports"])
+    bundle = args.bundle or cfg.bundle
+    result = register(bundle, cfg.reports)
     if result["registered"]:
         print(f"registered {MODEL_NAME} version {result['version']} (bundle {result['bundle_sha256'][:12]}) "
               "with alias challenger")
@@ -51,7 +66,7 @@ def cmd_promote(args) -> int:
     from .promote import format_gate, promote
 
     cfg = load_registry_params(args.params)
-    result = promote(cfg["gate"], version=args.version, log=lambda m: print(m, file=sys.stderr))
+    result = promote(cfg.gate, version=args.version, log=lambda m: print(m, file=sys.stderr))
     print(format_gate(result))
     _print_json({k: result.get(k) for k in ("verdict", "challenger", "champion", "failed", "run_id")})
     return 1 if result["verdict"] == "refused" else 0

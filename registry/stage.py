@@ -27,7 +27,7 @@ from mlops.cli import print_error
 from mlops.tracking import tracking_uri
 
 from . import MODEL_NAME, RegistryError
-from .cli import load_registry_params
+from .cli import RegistryConfig, load_registry_params
 from .promote import format_gate, judged_result, promote
 from .store import aliases, champion_history, connect, register
 
@@ -36,13 +36,13 @@ GATE_KEYS = ("verdict", "challenger", "against", "champion", "failed", "rows", "
              "champion_metrics", "validation_set", "why")
 
 
-def run(cfg: dict, client=None, scorer=None, evaluator_id=None) -> dict:
-    """Register ``cfg["bundle"]``, judge its version, and return the report (module docstring)."""
+def run(cfg: RegistryConfig, client=None, scorer=None, evaluator_id=None) -> dict:
+    """Register ``cfg.bundle``, judge its version, and return the report (module docstring)."""
     start = time.perf_counter()
     client = client or connect()
-    registered = register(cfg["bundle"], cfg["reports"], client)
+    registered = register(cfg.bundle, cfg.reports, client)
     print(f"register: {'version ' + registered['version'] if registered['registered'] else registered['why']}")
-    gate = promote(cfg["gate"], version=registered["version"], client=client, scorer=scorer,
+    gate = promote(cfg.gate, version=registered["version"], client=client, scorer=scorer,
                    evaluator_id=evaluator_id, log=lambda m: print(m, file=sys.stderr))
     print(format_gate(gate))
     if gate["verdict"] == "unchanged":  # the champion already: report the gate that made it champion
@@ -55,7 +55,7 @@ def run(cfg: dict, client=None, scorer=None, evaluator_id=None) -> dict:
     return {
         "model": MODEL_NAME,
         "tracking_uri": uri if uri.startswith(("http://", "https://")) else "sqlite (MLFLOW_TRACKING_URI default)",
-        "bundle": cfg["bundle"],
+        "bundle": cfg.bundle,
         "bundle_sha256": registered["bundle_sha256"],
         "registered": True,  # the bundle is a version of the registered model (by this run or an earlier one)
         "version": registered["version"],
@@ -81,10 +81,9 @@ def main() -> int:
         report = run(cfg)
     except (RegistryError, ValueError, KeyError) as exc:
         return print_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    atomic_write_json(cfg.get("report_path", "reports/registry.json"), report)
-    print(f"wrote {cfg.get('report_path', 'reports/registry.json')}: {report['gate']['verdict']}, "
-          f"champion {report['aliases'].get('champion')}")
-    if report["gate"]["verdict"] == "refused" and cfg.get("fail_on_refusal"):
+    atomic_write_json(cfg.report_path, report)
+    print(f"wrote {cfg.report_path}: {report['gate']['verdict']}, champion {report['aliases'].get('champion')}")
+    if report["gate"]["verdict"] == "refused" and cfg.fail_on_refusal:
         return 1
     return 0
 

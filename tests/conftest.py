@@ -21,19 +21,16 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 TINY_TEXT_DIM = 32
 
 
-def tiny_unet_config() -> dict:
-    """A ``train_base``-style config for a UNet of a few tens of thousands of parameters."""
-    return {
-        "resolution": 16,
-        "unet": {
-            "block_out_channels": [8, 16],
-            "cross_attention_levels": [False, True],
-            "layers_per_block": 1,
-            "attention_head_dim": 4,
-            "norm_num_groups": 4,
-            "text_dim": TINY_TEXT_DIM,
-        },
-    }
+def tiny_unet_config():
+    """A ``train_base``-style UNet config of a few tens of thousands of parameters (16x16 images:
+    ``build_unet(tiny_unet_config(), TINY_RESOLUTION)``)."""
+    from training.base import UNetConfig
+
+    return UNetConfig(block_out_channels=[8, 16], cross_attention_levels=[False, True], layers_per_block=1,
+                      attention_head_dim=4, norm_num_groups=4, text_dim=TINY_TEXT_DIM)
+
+
+TINY_RESOLUTION = 16
 
 
 def tiny_text_encoder():
@@ -55,7 +52,7 @@ def tiny_components():
     from training.base import build_unet
 
     torch.manual_seed(0)
-    unet = build_unet(tiny_unet_config()).eval()
+    unet = build_unet(tiny_unet_config(), TINY_RESOLUTION).eval()
     encoder, tokenizer = tiny_text_encoder()
     return unet, encoder, tokenizer
 
@@ -234,7 +231,7 @@ def make_tiny_bundle(root: Path, components, student_max_steps: int = 8, policy=
     root.mkdir(parents=True, exist_ok=True)
     make_tiny_pipe(components).save_pretrained(root / "base")
     torch.manual_seed(1)
-    student_unet = build_unet(tiny_unet_config()).eval()
+    student_unet = build_unet(tiny_unet_config(), TINY_RESOLUTION).eval()
     make_tiny_pipe((student_unet, components[1], components[2])).save_pretrained(root / "student")
     make_tiny_predictor(root / "base", root / "budget")
     raw = {"base": {"path": "../base", "scheduler": "ddim", "steps": 20},

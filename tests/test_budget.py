@@ -232,9 +232,17 @@ def train_cfg(tmp_path, model_dir, dataset_path, **kw) -> dict:
            "plateau_epsilon": 0.01, "psnr_cap_db": 40.0,
            "calibrate_epsilon": {"candidates": [0.001, 0.01, 0.1], "full_steps": 20, "max_drop_pct": 2.0}, "bilstm": {"hidden": 8, "layers": 1, "dropout": 0.0},
            "mlp": {"hidden": 16, "dropout": 0.0}, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0,
-           "max_epochs": 6, "patience": 20, "val_split": "val", "progress": False,
+           "max_epochs": 6, "patience": 20, "val_split": "val",
            "output_dir": str(tmp_path / "budget"), "metrics_path": str(tmp_path / "train_budget.json")}
     return {**cfg, **kw}
+
+
+def train_config(tmp_path, model_dir, dataset_path, **kw):
+    """``train_cfg`` as the typed ``train_budget`` config ``train`` takes."""
+    from mlops.params import config_from_dict
+    from training.budget import TrainBudgetConfig
+
+    return config_from_dict(TrainBudgetConfig, train_cfg(tmp_path, model_dir, dataset_path, **kw))
 
 
 def test_dataset_curves_pivot():
@@ -291,7 +299,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     synthetic_dataset(24).to_parquet(path)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        metrics = train(train_cfg(tmp_path, tiny_model_dir, path))
+        metrics = train(train_config(tmp_path, tiny_model_dir, path), progress=False)
     return tmp_path, uri, metrics
 
 
@@ -331,7 +339,7 @@ def test_train_names_an_empty_split(tmp_path, tiny_model_dir):
     path = tmp_path / "dataset.parquet"
     synthetic_dataset(8).to_parquet(path)
     with pytest.raises(ValueError, match="val_split.*'holdout'"):
-        train(train_cfg(tmp_path, tiny_model_dir, path, val_split="holdout"))
+        train(train_config(tmp_path, tiny_model_dir, path, val_split="holdout"), progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,9 +526,9 @@ def test_cross_validation_predicts_every_prompt_once_without_seeing_it(trained, 
     seen = []
     real_fit = tb.fit_network
 
-    def spy(arch, network_config, cfg_, emb, z, train_rows, val_rows, logger=None):
+    def spy(arch, network_config, cfg_, emb, z, train_rows, val_rows, logger=None, progress=True):
         seen.append((arch, set(train_rows.tolist()), set(val_rows.tolist())))
-        return real_fit(arch, network_config, cfg_, emb, z, train_rows, val_rows, logger)
+        return real_fit(arch, network_config, cfg_, emb, z, train_rows, val_rows, logger, progress)
 
     monkeypatch.setattr(tb, "fit_network", spy)
     cv = bench_budget.cross_validation({"folds": 4, "seed": 1}, cfg, table, 20,

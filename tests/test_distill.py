@@ -10,7 +10,7 @@ import torch
 import yaml
 from diffusers import DDIMScheduler
 
-from conftest import REPO, tiny_unet_config
+from conftest import REPO, TINY_RESOLUTION, tiny_unet_config
 
 PROMPTS = ["a small red circle at the top left on a white background",
            "two large blue squares at the left and in the top right on a black background",
@@ -21,10 +21,14 @@ def tiny_v_unet(seed: int = 0):
     from training.base import build_unet
 
     torch.manual_seed(seed)
-    return build_unet(tiny_unet_config()).eval()
+    return build_unet(tiny_unet_config(), TINY_RESOLUTION).eval()
 
 
-def distill_config(teacher, tmp_path, **overrides) -> dict:
+def distill_config(teacher, tmp_path, **overrides):
+    """params.yaml's distill_16 run, shrunk, as the typed config ``train`` takes."""
+    from mlops.params import config_from_dict
+    from training.distill import DistillConfig
+
     cfg = {**yaml_section("distill"), **yaml_section("distill_16")}
     cfg.update(teacher=str(teacher), student_steps=4, batch_size=2, max_steps=2, lr_warmup_steps=1, val_every=2,
                val_prompts=2, guidance_candidates=[1.0, 2.0], guidance_eval_prompts=2, heldout_loss_scenes=3,
@@ -32,7 +36,7 @@ def distill_config(teacher, tmp_path, **overrides) -> dict:
                checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "student"),
                metrics_path=str(tmp_path / "distill.json"), stage="distill_test")
     cfg.update(overrides)
-    return cfg
+    return config_from_dict(DistillConfig, cfg)
 
 
 def yaml_section(name: str) -> dict:
@@ -181,7 +185,7 @@ def test_guided_outputs_use_the_same_w_for_teacher_and_student(module, monkeypat
     assert [who for who, _ in calls] == ["teacher", "teacher", "student"]  # t -> t' -> t'', then one step
     for _, w_call in calls:
         torch.testing.assert_close(w_call, w)
-    lo, hi = module.cfg["guidance_range"]
+    lo, hi = module.cfg.guidance_range
     assert ((w >= lo) & (w <= hi)).all() and w.unique().numel() == 4  # one w per sample
 
     calls.clear()
@@ -207,7 +211,7 @@ def test_loss_mixing_probability_is_respected():
 def test_ori_loss_is_rescaled_to_the_distillation_loss(module):
     x0, mask, prompts = fixed_batch(4)
     out = module.model_step((x0, mask, prompts), use_cfg=False, generator=torch.Generator().manual_seed(1))
-    gamma = module.cfg["gamma"]
+    gamma = module.cfg.gamma
     assert out["loss_ori"] > 0 and out["loss_dstl"] > 0
     # L = L_dstl + γ·L_ori·sg(L_dstl / L_ori): its value is (1 + γ)·L_dstl.
     assert out["loss"].item() == pytest.approx((1 + gamma) * out["loss_dstl"].item(), rel=1e-5)
@@ -251,23 +255,26 @@ def test_a_few_steps_reduce_the_loss(tiny_model_dir, tmp_path):
 def test_post_training_settings_are_not_in_the_checkpoint_key(tiny_model_dir, tmp_path):
     """Changing the guidance sweep, the held-out loss or where the student goes resumes the finished
     checkpoint (the same key); changing what training does starts a new one."""
+    from dataclasses import fields, replace
+
     from training.distill import POST_TRAINING_KEYS, config_hash
 
     cfg = distill_config(tiny_model_dir, tmp_path)
-    assert POST_TRAINING_KEYS <= set(cfg) | {"guidance_eval_objects", "guidance_eval_steps", "guidance_checker",
-                                             "share_frozen_components"}
-    after = {**cfg, "sweep_guidance": not cfg["sweep_guidance"], "guidance_candidates": [1.25],
-             "guidance_eval_prompts": 7, "heldout_loss_scenes": 0, "output_dir": "elsewhere",
-             "metrics_path": "elsewhere.json"}
+    assert POST_TRAINING_KEYS <= {f.name for f in fields(cfg)}
+    after = replace(cfg, sweep_guidance=not cfg.sweep_guidance, guidance_candidates=[1.25], guidance_eval_prompts=7,
+                    heldout_loss_scenes=0, output_dir="elsewhere", metrics_path="elsewhere.json",
+                    guidance_eval_steps=3, guidance_checker="models/attributes", share_frozen_components=False)
     assert config_hash(after) == config_hash(cfg)
-    for key, value in (("max_steps", 3), ("p_cfg", 0.5), ("guidance_range", [1.0, 2.0]), ("seed", 9)):
-        assert config_hash({**cfg, key: value}) != config_hash(cfg), key
+    for key, value in (("max_steps", 3), ("p_cfg", 0.5), ("guidance_range", (1.0, 2.0)), ("seed", 9)):
+        assert config_hash(replace(cfg, **{key: value})) != config_hash(cfg), key
 
 
 def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from diffusers import DiffusionPipeline
 
     from budgetdiff.generation.pipeline import BudgetDiffusionPipeline
+    from dataclasses import replace
+
     from training.distill import DISTILLATION_FILE, config_hash, train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -281,7 +288,7 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
     held = metrics["heldout_loss_dstl"]  # L_dstl of the teacher's UNet as the student, and of the result
     assert set(held) == {"teacher_copy", "student_ema"} and all(set(v) == {"vanilla", "cfg"} for v in held.values())
 
-    pipe = DiffusionPipeline.from_pretrained(cfg["output_dir"])
+    pipe = DiffusionPipeline.from_pretrained(cfg.output_dir)
     assert isinstance(pipe, BudgetDiffusionPipeline)
     assert pipe.config.default_guidance_scale == metrics["default_guidance"]
     pipe.set_progress_bar_config(disable=True)
@@ -299,7 +306,7 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
     # `budgetdiff generate --model STUDENT --steps 4` runs it unchanged.
     from budgetdiff.cli import main
 
-    assert main(["generate", PROMPTS[0], "--model", cfg["output_dir"], "--steps", "4",
+    assert main(["generate", PROMPTS[0], "--model", cfg.output_dir, "--steps", "4",
                  "--out", str(tmp_path / "x.png")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["steps"] == 4 and line["nfe"] == 4 and (tmp_path / "x.png").is_file()
@@ -309,7 +316,7 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
     chained = distill_config(tmp_path / "student", tmp_path / "chain", student_steps=2, max_steps=3,
                              sweep_guidance=False)
     ckpt = tmp_path / "chain" / "ckpt" / config_hash(chained)
-    first = {**chained, "max_steps": 2}
+    first = replace(chained, max_steps=2)
     train(first)
     ckpt.mkdir(parents=True)
     (tmp_path / "chain" / "ckpt" / config_hash(first) / "last.ckpt").rename(ckpt / "last.ckpt")
@@ -331,28 +338,33 @@ def test_train_saves_a_student_that_loads_generates_and_resumes(tiny_model_dir, 
 def test_stage_config_merges_the_sections(monkeypatch, tmp_path):
     """Synthetic params: the variant overrides the stage section, which overrides ``distill``."""
     import mlops.params
+    from mlops.params import ParamsError
     from training.distill import stage_config
 
     params = {
-        "distill": {"teacher": "models/t", "guidance_range": [1, 3], "p_cfg": 0.5, "seed": 0,
+        "distill": {**yaml_section("distill"), "teacher": "models/t", "guidance_range": [1, 3], "p_cfg": 0.5, "seed": 0,
                     "checkpoint_dir": "ck", "output_dir": "shared", "metrics_path": "m.json"},
-        "distill_16": {"student_steps": 16, "output_dir": "s16"},
-        "distill_8": {"student_steps": 8, "guidance_range": [1, 2]},
+        "distill_16": {"student_steps": 16, "max_steps": 5, "output_dir": "s16"},
+        "distill_8": {"student_steps": 8, "max_steps": 5, "guidance_range": [1, 2]},
         "distill_8_variants": {"cfg": {"p_cfg": 0.1, "output_dir": "s8"},
                                "vanilla": {"p_cfg": 0.0, "output_dir": "s8v", "guidance_range": [1, 1.5]}},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setattr(mlops.params, "PARAMS_FILE", tmp_path / "params.yaml")
     c16 = stage_config("distill_16")
-    assert (c16["teacher"], c16["student_steps"], c16["output_dir"], c16["guidance_range"]) == \
-        ("models/t", 16, "s16", [1, 3])
-    assert c16["stage"] == "distill_16" and c16["checkpoint_dir"] == str(Path("ck") / "distill_16")
+    assert (c16.teacher, c16.student_steps, c16.output_dir, c16.guidance_range) == ("models/t", 16, "s16", (1.0, 3.0))
+    assert c16.stage == "distill_16" and c16.checkpoint_dir == str(Path("ck") / "distill_16")
     cfg, van = stage_config("distill_8", "cfg"), stage_config("distill_8", "vanilla")
-    assert (cfg["p_cfg"], cfg["guidance_range"], cfg["student_steps"], cfg["output_dir"]) == (0.1, [1, 2], 8, "s8")
-    assert (van["p_cfg"], van["guidance_range"], van["output_dir"]) == (0.0, [1, 1.5], "s8v")
-    assert van["stage"] == "distill_8@vanilla" and van["checkpoint_dir"] == str(Path("ck") / "distill_8_vanilla")
+    assert (cfg.p_cfg, cfg.guidance_range, cfg.student_steps, cfg.output_dir) == (0.1, (1.0, 2.0), 8, "s8")
+    assert (van.p_cfg, van.guidance_range, van.output_dir) == (0.0, (1.0, 1.5), "s8v")
+    assert van.stage == "distill_8@vanilla" and van.checkpoint_dir == str(Path("ck") / "distill_8_vanilla")
     with pytest.raises(ValueError, match="unknown variant"):
         stage_config("distill_8", "nope")
+    # A key no run reads is refused, naming the variant's sections.
+    params["distill_8_variants"]["cfg"]["p_cgf"] = 0.2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"'distill_8_variants.cfg': unknown key p_cgf"):
+        stage_config("distill_8", "cfg")
 
 
 def test_distill_params_keep_their_couplings(monkeypatch):
@@ -361,21 +373,23 @@ def test_distill_params_keep_their_couplings(monkeypatch):
     like); a training-seed replicate differs from its variant only in seed and paths; every run
     has its own output and checkpoint directory; dvc.yaml's foreach and bench_distill follow."""
     import mlops.params
+    from mlops.params import config_dict
     from training.distill import stage_config
 
     monkeypatch.setattr(mlops.params, "PARAMS_FILE", REPO / "params.yaml")
     variants = yaml_section("distill_8_variants")
     configs = {v: stage_config("distill_8", v) for v in variants}
     main = {v: c for v, c in configs.items() if "_seed" not in v}
-    assert len({(c["teacher"], c["student_steps"], tuple(c["guidance_range"])) for c in main.values()}) == 1
+    assert len({(c.teacher, c.student_steps, c.guidance_range) for c in main.values()}) == 1
     paths = ("seed", "output_dir", "metrics_path", "checkpoint_dir", "stage")
-    for v, c in configs.items():
+    plain = {v: config_dict(c) for v, c in configs.items()}
+    for v, c in plain.items():
         if "_seed" in v:
-            base = configs[v.split("_seed")[0]]
+            base = plain[v.split("_seed")[0]]
             assert c["seed"] != base["seed"]
             assert {k: c[k] for k in c if k not in paths} == {k: base[k] for k in base if k not in paths}
     for key in ("output_dir", "checkpoint_dir", "metrics_path"):
-        assert len({c[key] for c in configs.values()}) == len(configs), key
+        assert len({c[key] for c in plain.values()}) == len(configs), key
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["distill_8"]["foreach"] == "${distill_8_variants}"  # one list: the variants section
     # bench_distill reads the students from the same list, and dvc.yaml gives it each one's directory.

@@ -87,14 +87,15 @@ def test_checker_save_load_round_trip_and_missing_dir(tmp_path):
 def test_trained_checker_reads_rendered_scenes_and_worsens_under_noise(tmp_path, monkeypatch):
     """~1 minute: train a small checker for 300 steps, then judge held-out renders."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    from training.attributes import train
+    from mlops.params import config_from_dict
+    from training.attributes import TrainAttributesConfig, train
 
     cfg = {"seed": 0, "resolution": 32, "channels": [16, 32, 64], "hidden": 128, "count_weights": [0.25] * 4,
            "noise_aug": 0.05, "blur_aug": 0.6, "batch_size": 64, "max_steps": 300, "lr": 2e-3,
            "weight_decay": 1e-4, "warmup_fraction": 0.03, "val_every": 0, "val_scenes_per_count": 4,
            "eval_scenes_per_count": 100, "output_dir": str(tmp_path / "attributes"),
            "metrics_path": str(tmp_path / "m.json")}
-    metrics = train(cfg)
+    metrics = train(config_from_dict(TrainAttributesConfig, cfg))
     one = metrics["held_out"]["1obj"]
     assert one["color"] >= 0.95 and one["position"] >= 0.95 and one["size"] >= 0.9
     checker = load_attribute_checker(cfg["output_dir"])

@@ -55,7 +55,8 @@ def test_trained_clip_t_worsens_under_noise_and_blur(tmp_path, monkeypatch):
     """~1 minute: train a small domain CLIP for 150 steps; CLIP-T of matching prompts then falls
     as the images are degraded."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    from training.clip import train
+    from mlops.params import config_from_dict
+    from training.clip import TrainClipConfig, train
 
     cfg = {"seed": 0, "resolution": 32, "embed_dim": 64,
            "vision": {"width": 96, "layers": 3, "patch_size": 8, "head_width": 32},
@@ -63,7 +64,7 @@ def test_trained_clip_t_worsens_under_noise_and_blur(tmp_path, monkeypatch):
            "count_weights": [0.25] * 4, "noise_aug": 0.05, "batch_size": 128, "max_steps": 150, "lr": 1e-3,
            "weight_decay": 0.05, "warmup_fraction": 0.05, "grad_clip": 1.0, "val_every": 0, "eval_scenes": 100,
            "output_dir": str(tmp_path / "clip"), "metrics_path": str(tmp_path / "m.json")}
-    assert train(cfg)["held_out/image_to_text_top1"] > 0.2
+    assert train(config_from_dict(TrainClipConfig, cfg))["held_out/image_to_text_top1"] > 0.2
     trained = load_clip_backbone(tmp_path / "clip")
     _, images, prompts = rendered_batch(64, offset=90_000)
     noisy = [clipt(trained, add_noise(images, s), prompts).mean().item() for s in (0.0, 0.3, 0.6)]

@@ -7,18 +7,24 @@ import pytest
 from test_metrics_helpers import TINY_CLIP_CFG
 
 
-def tiny_clip_config(tmp_path) -> dict:
-    return {**TINY_CLIP_CFG, "seed": 0, "count_weights": [0.25] * 4, "noise_aug": 0.05, "batch_size": 8,
+def tiny_clip_config(tmp_path):
+    from mlops.params import config_from_dict
+    from training.clip import TrainClipConfig
+
+    return config_from_dict(TrainClipConfig, {**TINY_CLIP_CFG, "seed": 0, "count_weights": [0.25] * 4, "noise_aug": 0.05, "batch_size": 8,
             "max_steps": 3, "lr": 1e-3, "weight_decay": 0.05, "warmup_fraction": 0.05, "grad_clip": 1.0,
             "val_every": 2, "eval_scenes": 12, "output_dir": str(tmp_path / "clip"),
-            "metrics_path": str(tmp_path / "train_clip.json")}
+            "metrics_path": str(tmp_path / "train_clip.json")})
 
 
-def tiny_attributes_config(tmp_path) -> dict:
-    return {"seed": 0, "resolution": 32, "channels": [4, 8, 8], "hidden": 16, "count_weights": [0.25] * 4,
+def tiny_attributes_config(tmp_path):
+    from mlops.params import config_from_dict
+    from training.attributes import TrainAttributesConfig
+
+    return config_from_dict(TrainAttributesConfig, {"seed": 0, "resolution": 32, "channels": [4, 8, 8], "hidden": 16, "count_weights": [0.25] * 4,
             "noise_aug": 0.05, "blur_aug": 0.6, "batch_size": 8, "max_steps": 3, "lr": 2e-3, "weight_decay": 1e-4,
             "warmup_fraction": 0.03, "val_every": 2, "val_scenes_per_count": 3, "eval_scenes_per_count": 4,
-            "output_dir": str(tmp_path / "attributes"), "metrics_path": str(tmp_path / "train_attributes.json")}
+            "output_dir": str(tmp_path / "attributes"), "metrics_path": str(tmp_path / "train_attributes.json")})
 
 
 @pytest.fixture()

@@ -376,9 +376,13 @@ def _stage_twice(cfg: dict, store: Path, scorer, evaluator_id: str, monkeypatch,
     import mlflow
 
     from budgetdiff.io import atomic_write_json
+    from mlops.params import config_from_dict
     from registry import EXPERIMENT
+    from registry.cli import RegistryConfig
     from registry.stage import run
     from registry.store import aliases, connect, versions
+
+    cfg = config_from_dict(RegistryConfig, cfg)
 
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")

@@ -1,6 +1,6 @@
 """A tiny end-to-end run of the base model's training: train, resume, save, load, generate."""
 
-import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +11,11 @@ import yaml
 from conftest import REPO
 
 
-def tiny_train_config(tmp_path) -> dict:
+def tiny_train_config(tmp_path, **overrides):
+    """params.yaml's train_base section, shrunk, as the typed config ``train`` takes."""
+    from mlops.params import config_from_dict
+    from training.base import TrainBaseConfig
+
     cfg = yaml.safe_load((REPO / "params.yaml").read_text())["train_base"]
     cfg.update(
         resolution=16, batch_size=4, max_steps=4, val_every=2, val_prompts=2, val_steps=2,
@@ -21,7 +25,7 @@ def tiny_train_config(tmp_path) -> dict:
     )
     cfg["unet"] = {**cfg["unet"], "block_out_channels": [8, 16], "cross_attention_levels": [False, True],
                    "norm_num_groups": 4, "attention_head_dim": 4}
-    return cfg
+    return config_from_dict(TrainBaseConfig, {**cfg, **overrides})
 
 
 @pytest.fixture()
@@ -45,7 +49,7 @@ def test_train_save_load_generate_and_resume(tmp_path, mlflow_uri):
     assert ckpt.is_file()
     assert not any(k.startswith("text_encoder.") for k in torch.load(ckpt, weights_only=False)["state_dict"])
 
-    pipe = DiffusionPipeline.from_pretrained(cfg["output_dir"])
+    pipe = DiffusionPipeline.from_pretrained(cfg.output_dir)
     assert isinstance(pipe, BudgetDiffusionPipeline)
     assert pipe.config.default_guidance_scale == metrics["default_guidance"]
     pipe.set_progress_bar_config(disable=True)
@@ -53,8 +57,7 @@ def test_train_save_load_generate_and_resume(tmp_path, mlflow_uri):
     assert out.images.shape == (1, 16, 16, 3) and np.isfinite(out.images).all()
 
     # Interrupted work resumes: a longer run with the same config continues from the checkpoint.
-    longer = copy.deepcopy(cfg)
-    longer["max_steps"] = 6
+    longer = dataclasses.replace(cfg, max_steps=6)
     ckpt_longer = tmp_path / "ckpt" / config_hash(longer)
     ckpt_longer.mkdir(parents=True)
     ckpt.rename(ckpt_longer / "last.ckpt")
@@ -73,13 +76,13 @@ def test_train_save_load_generate_and_resume(tmp_path, mlflow_uri):
 def test_version2_training_validates_composition_and_detail_and_logs_the_curve(tmp_path, mlflow_uri):
     from training.base import train
 
-    cfg = tiny_train_config(tmp_path)
-    cfg.update(material_prob=0.5, speckle_prob=0.3, max_steps=2, curve_path=str(tmp_path / "curve.jsonl"),
-               val_composition={"counts": [2], "prompts_per_count": 2, "checker": str(REPO / "models/attributes"),
-                                "detail_prompts": 2, "detail_short_steps": 1})
+    cfg = tiny_train_config(
+        tmp_path, material_prob=0.5, speckle_prob=0.3, max_steps=2, curve_path=str(tmp_path / "curve.jsonl"),
+        val_composition={"counts": [2], "prompts_per_count": 2, "checker": str(REPO / "models/attributes"),
+                         "detail_prompts": 2, "detail_short_steps": 1})
     train(cfg)
     lines = [json.loads(x) for x in (tmp_path / "curve.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [2] and lines[0]["images_seen"] == 2 * cfg["batch_size"]
+    assert [x["step"] for x in lines] == [2] and lines[0]["images_seen"] == 2 * cfg.batch_size
     for key in ("all_attributes_2obj", "detail_score", "detail_score_short"):
         assert 0.0 <= lines[0][key] <= 1.0
 
@@ -102,7 +105,7 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
     cfg = tiny_train_config(tmp_path)
     torch.manual_seed(0)
     module = BaseDiffusionModule(cfg)
-    stream = iter(SceneStream(0, cfg["resolution"], cfg["count_weights"]))
+    stream = iter(SceneStream(0, cfg.resolution, cfg.count_weights))
     batch = stack_columns([next(stream) for _ in range(8)])
     opt = torch.optim.AdamW(module.unet.parameters(), lr=3e-3)
 

@@ -11,7 +11,8 @@ Recipe:
 - Held-out metrics: ``attr_check`` accuracies on ``eval_scenes_per_count`` held-out scenes of
   each object count 1 to 4 (target: >= 95 % on every attribute of 1-object scenes).
 
-``train(cfg) -> metrics`` is the plain entry point (DVC stage ``train_attributes``, tests).
+``train(cfg) -> metrics`` is the plain entry point (DVC stage ``train_attributes``, tests), with
+``cfg`` a ``TrainAttributesConfig``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -36,10 +38,34 @@ from budgetdiff.domain.evaluators import (
     summarize_attribute_checks,
 )
 from budgetdiff.domain.scenes import SceneSpec, held_out_scenes, level_seed, render_scene_array, sample_scene
+from mlops.params import config_dict
 from training.batches import stack_columns
 from training.trainer import make_trainer, warmup_cosine_scheduler
 
 HELD_OUT_SEED_OFFSET = 40_000_000  # evaluation scenes: a seed range no training stream reaches
+
+
+@dataclass(frozen=True)
+class TrainAttributesConfig:
+    """params.yaml's ``train_attributes`` section."""
+
+    seed: int
+    resolution: int
+    channels: list[int]
+    hidden: int
+    count_weights: list[float]
+    noise_aug: float
+    blur_aug: float
+    batch_size: int
+    max_steps: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    val_every: int  # 0: no held-out checks during training
+    val_scenes_per_count: int
+    eval_scenes_per_count: int
+    output_dir: str
+    metrics_path: str
 
 
 class SpecSceneStream(IterableDataset):
@@ -93,17 +119,17 @@ def held_out_accuracy(checker: AttributeChecker, n_per_count: int, resolution: i
 class AttributeCheckerModule(L.LightningModule):
     """Trains the attribute checker on rendered scenes with their ground-truth specs."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: TrainAttributesConfig):
         super().__init__()
-        self.save_hyperparameters({"cfg": cfg})
+        self.save_hyperparameters({"cfg": config_dict(cfg)})
         self.cfg = cfg
-        torch.manual_seed(cfg["seed"])
-        self.checker = AttributeChecker(cfg["resolution"], tuple(cfg["channels"]), cfg["hidden"])
+        torch.manual_seed(cfg.seed)
+        self.checker = AttributeChecker(cfg.resolution, tuple(cfg.channels), cfg.hidden)
 
     def model_step(self, batch) -> torch.Tensor:
         images, targets = batch
         if self.training:
-            images = augment(images, self.cfg["noise_aug"], self.cfg["blur_aug"])
+            images = augment(images, self.cfg.noise_aug, self.cfg.blur_aug)
         return attribute_loss(self.checker(images), targets)
 
     def training_step(self, batch, batch_idx):
@@ -112,45 +138,45 @@ class AttributeCheckerModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        every = self.cfg["val_every"]
+        every = self.cfg.val_every
         if every and self.global_step % every == 0:
-            acc = held_out_accuracy(self.checker, self.cfg["val_scenes_per_count"], self.cfg["resolution"])
+            acc = held_out_accuracy(self.checker, self.cfg.val_scenes_per_count, self.cfg.resolution)
             self.log_dict({f"val/{k}/{a}": v for k, m in acc.items() for a, v in m.items()}, on_step=True, on_epoch=False)
             self.checker.train()
 
     def configure_optimizers(self):
         cfg = self.cfg
-        opt = torch.optim.AdamW(self.checker.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        warmup = max(1, int(cfg["warmup_fraction"] * cfg["max_steps"]))
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, cfg["max_steps"], warmup)}
+        opt = torch.optim.AdamW(self.checker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, int(cfg.warmup_fraction * cfg.max_steps))
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, cfg.max_steps, warmup)}
 
 
-def train(cfg: dict) -> dict[str, Any]:
+def train(cfg: TrainAttributesConfig) -> dict[str, Any]:
     """Train the checker per ``cfg`` (the ``train_attributes`` params section), save it to
-    ``cfg["output_dir"]`` (config.json + model.safetensors), return held-out accuracies."""
+    ``cfg.output_dir`` (config.json + model.safetensors), return held-out accuracies."""
     from mlops.tracking import mlflow_logger
 
-    L.seed_everything(cfg["seed"], workers=True)
+    L.seed_everything(cfg.seed, workers=True)
     module = AttributeCheckerModule(cfg)
-    loader = DataLoader(SpecSceneStream(cfg["seed"], cfg["resolution"], cfg["count_weights"]),
-                        batch_size=cfg["batch_size"], collate_fn=_collate, num_workers=0)
+    loader = DataLoader(SpecSceneStream(cfg.seed, cfg.resolution, cfg.count_weights),
+                        batch_size=cfg.batch_size, collate_fn=_collate, num_workers=0)
     logger = mlflow_logger("train_attributes", run_name="train_attributes")
-    trainer = make_trainer(logger, mixed_precision=False, max_steps=cfg["max_steps"],
-                           log_every_n_steps=max(1, min(10, cfg["max_steps"] // 2)), limit_val_batches=0)
+    trainer = make_trainer(logger, mixed_precision=False, max_steps=cfg.max_steps,
+                           log_every_n_steps=max(1, min(10, cfg.max_steps // 2)), limit_val_batches=0)
     t0 = time.time()
     trainer.fit(module, loader)
     train_seconds = time.time() - t0
 
     checker = module.checker.cpu().eval()
-    held_out = held_out_accuracy(checker, cfg["eval_scenes_per_count"], cfg["resolution"])
-    save_attribute_checker(checker, cfg["output_dir"],
+    held_out = held_out_accuracy(checker, cfg.eval_scenes_per_count, cfg.resolution)
+    save_attribute_checker(checker, cfg.output_dir,
                            extra={"stage": "train_attributes", "steps": int(trainer.global_step)})
     metrics = {
         "steps": int(trainer.global_step),
         "train_seconds": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / max(1, trainer.global_step), 4),
         "parameters": sum(p.numel() for p in checker.parameters()),
-        "eval_scenes_per_count": cfg["eval_scenes_per_count"],
+        "eval_scenes_per_count": cfg.eval_scenes_per_count,
         "held_out": held_out,
         "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
     }
@@ -161,11 +187,11 @@ def train(cfg: dict) -> dict[str, Any]:
 
 def main() -> None:
     from budgetdiff.io import atomic_write_json as write_json
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params("train_attributes")
+    cfg = load_config("train_attributes", TrainAttributesConfig)
     metrics = train(cfg)
-    write_json(cfg["metrics_path"], metrics)
+    write_json(cfg.metrics_path, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "held_out"}))
     for k, m in metrics["held_out"].items():
         print(k, " ".join(f"{a}={v:.3f}" for a, v in m.items()))

@@ -23,7 +23,8 @@ Recipe:
 - MLflow: one run per network (params, per-epoch train/val loss, val MAE per metric in the
   metric's own units, the saved model directory as an artifact), tagged with the commit and stage.
 
-``train(cfg) -> metrics`` is the plain entry point (DVC stage ``train_budget``, tests).
+``train(cfg) -> metrics`` is the plain entry point (DVC stage ``train_budget``, tests), with
+``cfg`` a ``TrainBudgetConfig``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -59,10 +60,67 @@ from budgetdiff.methods.budget import (
 )
 from budgetdiff.text import encode_prompts
 from mlops.cli import command
+from mlops.params import config_dict, config_from_dict
 from training.trainer import make_trainer
 
 STAGE = "train_budget"
 ARCHITECTURES = ("bilstm", "mlp")
+
+
+# ------------------------------------------------------------------------------------------------
+# Config: params.yaml's train_budget section
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrateEpsilon:
+    """``train_budget.calibrate_epsilon``: the plateau ε chosen on the val split."""
+
+    candidates: list[float]
+    full_steps: int
+    max_drop_pct: float
+
+
+@dataclass(frozen=True)
+class BiLSTMNetwork:
+    """``train_budget.bilstm``: keyword arguments of the BiLSTM predictor (field order is the saved config's)."""
+
+    hidden: int
+    layers: int
+    dropout: float
+
+
+@dataclass(frozen=True)
+class MLPNetwork:
+    """``train_budget.mlp``: keyword arguments of the pooled-embedding MLP (the ablation)."""
+
+    hidden: int
+    dropout: float
+
+
+@dataclass(frozen=True)
+class TrainBudgetConfig:
+    """params.yaml's ``train_budget`` section."""
+
+    dataset: str
+    model: str
+    seed: int
+    plateau_epsilon: float
+    psnr_cap_db: float
+    bilstm: BiLSTMNetwork
+    mlp: MLPNetwork
+    batch_size: int
+    lr: float
+    weight_decay: float
+    max_epochs: int
+    patience: int
+    val_split: str
+    output_dir: str
+    metrics_path: str
+    render_report: Optional[str] = None
+    metrics: Optional[list[str]] = None
+    rule_metrics: Optional[dict[str, str]] = None  # None: budgetdiff.methods.budget.DEFAULT_RULE_METRICS
+    calibrate_epsilon: Optional[CalibrateEpsilon] = None  # None: plateau_epsilon as is
+    lr_patience: int = 10
+    train_split: str = "train"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,22 +310,24 @@ def mae_by_metric(pred: np.ndarray, true: np.ndarray, metrics: list[str], points
     return out
 
 
-def fit_network(arch: str, network_config: dict, cfg: dict, emb: EmbeddingTable, z: np.ndarray,
-                train_rows: np.ndarray, val_rows: np.ndarray, logger=None) -> tuple[torch.nn.Module, dict]:
-    """Train one network with early stopping on ``val_rows``; returns the best-val network."""
+def fit_network(arch: str, network_config: dict, cfg: TrainBudgetConfig, emb: EmbeddingTable, z: np.ndarray,
+                train_rows: np.ndarray, val_rows: np.ndarray, logger=None,
+                progress: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Train one network with early stopping on ``val_rows``; returns the best-val network.
+    ``progress``: a progress line per epoch."""
     from lightning.pytorch.callbacks import EarlyStopping
 
-    L.seed_everything(cfg["seed"], workers=True)
-    module = BudgetModule(network_config, cfg["lr"], cfg["weight_decay"], cfg.get("lr_patience", 10))
-    generator = torch.Generator().manual_seed(cfg["seed"])
-    train_loader = DataLoader(tensors(emb, z, train_rows), batch_size=cfg["batch_size"], shuffle=True,
+    L.seed_everything(cfg.seed, workers=True)
+    module = BudgetModule(network_config, cfg.lr, cfg.weight_decay, cfg.lr_patience)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(tensors(emb, z, train_rows), batch_size=cfg.batch_size, shuffle=True,
                               generator=generator)
     val_loader = DataLoader(tensors(emb, z, val_rows), batch_size=max(len(val_rows), 1))
     best = KeepBestWeights()
     trainer = make_trainer(logger or False, gpu=False,
-                           callbacks=[best, EarlyStopping(monitor="val/loss", patience=cfg["patience"], mode="min")],
-                           progress_every=max(1, len(train_loader)) if cfg.get("progress", True) else None,
-                           max_epochs=cfg["max_epochs"], log_every_n_steps=max(1, len(train_loader)), deterministic=True)
+                           callbacks=[best, EarlyStopping(monitor="val/loss", patience=cfg.patience, mode="min")],
+                           progress_every=max(1, len(train_loader)) if progress else None,
+                           max_epochs=cfg.max_epochs, log_every_n_steps=max(1, len(train_loader)), deterministic=True)
     t0 = time.time()
     trainer.fit(module, train_loader, val_loader)
     seconds = time.time() - t0
@@ -324,17 +384,18 @@ def calibrate_epsilon(predictor: BudgetPredictor, z: np.ndarray, curves: CurveTa
     return (max(within) if within else table[0]["epsilon"]), table
 
 
-def network_config(arch: str, cfg: dict, emb: EmbeddingTable, max_length: int, curves: CurveTable,
+def network_config(arch: str, cfg: TrainBudgetConfig, emb: EmbeddingTable, max_length: int, curves: CurveTable,
                    normalizer: TargetNormalizer, model: dict, epsilon: float, extra: dict | None = None) -> dict:
     """The budget model config of one ``train_budget`` network (``budgetdiff.methods.budget.make_config``)."""
-    return make_config(arch, cfg[arch], text_dim=emb.hidden.shape[-1], max_text_length=max_length,
+    return make_config(arch, config_dict(getattr(cfg, arch)), text_dim=emb.hidden.shape[-1], max_text_length=max_length,
                        step_grid=curves.step_grid, reference_steps=curves.reference_steps,
-                       metrics=curves.metrics, rule_metrics=cfg.get("rule_metrics") or DEFAULT_RULE_METRICS,
+                       metrics=curves.metrics, rule_metrics=cfg.rule_metrics or DEFAULT_RULE_METRICS,
                        normalizer=normalizer, model=model, plateau_epsilon=epsilon,
-                       psnr_cap_db=cfg["psnr_cap_db"], extra=extra)
+                       psnr_cap_db=cfg.psnr_cap_db, extra=extra)
 
 
-def cross_validate(cfg: dict, table: pd.DataFrame, folds: int, seed: int = 0, progress=None) -> dict[str, Any]:
+def cross_validate(cfg: TrainBudgetConfig | Mapping[str, Any], table: pd.DataFrame, folds: int, seed: int = 0,
+                   progress=None) -> dict[str, Any]:
     """K-fold cross-validation of ``train(cfg)``'s recipe over every prompt of the dataset, so that
     each prompt is predicted once by networks that never saw it: the prompts are shuffled (``seed``)
     into ``folds`` folds; fold k is the test fold, fold k + 1 the val fold (early stopping and the
@@ -343,22 +404,26 @@ def cross_validate(cfg: dict, table: pd.DataFrame, folds: int, seed: int = 0, pr
     Returns, per architecture, each prompt's chosen step count under the plateau rule at its fold's
     calibrated ε (``steps``, aligned with ``rows``), the ε per fold and each prompt's predicted
     curves in metric units (``predicted``, (N, M, G + 1)); ``mean_curve``: the same from each
-    fold's train-mean curve (the prompt-blind baseline)."""
+    fold's train-mean curve (the prompt-blind baseline).
+
+    ``cfg``: the ``train_budget`` config, or its params section as read from the file (checked
+    here: ``bench_budget`` passes the section it reads)."""
+    if not isinstance(cfg, TrainBudgetConfig):
+        cfg = config_from_dict(TrainBudgetConfig, cfg, STAGE)
     if folds < 3:
         raise ValueError(f"cross_validation.folds: needs at least 3 (test, val, train), got {folds}")
-    curves = dataset_curves(table, cfg.get("metrics"))
+    curves = dataset_curves(table, cfg.metrics)
     n = len(curves.prompts)
     if n < folds:
         raise ValueError(f"cross_validation.folds: {folds} folds but only {n} prompts")
     order = np.random.default_rng(seed).permutation(n)
     fold_of = np.empty(n, dtype=int)
     fold_of[order] = np.arange(n) % folds
-    _, (encoder, tokenizer, max_length) = load_text_encoder(cfg["model"])
+    _, (encoder, tokenizer, max_length) = load_text_encoder(cfg.model)
     emb = embed_prompts(curves.prompts, encoder, tokenizer, max_length)
-    model = model_record(cfg["model"])
-    quiet = {**cfg, "progress": False}
+    model = model_record(cfg.model)
     rule_metrics = {level: resolve_metric(name, curves.metrics)
-                    for level, name in (cfg.get("rule_metrics") or DEFAULT_RULE_METRICS).items()}
+                    for level, name in (cfg.rule_metrics or DEFAULT_RULE_METRICS).items()}
     out: dict[str, Any] = {"rows": np.arange(n), "fold": fold_of, "curves": curves, "levels": rule_metrics,
                            "mean_curve": {"predicted": np.full(curves.values.shape, np.nan)}}
     for arch in ARCHITECTURES:
@@ -370,14 +435,14 @@ def cross_validate(cfg: dict, table: pd.DataFrame, folds: int, seed: int = 0, pr
         z = normalizer.normalize(curves.values)
         out["mean_curve"]["predicted"][test] = curves.mean_curve(train_rows)
         for arch in ARCHITECTURES:
-            epsilon = cfg["plateau_epsilon"]
-            config = network_config(arch, quiet, emb, max_length, curves, normalizer, model, epsilon)
-            network, _ = fit_network(arch, config, quiet, emb, z, train_rows, val)
+            epsilon = cfg.plateau_epsilon
+            config = network_config(arch, cfg, emb, max_length, curves, normalizer, model, epsilon)
+            network, _ = fit_network(arch, config, cfg, emb, z, train_rows, val, progress=False)
             predictor = BudgetPredictor(network, config)
-            if cfg.get("calibrate_epsilon"):
-                c = cfg["calibrate_epsilon"]
-                epsilon, _ = calibrate_epsilon(predictor, predict_z(network, emb, val), curves, val, c["candidates"],
-                                               int(c["full_steps"]), float(c["max_drop_pct"]))
+            if cfg.calibrate_epsilon:
+                c = cfg.calibrate_epsilon
+                epsilon, _ = calibrate_epsilon(predictor, predict_z(network, emb, val), curves, val, c.candidates,
+                                               c.full_steps, c.max_drop_pct)
             z_test = predict_z(network, emb, test)
             out[arch]["predicted"][test] = normalizer.denormalize(z_test)
             predicted = predictor.curves_from_normalized(z_test, [emb.truncated[i] for i in test])
@@ -411,33 +476,33 @@ def flat_params(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def train(cfg: dict) -> dict[str, Any]:
+def train(cfg: TrainBudgetConfig, progress: bool = True) -> dict[str, Any]:
     """Train the BiLSTM predictor and its MLP ablation per ``cfg`` (the ``train_budget`` params
-    section), save both to ``cfg["output_dir"]`` and return the metrics."""
+    section), save both to ``cfg.output_dir`` and return the metrics. ``progress``: a progress
+    line per epoch."""
     from mlops.tracking import mlflow_logger
 
     try:
-        table = pd.read_parquet(cfg["dataset"])
+        table = pd.read_parquet(cfg.dataset)
     except FileNotFoundError:
-        raise ValueError(f"train_budget.dataset: {cfg['dataset']} does not exist (dvc repro dataset)") from None
-    curves = dataset_curves(table, cfg.get("metrics"))
-    train_rows, val_rows = curves.subset(cfg.get("train_split", "train")), curves.subset(cfg["val_split"])
+        raise ValueError(f"train_budget.dataset: {cfg.dataset} does not exist (dvc repro dataset)") from None
+    curves = dataset_curves(table, cfg.metrics)
+    train_rows, val_rows = curves.subset(cfg.train_split), curves.subset(cfg.val_split)
     for name, rows in (("train_split", train_rows), ("val_split", val_rows)):
         if len(rows) == 0:
-            split = cfg.get(name, "train")
-            raise ValueError(f"train_budget.{name}: split {split!r} has no prompts in {cfg['dataset']}")
+            raise ValueError(f"train_budget.{name}: split {getattr(cfg, name)!r} has no prompts in {cfg.dataset}")
     normalizer = TargetNormalizer.fit(curves.metrics, curves.values[train_rows])
     z = normalizer.normalize(curves.values)
 
     print(f"train_budget: {len(curves.prompts)} prompts ({len(train_rows)} train, {len(val_rows)} val), "
           f"{len(curves.metrics)} metrics x {len(curves.step_grid)} step counts + reference; encoding with "
-          f"{cfg['model']}'s text encoder", flush=True)
+          f"{cfg.model}'s text encoder", flush=True)
     t0 = time.time()
-    _, (encoder, tokenizer, max_length) = load_text_encoder(cfg["model"])
+    _, (encoder, tokenizer, max_length) = load_text_encoder(cfg.model)
     emb = embed_prompts(curves.prompts, encoder, tokenizer, max_length)
     encode_seconds = time.time() - t0
-    model = model_record(cfg["model"])
-    rendered_with = rendered_settings(cfg.get("render_report"))
+    model = model_record(cfg.model)
+    rendered_with = rendered_settings(cfg.render_report)
     points = curves.points
 
     def config_for(arch: str, epsilon: float, extra: dict | None = None) -> dict:
@@ -451,33 +516,32 @@ def train(cfg: dict) -> dict[str, Any]:
     results, saved = {}, {}
     for arch in ARCHITECTURES:
         logger = mlflow_logger(STAGE, run_name=STAGE if arch == "bilstm" else f"{STAGE}_{arch}")
-        logger.log_hyperparams({**flat_params(cfg), "architecture": arch, "model_unet_sha256": model["unet_sha256"],
+        logger.log_hyperparams({**flat_params(config_dict(cfg)), "architecture": arch, "model_unet_sha256": model["unet_sha256"],
                                 "step_grid": json.dumps(curves.step_grid), "reference_steps": curves.reference_steps,
                                 "train_prompts": len(train_rows), "val_prompts": len(val_rows)})
         print(f"train_budget: fitting {arch}", flush=True)
-        network, info = fit_network(arch, config_for(arch, cfg["plateau_epsilon"]), cfg, emb, z, train_rows,
-                                    val_rows, logger)
+        network, info = fit_network(arch, config_for(arch, cfg.plateau_epsilon), cfg, emb, z, train_rows,
+                                    val_rows, logger, progress)
         z_val = predict_z(network, emb, val_rows)
         info["val_mae"] = mae_by_metric(normalizer.denormalize(z_val), true_val, curves.metrics, points)
         info["val_mae_mean_curve_baseline"] = baseline
-        epsilon, calibration = cfg["plateau_epsilon"], None
-        if cfg.get("calibrate_epsilon"):
-            c = cfg["calibrate_epsilon"]
+        epsilon, calibration = cfg.plateau_epsilon, None
+        if cfg.calibrate_epsilon:
+            c = cfg.calibrate_epsilon
             epsilon, calibration = calibrate_epsilon(BudgetPredictor(network, config_for(arch, epsilon)), z_val, curves,
-                                                     val_rows, c["candidates"], int(c["full_steps"]),
-                                                     float(c["max_drop_pct"]))
+                                                     val_rows, c.candidates, c.full_steps, c.max_drop_pct)
             logger.log_metrics({"final/plateau_epsilon": epsilon})
         info["plateau_epsilon"], info["epsilon_calibration_on_val"] = epsilon, calibration
         results[arch] = info
         saved[arch] = (network, config_for(arch, epsilon, {"rendered_with": rendered_with, "training": {
-            "stage": STAGE, "dataset": str(cfg["dataset"]), "train_prompts": int(len(train_rows)),
+            "stage": STAGE, "dataset": str(cfg.dataset), "train_prompts": int(len(train_rows)),
             "val_prompts": int(len(val_rows)), **{k: info[k] for k in ("epochs", "best_epoch", "best_val_loss")},
             "epsilon_calibration_on_val": calibration}}))
         logger.log_metrics({f"final/val_mae/{m.replace('/', '_')}": v["mean"] for m, v in info["val_mae"].items()}
                            | {"final/best_val_loss": info["best_val_loss"]})
         saved[arch + "_logger"] = logger
 
-    out_dir = Path(cfg["output_dir"])
+    out_dir = Path(cfg.output_dir)
     save_budget_model(*saved["bilstm"], out_dir, subdirs={ABLATION_SUBDIR: saved["mlp"]})
     for arch in ARCHITECTURES:
         logger = saved[arch + "_logger"]
@@ -499,11 +563,11 @@ def train(cfg: dict) -> dict[str, Any]:
 @command
 def main() -> None:
     from budgetdiff.io import atomic_write_json as write_json
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params(STAGE)
+    cfg = load_config(STAGE, TrainBudgetConfig)
     metrics = train(cfg)
-    write_json(cfg["metrics_path"], metrics)
+    write_json(cfg.metrics_path, metrics)
     for arch in ARCHITECTURES:
         r = metrics[arch]
         maes = " ".join(f"{m.split('/')[1].split('_')[0]}={v['mean']:.4g}" for m, v in r["val_mae"].items())

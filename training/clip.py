@@ -12,7 +12,8 @@ Recipe:
 - Held-out metric: image-to-text top-1 retrieval accuracy over ``eval_scenes`` held-out scenes
   (a retrieved prompt counts as correct when it describes the same canonical scene).
 
-``train(cfg) -> metrics`` is the plain entry point (DVC stage ``train_clip``, tests).
+``train(cfg) -> metrics`` is the plain entry point (DVC stage ``train_clip``, tests), with ``cfg``
+a ``TrainClipConfig``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -31,10 +33,54 @@ from torch.utils.data import DataLoader, IterableDataset
 from budgetdiff.domain.evaluators import build_domain_clip, domain_clip_model_cfg, save_domain_clip
 from budgetdiff.domain import scenes
 from budgetdiff.domain.scenes import parse_prompt, render_scene_array, sample_scene, spec_to_prompt
+from mlops.params import config_dict
 from training.batches import stack_columns
 from training.trainer import make_trainer, warmup_cosine_scheduler
 
 HELD_OUT_SEED_OFFSET = 30_000_000  # evaluation scenes: a seed range no training stream reaches
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """``train_clip.vision``: the ViT image tower."""
+
+    width: int
+    layers: int
+    patch_size: int
+    head_width: int
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """``train_clip.text``: the text transformer."""
+
+    width: int
+    layers: int
+    heads: int
+    context_length: int
+
+
+@dataclass(frozen=True)
+class TrainClipConfig:
+    """params.yaml's ``train_clip`` section."""
+
+    seed: int
+    resolution: int
+    embed_dim: int
+    vision: VisionTower
+    text: TextTower
+    count_weights: list[float]
+    noise_aug: float
+    batch_size: int
+    max_steps: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    grad_clip: float
+    val_every: int  # 0: no retrieval checks during training
+    eval_scenes: int
+    output_dir: str
+    metrics_path: str
 
 
 def clip_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -94,11 +140,12 @@ def retrieval_accuracy(model, tokenizer, specs, images: torch.Tensor, prompts: l
 class DomainClipModule(L.LightningModule):
     """Trains the domain CLIP with open_clip's ClipLoss."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: TrainClipConfig):
         super().__init__()
-        self.save_hyperparameters({"cfg": cfg})
+        self.save_hyperparameters({"cfg": config_dict(cfg)})
         self.cfg = cfg
-        self.model, self.tokenizer = build_domain_clip(cfg, seed=cfg["seed"])
+        # budgetdiff's builder reads the section as plain data (resolution, embed_dim, vision, text)
+        self.model, self.tokenizer = build_domain_clip(config_dict(cfg), seed=cfg.seed)
         from open_clip import ClipLoss
 
         self.loss_fn = ClipLoss()
@@ -106,8 +153,8 @@ class DomainClipModule(L.LightningModule):
 
     def model_step(self, batch) -> torch.Tensor:
         images, prompts = batch
-        if self.training and self.cfg["noise_aug"] > 0:
-            sigma = torch.rand(images.shape[0], 1, 1, 1, device=images.device) * self.cfg["noise_aug"]
+        if self.training and self.cfg.noise_aug > 0:
+            sigma = torch.rand(images.shape[0], 1, 1, 1, device=images.device) * self.cfg.noise_aug
             keep = torch.rand_like(sigma) < 0.5
             images = (images + torch.randn_like(images) * sigma * keep).clamp(0, 1)
         tokens = self.tokenizer(prompts).to(self.device)
@@ -124,7 +171,7 @@ class DomainClipModule(L.LightningModule):
         # Clamp the temperature as CLIP does (logit scale at most 100).
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
-        every = self.cfg["val_every"]
+        every = self.cfg.val_every
         if every and (self.global_step % every == 0):
             self.log_dict({f"val/{k}": v for k, v in self.evaluate().items()}, on_step=True, on_epoch=False)
             self.model.train()
@@ -132,42 +179,42 @@ class DomainClipModule(L.LightningModule):
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg
         if self._eval_set is None:
-            self._eval_set = held_out_scenes(cfg["eval_scenes"], cfg["resolution"], cfg["count_weights"])
+            self._eval_set = held_out_scenes(cfg.eval_scenes, cfg.resolution, cfg.count_weights)
         return retrieval_accuracy(self.model, self.tokenizer, *self._eval_set)
 
     def configure_optimizers(self):
         cfg = self.cfg
-        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        warmup = max(1, int(cfg["warmup_fraction"] * cfg["max_steps"]))
-        return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, cfg["max_steps"], warmup)}
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, int(cfg.warmup_fraction * cfg.max_steps))
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine_scheduler(opt, cfg.max_steps, warmup)}
 
 
-def train(cfg: dict) -> dict[str, Any]:
+def train(cfg: TrainClipConfig) -> dict[str, Any]:
     """Train the domain CLIP per ``cfg`` (the ``train_clip`` params section), save it to
-    ``cfg["output_dir"]`` (open_clip local-dir format) and return its held-out metrics."""
+    ``cfg.output_dir`` (open_clip local-dir format) and return its held-out metrics."""
     from mlops.tracking import mlflow_logger
 
-    L.seed_everything(cfg["seed"], workers=True)
+    L.seed_everything(cfg.seed, workers=True)
     module = DomainClipModule(cfg)
-    loader = DataLoader(PromptedSceneStream(cfg["seed"], cfg["resolution"], cfg["count_weights"]),
-                        batch_size=cfg["batch_size"], collate_fn=stack_columns, num_workers=0)
+    loader = DataLoader(PromptedSceneStream(cfg.seed, cfg.resolution, cfg.count_weights),
+                        batch_size=cfg.batch_size, collate_fn=stack_columns, num_workers=0)
     logger = mlflow_logger("train_clip", run_name="train_clip")
-    trainer = make_trainer(logger, max_steps=cfg["max_steps"], log_every_n_steps=max(1, min(10, cfg["max_steps"] // 2)),
-                           gradient_clip_val=cfg["grad_clip"], limit_val_batches=0)
+    trainer = make_trainer(logger, max_steps=cfg.max_steps, log_every_n_steps=max(1, min(10, cfg.max_steps // 2)),
+                           gradient_clip_val=cfg.grad_clip, limit_val_batches=0)
     t0 = time.time()
     trainer.fit(module, loader)
     train_seconds = time.time() - t0
 
     retrieval = module.evaluate()
-    model_cfg = domain_clip_model_cfg(cfg)
-    save_domain_clip(module.model.cpu(), model_cfg, cfg["output_dir"],
+    model_cfg = domain_clip_model_cfg(config_dict(cfg))
+    save_domain_clip(module.model.cpu(), model_cfg, cfg.output_dir,
                      extra={"budgetdiff": {"name": "domainclip", "stage": "train_clip", "steps": int(trainer.global_step)}})
     metrics = {
         "steps": int(trainer.global_step),
         "train_seconds": round(train_seconds, 1),
         "seconds_per_step": round(train_seconds / max(1, trainer.global_step), 4),
         "parameters": sum(p.numel() for p in module.model.parameters()),
-        "eval_scenes": cfg["eval_scenes"],
+        "eval_scenes": cfg.eval_scenes,
         **{f"held_out/{k}": v for k, v in retrieval.items()},
         "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
     }
@@ -178,11 +225,11 @@ def train(cfg: dict) -> dict[str, Any]:
 
 def main() -> None:
     from budgetdiff.io import atomic_write_json as write_json
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params("train_clip")
+    cfg = load_config("train_clip", TrainClipConfig)
     metrics = train(cfg)
-    write_json(cfg["metrics_path"], metrics)
+    write_json(cfg.metrics_path, metrics)
     print(json.dumps(metrics))
 
 

@@ -47,6 +47,7 @@ of the config and the teacher's weights).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -55,7 +56,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -67,12 +68,52 @@ from budgetdiff.generation.pipeline import BudgetDiffusionPipeline, coordinate_c
 from budgetdiff.io.fingerprint import content_sha256, directory_fingerprint, unet_fingerprint
 from budgetdiff.text import PromptEmbeddings, encode_prompts
 from mlops.cli import UsageError, command
-from training.base import (SceneStream, choose_guidance, evaluate_pipeline, update_ema,
+from mlops.params import config_dict
+from training.base import (SceneStream, choose_guidance, evaluate_pipeline, given_fields, update_ema,
                            validation_scenes)
 from training.batches import stack_columns
 from training.trainer import make_trainer, warmup_cosine_scheduler
 
 DISTILLATION_FILE = "distillation.json"  # beside model_index.json: what the student was distilled from
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """A distillation run: params.yaml's ``distill`` section with a stage's section (``distill_16``,
+    ``distill_8``) and, for ``distill_8``, a ``distill_8_variants`` entry over it (``stage_config``)."""
+
+    seed: int
+    count_weights: list[float]
+    batch_size: int
+    lr: float
+    lr_warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    ema_decay: float
+    p_cfg: float
+    guidance_range: tuple[float, float]
+    gamma: float
+    caption_dropout: float
+    min_snr_gamma: float
+    object_loss_weight: float
+    val_every: int  # 0: no validation during training
+    val_prompts: int
+    heldout_loss_scenes: int  # 0: no held-out loss
+    sweep_guidance: bool
+    guidance_candidates: list[float]
+    guidance_eval_prompts: int
+    checkpoint_every: int
+    checkpoint_dir: str
+    teacher: str
+    student_steps: int
+    max_steps: int
+    output_dir: str
+    metrics_path: str
+    guidance_eval_steps: Optional[int] = None  # the guidance sweep's DDIM steps; None: student_steps
+    guidance_eval_objects: Optional[int] = 1  # the sweep prompts' object count; None: the training mix
+    guidance_checker: Optional[str] = None  # the sweep's judge; None: the heuristic checker
+    share_frozen_components: bool = True  # link the student's text encoder and tokenizer to the teacher's
+    stage: str = "distill"  # the DVC stage (MLflow run name, part of the checkpoint key): set by stage_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,17 +246,17 @@ def load_teacher(path: str | Path) -> BudgetDiffusionPipeline:
 
 
 class DistillationModule(L.LightningModule):
-    """Distils the teacher at ``cfg["teacher"]`` into a student of ``cfg["student_steps"]`` steps.
+    """Distils the teacher at ``cfg.teacher`` into a student of ``cfg.student_steps`` steps.
 
     The teacher UNet and the text encoder are frozen and kept out of checkpoints; the student
     starts as a copy of the teacher's UNet and an EMA of it is what gets saved.
     """
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: DistillConfig):
         super().__init__()
-        self.save_hyperparameters({"cfg": cfg})
+        self.save_hyperparameters({"cfg": config_dict(cfg)})
         self.cfg = cfg
-        teacher = load_teacher(cfg["teacher"])
+        teacher = load_teacher(cfg.teacher)
         self.teacher_unet = teacher.unet.requires_grad_(False).eval()
         self.text_encoder = teacher.text_encoder.requires_grad_(False).eval()
         self.tokenizer = teacher.tokenizer
@@ -223,7 +264,7 @@ class DistillationModule(L.LightningModule):
         self.max_text_length = int(teacher.config.max_text_length)
         self.scheduler = DDIMScheduler.from_config(teacher.scheduler.config)
         self.schedule = NoiseSchedule(self.scheduler)
-        self.grid = step_grid(self.scheduler.config, int(cfg["student_steps"]))
+        self.grid = step_grid(self.scheduler.config, cfg.student_steps)
         self.unet = copy.deepcopy(self.teacher_unet).requires_grad_(True).train()
         self.ema_unet = copy.deepcopy(self.teacher_unet).requires_grad_(False)
 
@@ -265,14 +306,14 @@ class DistillationModule(L.LightningModule):
         uncond, cond = _rows(pair, slice(0, b)), _rows(pair, slice(b, 2 * b))
 
         if use_cfg:
-            lo, hi = cfg["guidance_range"]
+            lo, hi = cfg.guidance_range
             w = (lo + (hi - lo) * torch.rand(b, generator=generator)).to(x0).view(-1, 1, 1, 1)
 
             def model(unet, z, tt):
                 return guided_velocity(unet, z, tt, pair, w)
         else:
             w = torch.ones(b, 1, 1, 1, dtype=x0.dtype, device=dev)
-            drop = (torch.rand(b, generator=generator) < cfg["caption_dropout"]).to(dev)
+            drop = (torch.rand(b, generator=generator) < cfg.caption_dropout).to(dev)
             emb = _where(drop, uncond, cond)
 
             def model(unet, z, tt):
@@ -297,7 +338,7 @@ class DistillationModule(L.LightningModule):
         uniform t, min-SNR-γ weight min(SNR, γ)/(SNR + 1), pixel weight 1 + λ·mask, caption dropout."""
         cfg, b = self.cfg, x0.shape[0]
         dev = x0.device
-        drop = (torch.rand(b, generator=generator) < cfg["caption_dropout"]).to(dev)
+        drop = (torch.rand(b, generator=generator) < cfg.caption_dropout).to(dev)
         emb = _where(drop, _rows(pair, slice(0, b)), _rows(pair, slice(b, 2 * b)))
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator).to(dev)
         eps = torch.randn(x0.shape, generator=generator).to(x0)
@@ -305,8 +346,8 @@ class DistillationModule(L.LightningModule):
         pred = velocity(self.unet, a_t * x0 + s_t * eps, t, emb)
         target = a_t * eps - s_t * x0
         snr = (a_t**2 / s_t**2).view(-1)
-        weight = torch.clamp(snr, max=cfg["min_snr_gamma"]) / (snr + 1)
-        pixel_weight = 1.0 + cfg["object_loss_weight"] * mask
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+        pixel_weight = 1.0 + cfg.object_loss_weight * mask
         per_sample = ((pred - target) ** 2 * pixel_weight).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
         return (weight * per_sample).mean()
 
@@ -315,7 +356,7 @@ class DistillationModule(L.LightningModule):
         x0, mask, prompts = batch
         pair = self.encode(prompts)
         l_dstl, w = self.distillation_loss(x0, pair, use_cfg, generator)
-        gamma = self.cfg["gamma"]
+        gamma = self.cfg.gamma
         if gamma > 0:
             l_ori = self.denoising_loss(x0, mask, pair, generator)
             scale = (l_dstl / l_ori.clamp(min=1e-12)).detach()
@@ -326,7 +367,7 @@ class DistillationModule(L.LightningModule):
         return {"loss": loss, "loss_dstl": l_dstl.detach(), "loss_ori": l_ori.detach(), "w": w}
 
     def training_step(self, batch, batch_idx):
-        use_cfg = uses_cfg_loss(self.cfg["seed"], self.global_step, self.cfg["p_cfg"])
+        use_cfg = uses_cfg_loss(self.cfg.seed, self.global_step, self.cfg.p_cfg)
         out = self.model_step(batch, use_cfg)
         self.log("train/loss", out["loss"], prog_bar=True, on_step=True, on_epoch=False)
         kind = "cfg" if use_cfg else "vanilla"
@@ -338,8 +379,8 @@ class DistillationModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         n = self.global_step
-        update_ema(self.ema_unet, self.unet, n, self.cfg["ema_decay"])
-        every = self.cfg["val_every"]
+        update_ema(self.ema_unet, self.unet, n, self.cfg.ema_decay)
+        every = self.cfg.val_every
         if every and (n + 1) % every == 0:
             self.run_validation()
 
@@ -355,18 +396,18 @@ class DistillationModule(L.LightningModule):
     @torch.no_grad()
     def run_validation(self) -> None:
         cfg = self.cfg
-        specs, prompts = validation_scenes(cfg["val_prompts"])
+        specs, prompts = validation_scenes(cfg.val_prompts)
         g = self.teacher_guidance
-        metrics = evaluate_pipeline(self.sampling_pipeline(g), specs, prompts, cfg["student_steps"], g)
+        metrics = evaluate_pipeline(self.sampling_pipeline(g), specs, prompts, cfg.student_steps, g)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False)
-        print(f"\n[val step {self.global_step + 1}, {cfg['student_steps']} steps, guidance {g}] "
+        print(f"\n[val step {self.global_step + 1}, {cfg.student_steps} steps, guidance {g}] "
               + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
 
     def configure_optimizers(self):
         cfg = self.cfg
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         return {"optimizer": opt,
-                "lr_scheduler": warmup_cosine_scheduler(opt, cfg["max_steps"], int(cfg["lr_warmup_steps"]))}
+                "lr_scheduler": warmup_cosine_scheduler(opt, cfg.max_steps, cfg.lr_warmup_steps)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,11 +421,16 @@ POST_TRAINING_KEYS = frozenset({"sweep_guidance", "guidance_candidates", "guidan
                                 "heldout_loss_scenes", "output_dir", "metrics_path", "share_frozen_components"})
 
 
-def config_hash(cfg: dict) -> str:
+def training_config(cfg: DistillConfig) -> dict[str, Any]:
+    """The part of ``cfg`` that changes the trained weights, as the params sections state it
+    (``given_fields``: a field left at its default is out, as when stages read a dict)."""
+    return {k: v for k, v in given_fields(cfg).items() if k not in POST_TRAINING_KEYS}
+
+
+def config_hash(cfg: DistillConfig) -> str:
     """Key of a student run's checkpoints: its training config (``POST_TRAINING_KEYS`` left out)
     and its teacher's weights (a retrained teacher never resumes an old checkpoint)."""
-    training = {k: v for k, v in cfg.items() if k not in POST_TRAINING_KEYS}
-    return content_sha256({**training, "teacher_fingerprint": unet_fingerprint(cfg["teacher"])}, 12)
+    return content_sha256({**training_config(cfg), "teacher_fingerprint": unet_fingerprint(cfg.teacher)}, 12)
 
 
 @torch.no_grad()
@@ -454,25 +500,25 @@ def save_student(module: DistillationModule, out_dir: str | Path, guidance: floa
     tmp_dir.rename(out_dir)
 
 
-def train(cfg: dict) -> dict[str, Any]:
-    """Distil ``cfg["teacher"]`` into a ``cfg["student_steps"]``-step student and save it at
-    ``cfg["output_dir"]`` (see ``stage_config`` for the params.yaml sections). Returns metrics."""
+def train(cfg: DistillConfig) -> dict[str, Any]:
+    """Distil ``cfg.teacher`` into a ``cfg.student_steps``-step student and save it at
+    ``cfg.output_dir`` (see ``stage_config`` for the params.yaml sections). Returns metrics."""
     from mlops.tracking import mlflow_logger
 
-    L.seed_everything(cfg["seed"], workers=True)
+    L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    ckpt_dir = Path(cfg["checkpoint_dir"]) / config_hash(cfg)
+    ckpt_dir = Path(cfg.checkpoint_dir) / config_hash(cfg)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last = ckpt_dir / "last.ckpt"
 
     module = DistillationModule(cfg)
     resolution = int(module.teacher_unet.config.sample_size)
-    loader = DataLoader(SceneStream(cfg["seed"], resolution, cfg["count_weights"]),
-                        batch_size=cfg["batch_size"], collate_fn=stack_columns, num_workers=0)
-    stage = cfg.get("stage", "distill")
+    loader = DataLoader(SceneStream(cfg.seed, resolution, cfg.count_weights),
+                        batch_size=cfg.batch_size, collate_fn=stack_columns, num_workers=0)
+    stage = cfg.stage
     logger = mlflow_logger(stage, run_name=stage)
-    trainer = make_trainer(logger, checkpoint_dir=ckpt_dir, checkpoint_every=cfg["checkpoint_every"],
-                           max_steps=cfg["max_steps"], log_every_n_steps=10, gradient_clip_val=cfg["grad_clip"],
+    trainer = make_trainer(logger, checkpoint_dir=ckpt_dir, checkpoint_every=cfg.checkpoint_every,
+                           max_steps=cfg.max_steps, log_every_n_steps=10, gradient_clip_val=cfg.grad_clip,
                            limit_val_batches=0)
     resumed_from = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"]) if last.exists() else 0
     t0 = time.time()
@@ -483,7 +529,7 @@ def train(cfg: dict) -> dict[str, Any]:
     steps_this_run = int(trainer.global_step) - resumed_from
 
     module.eval()
-    n_heldout = int(cfg["heldout_loss_scenes"])
+    n_heldout = cfg.heldout_loss_scenes
     heldout = {"teacher_copy": heldout_distillation_loss(module, module.teacher_unet, n_heldout),
                "student_ema": heldout_distillation_loss(module, module.ema_unet, n_heldout)} if n_heldout else {}
     print(f"[held-out L_dstl, {n_heldout} scenes] " + json.dumps(heldout), flush=True)
@@ -491,34 +537,36 @@ def train(cfg: dict) -> dict[str, Any]:
     # at (bench_distill's target_guidance) and served at (the bundle's student.guidance). The sweep
     # over guidance_candidates is a diagnostic, recorded with its best candidate.
     guidance = module.teacher_guidance
-    if cfg["sweep_guidance"]:
-        sweep_best, guidance_results = choose_guidance(module, {**cfg, "val_steps": cfg["student_steps"]})
+    if cfg.sweep_guidance:
+        steps = cfg.guidance_eval_steps if cfg.guidance_eval_steps is not None else cfg.student_steps
+        sweep_best, guidance_results = choose_guidance(module, cfg.guidance_candidates, cfg.guidance_eval_prompts,
+                                                       steps, cfg.guidance_checker, cfg.guidance_eval_objects)
     else:
         sweep_best, guidance_results = None, {}
     teacher_record = {}
-    teacher_file = Path(cfg["teacher"]) / DISTILLATION_FILE
+    teacher_file = Path(cfg.teacher) / DISTILLATION_FILE
     if teacher_file.is_file():  # the teacher is itself a student: keep the chain
         teacher_record = json.loads(teacher_file.read_text())
     record = {
         "method": "SnapFusion step distillation, CFG-aware loss (arXiv 2306.00980, sec. 4)",
-        "teacher": str(cfg["teacher"]),
-        "teacher_fingerprint": unet_fingerprint(cfg["teacher"]),
-        "teacher_steps": 2 * int(cfg["student_steps"]),
-        "student_steps": int(cfg["student_steps"]),
+        "teacher": str(cfg.teacher),
+        "teacher_fingerprint": unet_fingerprint(cfg.teacher),
+        "teacher_steps": 2 * cfg.student_steps,
+        "student_steps": cfg.student_steps,
         "timestep_spacing": "trailing",
         "training_steps": int(trainer.global_step),
-        "batch_size": cfg["batch_size"],
-        "p_cfg": cfg["p_cfg"],
-        "guidance_range": list(cfg["guidance_range"]),
-        "gamma": cfg["gamma"],
-        "lr": cfg["lr"],
+        "batch_size": cfg.batch_size,
+        "p_cfg": cfg.p_cfg,
+        "guidance_range": list(cfg.guidance_range),
+        "gamma": cfg.gamma,
+        "lr": cfg.lr,
         "default_guidance": guidance,
         "sweep_best_guidance": sweep_best,
         "stage": stage,
         "teacher_distillation": teacher_record or None,
     }
-    save_student(module, cfg["output_dir"], guidance, record,
-                 teacher_dir=cfg["teacher"] if cfg.get("share_frozen_components", True) else None)
+    save_student(module, cfg.output_dir, guidance, record,
+                 teacher_dir=cfg.teacher if cfg.share_frozen_components else None)
 
     metrics = {
         **{k: record[k] for k in ("teacher", "teacher_steps", "student_steps", "p_cfg", "guidance_range", "gamma")},
@@ -530,7 +578,7 @@ def train(cfg: dict) -> dict[str, Any]:
         "guidance_sweep": guidance_results,
         "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         "heldout_loss_dstl": heldout,
-        "output_dir": str(cfg["output_dir"]),
+        "output_dir": str(cfg.output_dir),
     }
     if logger is not None:
         logger.log_metrics({"final/default_guidance": guidance, "final/train_seconds": train_seconds,
@@ -540,21 +588,23 @@ def train(cfg: dict) -> dict[str, Any]:
     return metrics
 
 
-def stage_config(stage: str, variant: str | None = None) -> dict:
+def stage_config(stage: str, variant: str | None = None, path: str | os.PathLike | None = None) -> DistillConfig:
     """The config of a DVC stage: the shared ``distill`` section, then the stage's section, then
-    (for ``distill_8``) its variant from ``distill_8_variants``."""
-    from mlops.params import load_params
+    (for ``distill_8``) its variant from ``distill_8_variants``. Each run checkpoints in a folder
+    of its own under ``checkpoint_dir``. ``path``: the params file (default: ``BUDGETDIFF_PARAMS``
+    or params.yaml)."""
+    from mlops.params import config_from_dict, load_config, load_params, params_path
 
-    cfg = {**load_params("distill"), **load_params(stage)}
-    name = stage
-    if variant is not None:
-        variants = load_params(f"{stage}_variants")
-        if variant not in variants:
-            raise UsageError(f"unknown variant {variant!r} of {stage} (one of {', '.join(variants)})")
-        cfg.update(variants[variant])
-        name = f"{stage}@{variant}"
-    cfg["checkpoint_dir"] = str(Path(cfg["checkpoint_dir"]) / name.replace("@", "_"))
-    return {**cfg, "stage": name}
+    if variant is None:
+        cfg, name = load_config("distill", DistillConfig, path, overrides=(stage,)), stage
+    else:
+        variants = load_params(f"{stage}_variants", path)
+        if not isinstance(variants, dict) or variant not in variants:
+            raise UsageError(f"unknown variant {variant!r} of {stage} (one of {', '.join(variants or ())})")
+        data = {**load_params("distill", path), **load_params(stage, path), **(variants[variant] or {})}
+        where = f"params file {params_path(path)}: section 'distill' + {stage!r} + '{stage}_variants.{variant}'"
+        cfg, name = config_from_dict(DistillConfig, data, where), f"{stage}@{variant}"
+    return dataclasses.replace(cfg, checkpoint_dir=str(Path(cfg.checkpoint_dir) / name.replace("@", "_")), stage=name)
 
 
 @command
@@ -567,7 +617,7 @@ def main() -> None:
         raise UsageError("usage: python -m training.distill STAGE [VARIANT]")
     cfg = stage_config(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
     metrics = train(cfg)
-    write_json(cfg["metrics_path"], metrics)
+    write_json(cfg.metrics_path, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "guidance_sweep"}))
 
 

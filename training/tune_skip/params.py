@@ -1,18 +1,117 @@
-"""The ``tune_skip`` params: validation (before Ray starts), the baseline configurations and
-the model's default guidance."""
+"""The ``tune_skip`` params: the typed section (``TuneSkipConfig``, read once by the command
+line), the checks types cannot express (before Ray starts), the baseline configurations and the
+model's default guidance."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
 SCHEDULER_NAMES = ("ddim", "dpmpp", "euler")
 REUSE_CHOICES = ("epsilon", "sample", "output")
 SEARCHES = ("optuna", "random")
 MIN_WARMUP = 4  # budgetdiff.methods.adaptive.HISTORY: the estimator needs the latents of four steps
 PAPER_DEFAULT = {"threshold": 0.01, "max_skip": 4, "warmup": 4}
+
+Scheduler = Literal["ddim", "dpmpp", "euler"]
+Reuse = Literal["epsilon", "sample", "output"]
+
+
+# Field order follows params.yaml's: the report copies some of these mappings as they are.
+@dataclass(frozen=True)
+class SearchSpace:
+    """``tune_skip.search_space`` (ranges checked by ``check_config``)."""
+
+    threshold_min: float
+    threshold_max: float
+    max_skip_min: int
+    max_skip_max: int
+    reuse: list[Reuse]
+    warmup_min: int
+    warmup_max: int
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """``tune_skip.baseline``: bench_adaptive's hand-tuned configuration."""
+
+    threshold: float
+    max_skip: int = 4
+    warmup: int = 4
+    reuse: Union[Reuse, dict[str, Reuse]] = "epsilon"  # one for all schedulers, or per scheduler
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """``tune_skip.selection.confirm``: the default re-rendered on prompts of its own."""
+
+    seed_offset: int
+    prompts_per_level: dict[int, int]
+    candidates: int = 3
+    batch_size: Optional[int] = None  # None: every prompt in one call
+
+
+@dataclass(frozen=True)
+class Selection:
+    """``tune_skip.selection``: the rule that picks points from the Optuna front."""
+
+    loss_ratio: float = 1.0
+    quality_levels: list[float] = field(default_factory=list)
+    confirm: Optional[Confirm] = None
+
+
+@dataclass(frozen=True)
+class HoldoutTargets:
+    nfe_speedup: dict[str, float] = field(default_factory=dict)  # per scheduler
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """``tune_skip.holdout``: the default points on bench_adaptive's prompts."""
+
+    seed_offset: int
+    prompts_per_level: dict[int, int]
+    batch_size: int = 32
+    remeasure_baseline: bool = False
+    targets: Optional[HoldoutTargets] = None
+
+
+@dataclass(frozen=True)
+class TuneSkipConfig:
+    """params.yaml's ``tune_skip`` section."""
+
+    model: str
+    schedulers: list[Scheduler]
+    steps: int
+    seed_offset: int
+    prompts_per_level: dict[int, int]
+    search_space: SearchSpace
+    num_samples: int
+    report_path: str
+    plot_path: str
+    policy_path: str
+    clip_dir: Optional[str] = None  # None or missing: the quality level is left out
+    guidance: Optional[float] = None
+    searches: list[Literal["optuna", "random"]] = field(default_factory=lambda: ["optuna", "random"])
+    optuna_startup_trials: int = 8
+    seed: int = 0
+    ablation_seeds: list[int] = field(default_factory=list)
+    warm_start: bool = True
+    cpus_per_trial: int = 1
+    max_concurrent: Optional[int] = None
+    ray_num_cpus: Optional[int] = None  # None: the machine's CPU count
+    runtime_env: Optional[dict[str, Any]] = None
+    worker_niceness: int = 0  # the private Ray's worker niceness (Ray's own default, 15, starves trials)
+    batch_size: Optional[int] = None  # prompts per pipeline call in the trials; None: all in one
+    baseline: Optional[Baseline] = None
+    baseline_report: Optional[str] = None
+    selection: Optional[Selection] = None
+    holdout: Optional[Holdout] = None
+    work_dir: str = ".cache/tune_skip"
 
 
 class TuneConfigError(ValueError):

@@ -13,7 +13,7 @@ from mlops.cli import ArgumentParser, command
 
 from .checkpoints import REFERENCE_KEYS, Checkpoints, run_key
 from .confirm import confirm, holdout
-from .params import absolute_path, baseline_configs, check_config, default_guidance
+from .params import TuneSkipConfig, absolute_path, baseline_configs, check_config, default_guidance
 from .report import ablation, log_mlflow, write_outputs
 from .search import run_search, select_all, start_ray
 from .trials import reference_task, tuning_prompts
@@ -144,13 +144,15 @@ def _tune(cfg: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """The command line: bad params (or a bad params file) are one ``error:`` line, exit status 2,
     before Ray starts."""
-    from mlops.params import load_params
+    from mlops.params import config_dict, load_config
 
     parser = ArgumentParser(prog="python -m training.tune_skip", description=DESCRIPTION)
     parser.add_argument("--model", help="a local model directory (embedded model, SD 1.5 or SDXL) to tune instead")
     parser.add_argument("--params", help="params file (default params.yaml)")
     args = parser.parse_args(argv)
-    cfg = load_params("tune_skip", args.params)
+    # The section is read once and type-checked here (unknown, missing, mistyped keys named); the
+    # search machinery below reads it as plain data (check_config adds absolute paths, model_class).
+    cfg = config_dict(load_config("tune_skip", TuneSkipConfig, args.params))
     if args.model:
         cfg = {**cfg, "model": args.model, "baseline_report": None}
     report = tune(check_config(cfg))
