@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,10 +25,22 @@ from budgetdiff.io import atomic_write_json
 from budgetdiff.generation.pipeline import BudgetDiffusionPipeline
 from budgetdiff.domain.scenes import held_out_scenes
 from mlops.cli import command
-from mlops.params import load_params
+from mlops.params import load_config
 
-PARAMS = ("model", "checker", "n_objects", "prompts", "seed_offset", "steps", "guidances", "batch_size",
-          "report_path")
+
+@dataclass(frozen=True)
+class AblateCompositionConfig:
+    """The ``ablate_composition`` section of params.yaml."""
+
+    model: str
+    checker: str
+    n_objects: int
+    prompts: int
+    seed_offset: int
+    steps: int
+    guidances: list[float]
+    batch_size: int
+    report_path: str
 
 
 def failure_modes(detected, specs) -> dict:
@@ -61,31 +74,31 @@ def failure_modes(detected, specs) -> dict:
             "detected_object_counts": {str(k): v for k, v in sorted(counts.items())}}
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: AblateCompositionConfig) -> dict:
     t0 = time.time()
-    pipe = BudgetDiffusionPipeline.from_pretrained(cfg["model"])
+    pipe = BudgetDiffusionPipeline.from_pretrained(cfg.model)
     pipe.set_progress_bar_config(disable=True)
-    checker = load_attribute_checker(cfg["checker"])
-    specs, prompts = held_out_scenes(cfg["prompts"], cfg["seed_offset"], n_objects=cfg["n_objects"])
+    checker = load_attribute_checker(cfg.checker)
+    specs, prompts = held_out_scenes(cfg.prompts, cfg.seed_offset, n_objects=cfg.n_objects)
     results = {}
-    for g in cfg["guidances"]:
-        images = pipe.generate_in_batches(prompts, cfg["batch_size"], seed=0, output_type="np",
-                                          num_inference_steps=cfg["steps"], guidance_scale=float(g),
+    for g in cfg.guidances:
+        images = pipe.generate_in_batches(prompts, cfg.batch_size, seed=0, output_type="np",
+                                          num_inference_steps=cfg.steps, guidance_scale=g,
                                           scheduler="ddim").images
         detected = detect_scenes(checker, images_to_tensor(images))
         results[str(g)] = failure_modes(detected, specs)
         print(f"ablate_composition: guidance {g}: all right {results[str(g)]['scenes_all_right']:.3f} "
               f"{results[str(g)]['per_object']}", flush=True)
-    report = {"what": f"failure modes of {cfg['model']} on {cfg['n_objects']}-object held-out prompts",
-              "judge": cfg["checker"], "steps": cfg["steps"], "prompts": cfg["prompts"], "by_guidance": results,
+    report = {"what": f"failure modes of {cfg.model} on {cfg.n_objects}-object held-out prompts",
+              "judge": cfg.checker, "steps": cfg.steps, "prompts": cfg.prompts, "by_guidance": results,
               "seconds": round(time.time() - t0, 1)}
-    atomic_write_json(cfg["report_path"], report)
+    atomic_write_json(cfg.report_path, report)
     return report
 
 
 @command
 def main() -> None:
-    run(load_params("ablate_composition", required=PARAMS))
+    run(load_config("ablate_composition", AblateCompositionConfig))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,10 +40,29 @@ from budgetdiff.domain.scenes import (BACKGROUNDS, COLORS, MATERIALS, POSITIONS,
                                sample_scene, spec_to_prompt)
 from budgetdiff.text import encode_prompts, load_minilm
 from mlops.cli import command
-from mlops.params import load_params
+from mlops.params import load_config
 
-PARAMS = ("train_prompts", "eval_prompts_per_count", "train_seed_offset", "eval_seed_offset", "count_weights",
-          "material_prob", "speckle_prob", "steps", "batch_size", "lr", "width", "seed", "probes", "report_path")
+Probe = Literal["pooled_mlp", "tokens_xattn", "tokens_adapter_xattn", "random_encoder_xattn"]
+
+
+@dataclass(frozen=True)
+class AblateTextBindingConfig:
+    """The ``ablate_text_binding`` section of params.yaml."""
+
+    train_prompts: int
+    eval_prompts_per_count: int
+    train_seed_offset: int
+    eval_seed_offset: int
+    count_weights: tuple[float, ...]
+    material_prob: float
+    speckle_prob: float
+    steps: int
+    batch_size: int
+    lr: float
+    width: int
+    seed: int
+    probes: list[Probe]  # the module docstring describes each
+    report_path: str
 
 # Per-cell heads: shape (0 = empty), colour, size, texture; global heads: background, material, strength.
 CELL_HEADS = (("shape", ("empty",) + SHAPES), ("color", tuple(COLORS)), ("size", SIZES), ("texture", TEXTURES))
@@ -149,21 +170,21 @@ def encode(prompts, encoder, tokenizer, batch: int = 256):
     return hidden, masks, torch.cat(pooled)
 
 
-def scenes(n: int, offset: int, cfg: dict, n_objects: int | None = None):
-    specs = [sample_scene(offset + i, n_objects=n_objects, count_weights=tuple(cfg["count_weights"]),
-                          material_prob=cfg["material_prob"], speckle_prob=cfg["speckle_prob"]) for i in range(n)]
+def scenes(n: int, offset: int, cfg: AblateTextBindingConfig, n_objects: int | None = None):
+    specs = [sample_scene(offset + i, n_objects=n_objects, count_weights=cfg.count_weights,
+                          material_prob=cfg.material_prob, speckle_prob=cfg.speckle_prob) for i in range(n)]
     return specs, [spec_to_prompt(s) for s in specs]
 
 
-def train_probe(probe: nn.Module, train, evals, cfg: dict) -> dict:
+def train_probe(probe: nn.Module, train, evals, cfg: AblateTextBindingConfig) -> dict:
     hidden, mask, pooled, targets = train
-    opt = torch.optim.AdamW(probe.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    total, warm = cfg["steps"], max(1, cfg["steps"] // 20)  # 5 % linear warm-up, then cosine to 0
+    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=0.01)
+    total, warm = cfg.steps, max(1, cfg.steps // 20)  # 5 % linear warm-up, then cosine to 0
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
-    g = torch.Generator().manual_seed(cfg["seed"])
-    for _ in tqdm(range(cfg["steps"]), desc="probe", unit="step", leave=False):
-        idx = torch.randint(0, len(hidden), (cfg["batch_size"],), generator=g)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for _ in tqdm(range(cfg.steps), desc="probe", unit="step", leave=False):
+        idx = torch.randint(0, len(hidden), (cfg.batch_size,), generator=g)
         out = probe(hidden[idx].float(), mask[idx], pooled[idx])
         loss = loss_fn(out, {k: v[idx] for k, v in targets.items()})
         opt.zero_grad()
@@ -178,18 +199,18 @@ def train_probe(probe: nn.Module, train, evals, cfg: dict) -> dict:
     return {"all_attributes_right": result, "final_train_loss": round(loss.item(), 4)}
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: AblateTextBindingConfig) -> dict:
     t0 = time.time()
-    torch.manual_seed(cfg["seed"])
-    specs, prompts = scenes(cfg["train_prompts"], cfg["train_seed_offset"], cfg)
-    eval_sets = {k: scenes(cfg["eval_prompts_per_count"], cfg["eval_seed_offset"] + 100_000 * k, cfg, n_objects=k)
+    torch.manual_seed(cfg.seed)
+    specs, prompts = scenes(cfg.train_prompts, cfg.train_seed_offset, cfg)
+    eval_sets = {k: scenes(cfg.eval_prompts_per_count, cfg.eval_seed_offset + 100_000 * k, cfg, n_objects=k)
                  for k in (1, 2, 3, 4)}
     encoders = {"minilm": load_minilm()}
-    if any(p.startswith("random_encoder") for p in cfg["probes"]):
+    if any(p.startswith("random_encoder") for p in cfg.probes):
         from transformers import BertModel
 
         minilm, tokenizer = encoders["minilm"]
-        torch.manual_seed(cfg["seed"])
+        torch.manual_seed(cfg.seed)
         encoders["random"] = (BertModel(minilm.config).eval().requires_grad_(False), tokenizer)
     features = {}
     for name, (encoder, tokenizer) in encoders.items():
@@ -198,30 +219,30 @@ def run(cfg: dict) -> dict:
         features[name] = (train, evals)
     dim = features["minilm"][0][0].shape[-1]
     builders = {
-        "pooled_mlp": ("minilm", lambda: PooledProbe(dim, cfg["width"])),
-        "tokens_xattn": ("minilm", lambda: TokenProbe(dim, cfg["width"])),
-        "tokens_adapter_xattn": ("minilm", lambda: TokenProbe(dim, cfg["width"], adapter_layers=2)),
-        "random_encoder_xattn": ("random", lambda: TokenProbe(dim, cfg["width"])),
+        "pooled_mlp": ("minilm", lambda: PooledProbe(dim, cfg.width)),
+        "tokens_xattn": ("minilm", lambda: TokenProbe(dim, cfg.width)),
+        "tokens_adapter_xattn": ("minilm", lambda: TokenProbe(dim, cfg.width, adapter_layers=2)),
+        "random_encoder_xattn": ("random", lambda: TokenProbe(dim, cfg.width)),
     }
     results = {}
-    for name in cfg["probes"]:
+    for name in cfg.probes:
         source, build = builders[name]
-        torch.manual_seed(cfg["seed"])
+        torch.manual_seed(cfg.seed)
         start = time.time()
         results[name] = train_probe(build(), *features[source], cfg)
         results[name]["seconds"] = round(time.time() - start, 1)
         print(f"ablate_text_binding: {name}: all attributes right by object count "
               f"{results[name]['all_attributes_right']}", flush=True)
     report = {"what": "held-out share of prompts whose whole layout a probe on the frozen text encoder decodes",
-              "train_prompts": cfg["train_prompts"], "eval_prompts_per_count": cfg["eval_prompts_per_count"],
-              "steps": cfg["steps"], "probes": results, "seconds": round(time.time() - t0, 1)}
-    atomic_write_json(cfg["report_path"], report)
+              "train_prompts": cfg.train_prompts, "eval_prompts_per_count": cfg.eval_prompts_per_count,
+              "steps": cfg.steps, "probes": results, "seconds": round(time.time() - t0, 1)}
+    atomic_write_json(cfg.report_path, report)
     return report
 
 
 @command
 def main() -> None:
-    run(load_params("ablate_text_binding", required=PARAMS))
+    run(load_config("ablate_text_binding", AblateTextBindingConfig))
 
 
 if __name__ == "__main__":

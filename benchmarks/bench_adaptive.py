@@ -52,8 +52,9 @@ import json
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -72,9 +73,88 @@ from budgetdiff.generation.loading import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig, psnr
 from budgetdiff.domain.scenes import level_prompts
+from mlops.cli import command
 
 PAB_HOOK = "pyramid_attention_broadcast"  # diffusers.hooks.pyramid_attention_broadcast's hook name
 ATTR_VS_FULL = "domain/attr_acc_vs_full"
+Scheduler = Literal["ddim", "dpmpp", "euler"]  # budgetdiff.generation.pipeline.SCHEDULERS
+Reuse = Literal["output", "epsilon", "sample"]  # budgetdiff.methods.adaptive.REUSE_SPACES
+
+
+# ------------------------------------------------------------------------------------------
+# Params
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tuning:
+    """δ per scheduler, chosen on prompts of its own (``tune_thresholds``)."""
+
+    seed_offset: int
+    prompts_per_level: dict[int, int]
+    candidates: list[float]
+
+
+@dataclass(frozen=True)
+class DeepCacheSettings:
+    cache_interval: int
+    cache_branch_id: int
+
+
+@dataclass(frozen=True)
+class PabSettings:
+    spatial_attention_block_skip_range: int
+    cross_attention_block_skip_range: int
+    timestep_skip_range: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class SecondGuidance:
+    guidance: float
+    scheduler: Scheduler
+    prompts_per_level: int
+
+
+@dataclass(frozen=True)
+class Oracle:
+    scheduler: Scheduler
+    steps: int
+    prompts: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class AdaptiveTargets:
+    nfe_speedup: float
+    psnr: float
+    overhead_pct: float
+
+
+@dataclass(frozen=True)
+class BenchAdaptiveConfig:
+    """The ``bench_adaptive`` section of params.yaml."""
+
+    model: str
+    clip_dir: str
+    attributes_dir: str
+    steps: int
+    guidance: Optional[float]
+    schedulers: list[Scheduler]
+    seed_offset: int
+    prompts_per_level: dict[int, int]
+    batch_size: int
+    warmup: int
+    max_skip: int
+    default_threshold: float
+    thresholds: list[float]
+    official_thresholds: list[float]
+    tuning: Tuning
+    deepcache: DeepCacheSettings
+    pab: PabSettings
+    targets: AdaptiveTargets
+    report_path: str
+    plot_path: str
+    reuse: Union[Reuse, dict[Scheduler, Reuse]] = "epsilon"  # one space for all, or per scheduler (``reuse_for``)
+    second_guidance: Optional[SecondGuidance] = None
+    oracle: Optional[Oracle] = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -89,19 +169,18 @@ class Method:
     kind: str
     params: dict = field(default_factory=dict)
 
-    def adaptive_config(self, cfg: dict, scheduler: str) -> AdaptiveSkipConfig | None:
+    def adaptive_config(self, cfg: BenchAdaptiveConfig, scheduler: str) -> AdaptiveSkipConfig | None:
         if not self.kind.startswith("adaptive"):
             return None
-        return AdaptiveSkipConfig(threshold=float(self.params["threshold"]), max_skip=int(cfg["max_skip"]),
-                                  warmup=int(cfg["warmup"]),
+        return AdaptiveSkipConfig(threshold=float(self.params["threshold"]), max_skip=cfg.max_skip,
+                                  warmup=cfg.warmup,
                                   estimator="official" if self.kind == "adaptive_official" else "paper",
-                                  reuse=self.params.get("reuse", reuse_for(cfg, scheduler)))
+                                  reuse=self.params.get("reuse", reuse_for(cfg.reuse, scheduler)))
 
 
-def reuse_for(cfg: dict, scheduler: str) -> str:
-    """What a skipped step reuses with ``scheduler``: ``cfg["reuse"]`` is one space for all, or a
+def reuse_for(reuse: str | dict[str, str], scheduler: str) -> str:
+    """What a skipped step reuses with ``scheduler``: ``reuse`` is one space for all, or a
     mapping scheduler -> space (unlisted schedulers: "epsilon")."""
-    reuse = cfg.get("reuse", "epsilon")
     return reuse.get(scheduler, "epsilon") if isinstance(reuse, dict) else reuse
 
 
@@ -164,7 +243,8 @@ def method_context(pipe, method: Method):
         yield
 
 
-def generate(pipe, method: Method, cfg: dict, prompts, seeds, scheduler: str, guidance: float, steps: int):
+def generate(pipe, method: Method, cfg: BenchAdaptiveConfig, prompts, seeds, scheduler: str, guidance: float,
+             steps: int):
     """(images (N, 3, H, W) in [0, 1], per-image NFE, skip masks or None, seconds, decision seconds)."""
     n_steps = int(method.params.get("steps", steps))
     with method_context(pipe, method):
@@ -181,8 +261,8 @@ def generate(pipe, method: Method, cfg: dict, prompts, seeds, scheduler: str, gu
 # ------------------------------------------------------------------------------------------
 # FLOPs
 # ------------------------------------------------------------------------------------------
-def flops_per_image(pipe, method: Method, cfg: dict, prompt: str, seed: int, scheduler: str, guidance: float,
-                    steps: int) -> float:
+def flops_per_image(pipe, method: Method, cfg: BenchAdaptiveConfig, prompt: str, seed: int, scheduler: str,
+                    guidance: float, steps: int) -> float:
     """Network FLOPs of one image of ``method`` (a one-prompt run, every UNet call counted)."""
     with counting_unet_flops(pipe.unet) as calls:
         generate(pipe, method, cfg, [prompt], [seed], scheduler, guidance, steps)
@@ -213,30 +293,30 @@ def summarize(values: dict[str, np.ndarray], images: torch.Tensor, refs: torch.T
 # ------------------------------------------------------------------------------------------
 # Tuning δ on separate prompts
 # ------------------------------------------------------------------------------------------
-def tune_thresholds(pipe, cfg: dict, guidance: float) -> dict:
+def tune_thresholds(pipe, cfg: BenchAdaptiveConfig, guidance: float) -> dict:
     """Per scheduler, the smallest candidate δ (paper estimator) that reaches
     ``targets.nfe_speedup`` fewer NFE at mean PSNR >= ``targets.psnr`` on the tuning prompts.
     Candidates are tried in increasing order and each scheduler's search stops at its first
     pass; when none passes, the candidate with the best speedup among those meeting the PSNR
     target (or the smallest candidate) is taken and ``met`` says False."""
-    tcfg, targets, steps = cfg["tuning"], cfg["targets"], int(cfg["steps"])
-    prompts, seeds, _ = level_prompts(tcfg["prompts_per_level"], int(tcfg["seed_offset"]))
-    out = {"prompts": len(prompts), "seed_offset": int(tcfg["seed_offset"]), "thresholds": {}, "met": {},
+    tcfg, targets, steps = cfg.tuning, cfg.targets, cfg.steps
+    prompts, seeds, _ = level_prompts(tcfg.prompts_per_level, tcfg.seed_offset)
+    out = {"prompts": len(prompts), "seed_offset": tcfg.seed_offset, "thresholds": {}, "met": {},
            "table": {}, "rule": "per scheduler: the smallest candidate with nfe_speedup >= target and mean PSNR >= "
                                 "target on the tuning prompts"}
-    for s in tqdm(cfg["schedulers"], desc="tuning δ", leave=False):
+    for s in tqdm(cfg.schedulers, desc="tuning δ", leave=False):
         ref = generate(pipe, Method("full", "full"), cfg, prompts, seeds, s, guidance, steps)[0]
         table = []
-        for delta in sorted(float(d) for d in tcfg["candidates"]):
+        for delta in sorted(tcfg.candidates):
             images, nfe, *_ = generate(pipe, Method("t", "adaptive", {"threshold": delta}), cfg, prompts, seeds, s,
                                        guidance, steps)
             row = {"threshold": delta, "mean_nfe": float(np.mean(nfe)), "nfe_speedup": steps / float(np.mean(nfe)),
                    "psnr": float(psnr(images, ref).mean())}
-            row["passes"] = row["nfe_speedup"] >= targets["nfe_speedup"] and row["psnr"] >= targets["psnr"]
+            row["passes"] = row["nfe_speedup"] >= targets.nfe_speedup and row["psnr"] >= targets.psnr
             table.append(row)
             if row["passes"]:
                 break
-        good = [r for r in table if r["passes"]] or [r for r in table if r["psnr"] >= targets["psnr"]] or table[:1]
+        good = [r for r in table if r["passes"]] or [r for r in table if r["psnr"] >= targets.psnr] or table[:1]
         best = good[0] if good[0]["passes"] else max(good, key=lambda r: r["nfe_speedup"])
         out["thresholds"][s], out["met"][s], out["table"][s] = best["threshold"], best["passes"], table
     return out
@@ -245,20 +325,20 @@ def tune_thresholds(pipe, cfg: dict, guidance: float) -> dict:
 # ------------------------------------------------------------------------------------------
 # One scheduler
 # ------------------------------------------------------------------------------------------
-def benchmark_scheduler(pipe, cfg: dict, scorer: MetricScorer, checker, scheduler: str, guidance: float,
-                        prompts, seeds, levels, tuned: float) -> tuple[dict, torch.Tensor]:
+def benchmark_scheduler(pipe, cfg: BenchAdaptiveConfig, scorer: MetricScorer, checker, scheduler: str,
+                        guidance: float, prompts, seeds, levels, tuned: float) -> tuple[dict, torch.Tensor]:
     """Every method's rows for one scheduler, and the full-step images (the references)."""
-    steps, bs = int(cfg["steps"]), int(cfg["batch_size"])
-    thresholds = sorted({float(d) for d in cfg["thresholds"]} | {tuned})
+    steps, bs = cfg.steps, cfg.batch_size
+    thresholds = sorted(set(cfg.thresholds) | {tuned})
     methods = [Method("full", "full")]
     methods += [Method(f"adaptive δ={d:g}", "adaptive", {"threshold": d}) for d in thresholds]
-    methods += [Method(f"adaptive_official δ={d:g}", "adaptive_official", {"threshold": float(d), "reuse": "output"})
-                for d in cfg["official_thresholds"]]
-    if reuse_for(cfg, scheduler) != "output":
+    methods += [Method(f"adaptive_official δ={d:g}", "adaptive_official", {"threshold": d, "reuse": "output"})
+                for d in cfg.official_thresholds]
+    if reuse_for(cfg.reuse, scheduler) != "output":
         methods.append(Method(f"adaptive_rawoutput δ={tuned:g}", "adaptive_rawoutput",
                               {"threshold": tuned, "reuse": "output"}))
-    methods += [Method(f"deepcache N={cfg['deepcache']['cache_interval']}", "deepcache", dict(cfg["deepcache"])),
-                Method("pab", "pab", dict(cfg["pab"]))]
+    methods += [Method(f"deepcache N={cfg.deepcache.cache_interval}", "deepcache", asdict(cfg.deepcache)),
+                Method("pab", "pab", asdict(cfg.pab))]
     runs = {m.name: {"images": [], "nfe": [], "masks": [], "seconds": 0.0, "decision": 0.0} for m in methods}
 
     def record(method: Method, chunk_prompts, chunk_seeds):
@@ -339,17 +419,17 @@ def equal_flops_comparison(rows: list[dict], lpips_name: str) -> dict:
 # ------------------------------------------------------------------------------------------
 # Guidance 7.5 and the oracle
 # ------------------------------------------------------------------------------------------
-def second_guidance(pipe, cfg: dict, scorer: MetricScorer, checker, tuned: float, default_images: torch.Tensor,
-                    prompts, seeds) -> dict:
+def second_guidance(pipe, cfg: BenchAdaptiveConfig, scorer: MetricScorer, checker, tuned: float,
+                    default_images: torch.Tensor, prompts, seeds) -> dict:
     """Full and adaptive (default and the scheduler's tuned δ) at guidance ``second_guidance.guidance`` on the
     first prompts of each level; the full images' attr_acc against the prompt is compared with
     the default guidance's on the same prompts (does the model tolerate it?)."""
-    g = cfg["second_guidance"]
-    steps, scheduler, guidance = int(cfg["steps"]), g["scheduler"], float(g["guidance"])
+    g = cfg.second_guidance
+    steps, scheduler, guidance = cfg.steps, g.scheduler, g.guidance
     rows, full_images = [], None
-    methods = [Method("full", "full"), Method(f"adaptive δ={cfg['default_threshold']:g}", "adaptive",
-                                              {"threshold": float(cfg["default_threshold"])})]
-    if tuned != float(cfg["default_threshold"]):
+    methods = [Method("full", "full"), Method(f"adaptive δ={cfg.default_threshold:g}", "adaptive",
+                                              {"threshold": cfg.default_threshold})]
+    if tuned != cfg.default_threshold:
         methods.append(Method(f"adaptive δ={tuned:g}", "adaptive", {"threshold": tuned}))
     for method in tqdm(methods, desc=f"guidance {guidance}", leave=False):
         images, nfe, _, seconds, _ = generate(pipe, method, cfg, prompts, seeds, scheduler, guidance, steps)
@@ -376,20 +456,20 @@ def random_admissible_mask(steps: int, skips: int, warmup: int, max_skip: int, r
     return None
 
 
-def oracle_comparison(pipe, cfg: dict, guidance: float, tuned: float, prompts, seeds, levels) -> dict:
+def oracle_comparison(pipe, cfg: BenchAdaptiveConfig, guidance: float, tuned: float, prompts, seeds, levels) -> dict:
     """Estimator path (tuned δ) against the greedy oracle path at the estimator's NFE, per prompt:
     overlap of the skipped steps (|both| / |oracle's|; a random admissible path's expected
     overlap beside it) and each path's final-image PSNR against the full-step image."""
-    ocfg = cfg["oracle"]
-    steps, scheduler = int(ocfg["steps"]), ocfg["scheduler"]
-    warmup, max_skip = int(cfg["warmup"]), int(cfg["max_skip"])
-    reuse = reuse_for(cfg, scheduler)
+    ocfg = cfg.oracle
+    steps, scheduler = ocfg.steps, ocfg.scheduler
+    warmup, max_skip = cfg.warmup, cfg.max_skip
+    reuse = reuse_for(cfg.reuse, scheduler)
     config = AdaptiveSkipConfig(threshold=tuned, max_skip=max_skip, warmup=warmup, reuse=reuse)
     # one prompt per level, round robin, so the few prompts span the complexity levels
     by_level: dict[int, list[int]] = {}
     for i, lv in enumerate(levels):
         by_level.setdefault(lv, []).append(i)
-    order = [idx for group in zip(*by_level.values()) for idx in group][: int(ocfg["prompts"])]
+    order = [idx for group in zip(*by_level.values()) for idx in group][: ocfg.prompts]
     rng = random.Random(0)
     out = []
     for i in tqdm(order, desc="oracle", leave=False):
@@ -397,7 +477,7 @@ def oracle_comparison(pipe, cfg: dict, guidance: float, tuned: float, prompts, s
                    output_type="pt", progress=False, adaptive=config)
         mask, nfe = est.records[0]["skip_mask"], est.records[0]["nfe"]
         oracle = oracle_skip_path(pipe, prompts[i], seeds[i], steps, nfe, scheduler=scheduler, guidance_scale=guidance,
-                                  warmup=warmup, max_skip=max_skip, batch_size=int(ocfg["batch_size"]), progress=True,
+                                  warmup=warmup, max_skip=max_skip, batch_size=ocfg.batch_size, progress=True,
                                   reuse=reuse)
         skips = sum(mask)
         est_set, orc_set = {k for k, s in enumerate(mask) if s}, {k for k, s in enumerate(oracle.mask) if s}
@@ -429,8 +509,7 @@ def oracle_comparison(pipe, cfg: dict, guidance: float, tuned: float, prompts, s
 # ------------------------------------------------------------------------------------------
 # Targets, plot, stage
 # ------------------------------------------------------------------------------------------
-def check_targets(report: dict, cfg: dict) -> dict:
-    t = cfg["targets"]
+def check_targets(report: dict, t: AdaptiveTargets) -> dict:
     lpips_name = report["lpips_backend"]
     out = {}
     for s, res in report["schedulers"].items():
@@ -438,15 +517,15 @@ def check_targets(report: dict, cfg: dict) -> dict:
         peers = res["equal_flops"]
         out[s] = {
             "nfe_speedup_at_psnr": {"row": tuned["method"], "nfe_speedup": tuned["nfe_speedup"],
-                                    "psnr": tuned["pixel/psnr"], "target": f">= {t['nfe_speedup']}x at >= {t['psnr']} dB",
-                                    "met": tuned["nfe_speedup"] >= t["nfe_speedup"] and tuned["pixel/psnr"] >= t["psnr"]},
+                                    "psnr": tuned["pixel/psnr"], "target": f">= {t.nfe_speedup}x at >= {t.psnr} dB",
+                                    "met": tuned["nfe_speedup"] >= t.nfe_speedup and tuned["pixel/psnr"] >= t.psnr},
             "lpips_better_than_peers_at_equal_flops": {
                 name: v["adaptive_better"] for name, v in peers.items() if not name.startswith("adaptive_")},
             "estimator_overhead_pct": {
                 "max": max(r["estimator_overhead_pct"] for r in res["rows"] if "estimator_overhead_pct" in r),
-                "target": f"<= {t['overhead_pct']}"},
+                "target": f"<= {t.overhead_pct}"},
         }
-        out[s]["estimator_overhead_pct"]["met"] = out[s]["estimator_overhead_pct"]["max"] <= t["overhead_pct"]
+        out[s]["estimator_overhead_pct"]["met"] = out[s]["estimator_overhead_pct"]["max"] <= t.overhead_pct
         out[s]["lpips_met"] = all(v is True for v in out[s]["lpips_better_than_peers_at_equal_flops"].values())
         out[s]["lpips_name"] = lpips_name
     return out
@@ -498,23 +577,23 @@ def quality_plot(report: dict) -> bytes:
     return buffer.getvalue()
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: BenchAdaptiveConfig) -> dict:
     """The whole benchmark; returns the report (see the module docstring)."""
     torch.manual_seed(0)
     start = time.time()
-    pipe = load_pipeline(cfg["model"])
+    pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
-    scorer = MetricScorer(ScoringConfig(clip_dir=cfg["clip_dir"], attributes_dir=cfg["attributes_dir"]))
+    scorer = MetricScorer(ScoringConfig(clip_dir=cfg.clip_dir, attributes_dir=cfg.attributes_dir))
     checker = scorer.checker
-    guidance = float(pipe.config.default_guidance_scale if cfg["guidance"] is None else cfg["guidance"])
-    steps = int(cfg["steps"])
-    report: dict = {"model": cfg["model"], "steps": steps, "guidance": guidance, "torch_threads": torch.get_num_threads(),
-                    "reuse": {s: reuse_for(cfg, s) for s in cfg["schedulers"]},
-                    "max_skip": int(cfg["max_skip"]), "warmup": int(cfg["warmup"]),
+    guidance = float(pipe.config.default_guidance_scale if cfg.guidance is None else cfg.guidance)
+    steps = cfg.steps
+    report: dict = {"model": cfg.model, "steps": steps, "guidance": guidance, "torch_threads": torch.get_num_threads(),
+                    "reuse": {s: reuse_for(cfg.reuse, s) for s in cfg.schedulers},
+                    "max_skip": cfg.max_skip, "warmup": cfg.warmup,
                     "official_default": {"threshold": AdaptiveSkipConfig().threshold,
                                          "max_skip": AdaptiveSkipConfig().max_skip},
                     "versions": {k: metadata.version(k) for k in ("diffusers", "DeepCache", "torch")},
-                    "lpips_backend": scorer.lpips.name, "targets_config": cfg["targets"],
+                    "lpips_backend": scorer.lpips.name, "targets_config": asdict(cfg.targets),
                     "definitions": {
                         ATTR_VS_FULL: "attr_acc of the image with the attribute checker's reading of the full-step "
                                       "image as the spec (agreement with the reference)",
@@ -531,12 +610,12 @@ def run(cfg: dict) -> dict:
     tuned_by_scheduler = report["tuning"]["thresholds"]
     report["tuned_thresholds"] = tuned_by_scheduler
 
-    prompts, seeds, levels = level_prompts(cfg["prompts_per_level"], int(cfg["seed_offset"]))
+    prompts, seeds, levels = level_prompts(cfg.prompts_per_level, cfg.seed_offset)
     report["prompts"] = {"count": len(prompts), "per_level": {str(k): levels.count(k) for k in sorted(set(levels))},
-                         "seed_offset": int(cfg["seed_offset"]), "batch_size": int(cfg["batch_size"])}
+                         "seed_offset": cfg.seed_offset, "batch_size": cfg.batch_size}
     report["schedulers"] = {}
     full_images = {}
-    for s in cfg["schedulers"]:
+    for s in cfg.schedulers:
         t0 = time.time()
         tuned = tuned_by_scheduler[s]
         res, full_images[s] = benchmark_scheduler(pipe, cfg, scorer, checker, s, guidance, prompts, seeds, levels,
@@ -549,23 +628,24 @@ def run(cfg: dict) -> dict:
               f"PSNR {tuned_row['pixel/psnr']:.2f} dB, LPIPS {tuned_row[report['lpips_backend']]:.3f}, "
               f"wall {tuned_row['wall_speedup']:.2f}x ({res['seconds']:.0f} s)", flush=True)
 
-    g = cfg.get("second_guidance")
+    g = cfg.second_guidance
     if g:
-        sub = [i for k in sorted(set(levels)) for i in [j for j, lv in enumerate(levels) if lv == k][: int(g["prompts_per_level"])]]
-        if g["scheduler"] in full_images:  # the same prompts and seeds at the default guidance
-            default_images = full_images[g["scheduler"]][sub]
+        sub = [i for k in sorted(set(levels))
+               for i in [j for j, lv in enumerate(levels) if lv == k][: g.prompts_per_level]]
+        if g.scheduler in full_images:  # the same prompts and seeds at the default guidance
+            default_images = full_images[g.scheduler][sub]
         else:
             default_images = pipe([prompts[i] for i in sub], num_inference_steps=steps, guidance_scale=guidance,
-                                  scheduler=g["scheduler"], seed=[seeds[i] for i in sub], output_type="pt",
+                                  scheduler=g.scheduler, seed=[seeds[i] for i in sub], output_type="pt",
                                   progress=False).images.float()
         t0 = time.time()
-        report["second_guidance"] = second_guidance(pipe, cfg, scorer, checker, tuned_by_scheduler[g["scheduler"]],
+        report["second_guidance"] = second_guidance(pipe, cfg, scorer, checker, tuned_by_scheduler[g.scheduler],
                                                     default_images,
                                                     [prompts[i] for i in sub], [seeds[i] for i in sub])
         report["second_guidance"]["seconds"] = round(time.time() - t0, 1)
-    if cfg.get("oracle"):
+    if cfg.oracle:
         t0 = time.time()
-        report["oracle"] = oracle_comparison(pipe, cfg, guidance, tuned_by_scheduler[cfg["oracle"]["scheduler"]],
+        report["oracle"] = oracle_comparison(pipe, cfg, guidance, tuned_by_scheduler[cfg.oracle.scheduler],
                                              prompts, seeds, levels)
         report["oracle"]["seconds"] = round(time.time() - t0, 1)
     report["deepcache"] = {
@@ -574,19 +654,20 @@ def run(cfg: dict) -> dict:
         "note": "DeepCacheSDHelper wraps a diffusers UNet2DConditionModel's blocks by name; our model is one, so "
                 "it runs unchanged (cache_branch_id 0: on cached steps only conv_in, the shallowest up-block "
                 "resnet and conv_out run)."}
-    report["targets"] = check_targets(report, cfg)
+    report["targets"] = check_targets(report, cfg.targets)
     report["seconds_total"] = round(time.time() - start, 1)
     return report
 
 
+@command
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config
     from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
-    cfg = load_params("bench_adaptive")
+    cfg = load_config("bench_adaptive", BenchAdaptiveConfig)
     report = run(cfg)
-    atomic_write_json(cfg["report_path"], report)
-    atomic_write_bytes(cfg["plot_path"], quality_plot(report))
+    atomic_write_json(cfg.report_path, report)
+    atomic_write_bytes(cfg.plot_path, quality_plot(report))
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -597,8 +678,8 @@ def main() -> None:
             row = next(r for r in res["rows"] if r["method"] == res["tuned_row"])
             mlflow.log_metrics({f"bench_adaptive/{s}_{k.replace('/', '_')}": v for k, v in row.items()
                                 if isinstance(v, float)})
-        mlflow.log_artifact(cfg["report_path"])
-        mlflow.log_artifact(cfg["plot_path"])
+        mlflow.log_artifact(cfg.report_path)
+        mlflow.log_artifact(cfg.plot_path)
     summary = {s: {"nfe": t["nfe_speedup_at_psnr"]["met"], "lpips": t["lpips_met"],
                    "overhead": t["estimator_overhead_pct"]["met"]} for s, t in report["targets"].items()}
     print(json.dumps({"tuned_thresholds": report["tuned_thresholds"], "targets_met": summary,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from budgetdiff.io.fingerprint import content_sha256, unet_fingerprint
 from budgetdiff.statistics.quality import coverage_held, mean_quality, realised_quality
 from budgetdiff.domain.scenes import held_out_scenes
 from mlops.cli import command
-from mlops.params import load_params
+from mlops.params import load_config
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
 LEVELS = ("pixel/ssim", "pixel/psnr", "mid/lpips_alex_randinit", "high/iclip_domainclip")
@@ -49,6 +50,44 @@ LEVELS = ("pixel/ssim", "pixel/psnr", "mid/lpips_alex_randinit", "high/iclip_dom
 
 class BenchAutoError(ValueError):
     """A params value bench_auto cannot run with."""
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """The engine-overhead measurement: prompts, steps per image, alternated repeats."""
+
+    prompts: int
+    steps: int
+    repeats: int
+
+
+@dataclass(frozen=True)
+class Targets:
+    min_gflops_reduction: float
+    attr_acc_tolerance: float
+    clipt_tolerance: float
+    max_overhead_pct: float
+
+
+@dataclass(frozen=True)
+class BenchAutoConfig:
+    """The ``bench_auto`` section of params.yaml."""
+
+    bundle: str
+    prompts: int
+    count_weights: tuple[float, ...]
+    seed_offset: int
+    batch_size: int
+    full_steps: int
+    quality_targets: list[float]
+    overhead: Overhead
+    targets: Targets
+    clip_dir: str
+    attributes_dir: str
+    report_path: str
+    headline_path: str
+    plot_path: str
+    cache_dir: str
 
 
 def run_mode(gen: Generator, requests: list[GenerationRequest], batch_size: int, desc: str):
@@ -143,26 +182,25 @@ def quality_plot(results: dict, full: str) -> bytes:
     return buffer.getvalue()
 
 
-def check_targets(results: dict, overhead: dict, cfg: dict) -> dict:
-    t = cfg["targets"]
+def check_targets(results: dict, overhead: dict, t: Targets) -> dict:
     full, auto = results["full"], results["auto"]
     ratio = full["gflops_per_image"] / auto["gflops_per_image"]
     uniform = results["uniform_equal_nfe"]
     return {
-        "auto_gflops_reduction": {"measured": round(ratio, 3), "target": f">= {t['min_gflops_reduction']}x",
-                                  "met": ratio >= t["min_gflops_reduction"]},
+        "auto_gflops_reduction": {"measured": round(ratio, 3), "target": f">= {t.min_gflops_reduction}x",
+                                  "met": ratio >= t.min_gflops_reduction},
         "auto_attr_acc_within": {"measured": round(auto[ATTR] - full[ATTR], 5),
-                                 "target": f">= -{t['attr_acc_tolerance']} vs full-50",
-                                 "met": auto[ATTR] >= full[ATTR] - t["attr_acc_tolerance"]},
+                                 "target": f">= -{t.attr_acc_tolerance} vs full-50",
+                                 "met": auto[ATTR] >= full[ATTR] - t.attr_acc_tolerance},
         "auto_clipt_within": {"measured": round(auto[CLIPT] - full[CLIPT], 5),
-                              "target": f">= -{t['clipt_tolerance']} vs full-50",
-                              "met": auto[CLIPT] >= full[CLIPT] - t["clipt_tolerance"]},
+                              "target": f">= -{t.clipt_tolerance} vs full-50",
+                              "met": auto[CLIPT] >= full[CLIPT] - t.clipt_tolerance},
         "auto_vs_uniform_equal_nfe": {
             "uniform_steps": uniform["steps_mean"],
             "attr_acc": {"auto": auto[ATTR], "uniform": uniform[ATTR], "met": auto[ATTR] >= uniform[ATTR]},
             "fd": {"auto": auto[FD], "uniform": uniform[FD], "met": auto[FD] <= uniform[FD]}},
-        "engine_overhead": {"measured_pct": overhead["overhead_pct"], "target": f"<= {t['max_overhead_pct']} %",
-                            "met": overhead["overhead_pct"] <= t["max_overhead_pct"]},
+        "engine_overhead": {"measured_pct": overhead["overhead_pct"], "target": f"<= {t.max_overhead_pct} %",
+                            "met": overhead["overhead_pct"] <= t.max_overhead_pct},
     }
 
 
@@ -184,22 +222,27 @@ def calibration(results: dict, per_image_quality: dict, targets: list[float], co
     return rows
 
 
-def run(cfg: dict) -> dict:
+def check_params(cfg: BenchAutoConfig) -> None:
+    """The values the types do not rule out: counts >= 1, quality targets in (0, 1]."""
     for key in ("prompts", "batch_size", "full_steps"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise BenchAutoError(f"bench_auto.{key}: must be an integer >= 1, got {cfg[key]!r}")
-    for q in cfg["quality_targets"]:
-        if not 0 < float(q) <= 1:
+        if getattr(cfg, key) < 1:
+            raise BenchAutoError(f"bench_auto.{key}: must be an integer >= 1, got {getattr(cfg, key)!r}")
+    for q in cfg.quality_targets:
+        if not 0 < q <= 1:
             raise BenchAutoError(f"bench_auto.quality_targets: {q} is outside (0, 1]")
+
+
+def run(cfg: BenchAutoConfig) -> dict:
+    check_params(cfg)
     torch.manual_seed(0)
-    gen = Generator.load(cfg["bundle"])
-    scorer = MetricScorer(ScoringConfig(batch_size=256), clip=load_clip_backbone(cfg["clip_dir"]),
-                          checker=load_attribute_checker(cfg["attributes_dir"]))
-    specs, prompts = held_out_scenes(cfg["prompts"], cfg["seed_offset"], count_weights=cfg["count_weights"])
+    gen = Generator.load(cfg.bundle)
+    scorer = MetricScorer(ScoringConfig(batch_size=256), clip=load_clip_backbone(cfg.clip_dir),
+                          checker=load_attribute_checker(cfg.attributes_dir))
+    specs, prompts = held_out_scenes(cfg.prompts, cfg.seed_offset, count_weights=cfg.count_weights)
     truth = rendered(specs)
-    seeds = [cfg["seed_offset"] + i for i in range(len(prompts))]
+    seeds = [cfg.seed_offset + i for i in range(len(prompts))]
     gflops = gen.gflops_per_evaluation
-    cache = Path(cfg["cache_dir"])
+    cache = Path(cfg.cache_dir)
     # a run depends on the whole bundle only in auto mode: other modes are cached across auto-policy changes
     models_key = [gen.skip_policy.sha256, *(unet_fingerprint(m.path) for m in gen.models.values())]
     no_auto_key = [content_sha256({k: v for k, v in gen.bundle.raw.items() if k != "auto"}), *models_key]
@@ -212,14 +255,14 @@ def run(cfg: dict) -> dict:
 
     def measure(name: str, requests: list[GenerationRequest]) -> None:
         bundle_key = auto_key if any(r.mode == "auto" for r in requests) else no_auto_key
-        key = content_sha256([bundle_key, name, [r.__repr__() for r in requests], cfg["batch_size"]])
+        key = content_sha256([bundle_key, name, [r.__repr__() for r in requests], cfg.batch_size])
         path = cache / f"{name}_{key}.pt"
         if path.is_file():
             saved = torch.load(path, weights_only=False)
             images[name], records[name], secs[name] = saved["images"], saved["records"], saved["seconds"]
             print(f"[{name}] resumed from {path}", flush=True)
             return
-        images[name], records[name], secs[name] = run_mode(gen, requests, cfg["batch_size"], name)
+        images[name], records[name], secs[name] = run_mode(gen, requests, cfg.batch_size, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"images": images[name], "records": records[name], "seconds": secs[name]}, tmp)
@@ -228,11 +271,11 @@ def run(cfg: dict) -> dict:
               f"{np.mean([r['nfe'] for r in records[name]]):.2f}", flush=True)
 
     start = time.time()
-    measure("full", requests_for("full", steps=cfg["full_steps"]))
+    measure("full", requests_for("full", steps=cfg.full_steps))
     for mode in ("budget", "adaptive", "student", "auto"):
         measure(mode, requests_for(mode))
-    for q in cfg["quality_targets"]:
-        measure(f"auto_q{q:g}", requests_for("auto", quality_target=float(q)))
+    for q in cfg.quality_targets:
+        measure(f"auto_q{q:g}", requests_for("auto", quality_target=q))
     auto_nfe = float(np.mean([r["nfe"] for r in records["auto"]]))
     auto_gflops = float(np.mean([record_gflops(r, gflops) for r in records["auto"]]))
     uniform_nfe = max(1, round(auto_nfe))
@@ -252,15 +295,15 @@ def run(cfg: dict) -> dict:
         print(f"[{name}] NFE {r['nfe']:.2f} GFLOPs {r['gflops_per_image']:.2f} quality {r['quality']:.4f} "
               f"attr_acc {r[ATTR]:.4f} clipt {r[CLIPT]:.4f} fd {r[FD]:.4f} img/s {r['images_per_second']:.2f}",
               flush=True)
-    ov = cfg["overhead"]
-    overhead = engine_overhead(gen, prompts[:ov["prompts"]], ov["steps"], cfg["batch_size"], ov["repeats"])
+    ov = cfg.overhead
+    overhead = engine_overhead(gen, prompts[:ov.prompts], ov.steps, cfg.batch_size, ov.repeats)
     print(f"[overhead] {overhead['overhead_pct']:.2f} %", flush=True)
     full = results["full"]
     for r in results.values():
         r["gflops_reduction_vs_full"] = full["gflops_per_image"] / r["gflops_per_image"]
         r["nfe_reduction_vs_full"] = full["nfe"] / r["nfe"]
     report = {
-        "prompts": len(prompts), "seed_offset": cfg["seed_offset"], "batch_size": cfg["batch_size"],
+        "prompts": len(prompts), "seed_offset": cfg.seed_offset, "batch_size": cfg.batch_size,
         "bundle": gen.bundle.describe(), "skip_policy": gen.skip_policy.describe(),
         "auto_rule": gen.bundle.auto.to_record() if gen.bundle.auto else None,
         "auto_policy": gen.auto_policy.to_dict() if gen.auto_policy else None,
@@ -272,14 +315,14 @@ def run(cfg: dict) -> dict:
                         "uniform_equal_gflops": f"base model, {uniform_gflops} uniform steps "
                                                 f"(auto's mean GFLOPs {auto_gflops:.2f})"},
         "results": results,
-        "calibration": calibration(results, per_image_quality, [float(q) for q in cfg["quality_targets"]],
+        "calibration": calibration(results, per_image_quality, cfg.quality_targets,
                                    gen.auto_policy.coverage if gen.auto_policy else None),
         "engine_overhead": overhead,
-        "targets": check_targets(results, overhead, cfg),
+        "targets": check_targets(results, overhead, cfg.targets),
         "torch_threads": torch.get_num_threads(),
         "seconds_total": round(time.time() - start, 1),
     }
-    atomic_write_bytes(cfg["plot_path"], quality_plot(results, "full"))
+    atomic_write_bytes(cfg.plot_path, quality_plot(results, "full"))
     return report
 
 
@@ -297,10 +340,10 @@ def headline(report: dict) -> dict:
 
 @command
 def main() -> None:
-    cfg = load_params("bench_auto")
+    cfg = load_config("bench_auto", BenchAutoConfig)
     report = run(cfg)  # BenchAutoError is a ValueError: one line, exit 2
-    atomic_write_json(cfg["report_path"], report)
-    atomic_write_json(cfg["headline_path"], headline(report))
+    atomic_write_json(cfg.report_path, report)
+    atomic_write_json(cfg.headline_path, headline(report))
     print(json.dumps(report["targets"], indent=1))
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import textwrap
 import time
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -24,8 +26,31 @@ from budgetdiff.domain.evaluators import attr_check, check_scene_heuristic, load
 from budgetdiff.generation.loading import load_pipeline
 from budgetdiff.io import atomic_write_bytes, atomic_write_json, png_bytes
 from budgetdiff.domain.scenes import held_out_scenes, level_seed, render_scene_array, sample_scene, spec_to_prompt
+from mlops.cli import command
 
 CHECKERS = {"primary": "trained attribute checker (models/attributes)", "heuristic": "heuristic_v1"}
+Scheduler = Literal["ddim", "dpmpp", "euler"]  # budgetdiff.generation.pipeline.SCHEDULERS
+
+
+@dataclass(frozen=True)
+class BenchBaseConfig:
+    """The ``bench_base`` section of params.yaml."""
+
+    model: str
+    steps: int
+    scheduler: Scheduler
+    guidance: Optional[float]
+    batch_size: int
+    seed_offset: int
+    prompts_per_level: dict[int, int]
+    sweep_prompts: int
+    guidance_sweep: list[float]
+    targets_1_object: dict[str, float]  # attribute (as attr_check names it) -> minimum accuracy
+    grid_prompts: int
+    grid_steps: list[int]
+    attributes_dir: str
+    report_path: str
+    grid_path: str
 
 
 def generate_np(pipe, prompts, steps, guidance, scheduler, batch_size, desc):
@@ -66,17 +91,17 @@ def sample_grid(pipe, specs, prompts, steps_list, guidance, scheduler, cell: int
     return grid
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: BenchBaseConfig) -> dict:
     torch.manual_seed(0)
-    pipe = load_pipeline(cfg["model"])
-    checker = load_attribute_checker(cfg["attributes_dir"])
-    guidance = float(pipe.config.default_guidance_scale if cfg["guidance"] is None else cfg["guidance"])
-    steps, sched, bs = cfg["steps"], cfg["scheduler"], cfg["batch_size"]
-    report = {"model": cfg["model"], "checkers": CHECKERS, "steps": steps, "scheduler": sched,
+    pipe = load_pipeline(cfg.model)
+    checker = load_attribute_checker(cfg.attributes_dir)
+    guidance = float(pipe.config.default_guidance_scale if cfg.guidance is None else cfg.guidance)
+    steps, sched, bs = cfg.steps, cfg.scheduler, cfg.batch_size
+    report = {"model": cfg.model, "checkers": CHECKERS, "steps": steps, "scheduler": sched,
               "guidance": guidance, "levels": {}}
     start = time.time()
-    for n_obj, n in cfg["prompts_per_level"].items():
-        specs, prompts = held_out_scenes(n, level_seed(cfg["seed_offset"], int(n_obj), 0), n_objects=int(n_obj))
+    for n_obj, n in cfg.prompts_per_level.items():
+        specs, prompts = held_out_scenes(n, level_seed(cfg.seed_offset, n_obj, 0), n_objects=n_obj)
         images, sec = generate_np(pipe, prompts, steps, guidance, sched, bs, f"{n_obj} object(s)")
         if int(n_obj) == 1:
             one_object_images = images
@@ -91,31 +116,32 @@ def run(cfg: dict) -> dict:
             f"{k}={v:.3f}" for k, v in report["levels"][str(n_obj)]["model"]["checker"].items()))
     # Guidance sweep on the first 1-object prompts (same prompts and seeds as above, so the
     # default guidance's images are reused): how the default was chosen, measured again here.
-    n_sweep = cfg["sweep_prompts"]
-    specs, prompts = held_out_scenes(n_sweep, level_seed(cfg["seed_offset"], 1, 0), n_objects=1)
+    n_sweep = cfg.sweep_prompts
+    specs, prompts = held_out_scenes(n_sweep, level_seed(cfg.seed_offset, 1, 0), n_objects=1)
     report["guidance_sweep_1_object"] = {"prompts": n_sweep}
-    for g in sorted(set(cfg["guidance_sweep"]) | {guidance}):
+    for g in sorted(set(cfg.guidance_sweep) | {guidance}):
         images = one_object_images[:n_sweep] if g == guidance else generate_np(
             pipe, prompts, steps, g, sched, bs, f"guidance {g}")[0]
         report["guidance_sweep_1_object"][str(g)] = score(images, specs, checker)
-    targets = cfg["targets_1_object"]
+    targets = cfg.targets_1_object
     one = report["levels"]["1"]["model"]["checker"]
     report["targets_1_object"] = {k: {"target": v, "measured": one[k], "met": one[k] >= v} for k, v in targets.items()}
     report["seconds_total"] = round(time.time() - start, 1)
 
-    grid_specs = [sample_scene(cfg["seed_offset"] + 900_000 + i, n_objects=1 + i % 4) for i in range(cfg["grid_prompts"])]
-    grid = sample_grid(pipe, grid_specs, [spec_to_prompt(s) for s in grid_specs], cfg["grid_steps"], guidance, sched)
-    atomic_write_bytes(cfg["grid_path"], png_bytes(grid))
+    grid_specs = [sample_scene(cfg.seed_offset + 900_000 + i, n_objects=1 + i % 4) for i in range(cfg.grid_prompts)]
+    grid = sample_grid(pipe, grid_specs, [spec_to_prompt(s) for s in grid_specs], cfg.grid_steps, guidance, sched)
+    atomic_write_bytes(cfg.grid_path, png_bytes(grid))
     return report
 
 
+@command
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config
     from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
-    cfg = load_params("bench_base")
+    cfg = load_config("bench_base", BenchBaseConfig)
     report = run(cfg)
-    atomic_write_json(cfg["report_path"], report)
+    atomic_write_json(cfg.report_path, report)
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -123,8 +149,8 @@ def main() -> None:
     with mlflow.start_run(run_name="bench_base", tags=run_tags("bench_base")):
         for level, r in report["levels"].items():
             mlflow.log_metrics({f"bench_base/{level}obj_{k}": v for k, v in r["model"]["checker"].items()})
-        mlflow.log_artifact(cfg["report_path"])
-        mlflow.log_artifact(cfg["grid_path"])
+        mlflow.log_artifact(cfg.report_path)
+        mlflow.log_artifact(cfg.grid_path)
     print(json.dumps(report["targets_1_object"]))
 
 

@@ -47,7 +47,9 @@ import io
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -76,8 +78,43 @@ from training.budget import (
     predict_z,
 )
 
-PARAMS = ("dataset", "model", "budget_model", "split", "full_steps", "plateau_epsilons", "quality_targets",
-          "headline_rule", "targets", "timing_prompts", "timing_repeats", "report_path", "plot_path", "csv_path")
+
+
+@dataclass(frozen=True)
+class BudgetTargets:
+    min_steps_saved_pct: float
+    max_drop_pct: float
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """``folds`` folds, drawn ``repeats`` times (seeds ``seed`` .. ``seed + repeats - 1``)."""
+
+    folds: int
+    seed: int = 0
+    repeats: int = 1
+
+
+@dataclass(frozen=True)
+class BenchBudgetConfig:
+    """The ``bench_budget`` section of params.yaml."""
+
+    dataset: str
+    model: str
+    budget_model: str
+    split: Literal["train", "val", "test"]  # pipelines.schema.SPLITS
+    full_steps: int
+    plateau_epsilons: list[float]
+    quality_targets: list[float]
+    headline_rule: Union[Literal["plateau"], float]
+    targets: BudgetTargets
+    timing_prompts: int
+    timing_repeats: int
+    report_path: str
+    plot_path: str
+    csv_path: str
+    bootstrap: int = 0
+    cross_validation: Optional[CrossValidation] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,17 +133,17 @@ def true_curves(curves: CurveTable, rows: np.ndarray, predictor: BudgetPredictor
     return out
 
 
-def rules_to_run(cfg: dict, predictor: BudgetPredictor) -> dict[str, PlateauRule | QualityTargetRule]:
+def rules_to_run(cfg: BenchBudgetConfig, predictor: BudgetPredictor) -> dict[str, PlateauRule | QualityTargetRule]:
     default_eps = predictor.config["rules"]["plateau_epsilon"]
     cap = predictor.config["rules"]["psnr_cap_db"]
-    epsilons = sorted({float(e) for e in cfg["plateau_epsilons"]} | {float(default_eps)})
+    epsilons = sorted(set(cfg.plateau_epsilons) | {float(default_eps)})
     rules = {f"plateau_eps={e:g}": PlateauRule(e) for e in epsilons}
-    rules.update({f"quality_q={q:g}": QualityTargetRule(float(q), cap) for q in cfg["quality_targets"]})
+    rules.update({f"quality_q={q:g}": QualityTargetRule(q, cap) for q in cfg.quality_targets})
     return rules
 
 
-def headline_name(cfg: dict, predictor: BudgetPredictor) -> str:
-    rule = cfg["headline_rule"]
+def headline_name(cfg: BenchBudgetConfig, predictor: BudgetPredictor) -> str:
+    rule = cfg.headline_rule
     if rule == "plateau":
         return f"plateau_eps={predictor.config['rules']['plateau_epsilon']:g}"
     return f"quality_q={float(rule):g}"
@@ -201,14 +238,14 @@ def regret(steps: np.ndarray, oracle: np.ndarray, quality: dict, rule, grid: lis
     return out
 
 
-def targets_for(row: dict, targets: dict) -> dict:
+def targets_for(row: dict, targets: BudgetTargets) -> dict:
     saved = row["steps_saved_pct"]
     drops = {lv: v["drop_vs_full_pct"] for lv, v in row["levels"].items()}
     margins = {lv: v["margin_vs_uniform"] for lv, v in row["levels"].items()}
-    saving_ok = saved >= targets["min_steps_saved_pct"] and all(d <= targets["max_drop_pct"] for d in drops.values())
+    saving_ok = saved >= targets.min_steps_saved_pct and all(d <= targets.max_drop_pct for d in drops.values())
     return {"steps_saved_at_quality": {"steps_saved_pct": saved, "drop_vs_full_pct": drops,
-                                       "target": f">= {targets['min_steps_saved_pct']}% saved at <= "
-                                                 f"{targets['max_drop_pct']}% drop on every level",
+                                       "target": f">= {targets.min_steps_saved_pct}% saved at <= "
+                                                 f"{targets.max_drop_pct}% drop on every level",
                                        "met": bool(saving_ok)},
             "beats_uniform": {"margin": margins, "target": "adaptive > uniform at equal mean steps on every level",
                               "met": bool(all(m > 0 for m in margins.values()))}}
@@ -258,21 +295,21 @@ def prediction_cost(predictor: BudgetPredictor, pipe, prompts: list[str], rule, 
 # ------------------------------------------------------------------------------------------------
 # run(cfg)
 # ------------------------------------------------------------------------------------------------
-def load_predictors(cfg: dict, curves: CurveTable) -> dict[str, BudgetPredictor]:
-    out = {"bilstm": load_budget_predictor(cfg["budget_model"]),
-           "mlp": load_budget_predictor(Path(cfg["budget_model"]) / ABLATION_SUBDIR)}
+def load_predictors(cfg: BenchBudgetConfig, curves: CurveTable) -> dict[str, BudgetPredictor]:
+    out = {"bilstm": load_budget_predictor(cfg.budget_model),
+           "mlp": load_budget_predictor(Path(cfg.budget_model) / ABLATION_SUBDIR)}
     for p in out.values():
-        p.check_step_grid(curves.step_grid, str(cfg["dataset"]))
-        p.check_model(cfg["model"])
+        p.check_step_grid(curves.step_grid, cfg.dataset)
+        p.check_model(cfg.model)
         missing = [m for m in p.metrics if m not in curves.metrics]
         if missing:
             raise BudgetModelError(f"budget model {p.path!r} predicts {', '.join(missing)}, which "
-                                   f"{cfg['dataset']} lacks")
+                                   f"{cfg.dataset} lacks")
     return out
 
 
-def cross_validation(cv_cfg: dict, train_cfg: dict, table: pd.DataFrame, full_steps: int, targets: dict,
-                     bootstrap: int = 0) -> dict:
+def cross_validation(cv: CrossValidation, train_cfg: dict, table: pd.DataFrame, full_steps: int,
+                     targets: BudgetTargets, bootstrap: int = 0) -> dict:
     """``train_budget``'s recipe judged on every prompt of the dataset by k-fold cross-validation
     (``training.budget.cross_validate``): each prompt's steps are chosen by networks trained
     without it, so the allocation and the targets rest on all the prompts, not the test split's few.
@@ -281,9 +318,10 @@ def cross_validation(cv_cfg: dict, train_cfg: dict, table: pd.DataFrame, full_st
     and the R allocations of every prompt are judged together (``allocation`` with (R, n) steps;
     the bootstrap resamples prompts with all their allocations): which prompts share a fold moves
     single-split margins by more than they measure. Each repeat's own margins are kept under
-    ``repeats``."""
+    ``repeats``. ``train_cfg``: the ``train_budget`` section as plain data (the recipe's own params,
+    passed to ``training.budget.cross_validate``)."""
     t0 = time.time()
-    folds, repeats, seed = int(cv_cfg["folds"]), int(cv_cfg.get("repeats", 1)), int(cv_cfg.get("seed", 0))
+    folds, repeats, seed = cv.folds, cv.repeats, cv.seed
     if repeats < 1:
         raise ValueError(f"bench_budget.cross_validation.repeats: needs at least 1, got {repeats}")
     runs = []
@@ -324,23 +362,23 @@ def cross_validation(cv_cfg: dict, train_cfg: dict, table: pd.DataFrame, full_st
     return out
 
 
-def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dict]:
-    """The report, the trade-off rows (CSV) and what the plot needs. With ``cfg["cross_validation"]``
+def run(cfg: BenchBudgetConfig, train_cfg: dict | None = None) -> tuple[dict, list[dict], dict]:
+    """The report, the trade-off rows (CSV) and what the plot needs. With ``cfg.cross_validation``
     set, ``train_cfg`` (the ``train_budget`` params) is the recipe cross-validated over every prompt."""
     t_start = time.time()
     try:
-        table = pd.read_parquet(cfg["dataset"])
+        table = pd.read_parquet(cfg.dataset)
     except FileNotFoundError:
-        raise ValueError(f"bench_budget.dataset: {cfg['dataset']} does not exist (dvc repro dataset)") from None
+        raise ValueError(f"bench_budget.dataset: {cfg.dataset} does not exist (dvc repro dataset)") from None
     curves = dataset_curves(table)
     predictors = load_predictors(cfg, curves)
     main_predictor = predictors["bilstm"]
-    full_steps = int(cfg["full_steps"])
+    full_steps = cfg.full_steps
     if full_steps not in curves.step_grid:
         raise ValueError(f"bench_budget.full_steps: {full_steps} is not a grid step count {curves.step_grid}")
-    rows = curves.subset(cfg["split"])
+    rows = curves.subset(cfg.split)
     if len(rows) == 0:
-        raise ValueError(f"bench_budget.split: split {cfg['split']!r} has no prompts in {cfg['dataset']}")
+        raise ValueError(f"bench_budget.split: split {cfg.split!r} has no prompts in {cfg.dataset}")
     metrics = main_predictor.metrics
     idx = [curves.metrics.index(m) for m in metrics]
     levels = main_predictor.rule_metrics
@@ -348,7 +386,7 @@ def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dic
     quality = level_quality(curves, rows, levels, cap)
     prompts = [curves.prompts[r] for r in rows]
 
-    pipe, (encoder, tokenizer, _) = load_text_encoder(cfg["model"])
+    pipe, (encoder, tokenizer, _) = load_text_encoder(cfg.model)
     emb = embed_prompts(prompts, encoder, tokenizer, main_predictor.config["max_text_length"])
     everything = np.arange(len(rows))
     z = {name: predict_z(p.network, emb, everything) for name, p in predictors.items()}
@@ -375,14 +413,14 @@ def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dic
             choices = [choose_steps(c, rule) for c in curve_list]
             steps = np.array([c.steps for c in choices])
             chosen[name][rule_name] = steps
-            row = allocation(steps, curves, rows, quality, full_steps, metrics, int(cfg.get("bootstrap", 0)))
+            row = allocation(steps, curves, rows, quality, full_steps, metrics, cfg.bootstrap)
             row["rule_met_on_grid_fraction"] = round(float(np.mean([c.reached for c in choices])), 4)
             allocations[name][rule_name] = row
     for name in predicted:
         for rule_name, rule in rules.items():
             allocations[name][rule_name]["regret_vs_oracle"] = regret(
                 chosen[name][rule_name], chosen["oracle"][rule_name], quality, rule, curves.step_grid)
-    targets = cfg["targets"]
+    targets = cfg.targets
     for name in allocations:
         for row in allocations[name].values():
             row["targets"] = targets_for(row, targets)
@@ -404,11 +442,11 @@ def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dic
     render_nfe["saved_pct"] = round(100 * (1 - render_nfe["chosen"] / render_nfe["full"]), 2)
 
     rendered = main_predictor.config.get("rendered_with") or {}
-    cost = prediction_cost(main_predictor, pipe, prompts[: int(cfg["timing_prompts"])], rules[headline],
-                           int(cfg["timing_repeats"]), rendered.get("scheduler"), rendered.get("guidance"))
+    cost = prediction_cost(main_predictor, pipe, prompts[: cfg.timing_prompts], rules[headline],
+                           cfg.timing_repeats, rendered.get("scheduler"), rendered.get("guidance"))
 
     report = {
-        "split": cfg["split"], "prompts": int(len(rows)), "step_grid": curves.step_grid,
+        "split": cfg.split, "prompts": int(len(rows)), "step_grid": curves.step_grid,
         "reference_steps": curves.reference_steps, "full_steps": full_steps,
         "model": main_predictor.config["model"], "rendered_with": rendered,
         "seeds_per_prompt": int(curves.seeds.max()),
@@ -433,11 +471,11 @@ def run(cfg: dict, train_cfg: dict | None = None) -> tuple[dict, list[dict], dic
         "prompts_truncated": int(sum(emb.truncated)),
         "seconds_total": round(time.time() - t_start, 1),
     }
-    if cfg.get("cross_validation"):
+    if cfg.cross_validation:
         if train_cfg is None:
             raise ValueError("bench_budget.cross_validation: needs the train_budget params")
-        report["cross_validation"] = cross_validation(cfg["cross_validation"], train_cfg, table, full_steps,
-                                                      targets, int(cfg.get("bootstrap", 0)))
+        report["cross_validation"] = cross_validation(cfg.cross_validation, train_cfg, table, full_steps,
+                                                      targets, cfg.bootstrap)
         report["seconds_total"] = round(time.time() - t_start, 1)
     report["operating_points_meeting_both_targets"] = {
         name: [r for r, row in rows_.items() if all(t["met"] for t in row["targets"].values())]
@@ -567,7 +605,7 @@ def figure(report: dict, csv_rows: list[dict], data: dict) -> bytes:
     return buffer.getvalue()
 
 
-def log_to_mlflow(cfg: dict, report: dict) -> None:
+def log_to_mlflow(cfg: BenchBudgetConfig, report: dict) -> None:
     import mlflow
 
     from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
@@ -576,7 +614,7 @@ def log_to_mlflow(cfg: dict, report: dict) -> None:
     mlflow.set_experiment(EXPERIMENT)
     h = report["headline"]
     with mlflow.start_run(run_name="bench_budget", tags=run_tags("bench_budget")):
-        mlflow.log_params({"split": cfg["split"], "headline_rule": h["rule"], "full_steps": cfg["full_steps"],
+        mlflow.log_params({"split": cfg.split, "headline_rule": h["rule"], "full_steps": cfg.full_steps,
                            "prompts": report["prompts"]})
         metrics = {"bench_budget/mean_steps": h["mean_steps"], "bench_budget/steps_saved_pct": h["steps_saved_pct"],
                    "bench_budget/predict_ms": report["prediction_cost"]["predict_ms_median"],
@@ -586,20 +624,21 @@ def log_to_mlflow(cfg: dict, report: dict) -> None:
             metrics[f"bench_budget/{level}_drop_vs_full_pct"] = v["drop_vs_full_pct"]
             metrics[f"bench_budget/{level}_margin_vs_uniform"] = v["margin_vs_uniform"]
         mlflow.log_metrics(metrics)
-        for path in (cfg["report_path"], cfg["plot_path"], cfg["csv_path"]):
+        for path in (cfg.report_path, cfg.plot_path, cfg.csv_path):
             mlflow.log_artifact(path)
 
 
 @command  # BudgetModelError is a ValueError
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config, load_params
 
-    cfg = load_params("bench_budget", required=PARAMS)
-    train_cfg = load_params("train_budget") if cfg.get("cross_validation") else None
+    cfg = load_config("bench_budget", BenchBudgetConfig)
+    # train_budget's section as plain data: its type is the train_budget stage's
+    train_cfg = load_params("train_budget") if cfg.cross_validation else None
     report, csv_rows, plot_data = run(cfg, train_cfg)
-    atomic_write_json(cfg["report_path"], report)
-    atomic_write_bytes(cfg["csv_path"], pd.DataFrame(csv_rows).to_csv(index=False).encode())
-    atomic_write_bytes(cfg["plot_path"], figure(report, csv_rows, plot_data))
+    atomic_write_json(cfg.report_path, report)
+    atomic_write_bytes(cfg.csv_path, pd.DataFrame(csv_rows).to_csv(index=False).encode())
+    atomic_write_bytes(cfg.plot_path, figure(report, csv_rows, plot_data))
     log_to_mlflow(cfg, report)
     h = report["headline"]
     print(json.dumps({"rule": h["rule"], "mean_steps": h["mean_steps"], "steps_saved_pct": h["steps_saved_pct"],

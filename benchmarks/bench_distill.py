@@ -28,11 +28,14 @@ SnapFusion's Fig. 6) and reports/distill_samples.png (ground truth, then each ru
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Mapping, Optional
 
 import numpy as np
 import torch
@@ -48,6 +51,44 @@ from budgetdiff.io.fingerprint import content_sha256, unet_fingerprint
 from mlops.cli import command
 
 FD, CLIPT, ATTR = "dist/fd_domainclip", "high/clipt_domainclip", "domain/attr_acc"
+Scheduler = Literal["ddim", "dpmpp", "euler"]  # budgetdiff.generation.pipeline.SCHEDULERS
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: the model directory and its DDIM steps."""
+
+    model: str
+    steps: int
+
+
+@dataclass(frozen=True)
+class DistillTargets:
+    fd_max_ratio_to_teacher_50: float
+
+
+@dataclass(frozen=True)
+class BenchDistillConfig:
+    """The ``bench_distill`` section of params.yaml (``runs``: the teacher runs; ``main`` adds the
+    students from the distill stages' params, ``distilled_runs``)."""
+
+    runs: dict[str, RunSpec]
+    guidance_scales: list[float]
+    guidance: Optional[float]
+    scheduler: Scheduler
+    prompts: int
+    count_weights: tuple[float, ...]
+    seed_offset: int
+    batch_size: int
+    targets: DistillTargets
+    grid_prompts: int
+    clip_dir: str
+    attributes_dir: str
+    report_path: str
+    csv_path: str
+    plot_path: str
+    grid_path: str
+    cache_dir: str = ".cache/bench_distill"
 
 
 def generate(pipe, prompts: list[str], steps: int, guidance: float, scheduler: str, batch_size: int, desc: str):
@@ -142,16 +183,18 @@ def paired_difference(a, b) -> dict | None:
 REPLICATE_KEYS = ("seed", "output_dir", "metrics_path", "checkpoint_dir")  # what a training-seed replicate changes
 
 
-def distilled_runs(distill: dict, distill_16: dict, distill_8: dict, variants: dict) -> tuple[dict, dict]:
+def distilled_runs(distill: dict, distill_16: dict, distill_8: dict, variants: dict
+                   ) -> tuple[dict[str, RunSpec], dict[str, list[str]]]:
     """The students' runs and their training-seed replicates, read from the distill stages' own
     params, so that params.yaml lists the replicates once (``distill_8_variants``, which dvc.yaml's
     foreach trains): ``student_16``, then ``student_8_<key>`` per variant in its order; a variant
     whose seed differs from ``distill.seed`` and whose other settings equal one seed-0 variant's
-    is that variant's replicate. Returns (runs, training_seeds)."""
-    runs = {"student_16": {"model": distill_16["output_dir"], "steps": int(distill_16["student_steps"])}}
+    is that variant's replicate. The distill sections are read as plain data (their types are the
+    distill stages'): a replicate is recognised by comparing whole variant sections. Returns
+    (runs, training_seeds)."""
+    runs = {"student_16": RunSpec(distill_16["output_dir"], int(distill_16["student_steps"]))}
     for key, v in variants.items():
-        runs[f"student_8_{key}"] = {"model": v["output_dir"],
-                                    "steps": int(v.get("student_steps", distill_8["student_steps"]))}
+        runs[f"student_8_{key}"] = RunSpec(v["output_dir"], int(v.get("student_steps", distill_8["student_steps"])))
     seed0 = distill.get("seed", 0)
 
     def settings(v: dict) -> dict:
@@ -170,11 +213,12 @@ def distilled_runs(distill: dict, distill_16: dict, distill_8: dict, variants: d
     return runs, training_seeds
 
 
-def seed_runs(cfg: dict) -> list[tuple[str, str]]:
+def seed_runs(training_seeds: Mapping[str, list[str]] | None) -> list[tuple[str, str]]:
     """The (CFG-aware, vanilla) student runs trained with the same seed, seed 0 first: the runs
-    ``student_8_cfg`` and ``student_8_vanilla`` and, position by position, their replicates under
-    ``training_seeds``. ``run`` calls it before any work, so a bad list fails at once."""
-    reps = cfg.get("training_seeds") or {}
+    ``student_8_cfg`` and ``student_8_vanilla`` and, position by position, their replicates in
+    ``training_seeds`` (run -> its replicates, ``distilled_runs``). ``run`` calls it before any
+    work, so a bad list fails at once."""
+    reps = training_seeds or {}
     cfg_runs = ["student_8_cfg", *reps.get("student_8_cfg", [])]
     van_runs = ["student_8_vanilla", *reps.get("student_8_vanilla", [])]
     if len(cfg_runs) != len(van_runs):
@@ -183,13 +227,14 @@ def seed_runs(cfg: dict) -> list[tuple[str, str]]:
     return list(zip(cfg_runs, van_runs))
 
 
-def seed_pairs(results: dict, guidance: str, cfg: dict) -> list[tuple[str, str]]:
+def seed_pairs(results: dict, guidance: str, training_seeds: Mapping[str, list[str]] | None) -> list[tuple[str, str]]:
     """``seed_runs`` with both results at ``guidance``."""
-    return [(c, v) for c, v in seed_runs(cfg)
+    return [(c, v) for c, v in seed_runs(training_seeds)
             if results.get(c, {}).get(guidance) is not None and results.get(v, {}).get(guidance) is not None]
 
 
-def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | None = None) -> dict:
+def check_targets(results: dict, guidance: str, targets: DistillTargets,
+                  training_seeds: Mapping[str, list[str]] | None = None, per_prompt: dict | None = None) -> dict:
     """The issue's targets at ``guidance`` (a key of each run's results); null when a run is absent.
     With ``per_prompt`` (run -> guidance -> metric -> per-prompt values), the two paired targets
     also get the paired per-prompt difference (measured − limit) with its 95 % interval.
@@ -205,13 +250,13 @@ def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | No
     def value(run, key):
         return None if at.get(run) is None else at[run][key]
 
-    ratio = cfg["targets"]["fd_max_ratio_to_teacher_50"]
+    ratio = targets.fd_max_ratio_to_teacher_50
     fd_s, fd_t = value("student_8_cfg", "fd"), value("teacher_50", "fd")
     att_s, att_t = value("student_8_cfg", "attr_acc"), value("teacher_8", "attr_acc")
-    pairs = seed_pairs(results, guidance, cfg)
+    pairs = seed_pairs(results, guidance, training_seeds)
     cl_s = float(np.mean([value(c, "clipt") for c, _ in pairs])) if pairs else None
     cl_v = float(np.mean([value(v, "clipt") for _, v in pairs])) if pairs else None
-    targets = {
+    out = {
         "fd_student_8_cfg_le_1.1x_teacher_50": {"measured": fd_s, "limit": None if fd_t is None else ratio * fd_t},
         "attr_acc_student_8_cfg_ge_teacher_8": {"measured": att_s, "limit": att_t},
         "clipt_student_8_cfg_ge_student_8_vanilla": {"measured": cl_s, "limit": cl_v},
@@ -221,9 +266,9 @@ def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | No
     def values(run, key):
         return per_prompt.get(run, {}).get(guidance, {}).get(key)
 
-    targets["attr_acc_student_8_cfg_ge_teacher_8"]["paired_difference"] = paired_difference(
+    out["attr_acc_student_8_cfg_ge_teacher_8"]["paired_difference"] = paired_difference(
         values("student_8_cfg", "attr_acc"), values("teacher_8", "attr_acc"))
-    clipt = targets["clipt_student_8_cfg_ge_student_8_vanilla"]
+    clipt = out["clipt_student_8_cfg_ge_student_8_vanilla"]
     # Each prompt's CLIP-T averaged over the seeds, per method: their difference is the per-prompt
     # difference averaged over the seeds.
     by_run = {run: values(run, "clipt") for pair in pairs for run in pair}
@@ -239,19 +284,19 @@ def check_targets(results: dict, guidance: str, cfg: dict, per_prompt: dict | No
             "seed_0_alone": {"measured": value(pairs[0][0], "clipt"), "limit": value(pairs[0][1], "clipt"),
                              "met": bool(by_seed[0] >= 0)},
         }
-    for name, t in targets.items():
+    for name, t in out.items():
         if t["measured"] is None or t["limit"] is None:
             t["met"] = None
         else:
             t["met"] = bool(t["measured"] <= t["limit"]) if name.startswith("fd") else bool(t["measured"] >= t["limit"])
-    return targets
+    return out
 
 
-def training_seed_spread(results: dict, cfg: dict) -> dict:
+def training_seed_spread(results: dict, training_seeds: Mapping[str, list[str]] | None) -> dict:
     """Per replicated run and guidance: each metric's mean, sample sd and values over its training
     seeds (the run itself first): how much one training run's luck moves the numbers."""
     out = {}
-    for base, reps in (cfg.get("training_seeds") or {}).items():
+    for base, reps in (training_seeds or {}).items():
         names = [n for n in (base, *reps) if n in results]
         by_g = {}
         for g in results.get(base, {}):
@@ -268,24 +313,33 @@ def rendered(specs) -> torch.Tensor:
     return torch.from_numpy(np.stack([render_scene_array(s) for s in specs])).permute(0, 3, 1, 2).float() / 255.0
 
 
-def run(cfg: dict) -> dict:
-    seed_runs(cfg)  # a bad training_seeds fails here, not after hours of generation
-    replicates = {n for reps in (cfg.get("training_seeds") or {}).values() for n in reps}
-    unknown = sorted(replicates - set(cfg["runs"]))
+def result_key(fingerprint: str, steps: int, guidance: float, n_prompts: int, cfg: BenchDistillConfig) -> str:
+    """The cache key of one (run, guidance) result: everything it depends on (the same plain
+    values as before the typed config, so existing cache entries stay valid)."""
+    return content_sha256([fingerprint, steps, guidance, cfg.scheduler, n_prompts, cfg.seed_offset,
+                           list(cfg.count_weights), cfg.batch_size])
+
+
+def run(cfg: BenchDistillConfig, training_seeds: Mapping[str, list[str]] | None = None) -> dict:
+    """Every run of ``cfg.runs`` at every guidance; ``training_seeds``: run -> its training-seed
+    replicates (runs of ``cfg.runs`` too; ``distilled_runs``)."""
+    seed_runs(training_seeds)  # a bad training_seeds fails here, not after hours of generation
+    replicates = {n for reps in (training_seeds or {}).values() for n in reps}
+    unknown = sorted(replicates - set(cfg.runs))
     if unknown:
         raise ValueError(f"bench_distill: training_seeds names run(s) not in runs: {', '.join(unknown)}")
-    for spec in cfg["runs"].values():  # a model that is not there yet is named before any work starts
-        if not (Path(spec["model"]) / "model_index.json").is_file():
-            raise ValueError(f"bench_distill: model {spec['model']} not found (run its distill stage first)")
+    for spec in cfg.runs.values():  # a model that is not there yet is named before any work starts
+        if not (Path(spec.model) / "model_index.json").is_file():
+            raise ValueError(f"bench_distill: model {spec.model} not found (run its distill stage first)")
     torch.manual_seed(0)
-    clip = load_clip_backbone(cfg["clip_dir"])
-    checker = load_attribute_checker(cfg["attributes_dir"])
+    clip = load_clip_backbone(cfg.clip_dir)
+    checker = load_attribute_checker(cfg.attributes_dir)
     scorer = MetricScorer(ScoringConfig(batch_size=256), clip=clip, checker=checker)
-    specs, prompts = held_out_scenes(cfg["prompts"], cfg["seed_offset"], count_weights=cfg["count_weights"])
+    specs, prompts = held_out_scenes(cfg.prompts, cfg.seed_offset, count_weights=cfg.count_weights)
     truth = rendered(specs)
     # FD floor: other rendered scenes against the ground truth (what a perfect model would score).
     fd_floor = scorer.frechet_distance(truth, rendered(held_out_scenes(
-        len(prompts), cfg["seed_offset"] + 5_000_000, count_weights=cfg["count_weights"])[0]))[FD]
+        len(prompts), cfg.seed_offset + 5_000_000, count_weights=cfg.count_weights)[0]))[FD]
 
     # One model in memory at a time, loaded when its first run starts (in the order of ``runs``).
     loaded: dict[str, object] = {}
@@ -296,39 +350,38 @@ def run(cfg: dict) -> dict:
             loaded[model] = load_pipeline(model)
         return loaded[model]
 
-    reference = cfg["runs"].get("teacher_50", next(iter(cfg["runs"].values())))["model"]
-    target_guidance = float(pipe_for(reference).config.default_guidance_scale if cfg["guidance"] is None
-                            else cfg["guidance"])
-    guidances = sorted({float(g) for g in cfg["guidance_scales"]} | {target_guidance})
-    grid_n = min(cfg["grid_prompts"], len(prompts))
+    reference = cfg.runs.get("teacher_50", next(iter(cfg.runs.values()))).model
+    target_guidance = float(pipe_for(reference).config.default_guidance_scale if cfg.guidance is None
+                            else cfg.guidance)
+    guidances = sorted(set(cfg.guidance_scales) | {target_guidance})
+    grid_n = min(cfg.grid_prompts, len(prompts))
     # Each finished (run, guidance) result is kept under cache_dir, keyed by everything it depends
     # on, so an interrupted benchmark resumes where it stopped.
-    cache_dir = Path(cfg.get("cache_dir", ".cache/bench_distill"))
+    cache_dir = Path(cfg.cache_dir)
 
     results: dict[str, dict[str, dict]] = {}
     per_prompt: dict[str, dict[str, dict]] = {}  # run -> guidance -> metric -> values (cache entries since 12/2026)
     grid_columns: dict[str, list] = {}
     start = time.time()
-    for name, spec in cfg["runs"].items():
-        steps = int(spec["steps"])
-        fingerprint = unet_fingerprint(spec["model"])
+    for name, spec in cfg.runs.items():
+        steps = spec.steps
+        fingerprint = unet_fingerprint(spec.model)
         results[name] = {}
         for g in guidances:
-            key = content_sha256([fingerprint, steps, g, cfg["scheduler"], len(prompts), cfg["seed_offset"],
-                                  list(cfg["count_weights"]), cfg["batch_size"]])
+            key = result_key(fingerprint, steps, g, len(prompts), cfg)
             cached = cache_dir / f"{name}_w{g:g}_{key}.json"
             if cached.is_file():
                 r = results[name][str(g)] = json.loads(cached.read_text())
                 if "per_prompt" in r:
                     per_prompt.setdefault(name, {})[str(g)] = r.pop("per_prompt")
                 if g == target_guidance and name not in replicates:  # the sample grid's images again
-                    images = generate(pipe_for(spec["model"]), prompts[:grid_n], steps, g, cfg["scheduler"],
+                    images = generate(pipe_for(spec.model), prompts[:grid_n], steps, g, cfg.scheduler,
                                       grid_n, f"{name} w={g} (grid)")[0]
-                    grid_columns[name] = pipe_for(spec["model"]).to_output(images * 2 - 1, "pil")
+                    grid_columns[name] = pipe_for(spec.model).to_output(images * 2 - 1, "pil")
                 print(f"[{name} w={g}] resumed from {cached}", flush=True)
                 continue
-            pipe = pipe_for(spec["model"])
-            images, seconds, nfe = generate(pipe, prompts, steps, g, cfg["scheduler"], cfg["batch_size"],
+            pipe = pipe_for(spec.model)
+            images, seconds, nfe = generate(pipe, prompts, steps, g, cfg.scheduler, cfg.batch_size,
                                             f"{name} w={g}")
             values = scorer.score(images, prompts=prompts)
             r = results[name][str(g)] = {
@@ -350,22 +403,23 @@ def run(cfg: dict) -> dict:
 
     report = {
         "prompts": len(prompts),
-        "seed_offset": cfg["seed_offset"],
-        "scheduler": cfg["scheduler"],
+        "seed_offset": cfg.seed_offset,
+        "scheduler": cfg.scheduler,
         "guidance_scales": guidances,
         "target_guidance": target_guidance,
         "metrics": {"fd": FD + " against the rendered ground truth", "clipt": CLIPT, "attr_acc": ATTR},
         "fd_floor_rendered_vs_rendered": fd_floor,
-        "runs": {name: {"model": s["model"], "steps": int(s["steps"])} for name, s in cfg["runs"].items()},
+        "runs": {name: {"model": s.model, "steps": s.steps} for name, s in cfg.runs.items()},
         "results": results,
-        "targets": check_targets(results, str(target_guidance), cfg, per_prompt),
+        "targets": check_targets(results, str(target_guidance), cfg.targets, training_seeds, per_prompt),
         # The same targets at every guidance scale of the sweep (the headline is the target guidance).
         "targets_by_guidance": {str(g): {name: {k: t[k] for k in ("measured", "limit", "met", "training_seeds") if k in t}
-                                         for name, t in check_targets(results, str(g), cfg, per_prompt).items()}
+                                         for name, t in check_targets(results, str(g), cfg.targets, training_seeds,
+                                                                      per_prompt).items()}
                                 for g in guidances},
-        "training_seeds": training_seed_spread(results, cfg),
+        "training_seeds": training_seed_spread(results, training_seeds),
         "torch_threads": torch.get_num_threads(),
-        "batch_size": cfg["batch_size"],
+        "batch_size": cfg.batch_size,
         "seconds_total": round(time.time() - start, 1),
     }
 
@@ -374,30 +428,29 @@ def run(cfg: dict) -> dict:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(cfg["csv_path"], buffer.getvalue().encode())
-    tradeoff_plot(results, cfg["plot_path"], {n: int(s["steps"]) for n, s in cfg["runs"].items()},
-                  cfg.get("training_seeds"))
+    atomic_write_bytes(cfg.csv_path, buffer.getvalue().encode())
+    tradeoff_plot(results, cfg.plot_path, {n: s.steps for n, s in cfg.runs.items()}, training_seeds)
     grid = sample_grid(grid_columns, prompts[:grid_n], [render_scene_array(s) for s in specs[:grid_n]],
                        f"w={target_guidance}")
-    atomic_write_bytes(cfg["grid_path"], png_bytes(grid))
+    atomic_write_bytes(cfg.grid_path, png_bytes(grid))
     return report
 
 
 @command
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config, load_params
     from mlops.tracking import EXPERIMENT, run_tags, tracking_uri
 
-    cfg = load_params("bench_distill")
+    cfg = load_config("bench_distill", BenchDistillConfig)
     students, training_seeds = distilled_runs(load_params("distill"), load_params("distill_16"),
                                               load_params("distill_8"), load_params("distill_8_variants"))
-    clash = sorted(set(students) & set(cfg["runs"]))
+    clash = sorted(set(students) & set(cfg.runs))
     if clash:
         raise ValueError(f"bench_distill.runs: {', '.join(clash)} come from the distill stages' params; list "
                          "only the teacher runs there")
-    cfg = {**cfg, "runs": {**cfg["runs"], **students}, "training_seeds": training_seeds}
-    report = run(cfg)
-    atomic_write_json(cfg["report_path"], report)
+    cfg = dataclasses.replace(cfg, runs={**cfg.runs, **students})
+    report = run(cfg, training_seeds)
+    atomic_write_json(cfg.report_path, report)
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -406,7 +459,7 @@ def main() -> None:
         for name, by_g in report["results"].items():
             for g, r in by_g.items():
                 mlflow.log_metrics({f"bench_distill/{name}_w{g}_{k}": v for k, v in r.items()})
-        for path in (cfg["report_path"], cfg["csv_path"], cfg["plot_path"], cfg["grid_path"]):
+        for path in (cfg.report_path, cfg.csv_path, cfg.plot_path, cfg.grid_path):
             mlflow.log_artifact(path)
     print(json.dumps(report["targets"]))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,8 +26,24 @@ from budgetdiff.io import atomic_write_json
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.semantic import load_clip_backbone
 from budgetdiff.domain.scenes import render_scene_array, sample_scene, spec_to_prompt
+from mlops.cli import command
 
 SEED_OFFSET = 50_000_000  # a seed range of its own: no training stream or training evaluation uses it
+
+
+@dataclass(frozen=True)
+class BenchMetricsConfig:
+    """The ``bench_metrics`` section of params.yaml."""
+
+    clip_dir: str
+    attributes_dir: str
+    retrieval_scenes: int
+    attr_scenes_per_count: int
+    fd_images: int
+    fd_noise_sigmas: list[float]
+    throughput_images: int
+    batch_size: int
+    report_path: str
 
 
 def rendered(n: int, offset: int, n_objects: int | None = None):
@@ -39,16 +56,16 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: BenchMetricsConfig) -> dict:
     from training.clip import retrieval_accuracy
 
     torch.manual_seed(0)
     report: dict = {"torch_threads": torch.get_num_threads()}
-    backbone = load_clip_backbone(cfg["clip_dir"])
-    checker = load_attribute_checker(cfg["attributes_dir"])
+    backbone = load_clip_backbone(cfg.clip_dir)
+    checker = load_attribute_checker(cfg.attributes_dir)
 
     # 1. Domain CLIP retrieval.
-    specs, images, prompts = rendered(cfg["retrieval_scenes"], SEED_OFFSET)
+    specs, images, prompts = rendered(cfg.retrieval_scenes, SEED_OFFSET)
     report["domain_clip_retrieval"] = retrieval_accuracy(backbone.model, backbone.tokenizer, specs,
                                                          to_tensor(images), prompts)
     report["domain_clip_retrieval"]["candidates"] = len(prompts)
@@ -56,18 +73,18 @@ def run(cfg: dict) -> dict:
     # 2. Attribute checker per object count.
     report["attribute_checker"] = {}
     for k in (1, 2, 3, 4):
-        specs_k, images_k, _ = rendered(cfg["attr_scenes_per_count"], SEED_OFFSET + 1_000_000 * k, n_objects=k)
+        specs_k, images_k, _ = rendered(cfg.attr_scenes_per_count, SEED_OFFSET + 1_000_000 * k, n_objects=k)
         report["attribute_checker"][f"{k}obj"] = summarize_attribute_checks(check_scenes(checker, images_k, specs_k))
     one = report["attribute_checker"]["1obj"]
     report["attribute_checker"]["target_1obj_met"] = all(one[a] >= 0.95 for a in ("color", "shape", "size", "position"))
 
     # 3. Fréchet distance sanity.
-    scorer = MetricScorer(ScoringConfig(batch_size=cfg["batch_size"]), clip=backbone, checker=checker)
-    n = cfg["fd_images"]
+    scorer = MetricScorer(ScoringConfig(batch_size=cfg.batch_size), clip=backbone, checker=checker)
+    n = cfg.fd_images
     a = to_tensor(rendered(n, SEED_OFFSET + 10_000_000)[1])
     b = to_tensor(rendered(n, SEED_OFFSET + 11_000_000)[1])
     fd = {"rendered_vs_rendered": scorer.frechet_distance(a, b)}
-    for sigma in cfg["fd_noise_sigmas"]:
+    for sigma in cfg.fd_noise_sigmas:
         fd[f"rendered_vs_noisy_sigma{sigma}"] = scorer.frechet_distance(a, (b + sigma * torch.randn_like(b)).clamp(0, 1))
     fd["rendered_vs_uniform_noise"] = scorer.frechet_distance(a, torch.rand_like(b))
     report["fd_sanity"] = {k: next(iter(v.values())) for k, v in fd.items()}
@@ -75,7 +92,7 @@ def run(cfg: dict) -> dict:
     report["fd_sanity"]["images_per_set"] = n
 
     # 4. Throughput of the batched API with every per-image metric (reference + prompt).
-    m = cfg["throughput_images"]
+    m = cfg.throughput_images
     _, imgs, prompts = rendered(m, SEED_OFFSET + 20_000_000)
     refs = rendered(m, SEED_OFFSET + 20_000_000)[1]
     noisy = np.clip(imgs.astype(np.float32) / 255 + np.random.default_rng(0).normal(0, 0.05, imgs.shape), 0, 1)
@@ -87,7 +104,7 @@ def run(cfg: dict) -> dict:
     scorer.score(noisy.astype(np.float32))
     pixel_seconds = time.perf_counter() - start
     report["throughput"] = {
-        "images": m, "resolution": int(imgs.shape[1]), "batch_size": cfg["batch_size"],
+        "images": m, "resolution": int(imgs.shape[1]), "batch_size": cfg.batch_size,
         "all_metrics_images_per_s": round(m / seconds, 1),
         "no_reference_no_prompt_images_per_s": round(m / pixel_seconds, 1),
         "metrics": sorted(values), "cpu_count": os.cpu_count(),
@@ -97,12 +114,13 @@ def run(cfg: dict) -> dict:
     return report
 
 
+@command
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params("bench_metrics")
+    cfg = load_config("bench_metrics", BenchMetricsConfig)
     report = run(cfg)
-    atomic_write_json(cfg["report_path"], report)
+    atomic_write_json(cfg.report_path, report)
     print(json.dumps({"retrieval_top1": report["domain_clip_retrieval"]["image_to_text_top1"],
                       "attr_1obj": report["attribute_checker"]["1obj"], "fd": report["fd_sanity"],
                       "images_per_s": report["throughput"]["all_metrics_images_per_s"]}))

@@ -30,11 +30,15 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
 from benchmarks.bench_serve import APP, Client, _free_port, _percentiles, _strip, model_config, prompts
+from mlops.cli import command
+from mlops.params import config_dict
 from mlops.repo import REPO_ROOT
 
 
@@ -43,17 +47,65 @@ class BenchMonitorError(ValueError):
     """A params value bench_monitor cannot run with."""
 
 
-def check_params(cfg: dict) -> None:
-    lat, slo = cfg["latency"], cfg["slo"]
-    if int(lat["blocks"]) < 2 or int(lat["blocks"]) % 2:
-        raise BenchMonitorError(f"bench_monitor.latency.blocks: must be an even number >= 2, got {lat['blocks']!r}")
-    if not 0 < float(lat["sample_rate"]) <= 1:
-        raise BenchMonitorError(f"bench_monitor.latency.sample_rate: must be in (0, 1], got {lat['sample_rate']!r}")
-    if not 0 < float(slo["quality_target"]) <= 1:
-        raise BenchMonitorError(f"bench_monitor.slo.quality_target: must be in (0, 1], got {slo['quality_target']!r}")
+@dataclass(frozen=True)
+class LatencyPhase:
+    sample_rate: float
+    blocks: int
+    block_requests: int
+    concurrency: int
+    target_p95_ratio: float
+
+
+@dataclass(frozen=True)
+class SloPhase:
+    quality_target: float
+    sample_rate: float
+    concurrency: int
+    normal_requests: int
+    normal_hold_s: float
+    degraded_steps: int
+    degraded_chunk: int
+    degraded_max_requests: int
+    degraded_max_s: float
+    after_load_wait_s: float
+    fire_within_sampled_requests: int
+
+
+@dataclass(frozen=True)
+class BenchMonitorConfig:
+    """The ``bench_monitor`` section of params.yaml."""
+
+    config: str
+    model_source: str
+    num_cpus: int
+    torch_threads: int
+    request_timeout_s: float
+    prompts: int
+    prompt_seed: int
+    prometheus_interval: str  # a Prometheus duration ("5s")
+    alert_prefix: str
+    fast_burn_alert: str
+    latency: LatencyPhase
+    slo: SloPhase
+    report_path: str
+    headline_path: str
+    plot_path: str
+    http_port: Optional[int] = None
+    drift: dict[str, Any] = field(default_factory=dict)  # keyword arguments of monitoring.drift.drift_benchmark
+
+
+def check_params(cfg: BenchMonitorConfig) -> None:
+    """The values the types do not rule out."""
+    lat, slo = cfg.latency, cfg.slo
+    if lat.blocks < 2 or lat.blocks % 2:
+        raise BenchMonitorError(f"bench_monitor.latency.blocks: must be an even number >= 2, got {lat.blocks!r}")
+    if not 0 < lat.sample_rate <= 1:
+        raise BenchMonitorError(f"bench_monitor.latency.sample_rate: must be in (0, 1], got {lat.sample_rate!r}")
+    if not 0 < slo.quality_target <= 1:
+        raise BenchMonitorError(f"bench_monitor.slo.quality_target: must be in (0, 1], got {slo.quality_target!r}")
     for key in ("normal_requests", "degraded_max_requests", "concurrency"):
-        if int(slo[key]) < 1:
-            raise BenchMonitorError(f"bench_monitor.slo.{key}: must be >= 1, got {slo[key]!r}")
+        if getattr(slo, key) < 1:
+            raise BenchMonitorError(f"bench_monitor.slo.{key}: must be >= 1, got {getattr(slo, key)!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,20 +262,20 @@ def alert_watch(prom: Prometheus, prefix: str, period_s: float, stop: threading.
 # ----------------------------------------------------------------------------------------------
 # The phases
 # ----------------------------------------------------------------------------------------------
-def latency_phase(cfg: dict, base: dict, client: Client, url: str, bodies, progress) -> dict:
-    lat = cfg["latency"]
-    rate = float(lat["sample_rate"])
-    blocks, per_block = int(lat["blocks"]), int(lat["block_requests"])
+def latency_phase(cfg: BenchMonitorConfig, base: dict, client: Client, url: str, bodies, progress) -> dict:
+    lat = cfg.latency
+    rate = lat.sample_rate
+    blocks, per_block = lat.blocks, lat.block_requests
     latencies: dict[str, list[float]] = {"off": [], "on": []}
     timeline = []
     sampled = 0
     for b in range(blocks):
         cond = "off" if b % 2 == 0 else "on"
         r = rate if cond == "on" else 0.0
-        config = model_config(base, replicas=1, torch_threads=int(cfg["torch_threads"]), shadow_sample_rate=r)
+        config = model_config(base, replicas=1, torch_threads=cfg.torch_threads, shadow_sample_rate=r)
         deploy(config, url, progress, f"latency block {b + 1}/{blocks}: shadow {cond} (rate {r})")
         wait_model(lambda info: (info.get("shadow") or {}).get("rate") == r)
-        out = asyncio.run(client.closed_loop(bodies(per_block, 100_000 + b * per_block), int(lat["concurrency"])))
+        out = asyncio.run(client.closed_loop(bodies(per_block, 100_000 + b * per_block), lat.concurrency))
         lats = [x["latency_s"] for x in out["_results"] if x["status"] == 200]
         latencies[cond].extend(lats)
         drained = wait_shadow_drained(900)
@@ -233,24 +285,24 @@ def latency_phase(cfg: dict, base: dict, client: Client, url: str, bodies, progr
     sampled = timeline[-1]["shadow"]["model"].get("queued", 0)
     p_off, p_on = _percentiles(latencies["off"]), _percentiles(latencies["on"])
     ratio = p_on["p95"] / p_off["p95"] if p_off["p95"] else None
-    return {"sample_rate": rate, "blocks": blocks, "block_requests": per_block, "concurrency": int(lat["concurrency"]),
+    return {"sample_rate": rate, "blocks": blocks, "block_requests": per_block, "concurrency": lat.concurrency,
             "latency_s": {"off": p_off, "on": p_on}, "p95_ratio_on_off": round(ratio, 4) if ratio else None,
             "images_sampled": sampled, "blocks_detail": timeline, "_latencies": latencies,
-            "target": {"p95_ratio_max": float(lat["target_p95_ratio"]),
-                       "met": ratio is not None and ratio <= float(lat["target_p95_ratio"])}}
+            "target": {"p95_ratio_max": lat.target_p95_ratio,
+                       "met": ratio is not None and ratio <= lat.target_p95_ratio}}
 
 
-def slo_phase(cfg: dict, base: dict, client: Client, url: str, bodies, prom: Prometheus, degraded_dir: Path,
-              progress) -> dict:
-    slo = cfg["slo"]
-    q = float(slo["quality_target"])
-    conc = int(slo["concurrency"])
-    threads = int(cfg["torch_threads"])
-    rate = float(slo["sample_rate"])
+def slo_phase(cfg: BenchMonitorConfig, base: dict, client: Client, url: str, bodies, prom: Prometheus,
+              degraded_dir: Path, progress) -> dict:
+    slo = cfg.slo
+    q = slo.quality_target
+    conc = slo.concurrency
+    threads = cfg.torch_threads
+    rate = slo.sample_rate
     watch: list = []
     stop = threading.Event()
-    thread = threading.Thread(target=alert_watch, args=(prom, cfg["alert_prefix"], 5.0, stop, watch), daemon=True)
-    out: dict = {"quality_target": q, "sample_rate": rate, "alert_prefix": cfg["alert_prefix"]}
+    thread = threading.Thread(target=alert_watch, args=(prom, cfg.alert_prefix, 5.0, stop, watch), daemon=True)
+    out: dict = {"quality_target": q, "sample_rate": rate, "alert_prefix": cfg.alert_prefix}
 
     normal = model_config(base, replicas=1, torch_threads=threads, shadow_sample_rate=rate)
     deploy(normal, url, progress, f"slo: normal bundle, sampling {rate}")
@@ -259,11 +311,11 @@ def slo_phase(cfg: dict, base: dict, client: Client, url: str, bodies, prom: Pro
     thread.start()
     t0 = time.monotonic()
     try:
-        progress(f"[bench_monitor] slo: normal policy, {slo['normal_requests']} requests at quality_target {q}")
-        res = asyncio.run(client.closed_loop(bodies(int(slo["normal_requests"]), 200_000, quality_target=q), conc))
+        progress(f"[bench_monitor] slo: normal policy, {slo.normal_requests} requests at quality_target {q}")
+        res = asyncio.run(client.closed_loop(bodies(slo.normal_requests, 200_000, quality_target=q), conc))
         wait_shadow_drained(1800)
         # hold: give the fast-burn alert its `for:` time on the normal data
-        hold_until = time.monotonic() + float(slo["normal_hold_s"])
+        hold_until = time.monotonic() + slo.normal_hold_s
         while time.monotonic() < hold_until:
             time.sleep(2)
         normal_summary = shadow_summary()
@@ -279,20 +331,21 @@ def slo_phase(cfg: dict, base: dict, client: Client, url: str, bodies, prom: Pro
         t_degraded = time.monotonic() - t0
         fired_at = None
         sent = 0
-        deadline = time.monotonic() + float(slo["degraded_max_s"])
-        chunk = int(slo["degraded_chunk"])
-        while sent < int(slo["degraded_max_requests"]) and time.monotonic() < deadline:
+        deadline = time.monotonic() + slo.degraded_max_s
+        chunk = slo.degraded_chunk
+        while sent < slo.degraded_max_requests and time.monotonic() < deadline:
             asyncio.run(client.closed_loop(bodies(chunk, 300_000 + sent, quality_target=q), conc))
             sent += chunk
-            firing = [w for w in watch if any(n == cfg["fast_burn_alert"] and s == "firing" for n, s in w.get("alerts", []))]
+            firing = [w for w in watch
+                      if any(n == cfg.fast_burn_alert and s == "firing" for n, s in w.get("alerts", []))]
             if firing:
                 fired_at = firing[0]
                 break
         if fired_at is None:  # the load is over: let the shadow catch up and the `for:` clause run
-            end = time.monotonic() + float(slo["after_load_wait_s"])
+            end = time.monotonic() + slo.after_load_wait_s
             while time.monotonic() < end and fired_at is None:
                 time.sleep(2)
-                firing = [w for w in watch if any(n == cfg["fast_burn_alert"] and s == "firing"
+                firing = [w for w in watch if any(n == cfg.fast_burn_alert and s == "firing"
                                                   for n, s in w.get("alerts", []))]
                 fired_at = firing[0] if firing else None
         final = shadow_summary()
@@ -314,7 +367,7 @@ def slo_phase(cfg: dict, base: dict, client: Client, url: str, bodies, prom: Pro
     out["timeline"] = [{**{k: v for k, v in w.items() if k != "slo"}, "t": round(w["t"] - t0, 1),
                         "share_good": (w.get("slo") or {}).get("share_good")} for w in watch]
     out["t_degraded"] = round(t_degraded, 1)
-    limit = int(slo["fire_within_sampled_requests"])
+    limit = slo.fire_within_sampled_requests
     out["target"] = {
         "normal_silent": not out["normal"]["alerts_fired"],
         "degraded_fires": bool(out["degraded"]["fast_burn_fired"]),
@@ -334,7 +387,7 @@ def _slo_delta(before: dict, after: dict) -> dict:
             "share_good": round(good / n, 4) if n else None, "errors": (after.get("errors") or 0) - (before.get("errors") or 0)}
 
 
-def run(cfg: dict, progress=print) -> dict:
+def run(cfg: BenchMonitorConfig, progress=print) -> dict:
     import ray
     from ray import serve
 
@@ -355,26 +408,26 @@ def run(cfg: dict, progress=print) -> dict:
     temp_dir = str(work / "ray")
     # requests without quality_target (the latency phase) are judged by their auto route's promise
     shadow_cfg = {"enabled": True, "mlflow_log_every": 0, "drift_window": 0}
-    base = with_overrides(load_serve_config(cfg["config"]), http_port=cfg.get("http_port") or _free_port(),
-                          model_source=cfg["model_source"], ingress={"api_key_env": "BENCH_MONITOR_API_KEY"},
-                          shadow={**shadow_cfg, "model_source": str(Path(cfg["model_source"]).resolve())})
-    all_prompts = prompts(int(cfg["prompts"]), int(cfg["prompt_seed"]))
+    base = with_overrides(load_serve_config(cfg.config), http_port=cfg.http_port or _free_port(),
+                          model_source=cfg.model_source, ingress={"api_key_env": "BENCH_MONITOR_API_KEY"},
+                          shadow={**shadow_cfg, "model_source": str(Path(cfg.model_source).resolve())})
+    all_prompts = prompts(cfg.prompts, cfg.prompt_seed)
 
     def bodies(n: int, seed0: int = 0, **extra) -> list[dict]:
         return [{"prompt": all_prompts[(seed0 + i) % len(all_prompts)], "seed": seed0 + i, **extra} for i in range(n)]
 
-    report: dict = {"config": cfg, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
-    degraded_dir = degraded_bundle(cfg["model_source"], work / "degraded_bundle", int(cfg["slo"]["degraded_steps"]))
+    report: dict = {"config": config_dict(cfg), "cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
+    degraded_dir = degraded_bundle(cfg.model_source, work / "degraded_bundle", cfg.slo.degraded_steps)
     metrics_port = _free_port()
     # the dashboard writes the Prometheus file-SD list (<temp_dir>/prom_metrics_service_discovery.json)
     # that monitoring.prom scrapes, as on a `make serve` cluster
-    ray.init(address="local", num_cpus=int(cfg["num_cpus"]), include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=_free_port(), log_to_driver=False, _temp_dir=temp_dir, _metrics_export_port=metrics_port)
-    prom = Prometheus(temp_dir, work / "prometheus", cfg["prometheus_interval"])
+    prom = Prometheus(temp_dir, work / "prometheus", cfg.prometheus_interval)
     try:
         url = base_url(base)
-        client = Client(url, key, float(cfg["request_timeout_s"]))
-        warm = model_config(base, replicas=1, torch_threads=int(cfg["torch_threads"]), shadow_sample_rate=0.0)
+        client = Client(url, key, cfg.request_timeout_s)
+        warm = model_config(base, replicas=1, torch_threads=cfg.torch_threads, shadow_sample_rate=0.0)
         report["deploy_s"] = deploy(warm, url, progress, "warm-up")
         asyncio.run(client.closed_loop(bodies(4, 50_000), 4))
         prom.start()
@@ -400,7 +453,7 @@ def run(cfg: dict, progress=print) -> dict:
     progress("[bench_monitor] drift")
     from monitoring.drift import drift_benchmark
 
-    report["drift"] = drift_benchmark(**cfg.get("drift", {}))
+    report["drift"] = drift_benchmark(**cfg.drift)
     report["seconds_total"] = round(time.perf_counter() - t_start, 1)
     report["load_average_end"] = os.getloadavg()
     shutil.rmtree(work, ignore_errors=True)
@@ -478,22 +531,18 @@ def plot(report: dict) -> bytes:
     return buf.getvalue()
 
 
+@command  # a BenchMonitorError (a ValueError) is one line, exit 2
 def main() -> None:
     from budgetdiff.io import atomic_write_bytes, atomic_write_json
-    from mlops.cli import fail
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params("bench_monitor")
-    try:
-        check_params(cfg)
-    except BenchMonitorError as exc:
-        fail(exc)
-    report = run(cfg)
+    cfg = load_config("bench_monitor", BenchMonitorConfig)
+    report = run(cfg)  # check_params first, before anything starts
     plot_png = plot(report)
     report["latency"].pop("_latencies", None)
-    atomic_write_json(cfg["report_path"], report)
-    atomic_write_json(cfg["headline_path"], headline(report))
-    atomic_write_bytes(cfg["plot_path"], plot_png)
+    atomic_write_json(cfg.report_path, report)
+    atomic_write_json(cfg.headline_path, headline(report))
+    atomic_write_bytes(cfg.plot_path, plot_png)
     print(json.dumps(headline(report)))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,16 @@ from pipelines.schema import read_prompts
 # Read from the render section, so that the bench measures the render stage as configured.
 FROM_RENDER = ("model", "prompts", "scheduler", "guidance", "batch_size", "cpus_per_task", "gpus_per_task",
                "local_object_store_mb")
-PARAMS = ("steps", "prompts_measured", "workers", "report_path")
+
+
+@dataclass(frozen=True)
+class BenchRenderConfig:
+    """The ``bench_render`` section of params.yaml."""
+
+    prompts_measured: int
+    steps: int
+    workers: list[int]
+    report_path: str
 
 
 def throughput(prompts: pd.DataFrame, settings: RenderSettings, n: int, steps: int, batch: int,
@@ -61,38 +71,39 @@ def throughput(prompts: pd.DataFrame, settings: RenderSettings, n: int, steps: i
     return out
 
 
-def run(cfg: dict, executor: str | None = None) -> dict:
-    """Measure per ``cfg`` (the params.yaml ``bench_render`` section); returns the report.
-    ``executor`` overrides ``cfg['executor']`` (``ray`` or ``local``; tests use ``local``)."""
-    settings = resolve_settings(cfg)
-    prompts = read_prompts(cfg["prompts"])
-    workers = [int(w) for w in cfg["workers"]]
-    cpus = int(cfg.get("cpus_per_task", 1))
-    kind = executor or cfg.get("executor", "ray")
-    with executor_session(kind, cfg, max(workers) * cpus, "bench_render") as make:
+def run(cfg: BenchRenderConfig, render: dict, executor: str = "ray") -> dict:
+    """Measure per ``cfg`` (the params.yaml ``bench_render`` section) with the render stage's
+    settings ``render`` (its section's ``FROM_RENDER`` keys); returns the report. ``executor``:
+    ``ray`` or ``local`` (tests use ``local``)."""
+    settings = resolve_settings(render)
+    prompts = read_prompts(render["prompts"])
+    workers = cfg.workers
+    cpus = int(render.get("cpus_per_task", 1))
+    with executor_session(executor, render, max(workers) * cpus, "bench_render") as make:
         # w workers: at most w shards in flight (the local executor renders one at a time)
-        result = throughput(prompts, settings, int(cfg["prompts_measured"]), int(cfg["steps"]),
-                            int(cfg["batch_size"]), workers, make)
+        result = throughput(prompts, settings, cfg.prompts_measured, cfg.steps, int(render["batch_size"]), workers,
+                            make)
     top = str(max(workers))
     scaling = (round(result["images_per_s"][top] / result["images_per_s"]["1"], 3)
                if "1" in result["images_per_s"] and top != "1" else None)
     report = {"model": settings.model, "scheduler": settings.scheduler, "guidance": settings.guidance,
-              "executor": kind, "cpus_per_task": cpus, **result,
+              "executor": executor, "cpus_per_task": cpus, **result,
               f"speedup_{top}_vs_1_workers": scaling,
               "host": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                        "processor": platform.machine()}}
-    atomic_write_json(cfg["report_path"], report)
+    atomic_write_json(cfg.report_path, report)
     return report
 
 
 @command
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config, load_params
 
+    # The render stage's own section: its type is the render stage's; this reads only its FROM_RENDER keys.
     render = load_params("render", required=("model", "prompts", "scheduler", "batch_size"))
-    cfg = {**{k: render[k] for k in FROM_RENDER if k in render}, **load_params("bench_render", required=PARAMS)}
-    report = run(cfg)
-    print(f"bench_render: {report['images_per_s']} images/s by workers -> {cfg['report_path']}")
+    cfg = load_config("bench_render", BenchRenderConfig)
+    report = run(cfg, {k: render[k] for k in FROM_RENDER if k in render})
+    print(f"bench_render: {report['images_per_s']} images/s by workers -> {cfg.report_path}")
 
 
 if __name__ == "__main__":

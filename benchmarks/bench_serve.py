@@ -24,6 +24,7 @@ reports/serve_playground.png (the playground driven by headless chromium).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -31,10 +32,138 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
 
+from mlops.cli import command
+
 APP = "budgetdiff"
+
+
+# ----------------------------------------------------------------------------------------------
+# Params
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Throughput:
+    """auto (batching on) vs naive (full 50 steps, batch 1)."""
+
+    requests: int
+    naive_requests: int
+    concurrency: int
+    max_batch_size: int
+    target_speedup: float
+
+
+@dataclass(frozen=True)
+class Batching:
+    note: Optional[str] = None  # what the comparison is, copied into the report
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Images/s at saturation vs the in-process Generator."""
+
+    requests: int
+    concurrency: int
+    batch_size: int
+    target: float
+
+
+@dataclass(frozen=True)
+class Autoscale:
+    low_requests: int
+    high_requests: int
+    high_concurrency: int
+    idle_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Overload:
+    factor: float
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Kill:
+    requests: int
+    concurrency: int
+    kill_after_s: float
+    recovery_timeout_s: float
+
+
+MixKind = Literal["auto", "full50", "adaptive50", "student"]  # the keys of MIX_BODIES
+
+
+@dataclass(frozen=True)
+class Probe:
+    long_images: int
+    delay_s: float
+    repeats: int
+
+
+@dataclass(frozen=True)
+class AdaptiveShare:
+    requests: int
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class Burst:
+    at_s: float
+    requests: int
+
+
+@dataclass(frozen=True)
+class MixedTargets:
+    short_p95_vs_alone: float
+    short_p95_vs_request: float
+    probe_vs_alone: float
+    saturation_vs_request: float
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """Mixed traffic: request-level vs step-level batching (``run_mixed``)."""
+
+    mix: dict[MixKind, float]
+    seed: int
+    alone_requests: int
+    saturation_requests: int
+    saturation_concurrency: int
+    probe: Probe
+    adaptive_share: AdaptiveShare
+    loads: list[float]
+    target_load: float
+    duration_s: float
+    burst: Burst
+    targets: MixedTargets
+
+
+@dataclass(frozen=True)
+class BenchServeConfig:
+    """The ``bench_serve`` section of params.yaml."""
+
+    config: str
+    model_source: str
+    num_cpus: int
+    torch_threads: int
+    request_timeout_s: float
+    prompts: int
+    prompt_seed: int
+    throughput: Throughput
+    batching: Batching
+    overhead: Overhead
+    autoscale: Autoscale
+    overload: Overload
+    kill: Kill
+    mixed: Mixed
+    report_path: str
+    headline_path: str
+    plot_path: str
+    screenshot_path: str
+    http_port: Optional[int] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,16 +534,16 @@ MIX_BODIES = {"auto": {}, "full50": {"mode": "full", "steps": 50}, "adaptive50":
 SHORT_KINDS = ("auto", "student")
 
 
-def mixed_trace(mix: dict, rate: float, duration_s: float, burst: dict, seed: int) -> list[tuple[float, str]]:
+def mixed_trace(mix: dict, rate: float, duration_s: float, burst: Burst, seed: int) -> list[tuple[float, str]]:
     """Open-loop arrivals: a Poisson process of ``rate`` requests/s over ``duration_s`` plus
-    ``burst["requests"]`` arriving together at ``burst["at_s"]``; each request's kind drawn from
+    ``burst.requests`` arriving together at ``burst.at_s``; each request's kind drawn from
     ``mix`` ({kind: share}). The same arguments give the same trace."""
     rng = np.random.default_rng(seed)
     times, t = [], float(rng.exponential(1.0 / rate))
     while t < duration_s:
         times.append(t)
         t += float(rng.exponential(1.0 / rate))
-    times = sorted(times + [float(burst["at_s"])] * int(burst["requests"]))
+    times = sorted(times + [burst.at_s] * burst.requests)
     kinds, shares = list(mix), np.asarray(list(mix.values()), dtype=float)
     drawn = rng.choice(len(kinds), size=len(times), p=shares / shares.sum())
     return [(round(t, 4), kinds[k]) for t, k in zip(times, drawn)]
@@ -434,15 +563,12 @@ def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
-def run_mixed(mx: dict, base: dict, client: "Client", deploy, bodies, threads: int, url: str, progress) -> dict:
+def run_mixed(mx: Mixed, base: dict, client: "Client", deploy, bodies, threads: int, url: str, progress) -> dict:
     """The mixed-traffic scenario (module docstring): one replica, the bench profile's step
     settings against ``batching: request`` at the same ``max_batch_size``; every phase runs the
     same requests (prompts, seeds, arrival times) on both."""
-    mix = {k: float(v) for k, v in mx["mix"].items()}
-    unknown = set(mix) - set(MIX_BODIES)
-    if unknown:
-        raise ValueError(f"bench_serve.mixed.mix: unknown kinds {sorted(unknown)}; known: {sorted(MIX_BODIES)}")
-    seed = int(mx["seed"])
+    mix = dict(mx.mix)  # kinds of MIX_BODIES only (MixKind)
+    seed = mx.seed
     all_bodies = bodies(4096, 60_000)
 
     def body(i: int, kind: str, **extra) -> dict:
@@ -469,7 +595,7 @@ def run_mixed(mx: dict, base: dict, client: "Client", deploy, bodies, threads: i
                 progress(f"[bench_serve] mixed: alone latency, batching {mode}")
                 res = {}
                 for kind in SHORT_KINDS:
-                    reqs = [body(i, kind) for i in range(int(mx["alone_requests"]))]
+                    reqs = [body(i, kind) for i in range(mx.alone_requests)]
                     res[kind] = _strip(asyncio.run(client.closed_loop(reqs, 1)))
                 alone[mode] = {k: v["latency_s"]["p50"] for k, v in res.items()}
             elif phase == "saturation":  # closed loop at a fixed concurrency: what the replica can do
@@ -477,19 +603,18 @@ def run_mixed(mx: dict, base: dict, client: "Client", deploy, bodies, threads: i
                 rng = np.random.default_rng(seed + 1)
                 kinds = list(mix)
                 p = np.asarray([mix[k] for k in kinds]) / sum(mix.values())
-                reqs = [body(i, kinds[k]) for i, k in enumerate(rng.choice(len(kinds), int(mx["saturation_requests"]),
-                                                                            p=p))]
-                saturation[mode] = _strip(asyncio.run(client.closed_loop(reqs, int(mx["saturation_concurrency"]))))
+                reqs = [body(i, kinds[k]) for i, k in enumerate(rng.choice(len(kinds), mx.saturation_requests, p=p))]
+                saturation[mode] = _strip(asyncio.run(client.closed_loop(reqs, mx.saturation_concurrency)))
             elif phase == "probe":  # an auto request arriving while a 4-image 50-step one runs
                 progress(f"[bench_serve] mixed: probe, batching {mode}")
-                pr = mx["probe"]
+                pr = mx.probe
                 latencies = []
-                for r in range(int(pr["repeats"])):
+                for r in range(pr.repeats):
                     async def one_probe(r=r):
-                        trace = [(0.0, "full50"), (float(pr["delay_s"]), "auto")]
+                        trace = [(0.0, "full50"), (pr.delay_s, "auto")]
 
                         def make(i, kind):
-                            return body(100 + 2 * r + i, kind, **({"n": int(pr["long_images"])} if i == 0 else {}))
+                            return body(100 + 2 * r + i, kind, **({"n": pr.long_images} if i == 0 else {}))
                         return await client.replay(trace, make)
                     res = asyncio.run(one_probe())["_results"]
                     short = [x for x in res if x["kind"] == "auto"][0]
@@ -498,11 +623,11 @@ def run_mixed(mx: dict, base: dict, client: "Client", deploy, bodies, threads: i
                 probe[mode] = {"auto_latency_s": latencies, "median_s": round(float(np.median(ok)), 3) if ok else None}
             elif phase == "adaptive_share":  # full-50 only, then adaptive-50 only, closed loop
                 progress(f"[bench_serve] mixed: adaptive vs full throughput, batching {mode}")
-                a = mx["adaptive_share"]
+                a = mx.adaptive_share
                 runs = {}
                 for kind in ("full50", "adaptive50"):
-                    reqs = [body(200 + i, kind) for i in range(int(a["requests"]))]
-                    runs[kind] = _strip(asyncio.run(client.closed_loop(reqs, int(a["concurrency"]))))
+                    reqs = [body(200 + i, kind) for i in range(a.requests)]
+                    runs[kind] = _strip(asyncio.run(client.closed_loop(reqs, a.concurrency)))
                 f, ad = runs["full50"], runs["adaptive50"]
                 ideal = _ratio(f["mean_nfe"], ad["mean_nfe"])
                 realised = _ratio(ad["images_per_s"], f["images_per_s"])
@@ -510,9 +635,9 @@ def run_mixed(mx: dict, base: dict, client: "Client", deploy, bodies, threads: i
                                "share": round((realised - 1) / (ideal - 1), 3) if ideal and realised and ideal > 1.001
                                else None}
             else:  # open-loop mixed traffic at each load level, the same trace for both modes
-                for load in mx["loads"]:
-                    rate = float(load) * capacity
-                    trace = mixed_trace(mix, rate, float(mx["duration_s"]), mx["burst"], seed + int(round(load * 100)))
+                for load in mx.loads:
+                    rate = load * capacity
+                    trace = mixed_trace(mix, rate, mx.duration_s, mx.burst, seed + int(round(load * 100)))
                     progress(f"[bench_serve] mixed: {len(trace)} requests at {load:.0%} of {capacity:.3f} images/s, "
                              f"batching {mode}")
                     res = asyncio.run(client.replay(trace, body))
@@ -538,10 +663,10 @@ def user_config_record(config: dict) -> dict:
     return user_config(config, MODEL).batching_record()
 
 
-def mixed_summary(out: dict, mx: dict) -> dict:
+def mixed_summary(out: dict, mx: Mixed) -> dict:
     """The targets of issue 31 from a finished mixed run."""
-    t = mx["targets"]
-    at80 = out["loads"].get(str(mx["target_load"]), {})
+    t = mx.targets
+    at80 = out["loads"].get(str(mx.target_load), {})
     alone, sat, probe = out["alone_latency_s"], out["saturation"], out["probe"]
     short = {}
     for kind in SHORT_KINDS:
@@ -561,13 +686,13 @@ def mixed_summary(out: dict, mx: dict) -> dict:
     return {
         "short": short,
         "short_p95_vs_alone_max": max(vs_alone) if None not in vs_alone else None,
-        "short_p95_vs_alone_met": None not in vs_alone and max(vs_alone) <= float(t["short_p95_vs_alone"]),
+        "short_p95_vs_alone_met": None not in vs_alone and max(vs_alone) <= t.short_p95_vs_alone,
         "short_p95_vs_request_max": max(vs_req) if None not in vs_req else None,
-        "short_p95_vs_request_met": None not in vs_req and max(vs_req) <= float(t["short_p95_vs_request"]),
+        "short_p95_vs_request_met": None not in vs_req and max(vs_req) <= t.short_p95_vs_request,
         "probe_step_vs_alone": probe_step, "probe_request_vs_alone": probe_req,
-        "probe_met": probe_step is not None and probe_step <= float(t["probe_vs_alone"]),
+        "probe_met": probe_step is not None and probe_step <= t.probe_vs_alone,
         "saturation_step_vs_request": sat_ratio,
-        "saturation_met": sat_ratio is not None and sat_ratio >= float(t["saturation_vs_request"]),
+        "saturation_met": sat_ratio is not None and sat_ratio >= t.saturation_vs_request,
         "adaptive_share_step": out["adaptive_share"].get("step", {}).get("share"),
         "adaptive_share_request": out["adaptive_share"].get("request", {}).get("share"),
         "rows_per_unet_call": out.get("rows_per_unet_call"),
@@ -576,7 +701,7 @@ def mixed_summary(out: dict, mx: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-def run(cfg: dict, progress=print, only: str | None = None) -> dict:
+def run(cfg: BenchServeConfig, progress=print, only: str | None = None) -> dict:
     """Every scenario (``only`` None), or only the ``standard`` ones or only ``mixed``."""
     import ray
     from ray import serve
@@ -590,12 +715,14 @@ def run(cfg: dict, progress=print, only: str | None = None) -> dict:
     os.environ["BENCH_SERVE_API_KEY"] = key  # the local raylet, hence the replicas, inherit it
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    base = with_overrides(load_serve_config(cfg["config"]), http_port=cfg.get("http_port") or _free_port(),
-                          model_source=cfg["model_source"], ingress={"api_key_env": "BENCH_SERVE_API_KEY"})
-    threads = int(cfg["torch_threads"])
-    timeout_s = float(cfg["request_timeout_s"])
-    report: dict = {"config": cfg, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
-    all_prompts = prompts(int(cfg["prompts"]), int(cfg["prompt_seed"]))
+    from mlops.params import config_dict
+
+    base = with_overrides(load_serve_config(cfg.config), http_port=cfg.http_port or _free_port(),
+                          model_source=cfg.model_source, ingress={"api_key_env": "BENCH_SERVE_API_KEY"})
+    threads = cfg.torch_threads
+    timeout_s = cfg.request_timeout_s
+    report: dict = {"config": config_dict(cfg), "cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
+    all_prompts = prompts(cfg.prompts, cfg.prompt_seed)
 
     def bodies(n: int, seed0: int = 0, **extra) -> list[dict]:
         return [{"prompt": all_prompts[(seed0 + i) % len(all_prompts)], "seed": seed0 + i, **extra}
@@ -603,7 +730,7 @@ def run(cfg: dict, progress=print, only: str | None = None) -> dict:
 
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a busy 2-core machine starts slowly
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # ...and so does the HTTP proxy
-    ray.init(address="local", num_cpus=int(cfg["num_cpus"]), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         def deploy(config, what):
             """Deploy and wait until it is applied (deploy_apps returns before a user_config
@@ -625,20 +752,20 @@ def run(cfg: dict, progress=print, only: str | None = None) -> dict:
 
         url = base_url(base)
         client = Client(url, key, timeout_s)
-        tp = cfg["throughput"]
+        tp = cfg.throughput
         report["deploy_s"] = {}
         if standard:
             # 1. auto mode, batching on, one replica
-            one = model_config(base, replicas=1, torch_threads=threads, max_batch_size=int(tp["max_batch_size"]))
+            one = model_config(base, replicas=1, torch_threads=threads, max_batch_size=tp.max_batch_size)
             report["deploy_s"]["auto_batch"] = deploy(one, "auto, the profile's step-level batching")
             asyncio.run(client.closed_loop(bodies(4, 10_000), 4))  # warm the path end to end
             progress("[bench_serve] throughput: auto")
-            auto = measured(client, url, bodies(int(tp["requests"])), int(tp["concurrency"]))
+            auto = measured(client, url, bodies(tp.requests), tp.concurrency)
             # 2. overload at factor x the capacity just measured (same deployment)
-            ov = cfg["overload"]
-            rate = float(auto["images_per_s"]) * float(ov["factor"])
-            progress(f"[bench_serve] overload: {rate:.2f} req/s for {ov['duration_s']}s")
-            over = asyncio.run(client.open_loop(lambda i: bodies(1, 20_000 + i)[0], rate, float(ov["duration_s"])))
+            ov = cfg.overload
+            rate = float(auto["images_per_s"]) * ov.factor
+            progress(f"[bench_serve] overload: {rate:.2f} req/s for {ov.duration_s}s")
+            over = asyncio.run(client.open_loop(lambda i: bodies(1, 20_000 + i)[0], rate, ov.duration_s))
             over_results = over["_results"]
             bad_status = [r for r in over_results if r["status"] not in (200, 429, 503)]
             no_retry = [r for r in over_results if r["status"] in (429, 503) and not r.get("retry_after")]
@@ -654,50 +781,48 @@ def run(cfg: dict, progress=print, only: str | None = None) -> dict:
             report["bad_inputs"] = run_bad_inputs(url, key, timeout_s)
             try:
                 progress("[bench_serve] playground screenshot")
-                report["playground"] = screenshot_playground(url, key, cfg["screenshot_path"])
+                report["playground"] = screenshot_playground(url, key, cfg.screenshot_path)
             except Exception as exc:  # chromium missing: say so, keep the numbers
                 report["playground"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             # 4. batching off (same replica: a user_config change reconfigures in place)
-            bt = cfg["batching"]
+            bt = cfg.batching
             report["deploy_s"]["auto_nobatch"] = deploy(
                 model_config(base, replicas=1, torch_threads=threads, batching="request", max_batch_size=1),
                 "auto, request-level max_batch_size 1")
             progress("[bench_serve] batching: request-level max_batch_size 1 (no batching)")
-            auto_nobatch = measured(client, url, bodies(int(tp["requests"])), int(tp["concurrency"]))
+            auto_nobatch = measured(client, url, bodies(tp.requests), tp.concurrency)
             # 5. the naive deployment: full 50 steps, no batching, same replica
             progress("[bench_serve] throughput: naive (full 50 steps, request-level max_batch_size 1)")
-            naive = measured(client, url, bodies(int(tp["naive_requests"]), 0, mode="full", steps=50),
-                             int(tp["concurrency"]))
+            naive = measured(client, url, bodies(tp.naive_requests, 0, mode="full", steps=50), tp.concurrency)
             # 6. overhead: saturation vs the in-process Generator at the same batch size and threads
-            oh = cfg["overhead"]
+            oh = cfg.overhead
             report["deploy_s"]["overhead"] = deploy(
-                model_config(base, replicas=1, torch_threads=threads, max_batch_size=int(oh["batch_size"]),
+                model_config(base, replicas=1, torch_threads=threads, max_batch_size=oh.batch_size,
                              # the in-process Generator's step scheduler: FIFO, 2 x batch_size rows
-                             step_max_rows=2 * int(oh["batch_size"]), step_max_inflight=2 * int(oh["batch_size"]),
+                             step_max_rows=2 * oh.batch_size, step_max_inflight=2 * oh.batch_size,
                              step_policy="fifo", step_latency_slack=None),
                 "overhead")
             progress("[bench_serve] overhead: service at saturation")
-            service = measured(client, url, bodies(int(oh["requests"]), 30_000), int(oh["concurrency"]))
+            service = measured(client, url, bodies(oh.requests, 30_000), oh.concurrency)
             progress("[bench_serve] overhead: in-process Generator")
-            local = in_process_baseline(base_bundle(base), bodies(int(oh["requests"]), 30_000), int(oh["batch_size"]),
-                                        threads)
+            local = in_process_baseline(base_bundle(base), bodies(oh.requests, 30_000), oh.batch_size, threads)
             ratio = service["images_per_s"] / local["images_per_s"]
             report["overhead"] = {"service": _strip(service), "in_process": local, "ratio": round(ratio, 3),
                                   "ratio_cpu_time": round(local["cpu_s_per_image"] / service["replica_cpu_s_per_image"], 3),
-                                  "target": oh["target"], "met": ratio >= float(oh["target"])}
+                                  "target": oh.target, "met": ratio >= oh.target}
             speedup = auto["images_per_s"] / naive["images_per_s"]
             cpu_speedup = naive["replica_cpu_s_per_image"] / auto["replica_cpu_s_per_image"]
             report["throughput"] = {"auto": _strip(auto), "naive": _strip(naive), "speedup": round(speedup, 2),
                                     "speedup_replica_cpu_time": round(cpu_speedup, 2),
-                                    "target": tp["target_speedup"], "met": speedup >= float(tp["target_speedup"])}
+                                    "target": tp.target_speedup, "met": speedup >= tp.target_speedup}
             report["batching"] = {"step": _strip(auto), "request_max_batch_size_1": _strip(auto_nobatch),
                                   "gain": round(auto["images_per_s"] / auto_nobatch["images_per_s"], 3),
-                                  "concurrency": int(tp["concurrency"]), "note": bt.get("note")}
+                                  "concurrency": tp.concurrency, "note": bt.note}
         if mixed:
-            report["mixed"] = run_mixed(cfg["mixed"], base, client, deploy, bodies, threads, url, progress)
+            report["mixed"] = run_mixed(cfg.mixed, base, client, deploy, bodies, threads, url, progress)
         if standard:
             # 7. autoscaling under a load step
-            au = cfg["autoscale"]
+            au = cfg.autoscale
             report["deploy_s"]["autoscale"] = deploy(model_config(base, autoscale=True, torch_threads=threads),
                                                      "autoscaling 1..2")
             wait_replicas(1, 120)
@@ -706,15 +831,15 @@ def run(cfg: dict, progress=print, only: str | None = None) -> dict:
                 t_start = time.monotonic()
 
                 async def step():
-                    low = await client.closed_loop(bodies(int(au["low_requests"]), 40_000), 1)
+                    low = await client.closed_loop(bodies(au.low_requests, 40_000), 1)
                     t_high = time.monotonic()
-                    high = asyncio.create_task(client.closed_loop(bodies(int(au["high_requests"]), 41_000),
-                                                                  int(au["high_concurrency"])))
+                    high = asyncio.create_task(client.closed_loop(bodies(au.high_requests, 41_000),
+                                                                  au.high_concurrency))
                     return low, t_high, await high
                 low, t_high, high = asyncio.run(step())
                 t_idle = time.monotonic()
                 try:
-                    down_s = wait_replicas(1, float(au["idle_timeout_s"]))
+                    down_s = wait_replicas(1, au.idle_timeout_s)
                 except RuntimeError:
                     down_s = None
             timeline = [{"t": round(t - t_start, 2), **c} for t, c in samples]
@@ -726,20 +851,20 @@ def run(cfg: dict, progress=print, only: str | None = None) -> dict:
                                    "scale_down_s_after_idle": round(down_s, 2) if down_s is not None else None,
                                    "met": peak >= 2 and down_s is not None}
             # 8. a replica killed mid-load (two fixed replicas)
-            kl = cfg["kill"]
+            kl = cfg.kill
             report["deploy_s"]["kill"] = deploy(model_config(base, replicas=2, torch_threads=threads), "2 replicas")
             wait_replicas(2, 180)
             progress("[bench_serve] kill: one replica of two mid-load")
 
             async def killed():
-                load = asyncio.create_task(client.closed_loop(bodies(int(kl["requests"]), 50_000), int(kl["concurrency"])))
-                await asyncio.sleep(float(kl["kill_after_s"]))
+                load = asyncio.create_task(client.closed_loop(bodies(kl.requests, 50_000), kl.concurrency))
+                await asyncio.sleep(kl.kill_after_s)
                 t_kill = time.monotonic()
                 replica = await asyncio.to_thread(kill_one_replica, url, key)
                 return t_kill, replica, await load
             with replica_sampler(0.25) as kill_samples:
                 t_kill, replica, load = asyncio.run(killed())
-                deadline = time.monotonic() + float(kl["recovery_timeout_s"])
+                deadline = time.monotonic() + kl.recovery_timeout_s
                 while time.monotonic() < deadline:  # until the controller noticed and two run again
                     noticed = any(t > t_kill and c.get("RUNNING", 0) < 2 for t, c in kill_samples)
                     if noticed and kill_samples and kill_samples[-1][1].get("RUNNING", 0) == 2 \
@@ -927,19 +1052,20 @@ def plot_mixed(axes, m: dict) -> None:
                  f"rows/call {((s['rows_per_unet_call'] or {}).get('saturation'))}")
 
 
-def scaled_mixed(mx: dict, scale: float) -> dict:
+def scaled_mixed(mx: Mixed, scale: float) -> Mixed:
     """``mx`` with its durations and request counts times ``scale`` (a quick check of the scenario)."""
-    mx = json.loads(json.dumps(mx))
-    mx["duration_s"] = float(mx["duration_s"]) * scale
-    for key in ("alone_requests", "saturation_requests"):
-        mx[key] = max(1, int(round(int(mx[key]) * scale)))
-    mx["adaptive_share"]["requests"] = max(1, int(round(int(mx["adaptive_share"]["requests"]) * scale)))
-    mx["probe"]["repeats"] = max(1, int(round(int(mx["probe"]["repeats"]) * scale)))
-    mx["burst"]["requests"] = max(1, int(round(int(mx["burst"]["requests"]) * scale)))
-    mx["burst"]["at_s"] = float(mx["burst"]["at_s"]) * scale
-    return mx
+    def count(n: int) -> int:
+        return max(1, int(round(n * scale)))
+
+    return dataclasses.replace(
+        mx, duration_s=mx.duration_s * scale, alone_requests=count(mx.alone_requests),
+        saturation_requests=count(mx.saturation_requests),
+        adaptive_share=dataclasses.replace(mx.adaptive_share, requests=count(mx.adaptive_share.requests)),
+        probe=dataclasses.replace(mx.probe, repeats=count(mx.probe.repeats)),
+        burst=dataclasses.replace(mx.burst, requests=count(mx.burst.requests), at_s=mx.burst.at_s * scale))
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     """``python -m benchmarks.bench_serve`` runs the stage (every scenario, reports/). For a
     check: ``--only mixed|standard`` and ``--scale F`` (mixed durations and counts times F) write to
@@ -949,7 +1075,7 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from budgetdiff.io import atomic_write_bytes, atomic_write_json
-    from mlops.params import load_params
+    from mlops.params import load_config
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve")
     parser.add_argument("--only", choices=("standard", "mixed"), default=None)
@@ -960,14 +1086,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--out-dir: required with --only or --scale (reports/ holds the full run)")
     if args.scale is not None and not 0 < args.scale <= 10:
         sys.exit(f"--scale: must be in (0, 10], got {args.scale}")
-    cfg = load_params("bench_serve")
+    cfg = load_config("bench_serve", BenchServeConfig)
     if args.scale is not None:
-        cfg["mixed"] = scaled_mixed(cfg["mixed"], args.scale)
-    paths = {k: cfg[k] for k in ("report_path", "headline_path", "plot_path", "screenshot_path")}
+        cfg = dataclasses.replace(cfg, mixed=scaled_mixed(cfg.mixed, args.scale))
+    paths = {k: getattr(cfg, k) for k in ("report_path", "headline_path", "plot_path", "screenshot_path")}
     if args.out_dir:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         paths = {k: str(Path(args.out_dir) / Path(v).name) for k, v in paths.items()}
-        cfg["screenshot_path"] = paths["screenshot_path"]
+        cfg = dataclasses.replace(cfg, screenshot_path=paths["screenshot_path"])
     report = run(cfg, only=args.only)
     atomic_write_json(paths["report_path"], report)
     atomic_write_json(paths["headline_path"], headline(report))

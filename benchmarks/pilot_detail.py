@@ -25,6 +25,8 @@ Params: ``pilot_detail`` in params.yaml. Outputs: ``report_path`` (JSON) and ``p
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
 from diffusers import DDIMScheduler
@@ -34,20 +36,43 @@ from budgetdiff.domain.detail import sample_eigenvalues, variance_kept
 from budgetdiff.io import atomic_write_json
 from budgetdiff.domain.scenes import render_scene_array, sample_scene, spec_to_prompt, with_seed, without_detail
 from mlops.cli import command
-from mlops.params import load_params
+from mlops.params import load_config
 
-PARAMS = ("scheduler", "candidates", "renders_per_prompt", "steps", "seed_offset", "render_seed_offset",
-          "drop_if_kept_at_8", "report_path", "plot_path")
+# The domain's background materials and strengths (budgetdiff.domain.scenes MATERIALS, STRENGTHS).
+Material = Literal["plain", "grainy", "mottled"]
+Strength = Literal["faintly", "", "heavily"]
 
 
-def candidate_specs(candidates: list[dict], seed_offset: int):
-    """One scene per candidate entry ({material, strength, speckle_prob, n_objects}), seeds from
-    ``seed_offset``."""
-    specs = []
-    for i, c in enumerate(candidates):
-        specs.append(sample_scene(seed_offset + i, n_objects=c.get("n_objects"), material=c.get("material", "plain"),
-                                  strength=c.get("strength", ""), speckle_prob=float(c.get("speckle_prob", 0.0))))
-    return specs
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate prompt's scene: its object count (None: drawn), background material and
+    strength, and P(a plain object is speckled)."""
+
+    n_objects: Optional[int] = None
+    material: Material = "plain"
+    strength: Strength = ""
+    speckle_prob: float = 0.0
+
+
+@dataclass(frozen=True)
+class PilotDetailConfig:
+    """The ``pilot_detail`` section of params.yaml."""
+
+    scheduler: str
+    renders_per_prompt: int
+    render_seed_offset: int
+    seed_offset: int
+    steps: list[int]
+    drop_if_kept_at_8: float
+    candidates: list[Candidate]
+    report_path: str
+    plot_path: str
+
+
+def candidate_specs(candidates: list[Candidate], seed_offset: int):
+    """One scene per candidate, seeds from ``seed_offset``."""
+    return [sample_scene(seed_offset + i, n_objects=c.n_objects, material=c.material, strength=c.strength,
+                         speckle_prob=c.speckle_prob) for i, c in enumerate(candidates)]
 
 
 def renders(spec, n: int, render_seed_offset: int) -> np.ndarray:
@@ -142,39 +167,38 @@ def plot(rows: list[dict], steps: list[int], path: str) -> None:
     plt.close(fig)
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: PilotDetailConfig) -> dict:
     t0 = time.time()
-    scheduler = DDIMScheduler.from_pretrained(cfg["scheduler"])
-    steps = sorted(int(s) for s in cfg["steps"])
-    specs = candidate_specs(cfg["candidates"], int(cfg["seed_offset"]))
-    rows = [analyse(spec, int(cfg["renders_per_prompt"]), int(cfg["render_seed_offset"]), scheduler, steps)
+    scheduler = DDIMScheduler.from_pretrained(cfg.scheduler)
+    steps = sorted(cfg.steps)
+    specs = candidate_specs(cfg.candidates, cfg.seed_offset)
+    rows = [analyse(spec, cfg.renders_per_prompt, cfg.render_seed_offset, scheduler, steps)
             for spec in tqdm(specs, desc="pilot_detail", unit="prompt")]
     detailed = [r for r in rows if r["variance_kept"] is not None]
     worst = max(r["variance_kept"]["8"] for r in detailed) if detailed and 8 in steps else None
-    verdict = ("drop the design" if worst is not None and worst >= cfg["drop_if_kept_at_8"]
+    verdict = ("drop the design" if worst is not None and worst >= cfg.drop_if_kept_at_8
                else "go: every detailed prompt loses more than the rule allows at 8 steps")
     report = {
         "what": "exact variance kept by deterministic DDIM with a perfect Gaussian denoiser, per candidate prompt",
-        "scheduler": cfg["scheduler"],
-        "renders_per_prompt": int(cfg["renders_per_prompt"]),
+        "scheduler": cfg.scheduler,
+        "renders_per_prompt": cfg.renders_per_prompt,
         "steps": steps,
         "prompts": rows,
         "classes": class_summary(rows, steps),
-        "decision": {"rule": f"drop if 8 steps keep >= {cfg['drop_if_kept_at_8']} of the variance on a detailed prompt",
+        "decision": {"rule": f"drop if 8 steps keep >= {cfg.drop_if_kept_at_8} of the variance on a detailed prompt",
                      "largest_variance_kept_at_8_on_detailed": worst, "verdict": verdict},
         "note": ("variance kept is Var(output)/Var(data); the share of standard deviation kept is its square "
                  "root (detail of s.d. 0.1 keeps 22/53/78 % of its variance, 47/73/88 % of its s.d., at 8/20/50 steps)"),
         "seconds": round(time.time() - t0, 1),
     }
-    plot(rows, steps, cfg["plot_path"])
-    atomic_write_json(cfg["report_path"], report)
+    plot(rows, steps, cfg.plot_path)
+    atomic_write_json(cfg.report_path, report)
     return report
 
 
 @command
 def main() -> None:
-    cfg = load_params("pilot_detail", required=PARAMS)
-    report = run(cfg)
+    report = run(load_config("pilot_detail", PilotDetailConfig))
     for c, s in report["classes"].items():
         kept = s["variance_kept"] or s["whole_image_variance_kept"]
         print(f"pilot_detail: {c:>16}: {'detail' if s['variance_kept'] else 'whole image'} variance kept at "

@@ -13,6 +13,7 @@ import yaml
 from benchmarks import bench_adaptive
 from budgetdiff.domain.evaluators import domain_clip_model_cfg, save_attribute_checker, save_domain_clip
 from conftest import REPO
+from mlops.params import ParamsError, config_from_dict
 from test_metrics_helpers import TINY_CLIP_CFG, tiny_checker, tiny_clip
 from test_workflow import merge
 
@@ -124,10 +125,15 @@ def test_equal_flops_comparison_interpolates_the_adaptive_curve():
 
 
 def test_reuse_space_per_scheduler():
-    per = {"reuse": {"ddim": "sample", "dpmpp": "epsilon"}}
+    per = {"ddim": "sample", "dpmpp": "epsilon"}
     assert bench_adaptive.reuse_for(per, "ddim") == "sample"
     assert bench_adaptive.reuse_for(per, "euler") == "epsilon"  # unlisted: the library default
-    assert bench_adaptive.reuse_for({"reuse": "output"}, "dpmpp") == "output"
-    config = bench_adaptive.Method("a", "adaptive", {"threshold": 0.1}).adaptive_config(
-        {**per, "max_skip": 4, "warmup": 4}, "ddim")
-    assert config.reuse == "sample"
+    assert bench_adaptive.reuse_for("output", "dpmpp") == "output"
+    section = {k: v for k, v in yaml.safe_load((REPO / "params.yaml").read_text())["bench_adaptive"].items()
+               if k != "reuse"}
+    cfg = config_from_dict(bench_adaptive.BenchAdaptiveConfig, {**section, "reuse": per, "max_skip": 3, "warmup": 5})
+    config = bench_adaptive.Method("a", "adaptive", {"threshold": 0.1}).adaptive_config(cfg, "ddim")
+    assert (config.reuse, config.max_skip, config.warmup) == ("sample", 3, 5)
+    assert config_from_dict(bench_adaptive.BenchAdaptiveConfig, section).reuse == "epsilon"  # reuse left out
+    with pytest.raises(ParamsError, match=r"reuse: expected"):
+        config_from_dict(bench_adaptive.BenchAdaptiveConfig, {**section, "reuse": {"ddim": "noise"}})

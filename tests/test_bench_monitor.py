@@ -2,8 +2,11 @@
 headline and plot (the run itself is the DVC stage: a Serve cluster and Prometheus under load)."""
 
 import pytest
+import yaml
 
 from benchmarks import bench_monitor as bm
+from conftest import REPO
+from mlops.params import config_from_dict
 from test_auto_policy import bundle_with_policy
 
 
@@ -22,11 +25,13 @@ def test_degraded_bundle_routes_every_auto_request_to_the_cheap_plan(tiny_bundle
 
 
 def _cfg(**over):
-    cfg = {"latency": {"blocks": 6, "sample_rate": 0.1},
-           "slo": {"quality_target": 0.85, "normal_requests": 8, "degraded_max_requests": 8, "concurrency": 2}}
+    """params.yaml's bench_monitor section as its config, with ``phase.key`` values replaced."""
+    cfg = yaml.safe_load((REPO / "params.yaml").read_text())["bench_monitor"]
+    cfg["latency"].update(blocks=6, sample_rate=0.1)
+    cfg["slo"].update(quality_target=0.85, normal_requests=8, degraded_max_requests=8, concurrency=2)
     for k, v in over.items():
         cfg[k.split(".")[0]][k.split(".")[1]] = v
-    return cfg
+    return config_from_dict(bm.BenchMonitorConfig, cfg)
 
 
 @pytest.mark.parametrize("key, value, match", [("latency.blocks", 3, "even number"),

@@ -531,8 +531,8 @@ def test_cross_validation_predicts_every_prompt_once_without_seeing_it(trained, 
         return real_fit(arch, network_config, cfg_, emb, z, train_rows, val_rows, logger, progress)
 
     monkeypatch.setattr(tb, "fit_network", spy)
-    cv = bench_budget.cross_validation({"folds": 4, "seed": 1}, cfg, table, 20,
-                                       {"min_steps_saved_pct": 50.0, "max_drop_pct": 2.0})
+    targets = bench_budget.BudgetTargets(min_steps_saved_pct=50.0, max_drop_pct=2.0)
+    cv = bench_budget.cross_validation(bench_budget.CrossValidation(folds=4, seed=1), cfg, table, 20, targets)
     assert cv["prompts"] == 24 and cv["prompts_per_fold"] == [6, 6, 6, 6] and len(seen) == 4 * 2
     # Every fit trains on two folds and validates on a third: no prompt is tested by a network that saw it.
     for arch, train_rows, val_rows in seen:
@@ -553,8 +553,8 @@ def test_cross_validation_predicts_every_prompt_once_without_seeing_it(trained, 
 
     # Repeated: two fold assignments (seeds 1, 2), each prompt allocated once per repeat, judged together.
     seen.clear()
-    twice = bench_budget.cross_validation({"folds": 4, "seed": 1, "repeats": 2}, cfg, table, 20,
-                                          {"min_steps_saved_pct": 50.0, "max_drop_pct": 2.0})
+    twice = bench_budget.cross_validation(bench_budget.CrossValidation(folds=4, seed=1, repeats=2), cfg, table, 20,
+                                          targets)
     assert twice["repeats"] == 2 and twice["seeds"] == [1, 2] and len(seen) == 2 * 4 * 2
     row = twice["bilstm"]
     assert [r["seed"] for r in row["repeats"]] == [1, 2] and len(row["plateau_epsilon_per_fold"]) == 2
@@ -564,12 +564,18 @@ def test_cross_validation_predicts_every_prompt_once_without_seeing_it(trained, 
 
 
 def test_bench_budget_rejects_another_grid(trained, tiny_model_dir):
+    import yaml
+
     from benchmarks import bench_budget
+    from conftest import REPO
+    from mlops.params import config_from_dict
 
     tmp_path, _, _ = trained
     other = synthetic_dataset(8, grid=[2, 4, 8, 20])
     other.to_parquet(tmp_path / "other.parquet")
-    cfg = {"dataset": str(tmp_path / "other.parquet"), "model": str(tiny_model_dir),
-           "budget_model": str(tmp_path / "budget")}
+    section = yaml.safe_load((REPO / "params.yaml").read_text())["bench_budget"]
+    cfg = config_from_dict(bench_budget.BenchBudgetConfig, {
+        **section, "dataset": str(tmp_path / "other.parquet"), "model": str(tiny_model_dir),
+        "budget_model": str(tmp_path / "budget")})
     with pytest.raises(BudgetModelMismatch, match=r"\[2, 4, 8, 20\].*other.parquet|other.parquet.*\[2, 4, 8, 20\]"):
         bench_budget.run(cfg)

@@ -399,20 +399,20 @@ def test_distill_params_keep_their_couplings(monkeypatch):
                                           yaml_section("distill_8"), variants)
     assert not set(runs) & set(yaml_section("bench_distill")["runs"])
     assert {r for reps_ in training_seeds.values() for r in reps_} == {f"student_8_{v}" for v in variants if "_seed" in v}
-    assert {s["model"] for s in runs.values()} <= set(stages["bench_distill"]["deps"])
+    assert {s.model for s in runs.values()} <= set(stages["bench_distill"]["deps"])
 
 
 def test_distilled_runs_derive_students_and_replicates():
     """Synthetic params: a replicate is the variant with another seed and otherwise equal settings;
     an ambiguous or unmatched replicate is named."""
-    from benchmarks.bench_distill import distilled_runs
+    from benchmarks.bench_distill import RunSpec, distilled_runs
 
     variants = {"a": {"p_cfg": 0.0, "output_dir": "A"}, "b": {"p_cfg": 0.1, "output_dir": "B"},
                 "b_s1": {"seed": 1, "p_cfg": 0.1, "output_dir": "B1", "metrics_path": "b1.json"},
                 "a_s1": {"seed": 1, "p_cfg": 0.0, "output_dir": "A1"}, "fast": {"student_steps": 4, "output_dir": "F"}}
     runs, seeds = distilled_runs({"seed": 0}, {"output_dir": "S16", "student_steps": 16}, {"student_steps": 8}, variants)
     assert list(runs) == ["student_16", "student_8_a", "student_8_b", "student_8_b_s1", "student_8_a_s1", "student_8_fast"]
-    assert runs["student_8_fast"] == {"model": "F", "steps": 4} and runs["student_16"] == {"model": "S16", "steps": 16}
+    assert runs["student_8_fast"] == RunSpec("F", 4) and runs["student_16"] == RunSpec("S16", 16)
     assert seeds == {"student_8_b": ["student_8_b_s1"], "student_8_a": ["student_8_a_s1"]}
     with pytest.raises(ValueError, match=r"distill_8_variants.odd: a seed-1 replicate .* found 0"):
         distilled_runs({"seed": 0}, {"output_dir": "S16", "student_steps": 16}, {"student_steps": 8},
@@ -436,10 +436,10 @@ def _clipt_results(values: dict[str, float], guidance="1.25"):
 
 
 def test_clipt_target_is_judged_on_the_mean_over_training_seeds():
-    from benchmarks.bench_distill import check_targets, training_seed_spread
+    from benchmarks.bench_distill import DistillTargets, check_targets, training_seed_spread
 
-    cfg = {"targets": {"fd_max_ratio_to_teacher_50": 1.1},
-           "training_seeds": {"student_8_cfg": ["c1", "c2"], "student_8_vanilla": ["v1", "v2"]}}
+    targets = DistillTargets(fd_max_ratio_to_teacher_50=1.1)
+    seeds_of = {"student_8_cfg": ["c1", "c2"], "student_8_vanilla": ["v1", "v2"]}
     # Seed 0 alone loses by 0.002; seeds 1 and 2 win by 0.004 and 0.001: the mean wins by 0.001.
     results = _clipt_results({"student_8_cfg": 0.848, "student_8_vanilla": 0.850, "c1": 0.854, "v1": 0.850,
                               "c2": 0.851, "v2": 0.850, "teacher_50": 0.85, "teacher_8": 0.85})
@@ -447,7 +447,7 @@ def test_clipt_target_is_judged_on_the_mean_over_training_seeds():
     rng = np.random.default_rng(0)
     per_prompt = {run: {"1.25": {"clipt": (r["1.25"]["clipt"] + 0.01 * rng.standard_normal(n)).tolist()}}
                   for run, r in results.items()}
-    t = check_targets(results, "1.25", cfg, per_prompt)["clipt_student_8_cfg_ge_student_8_vanilla"]
+    t = check_targets(results, "1.25", targets, seeds_of, per_prompt)["clipt_student_8_cfg_ge_student_8_vanilla"]
     assert t["measured"] == pytest.approx((0.848 + 0.854 + 0.851) / 3)
     assert t["limit"] == pytest.approx(0.850) and t["met"] is True
     seeds = t["training_seeds"]
@@ -461,38 +461,41 @@ def test_clipt_target_is_judged_on_the_mean_over_training_seeds():
     assert t["paired_difference"]["prompts"] == n and t["paired_difference"]["mean"] == pytest.approx(d.mean(), abs=1e-5)
     # The other way round: seed 0 wins alone, the mean loses.
     lose = {**results, **_clipt_results({"student_8_cfg": 0.851, "c1": 0.846, "c2": 0.849})}
-    t = check_targets(lose, "1.25", cfg)["clipt_student_8_cfg_ge_student_8_vanilla"]
+    t = check_targets(lose, "1.25", targets, seeds_of)["clipt_student_8_cfg_ge_student_8_vanilla"]
     assert t["met"] is False and t["training_seeds"]["seed_0_alone"]["met"] is True
     assert t["paired_difference"] is None  # no per-prompt values given
     # A seed whose pair is not scored at this guidance drops out; without replicates, the one pair.
     partial = {k: v for k, v in results.items() if k != "v2"}
-    t = check_targets(partial, "1.25", cfg)["clipt_student_8_cfg_ge_student_8_vanilla"]
+    t = check_targets(partial, "1.25", targets, seeds_of)["clipt_student_8_cfg_ge_student_8_vanilla"]
     assert len(t["training_seeds"]["pairs"]) == 2 and t["measured"] == pytest.approx((0.848 + 0.854) / 2)
-    alone = check_targets(results, "1.25", {"targets": cfg["targets"]})["clipt_student_8_cfg_ge_student_8_vanilla"]
+    alone = check_targets(results, "1.25", targets)["clipt_student_8_cfg_ge_student_8_vanilla"]
     assert (alone["measured"], alone["limit"], alone["met"]) == (0.848, 0.850, False)
     with pytest.raises(ValueError, match="pair by position"):
-        check_targets(results, "1.25", {**cfg, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": []}})
-    spread = training_seed_spread(results, cfg)
+        check_targets(results, "1.25", targets, {"student_8_cfg": ["c1"], "student_8_vanilla": []})
+    spread = training_seed_spread(results, seeds_of)
     assert spread["student_8_cfg"]["runs"] == ["student_8_cfg", "c1", "c2"]
     s = spread["student_8_cfg"]["by_guidance"]["1.25"]["clipt"]
     assert s["mean"] == pytest.approx(0.851) and s["sd"] == pytest.approx(0.003) and len(s["values"]) == 3
 
 
 def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_path, monkeypatch):
+    import dataclasses
+
     import benchmarks.bench_distill as bench
+    from mlops.params import config_from_dict
     from test_metrics_helpers import tiny_backbone, tiny_checker
 
     monkeypatch.setattr(bench, "load_clip_backbone", lambda _dir: tiny_backbone())
     monkeypatch.setattr(bench, "load_attribute_checker", lambda _dir: tiny_checker())
     model = str(tiny_model_dir)
-    cfg = {**yaml_section("bench_distill"), "prompts": 4, "batch_size": 4, "grid_prompts": 2,
-           "guidance_scales": [1.0, 3.0], "guidance": 2.0,
-           "runs": {"teacher_50": {"model": model, "steps": 4}, "teacher_8": {"model": model, "steps": 2},
-                    "student_8_cfg": {"model": model, "steps": 2}},
-           "training_seeds": {},
-           "csv_path": str(tmp_path / "t.csv"), "plot_path": str(tmp_path / "t.png"),
-           "grid_path": str(tmp_path / "g.png"), "cache_dir": str(tmp_path / "cache")}
-    report = bench.run(cfg)
+    cfg = config_from_dict(bench.BenchDistillConfig, {
+        **yaml_section("bench_distill"), "prompts": 4, "batch_size": 4, "grid_prompts": 2,
+        "guidance_scales": [1.0, 3.0], "guidance": 2.0,
+        "runs": {"teacher_50": {"model": model, "steps": 4}, "teacher_8": {"model": model, "steps": 2},
+                 "student_8_cfg": {"model": model, "steps": 2}},
+        "csv_path": str(tmp_path / "t.csv"), "plot_path": str(tmp_path / "t.png"),
+        "grid_path": str(tmp_path / "g.png"), "cache_dir": str(tmp_path / "cache")})
+    report = bench.run(cfg, {})
     assert report["guidance_scales"] == [1.0, 2.0, 3.0]  # the target guidance joins the sweep
     r = report["results"]["student_8_cfg"]["2.0"]
     assert r["nfe"] == 2 and r["fd"] >= 0 and 0 <= r["attr_acc"] <= 1 and r["seconds_per_image"] > 0
@@ -512,20 +515,19 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
 
     # An interrupted run resumes: every (run, guidance) result is kept, keyed by the model's weights.
     assert len(list((tmp_path / "cache").glob("*.json"))) == 3 * 3
-    again = bench.run(cfg)
+    again = bench.run(cfg, {})
     assert again["results"] == report["results"] and again["targets"] == report["targets"]
     # A model that is not there yet is named, before any work is lost.
-    missing = {**cfg, "runs": {"teacher_50": {"model": model, "steps": 4},
-                               "student_8_cfg": {"model": str(tmp_path / "nope"), "steps": 2}}}
+    missing = dataclasses.replace(cfg, runs={"teacher_50": bench.RunSpec(model, 4),
+                                             "student_8_cfg": bench.RunSpec(str(tmp_path / "nope"), 2)})
     with pytest.raises(ValueError, match="nope not found"):
         bench.run(missing)
 
     # Training-seed replicates: scored like any run (and cached), paired by seed in the CLIP-T
     # target, kept out of the sample grid; a replicate that is not a run is named.
-    seeds = {**cfg, "guidance_scales": [], "runs": {**cfg["runs"], "student_8_vanilla": {"model": model, "steps": 2},
-                                                     "c1": {"model": model, "steps": 2}, "v1": {"model": model, "steps": 2}},
-             "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v1"]}}
-    report = bench.run(seeds)
+    seeds = dataclasses.replace(cfg, guidance_scales=[], runs={**cfg.runs, **{
+        name: bench.RunSpec(model, 2) for name in ("student_8_vanilla", "c1", "v1")}})
+    report = bench.run(seeds, {"student_8_cfg": ["c1"], "student_8_vanilla": ["v1"]})
     clipt = report["targets"]["clipt_student_8_cfg_ge_student_8_vanilla"]
     assert clipt["met"] is True and clipt["training_seeds"]["difference_by_seed"] == [0, 0]  # the same model
     assert clipt["paired_difference"]["prompts"] == 4 and clipt["paired_difference"]["mean"] == 0
@@ -537,10 +539,10 @@ def test_bench_distill_reports_every_run_and_the_targets(tiny_model_dir, tmp_pat
     with Image.open(tmp_path / "g.png") as grid:  # ground truth and the four runs, not the replicates
         assert grid.width == 260 + 112 * 5
     with pytest.raises(ValueError, match="not in runs: v9"):
-        bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]}})
+        bench.run(seeds, {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]})
     # Both list errors come before any model is loaded or image generated.
     monkeypatch.setattr(bench, "load_clip_backbone", lambda _dir: pytest.fail("loaded before the check"))
     with pytest.raises(ValueError, match="pair by position"):
-        bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": []}})
+        bench.run(seeds, {"student_8_cfg": ["c1"], "student_8_vanilla": []})
     with pytest.raises(ValueError, match="not in runs: v9"):
-        bench.run({**seeds, "training_seeds": {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]}})
+        bench.run(seeds, {"student_8_cfg": ["c1"], "student_8_vanilla": ["v9"]})

@@ -37,6 +37,7 @@ def mlflow_uri(tmp_path, monkeypatch):
 def test_train_both_evaluators_then_bench(tmp_path, mlflow_uri):
     import mlflow
 
+    from benchmarks.bench_metrics import BenchMetricsConfig
     from benchmarks.bench_metrics import run as bench
     from budgetdiff.domain.evaluators import load_attribute_checker
     from budgetdiff.metrics.semantic import load_clip_backbone
@@ -51,9 +52,10 @@ def test_train_both_evaluators_then_bench(tmp_path, mlflow_uri):
     assert attr_metrics["steps"] == 3 and set(attr_metrics["held_out"]) == {"1obj", "2obj", "3obj", "4obj"}
     load_attribute_checker(tmp_path / "attributes")
 
-    report = bench({"clip_dir": str(tmp_path / "clip"), "attributes_dir": str(tmp_path / "attributes"),
-                    "retrieval_scenes": 12, "attr_scenes_per_count": 4, "fd_images": 8, "fd_noise_sigmas": [0.2],
-                    "throughput_images": 16, "batch_size": 8, "report_path": str(tmp_path / "metrics.json")})
+    report = bench(BenchMetricsConfig(
+        clip_dir=str(tmp_path / "clip"), attributes_dir=str(tmp_path / "attributes"), retrieval_scenes=12,
+        attr_scenes_per_count=4, fd_images=8, fd_noise_sigmas=[0.2], throughput_images=16, batch_size=8,
+        report_path=str(tmp_path / "metrics.json")))
     json.dumps(report)  # the report is plain JSON
     assert report["domain_clip_retrieval"]["candidates"] == 12
     assert set(report["attribute_checker"]) >= {"1obj", "2obj", "3obj", "4obj"}

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import time
+import typing
 
 import numpy as np
 import pytest
@@ -239,17 +240,20 @@ def test_null_slack_and_queue_are_valid_and_request_batching_checks_its_own_limi
 
 
 def test_the_mixed_bench_trace_is_reproducible_and_scaled():
-    from benchmarks.bench_serve import mixed_trace, scaled_mixed
-    from mlops.params import load_params
+    from benchmarks.bench_serve import MIX_BODIES, BenchServeConfig, Burst, MixKind, mixed_trace, scaled_mixed
+    from mlops.params import load_config
 
     mix = {"auto": 0.6, "full50": 0.2, "adaptive50": 0.1, "student": 0.1}
-    trace = mixed_trace(mix, 2.0, 200.0, {"at_s": 10, "requests": 5}, seed=3)
-    assert trace == mixed_trace(mix, 2.0, 200.0, {"at_s": 10, "requests": 5}, seed=3)  # same trace for both batchings
+    trace = mixed_trace(mix, 2.0, 200.0, Burst(at_s=10, requests=5), seed=3)
+    assert trace == mixed_trace(mix, 2.0, 200.0, Burst(at_s=10, requests=5), seed=3)  # same trace for both batchings
     assert [t for t, _ in trace] == sorted(t for t, _ in trace) and sum(t == 10 for t, _ in trace) >= 5
     assert 300 < len(trace) < 500  # Poisson at 2/s over 200 s, plus the burst
     shares = {k: sum(kind == k for _, kind in trace) / len(trace) for k in mix}
     assert all(abs(shares[k] - mix[k]) < 0.07 for k in mix), shares
-    mx = load_params("bench_serve")["mixed"]
+    mx = load_config("bench_serve", BenchServeConfig).mixed
     small = scaled_mixed(mx, 0.25)
-    assert small["duration_s"] == mx["duration_s"] * 0.25 and small["probe"]["repeats"] >= 1
-    assert set(mx["mix"]) <= {"auto", "full50", "adaptive50", "student"} and mx["target_load"] in mx["loads"]
+    assert small.duration_s == mx.duration_s * 0.25 and small.burst.at_s == mx.burst.at_s * 0.25
+    assert small.probe.repeats >= 1 and small.alone_requests == max(1, round(mx.alone_requests * 0.25))
+    assert (small.mix, small.loads, small.targets) == (mx.mix, mx.loads, mx.targets)
+    assert set(typing.get_args(MixKind)) == set(MIX_BODIES)  # params may name only the kinds a body exists for
+    assert mx.target_load in mx.loads
