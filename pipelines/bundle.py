@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from budgetdiff.generation.bundle import write_bundle
 from budgetdiff.io.fingerprint import file_sha256
@@ -28,7 +30,57 @@ from budgetdiff.methods.policy import OperatingPoint, SchedulerPolicy, SkipPolic
 from budgetdiff.statistics.quality import QUALITY_LEVELS, realised_quality
 from budgetdiff.methods.adaptive import AdaptiveSkipConfig
 from mlops.cli import fail
-from mlops.params import load_params
+from mlops.params import load_config
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """params.yaml ``bundle.base``."""
+
+    path: str
+    scheduler: str
+    steps: int
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """params.yaml ``bundle.student``."""
+
+    path: str
+    run: str     # the student's run in ``report``
+    report: str  # bench_distill's report
+
+
+@dataclass(frozen=True)
+class SkipPolicySource:
+    """params.yaml ``bundle.skip_policy``: a tuning stage's policy file (``policy``), else the
+    operating points of a benchmark ``report``; one of the two is given."""
+
+    stage: str = "bench_adaptive"  # the stage that wrote ``report``
+    report: Optional[str] = None
+    policy: Optional[str] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoConfig:
+    """params.yaml ``bundle.auto``."""
+
+    policy: Optional[str] = None  # None: auto routes by the older rule (student_max_steps)
+    student_max_steps: int
+    reference_run: str
+    tolerances: dict[str, float]  # metric of bench_distill's report -> allowed drop
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """params.yaml ``bundle``."""
+
+    output_dir: str
+    base: BaseModelConfig
+    student: StudentConfig
+    budget: str
+    skip_policy: SkipPolicySource
+    auto: AutoConfig
 
 
 class BundleStageError(ValueError):
@@ -69,24 +121,26 @@ def skip_policy_from_adaptive_report(report: dict, source: dict) -> SkipPolicy:
     return SkipPolicy(schedulers, source, int(report["steps"]))
 
 
-def skip_policy_for(policy_cfg: dict) -> SkipPolicy:
+def skip_policy_for(source: SkipPolicySource) -> SkipPolicy:
     """The bundle's skip policy: a policy file a tuning stage wrote (``policy``: tune_skip's
     models/skip_policy/skip_policy.json), or the operating points of a benchmark report
     (``report``: bench_adaptive's δ sweep)."""
-    if policy_cfg.get("policy"):
+    if source.policy:
         from budgetdiff.methods.policy import PolicyError, load_skip_policy
 
-        path = policy_cfg["policy"]
+        path = source.policy
         try:
             loaded = load_skip_policy(path)
         except PolicyError as exc:
             raise BundleStageError(f"bundle.skip_policy.policy: {exc}") from None
         source = {**loaded.source, "policy_file": path, "policy_file_sha256": file_sha256(path, 16)}
         return SkipPolicy(loaded.schedulers, source, loaded.steps)
-    report_path = policy_cfg["report"]
+    report_path = source.report
+    if not report_path:
+        raise BundleStageError("bundle.skip_policy: give a policy file (policy) or a report")
     adaptive = _read_json(report_path, "skip_policy.report")
     return skip_policy_from_adaptive_report(
-        adaptive, {"stage": policy_cfg.get("stage", "bench_adaptive"), "report": report_path,
+        adaptive, {"stage": source.stage, "report": report_path,
                    "report_sha256": file_sha256(report_path, 16),
                    "selection": "default: the delta bench_adaptive tuned per scheduler; points: its delta sweep"})
 
@@ -118,44 +172,43 @@ def cheapest_guidance_within(distill: dict, run: str, reference_run: str, refere
                       "reference": f"{reference_run}@{reference_guidance}"}
 
 
-def build(cfg: dict) -> dict:
-    out = Path(cfg["output_dir"])
-    policy = skip_policy_for(cfg["skip_policy"])
-    distill_path = cfg["student"]["report"]
+def build(cfg: BundleConfig) -> dict:
+    out = Path(cfg.output_dir)
+    policy = skip_policy_for(cfg.skip_policy)
+    distill_path = cfg.student.report
     distill = _read_json(distill_path, "student.report")
     judged = distill["target_guidance"]
-    judged_key = next((k for k in distill["results"][cfg["student"]["run"]] if float(k) == float(judged)), None)
+    judged_key = next((k for k in distill["results"][cfg.student.run] if float(k) == float(judged)), None)
     if judged_key is None:
         raise BundleStageError(f"bundle.student: {distill_path} has no result at guidance {judged}")
-    auto_cfg = cfg["auto"]
-    auto_guidance, why = cheapest_guidance_within(distill, cfg["student"]["run"], auto_cfg["reference_run"],
-                                                  judged_key, auto_cfg["tolerances"])
-    budget_config = _read_json(os.path.join(cfg["budget"], "config.json"), "budget")
+    auto_cfg = cfg.auto
+    auto_guidance, why = cheapest_guidance_within(distill, cfg.student.run, auto_cfg.reference_run,
+                                                  judged_key, auto_cfg.tolerances)
+    budget_config = _read_json(os.path.join(cfg.budget, "config.json"), "budget")
 
     def rel(path: str) -> str:
         return os.path.relpath(path, out)
 
     raw = {
-        "base": {"path": rel(cfg["base"]["path"]), "scheduler": cfg["base"]["scheduler"],
-                 "steps": int(cfg["base"]["steps"])},
-        "student": {"path": rel(cfg["student"]["path"]), "steps": int(distill["runs"][cfg["student"]["run"]]["steps"]),
+        "base": {"path": rel(cfg.base.path), "scheduler": cfg.base.scheduler, "steps": cfg.base.steps},
+        "student": {"path": rel(cfg.student.path), "steps": int(distill["runs"][cfg.student.run]["steps"]),
                     "scheduler": distill.get("scheduler", "ddim"), "guidance": float(judged),
                     "source": f"{distill_path}: target_guidance"},
-        "budget": {"path": rel(cfg["budget"]), "plateau_epsilon": float(budget_config["rules"]["plateau_epsilon"]),
-                   "source": f"{cfg['budget']}/config.json: rules.plateau_epsilon (calibrated by train_budget)"},
-        "auto": {"student_max_steps": int(auto_cfg["student_max_steps"]), "student_guidance": auto_guidance,
-                 "scheduler": cfg["base"]["scheduler"],
+        "budget": {"path": rel(cfg.budget), "plateau_epsilon": float(budget_config["rules"]["plateau_epsilon"]),
+                   "source": f"{cfg.budget}/config.json: rules.plateau_epsilon (calibrated by train_budget)"},
+        "auto": {"student_max_steps": auto_cfg.student_max_steps, "student_guidance": auto_guidance,
+                 "scheduler": cfg.base.scheduler,
                  "source": {"student_guidance": {"rule": "fewest GFLOPs within tolerances", "tolerances":
-                                                 auto_cfg["tolerances"], "report": distill_path, **why},
+                                                 auto_cfg.tolerances, "report": distill_path, **why},
                             "student_max_steps": "params.yaml bundle.auto.student_max_steps"}},
     }
     auto_policy = None
-    if auto_cfg.get("policy"):
+    if auto_cfg.policy:
         from budgetdiff.methods.auto_policy import load_auto_policy
 
-        auto_policy = load_auto_policy(auto_cfg["policy"])
+        auto_policy = load_auto_policy(auto_cfg.policy)
         raw["auto"]["policy"] = auto_policy.to_dict()
-        raw["auto"]["source"]["policy"] = f"{auto_cfg['policy']} (calibrate_auto)"
+        raw["auto"]["source"]["policy"] = f"{auto_cfg.policy} (calibrate_auto)"
     write_bundle(out, raw, policy)
     return {"output_dir": str(out), "skip_policy_sha256": policy.sha256,
             "auto_policy": {"default": auto_policy.default, "sha256": auto_policy.sha256} if auto_policy else None,
@@ -165,7 +218,7 @@ def build(cfg: dict) -> dict:
 
 def main() -> None:
     try:
-        summary = build(load_params("bundle"))
+        summary = build(load_config("bundle", BundleConfig))
     except (BundleStageError, ValueError, KeyError) as exc:
         fail(f"bundle: {exc}")
     print(json.dumps(summary))

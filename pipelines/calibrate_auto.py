@@ -33,7 +33,9 @@ import io
 import json
 import math
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,29 +48,79 @@ from budgetdiff.domain.scenes import held_out_scenes
 from budgetdiff.methods.auto_policy import AutoCandidate, AutoPolicy
 from budgetdiff.statistics.quality import conformal_lower_bound, mean_quality, realised_quality
 from mlops.cli import fail
-from mlops.params import load_params
+from mlops.params import ParamsError, config_dict, load_config
+from pipelines.bundle import BundleConfig, SkipPolicySource, skip_policy_for
 
 ATTR, CLIPT = "domain/attr_acc", "high/clipt_domainclip"
+
+
+@dataclass(frozen=True)
+class CandidatesConfig:
+    """params.yaml ``calibrate_auto.candidates``: the plans measured (a kind left out: none)."""
+
+    base_steps: list[int] = field(default_factory=list)
+    base_steps_skip: list[int] = field(default_factory=list)
+    student_guidance: list[float] = field(default_factory=list)
+    budget_quality: list[float] = field(default_factory=list)
+    budget_plateau: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TolerancesConfig:
+    """params.yaml ``calibrate_auto.tolerances``: allowed drops vs the full-step images."""
+
+    attr_acc: float
+    clipt: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateAutoConfig:
+    """params.yaml ``calibrate_auto``."""
+
+    base: str
+    student: str
+    student_steps: int
+    budget: str
+    clip_dir: str
+    attributes_dir: str
+    scheduler: str
+    reference_steps: int
+    prompts: int
+    seed_offset: int
+    count_weights: list[float]
+    batch_size: int
+    torch_threads: Optional[int] = None
+    candidates: CandidatesConfig
+    # None: params.yaml ``bundle.skip_policy`` (load_stage_config fills it in: one source)
+    skip_policy: Optional[SkipPolicySource] = None
+    tolerances: TolerancesConfig
+    se_margin: float
+    coverage: float
+    coverages: list[float]
+    cache_dir: str
+    output_dir: str
+    report_path: str
+    plot_path: str
 
 
 class CalibrateAutoError(ValueError):
     """A params value the stage cannot run with."""
 
 
-def candidates_from_params(cfg: dict, student_steps: int) -> list[AutoCandidate]:
-    c = cfg["candidates"]
+def candidates_from_params(c: CandidatesConfig, student_steps: int) -> list[AutoCandidate]:
+    """The candidate plans of ``calibrate_auto.candidates`` (the student at ``student_steps``)."""
     out = []
-    for s in c.get("base_steps", []):
-        out.append(AutoCandidate(f"base@{int(s)}", "uniform", "base", steps=int(s)))
-    for st in c.get("base_steps_skip", []):
-        out.append(AutoCandidate(f"base@{int(st)}+skip", "uniform", "base", steps=int(st), skip=True))
-    for g in c.get("student_guidance", []):
-        out.append(AutoCandidate(f"student@{student_steps},w{float(g):g}", "uniform", "student",
-                                 steps=student_steps, guidance=float(g)))
-    for q in c.get("budget_quality", []):
-        out.append(AutoCandidate(f"budget q'{float(q):g}", "budget", "base", budget_quality=float(q)))
-    for eps in c.get("budget_plateau", []):
-        out.append(AutoCandidate(f"budget eps{float(eps):g}", "budget", "base", budget_epsilon=float(eps)))
+    for s in c.base_steps:
+        out.append(AutoCandidate(f"base@{s}", "uniform", "base", steps=s))
+    for st in c.base_steps_skip:
+        out.append(AutoCandidate(f"base@{st}+skip", "uniform", "base", steps=st, skip=True))
+    for g in c.student_guidance:
+        out.append(AutoCandidate(f"student@{student_steps},w{g:g}", "uniform", "student",
+                                 steps=student_steps, guidance=g))
+    for q in c.budget_quality:
+        out.append(AutoCandidate(f"budget q'{q:g}", "budget", "base", budget_quality=q))
+    for eps in c.budget_plateau:
+        out.append(AutoCandidate(f"budget eps{eps:g}", "budget", "base", budget_epsilon=eps))
     names = [x.name for x in out]
     if len(set(names)) != len(names):
         raise CalibrateAutoError(f"calibrate_auto.candidates: duplicate candidates {names}")
@@ -77,21 +129,20 @@ def candidates_from_params(cfg: dict, student_steps: int) -> list[AutoCandidate]
     return out
 
 
-def build_generator(cfg: dict) -> Generator:
+def build_generator(cfg: CalibrateAutoConfig) -> Generator:
     """The engine on the models themselves (not models/bundle, which this stage's output feeds);
     the skip candidates use the skip policy the bundle will ship, built the way the bundle stage
     builds it (``pipelines.bundle.skip_policy_for`` on params ``bundle.skip_policy``)."""
     from budgetdiff.methods.budget import load_budget_predictor
     from budgetdiff.generation.loading import load_pipeline
-    from pipelines.bundle import skip_policy_for
 
-    base = load_pipeline(cfg["base"])
-    student = load_pipeline(cfg["student"])
-    predictor = load_budget_predictor(cfg["budget"])
-    predictor.check_model(cfg["base"])
-    policy = skip_policy_for(skip_policy_cfg) if (skip_policy_cfg := cfg.get("skip_policy")) else None
-    return Generator(base, student, student_steps=int(cfg["student_steps"]), predictor=predictor,
-                     skip_policy=policy, model_paths={"base": cfg["base"], "student": cfg["student"]})
+    base = load_pipeline(cfg.base)
+    student = load_pipeline(cfg.student)
+    predictor = load_budget_predictor(cfg.budget)
+    predictor.check_model(cfg.base)
+    policy = skip_policy_for(cfg.skip_policy) if cfg.skip_policy else None
+    return Generator(base, student, student_steps=cfg.student_steps, predictor=predictor,
+                     skip_policy=policy, model_paths={"base": cfg.base, "student": cfg.student})
 
 
 def requests_for(cand: AutoCandidate, prompts: list[str], seeds: list[int]) -> list[GenerationRequest]:
@@ -159,22 +210,22 @@ def measure(cand: AutoCandidate, out: dict, values: dict, ref_values: dict, cove
                          cand.budget_epsilon, measured, cand.skip)
 
 
-def select_default(cands: list[AutoCandidate], tolerances: dict, se_margin: float) -> tuple[str, str]:
+def select_default(cands: list[AutoCandidate], tolerances: TolerancesConfig, se_margin: float) -> tuple[str, str]:
     """The cheapest candidate whose paired attr_acc and CLIP-T differences to the full-step images,
     less ``se_margin`` standard errors, stay within the tolerances."""
     ok = []
     for c in cands:
         m = c.measured
         a, t = m["attr_acc_vs_full"], m["clipt_vs_full"]
-        if a["mean"] - se_margin * a["se"] >= -tolerances["attr_acc"] and \
-                t["mean"] - se_margin * t["se"] >= -tolerances["clipt"]:
+        if a["mean"] - se_margin * a["se"] >= -tolerances.attr_acc and \
+                t["mean"] - se_margin * t["se"] >= -tolerances.clipt:
             ok.append(c)
     if not ok:
         raise CalibrateAutoError("calibrate_auto: no candidate keeps attr_acc and CLIP-T within the tolerances; "
                                  "add more expensive candidates")
     best = min(ok, key=lambda c: c.measured["gflops_per_image"])
     why = (f"fewest UNet GFLOPs among {len(ok)} of {len(cands)} candidates whose attr_acc and CLIP-T, less "
-           f"{se_margin:g} standard errors, stay within {tolerances['attr_acc']} / {tolerances['clipt']} of the "
+           f"{se_margin:g} standard errors, stay within {tolerances.attr_acc} / {tolerances.clipt} of the "
            "full-step images")
     return best.name, why
 
@@ -216,76 +267,88 @@ def plot(policy: AutoPolicy, full_gflops: float) -> bytes:
     return buf.getvalue()
 
 
-def run(cfg: dict) -> tuple[AutoPolicy, dict]:
+def cache_key(model_key: list[str], name: str, prompts: list[str], seeds: list[int], batch_size: int) -> str:
+    """The key of a candidate's cached renders: the models, the candidate, the prompts and seeds,
+    the batch size (a batch's images depend on it). Kept stable: a rerun resumes from the cache."""
+    return content_sha256([model_key, name, prompts, seeds, batch_size])
+
+
+def run(cfg: CalibrateAutoConfig) -> tuple[AutoPolicy, dict]:
     from budgetdiff.metrics import MetricScorer, ScoringConfig
     from budgetdiff.metrics.semantic import load_clip_backbone
     from budgetdiff.domain.evaluators import load_attribute_checker
     from budgetdiff.io.fingerprint import directory_fingerprint, unet_fingerprint
 
     torch.manual_seed(0)
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg["torch_threads"]))
-    coverages = [float(c) for c in cfg["coverages"]]
-    if not 0 < float(cfg["coverage"]) < 1 or float(cfg["coverage"]) not in coverages:
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    coverages = cfg.coverages
+    if not 0 < cfg.coverage < 1 or cfg.coverage not in coverages:
         raise CalibrateAutoError(f"calibrate_auto.coverage: must be in (0, 1) and one of coverages {coverages}")
     gen = build_generator(cfg)
-    cands = candidates_from_params(cfg, gen.student_steps)
-    scorer = MetricScorer(ScoringConfig(batch_size=256), clip=load_clip_backbone(cfg["clip_dir"]),
-                          checker=load_attribute_checker(cfg["attributes_dir"]))
-    specs, prompts = held_out_scenes(int(cfg["prompts"]), int(cfg["seed_offset"]), count_weights=cfg["count_weights"])
-    seeds = [int(cfg["seed_offset"]) + i for i in range(len(prompts))]
-    model_key = [unet_fingerprint(p) for p in (cfg["base"], cfg["student"])] + [
-        directory_fingerprint(cfg["budget"])]
-    cache = Path(cfg["cache_dir"])
+    cands = candidates_from_params(cfg.candidates, gen.student_steps)
+    scorer = MetricScorer(ScoringConfig(batch_size=256), clip=load_clip_backbone(cfg.clip_dir),
+                          checker=load_attribute_checker(cfg.attributes_dir))
+    specs, prompts = held_out_scenes(cfg.prompts, cfg.seed_offset, count_weights=cfg.count_weights)
+    seeds = [cfg.seed_offset + i for i in range(len(prompts))]
+    model_key = [unet_fingerprint(p) for p in (cfg.base, cfg.student)] + [directory_fingerprint(cfg.budget)]
+    cache = Path(cfg.cache_dir)
 
     def key(name: str) -> str:
-        return content_sha256([model_key, name, prompts, seeds, cfg["batch_size"]])
+        return cache_key(model_key, name, prompts, seeds, cfg.batch_size)
 
     start = time.time()
-    ref_cand = AutoCandidate(f"base@{int(cfg['reference_steps'])}", "uniform", "base", steps=int(cfg["reference_steps"]))
-    ref = render(gen, ref_cand, prompts, seeds, int(cfg["batch_size"]), cache, key(ref_cand.name))
+    ref_cand = AutoCandidate(f"base@{cfg.reference_steps}", "uniform", "base", steps=cfg.reference_steps)
+    ref = render(gen, ref_cand, prompts, seeds, cfg.batch_size, cache, key(ref_cand.name))
     ref_values = scorer.score(ref["images"], refs=ref["images"], prompts=prompts)
     measured = []
     for cand in cands:
-        out = render(gen, cand, prompts, seeds, int(cfg["batch_size"]), cache, key(cand.name))
+        out = render(gen, cand, prompts, seeds, cfg.batch_size, cache, key(cand.name))
         values = scorer.score(out["images"], refs=ref["images"], prompts=prompts)
         m = measure(cand, out, values, ref_values, coverages)
         measured.append(m)
         mm = m.measured
-        lower = mm["quality_lower_bound"][f"{float(cfg['coverage']):g}"]
+        lower = mm["quality_lower_bound"][f"{cfg.coverage:g}"]
         print(f"[{m.name}] GFLOPs {mm['gflops_per_image']:.2f} quality mean {mm['quality_mean']:.4f} "
-              f"lower@{cfg['coverage']} {lower:.4f} "
+              f"lower@{cfg.coverage} {lower:.4f} "
               f"attr {mm['attr_acc_vs_full']['mean']:+.4f}±{mm['attr_acc_vs_full']['se']:.4f} "
               f"clipt {mm['clipt_vs_full']['mean']:+.4f}±{mm['clipt_vs_full']['se']:.4f}", flush=True)
-    tolerances = {k: float(v) for k, v in cfg["tolerances"].items()}
-    default, why = select_default(measured, tolerances, float(cfg["se_margin"]))
+    default, why = select_default(measured, cfg.tolerances, cfg.se_margin)
     full_gflops = float(np.mean(ref["gflops"]))
     policy = AutoPolicy(
-        scheduler=str(cfg["scheduler"]), coverage=float(cfg["coverage"]), tolerances=tolerances, default=default,
+        scheduler=cfg.scheduler, coverage=cfg.coverage, tolerances=config_dict(cfg.tolerances), default=default,
         candidates=tuple(measured),
-        reference={"model": "base", "steps": int(cfg["reference_steps"]), "gflops_per_image": full_gflops,
+        reference={"model": "base", "steps": cfg.reference_steps, "gflops_per_image": full_gflops,
                    "attr_acc": float(np.nanmean(ref_values[ATTR])), "clipt": float(np.mean(ref_values[CLIPT]))},
-        source={"stage": "calibrate_auto", "prompts": len(prompts), "seed_offset": int(cfg["seed_offset"]),
-                "default_rule": why, "se_margin": float(cfg["se_margin"]),
+        source={"stage": "calibrate_auto", "prompts": len(prompts), "seed_offset": cfg.seed_offset,
+                "default_rule": why, "se_margin": cfg.se_margin,
                 "quality": "lowest of pixel/ssim, 1 - mid/lpips, high/iclip vs the full-step image",
                 "lower_bound": "split conformal: the ceil((n+1)c)-th largest of n calibration values"})
     report = {"policy": policy.to_dict(), "seconds_total": round(time.time() - start, 1),
-              "torch_threads": torch.get_num_threads(), "batch_size": int(cfg["batch_size"])}
+              "torch_threads": torch.get_num_threads(), "batch_size": cfg.batch_size}
     return policy, report
 
 
+def load_stage_config(path=None) -> CalibrateAutoConfig:
+    """params.yaml ``calibrate_auto``, its skip policy the bundle's (``bundle.skip_policy``, one
+    source) unless it names one."""
+    cfg = load_config("calibrate_auto", CalibrateAutoConfig, path)
+    if cfg.skip_policy is None:
+        cfg = replace(cfg, skip_policy=load_config("bundle", BundleConfig, path).skip_policy)
+    return cfg
+
+
 def main() -> None:
-    cfg = load_params("calibrate_auto")
-    cfg.setdefault("skip_policy", load_params("bundle")["skip_policy"])  # the bundle's, one source
     try:
+        cfg = load_stage_config()
         policy, report = run(cfg)
-    except CalibrateAutoError as exc:
+    except (CalibrateAutoError, ParamsError) as exc:
         fail(exc)
-    out = Path(cfg["output_dir"])
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy.save(out / "auto_policy.json")
-    atomic_write_json(cfg["report_path"], report)
-    atomic_write_bytes(cfg["plot_path"], plot(policy, policy.reference["gflops_per_image"]))
+    atomic_write_json(cfg.report_path, report)
+    atomic_write_bytes(cfg.plot_path, plot(policy, policy.reference["gflops_per_image"]))
     print(json.dumps({"default": policy.default, "candidates": len(policy.candidates),
                       "seconds_total": report["seconds_total"]}))
 

@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -56,11 +58,28 @@ from pipelines.schema import RECORD_COLUMNS, SPLITS, write_parquet
 
 PROMPT_COLUMNS = ("prompt_id", "prompt", "seed", "split", "complexity")
 KIND_SIGN = {"similarity": 1.0, "distance": -1.0}
-# The params.yaml keys this stage needs (main() names any that are missing).
-PARAMS = (
-    "prompts", "scores", "render_report", "knee", "output", "plots_dir", "figure_path",
-    "report_path"
-)
+
+
+@dataclass(frozen=True)
+class KneeConfig:
+    """params.yaml ``dataset.knee``: the knee rule (module docstring)."""
+
+    quality: float
+    metrics: dict[str, Literal["similarity", "distance"]]  # metric name prefix -> its kind, one per level
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """params.yaml ``dataset``."""
+
+    prompts: str
+    scores: str
+    render_report: str
+    knee: KneeConfig
+    output: str
+    plots_dir: str
+    figure_path: str
+    report_path: str
 
 
 def build_table(prompts: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
@@ -263,29 +282,28 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(path, frame.to_csv(index=False).encode())
 
 
-def run(cfg: dict) -> dict:
-    prompts = pd.read_parquet(cfg["prompts"])
+def run(cfg: DatasetConfig) -> dict:
+    prompts = pd.read_parquet(cfg.prompts)
     try:
-        scores = pd.read_parquet(cfg["scores"])
+        scores = pd.read_parquet(cfg.scores)
     except FileNotFoundError:
-        raise ValueError(f"dataset.scores: {cfg['scores']} does not exist (run the score stage)") from None
-    render = json.loads(Path(cfg["render_report"]).read_text())
+        raise ValueError(f"dataset.scores: {cfg.scores} does not exist (run the score stage)") from None
+    render = json.loads(Path(cfg.render_report).read_text())
     step_grid, reference_steps = list(render["step_grid"]), int(render["reference_steps"])
     table = build_table(prompts, scores)
 
-    knee_cfg = cfg["knee"]
-    quality = float(knee_cfg["quality"])
+    quality = cfg.knee.quality
     if not 0 < quality <= 1:
         raise ValueError(f"dataset.knee.quality: must be in (0, 1], got {quality}")
-    knee_metrics = resolve_knee_metrics(table, knee_cfg["metrics"])
+    knee_metrics = resolve_knee_metrics(table, cfg.knee.metrics)
     knees = knee_steps(table, knee_metrics, quality, reference_steps)
     metrics = metric_columns(table)
     table["knee_steps"] = knees.reindex(pd.MultiIndex.from_frame(table[["prompt_id", "seed"]])).to_numpy(np.int64)
     table = table[[c for c in table.columns if c not in metrics] + metrics]
-    write_parquet(table, cfg["output"])
+    write_parquet(table, cfg.output)
 
     # Plots: CSVs for `dvc plots show` and one PNG.
-    plots = Path(cfg["plots_dir"])
+    plots = Path(cfg.plots_dir)
     curve_tables = curves(table)
     for metric, frame in curve_tables.items():
         write_csv(frame, plots / "curves" / f"{slug(metric)}.csv")
@@ -297,7 +315,7 @@ def run(cfg: dict) -> dict:
     knee_text = f"q = {quality}: " + ", ".join(
         f"{'1 - ' if k == 'distance' else ''}{m.split('/')[1].split('_')[0]}" for m, k in knee_metrics.items())
     agreement = seed_agreement(table, list(knee_metrics))
-    atomic_write_bytes(cfg["figure_path"], figure(curve_tables, table, histogram, knee_text, agreement))
+    atomic_write_bytes(cfg.figure_path, figure(curve_tables, table, histogram, knee_text, agreement))
 
     per_prompt = table.drop_duplicates("prompt_id")
     report = {
@@ -322,11 +340,11 @@ def run(cfg: dict) -> dict:
                                      for s, v in frame.set_index("steps")["all"].items()}
                                  for m, frame in curve_tables.items()},
     }
-    atomic_write_json(cfg["report_path"], report)
+    atomic_write_json(cfg.report_path, report)
     return report
 
 
-def log_to_mlflow(cfg: dict, report: dict) -> None:
+def log_to_mlflow(cfg: DatasetConfig, report: dict) -> None:
     """One MLflow run for the stage: the knee params, the headline numbers, report and figure."""
     import mlflow
 
@@ -342,20 +360,20 @@ def log_to_mlflow(cfg: dict, report: dict) -> None:
                    "dataset/knee_median": knee["median"], "dataset/knee_iqr": knee["iqr"],
                    "dataset/knee_not_reached_fraction": knee["not_reached_fraction"]}
         mlflow.log_metrics(metrics)
-        mlflow.log_artifact(cfg["report_path"])
-        mlflow.log_artifact(cfg["figure_path"])
+        mlflow.log_artifact(cfg.report_path)
+        mlflow.log_artifact(cfg.figure_path)
 
 
 @command
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params("dataset", required=PARAMS)
+    cfg = load_config("dataset", DatasetConfig)
     report = run(cfg)
     log_to_mlflow(cfg, report)
     k = report["knee"]
     print(f"dataset: {report['rows']} rows, {report['prompts']} prompts, {len(report['metrics'])} metrics -> "
-          f"{cfg['output']}; knee steps median {k['median']:g} (IQR {k['p25']:g}-{k['p75']:g}, "
+          f"{cfg.output}; knee steps median {k['median']:g} (IQR {k['p25']:g}-{k['p75']:g}, "
           f"{k['not_reached_fraction']:.0%} not reached)")
 
 

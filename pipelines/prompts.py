@@ -26,26 +26,47 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
 
 import pandas as pd
 
 from budgetdiff.io import atomic_write_json
 from budgetdiff.domain.prompt_table import PROMPT_COLUMNS, prompt_rows
 from mlops.cli import command
+from mlops.params import config_dict
 from pipelines.schema import SPLITS, write_parquet
 
-SCENES = "scenes"
-# The params.yaml keys this stage needs (main() names any that are missing).
-PARAMS = (
-    "source", "n_prompts", "count_weights", "seed_offset", "split", "split_seed",
-    "max_prompt_chars", "output", "report_path"
-)
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """Fractions of each complexity level's prompts per split."""
+
+    train: float
+    val: float
+    test: float
 
 
-def build_prompts(cfg: dict) -> tuple[pd.DataFrame, list[str]]:
+@dataclass(frozen=True)
+class PromptsConfig:
+    """params.yaml ``prompts``."""
+
+    source: str
+    n_prompts: Optional[int]
+    count_weights: list[float]
+    seed_offset: int
+    split: SplitFractions
+    split_seed: int
+    max_prompt_chars: int
+    output: str
+    report_path: str
+
+
+def build_prompts(cfg: PromptsConfig) -> tuple[pd.DataFrame, list[str]]:
     """The prompt table (columns ``PROMPT_COLUMNS``) and the rejected lines of a prompt file
-    (``budgetdiff.domain.prompt_table``, which the drift monitor regenerates too)."""
-    rows, rejected = prompt_rows(cfg)
+    (``budgetdiff.domain.prompt_table``, which the drift monitor regenerates too from the raw
+    section: both read the same plain data)."""
+    rows, rejected = prompt_rows(config_dict(cfg))
     frame = pd.DataFrame(rows, columns=list(PROMPT_COLUMNS))
     frame = frame.astype({"prompt_id": "int64", "seed": "int64", "complexity": "int64"})
     return frame, rejected
@@ -64,25 +85,25 @@ def summary(frame: pd.DataFrame, source: str, rejected: list[str]) -> dict:
     }
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: PromptsConfig) -> dict:
     frame, rejected = build_prompts(cfg)
     for line in rejected:
         print(f"skipped {line}", file=sys.stderr)
-    write_parquet(frame, cfg["output"])
-    report = summary(frame, str(cfg.get("source", SCENES)), rejected)
-    atomic_write_json(cfg["report_path"], report)
+    write_parquet(frame, cfg.output)
+    report = summary(frame, cfg.source, rejected)
+    atomic_write_json(cfg.report_path, report)
     return report
 
 
 @command
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params("prompts", required=PARAMS)
+    cfg = load_config("prompts", PromptsConfig)
     report = run(cfg)
     print(f"prompts: {report['prompts']} ({', '.join(f'{k} {v}' for k, v in report['per_split'].items())}; "
           f"per complexity {report['per_complexity']}; {len(report['rejected_lines'])} line(s) rejected) "
-          f"-> {cfg['output']}")
+          f"-> {cfg.output}")
 
 
 if __name__ == "__main__":

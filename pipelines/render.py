@@ -46,7 +46,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -63,12 +63,30 @@ from pipelines.schema import INDEX_FILE, read_prompts
 # Read by Ray when it is imported, so it is set before the first `import ray`.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-# The params.yaml keys this stage needs (main() names any that are missing).
-PARAMS = (
-    "model", "prompts", "step_grid", "reference_steps", "scheduler", "batch_size", "workers",
-    "output_dir"
-)
 DEFAULT_SEED_STRIDE = 100_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderConfig:
+    """params.yaml ``render`` (the defaults are the stage's when a key is left out)."""
+
+    model: str
+    prompts: str
+    step_grid: list[int]
+    reference_steps: int
+    seeds_per_prompt: int = 1
+    seed_stride: int = DEFAULT_SEED_STRIDE
+    scheduler: str  # a name of budgetdiff.generation.pipeline.SCHEDULERS (any case)
+    guidance: Optional[float] = None
+    batch_size: int
+    executor: Literal["ray", "local"] = "ray"
+    workers: int
+    cpus_per_task: int = 1
+    gpus_per_task: float = 1.0
+    local_object_store_mb: Optional[int] = None
+    output_dir: str
+    report_path: Optional[str] = None  # None: no report written
+    run_log: Optional[str] = None  # None: no run log written
 
 
 @dataclass(frozen=True)
@@ -237,25 +255,35 @@ def ray_executor(max_in_flight: int, cpus_per_task: int, gpus_per_task: float) -
 
 
 @contextmanager
-def executor_session(kind: str, cfg: dict, num_cpus: int, label: str = "render"):
-    """Yield ``make(max_in_flight) -> Executor`` for ``kind``: "local" renders in this process,
-    "ray" connects to Ray (``init_ray`` with ``num_cpus``) for the block and shuts it down after.
-    ``cfg`` gives ``cpus_per_task``, ``gpus_per_task`` and ``local_object_store_mb``; ``label``
-    names the params section in errors and messages."""
-    cpus = int(cfg.get("cpus_per_task", 1))
+def open_executor(kind: str, num_cpus: int, *, cpus_per_task: int = 1, gpus_per_task: float = 1.0,
+                  object_store_mb: int | None = None, label: str = "render"):
+    """Yield ``make(max_in_flight) -> Executor`` for ``kind``: "local" renders in this process
+    (``cpus_per_task`` torch threads), "ray" connects to Ray (``init_ray`` with ``num_cpus`` and
+    ``object_store_mb``) for the block and shuts it down after; each task asks for
+    ``cpus_per_task`` CPUs and ``gpus_per_task`` GPUs. ``label`` names the params section in
+    errors and messages."""
     if kind == "local":
-        yield lambda max_in_flight: local_executor(threads=cpus)
+        yield lambda max_in_flight: local_executor(threads=cpus_per_task)
         return
     if kind != "ray":
         raise ValueError(f"{label}.executor: must be 'ray' or 'local', got {kind!r}")
-    print(f"{label}: Ray {init_ray(num_cpus, cfg.get('local_object_store_mb'))}")
+    print(f"{label}: Ray {init_ray(num_cpus, object_store_mb)}")
     try:
-        yield lambda max_in_flight: ray_executor(max_in_flight=max_in_flight, cpus_per_task=cpus,
-                                                 gpus_per_task=float(cfg.get("gpus_per_task", 1)))
+        yield lambda max_in_flight: ray_executor(max_in_flight=max_in_flight, cpus_per_task=cpus_per_task,
+                                                 gpus_per_task=gpus_per_task)
     finally:
         import ray
 
         ray.shutdown()
+
+
+def executor_session(kind: str, cfg: Mapping, num_cpus: int, label: str = "render"):
+    """``open_executor`` with ``cpus_per_task``, ``gpus_per_task`` and ``local_object_store_mb``
+    read from the mapping ``cfg``: the call of benchmarks/bench_render.py, which merges two
+    params sections into one dict (to be replaced there by ``open_executor``)."""
+    return open_executor(kind, num_cpus, cpus_per_task=int(cfg.get("cpus_per_task", 1)),
+                         gpus_per_task=float(cfg.get("gpus_per_task", 1)),
+                         object_store_mb=cfg.get("local_object_store_mb"), label=label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,79 +331,89 @@ def render_shards(plan: list[ShardSpec], settings: RenderSettings, store: ShardS
             "network_evaluations_per_s": round(unet_steps / seconds, 2) if rendered_images else None}
 
 
-def resolve_settings(cfg: dict) -> RenderSettings:
+def settings_for(model: str, scheduler: str, guidance: float | None) -> RenderSettings:
+    """The run's settings: ``model`` checked and fingerprinted, ``scheduler`` checked, ``guidance``
+    (None: the model's ``default_guidance_scale``) checked."""
     from budgetdiff.generation.loading import model_class_name
     from budgetdiff.generation.pipeline import SCHEDULERS
 
-    model = str(cfg["model"])
     model_class_name(model)  # a clear error for a missing or invalid model directory
-    scheduler = str(cfg["scheduler"]).lower()
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"render.scheduler: unknown scheduler {cfg['scheduler']!r}; "
+    name = scheduler.lower()
+    if name not in SCHEDULERS:
+        raise ValueError(f"render.scheduler: unknown scheduler {scheduler!r}; "
                          f"choose one of {', '.join(SCHEDULERS)}")
-    guidance = cfg.get("guidance")
     if guidance is None:
         guidance = json.loads((Path(model) / "model_index.json").read_text()).get("default_guidance_scale", 7.5)
     guidance = float(guidance)
     if not np.isfinite(guidance) or guidance < 0:
         raise ValueError(f"render.guidance: must be a finite number >= 0, got {guidance}")
     return RenderSettings(model=model, model_fingerprint=directory_fingerprint(model)[:32],
-                          scheduler=scheduler, guidance=guidance)
+                          scheduler=name, guidance=guidance)
 
 
-def run(cfg: dict, executor: Executor | None = None, progress: bool = True) -> tuple[dict, dict]:
+def resolve_settings(cfg: Mapping) -> RenderSettings:
+    """``settings_for`` the ``model``, ``scheduler`` and ``guidance`` of the mapping ``cfg``: the
+    call of benchmarks/bench_render.py (to be replaced there by ``settings_for``)."""
+    return settings_for(str(cfg["model"]), str(cfg["scheduler"]), cfg.get("guidance"))
+
+
+def shard_plan(cfg: RenderConfig, prompts: pd.DataFrame, settings: RenderSettings) -> list[ShardSpec]:
+    """The run's shards (``plan_shards`` with the section's grid, batch size and seeds)."""
+    return plan_shards(prompts, list(cfg.step_grid), cfg.reference_steps, cfg.batch_size, settings,
+                       cfg.seeds_per_prompt, cfg.seed_stride)
+
+
+def run(cfg: RenderConfig, executor: Executor | None = None, progress: bool = True) -> tuple[dict, dict]:
     """Render the whole plan of ``cfg`` (the params.yaml ``render`` section) and write the index;
     returns the report (deterministic: written to ``report_path``) and this run's log (timings,
     shards rendered and reused: written to ``run_log``). ``executor`` overrides
-    ``cfg['executor']`` (tests)."""
-    settings = resolve_settings(cfg)
-    prompts = read_prompts(cfg["prompts"])
-    seeds_per_prompt = cfg.get("seeds_per_prompt", 1)
-    seed_stride = cfg.get("seed_stride", DEFAULT_SEED_STRIDE)
-    plan = plan_shards(prompts, list(cfg["step_grid"]), cfg["reference_steps"], cfg["batch_size"], settings,
-                       seeds_per_prompt, seed_stride)
-    store = ShardStore(cfg["output_dir"])
+    ``cfg.executor`` (tests)."""
+    settings = settings_for(cfg.model, cfg.scheduler, cfg.guidance)
+    prompts = read_prompts(cfg.prompts)
+    plan = shard_plan(cfg, prompts, settings)
+    store = ShardStore(cfg.output_dir)
     (store.directory / INDEX_FILE).unlink(missing_ok=True)  # only a finished run has an index
-    workers, cpus = int(cfg["workers"]), int(cfg.get("cpus_per_task", 1))
-    kind = cfg.get("executor", "ray") if executor is None else "given"
+    workers, cpus = cfg.workers, cfg.cpus_per_task
+    kind = cfg.executor if executor is None else "given"
     if executor is not None:
         run_stats = render_shards(plan, settings, store, executor, progress=progress)
     else:
-        with executor_session(kind, cfg, workers * cpus) as make:
-            print(f"render: {len(plan)} shards of up to {cfg['batch_size']} prompts, {workers} worker(s)")
+        with open_executor(kind, workers * cpus, cpus_per_task=cpus, gpus_per_task=cfg.gpus_per_task,
+                           object_store_mb=cfg.local_object_store_mb) as make:
+            print(f"render: {len(plan)} shards of up to {cfg.batch_size} prompts, {workers} worker(s)")
             run_stats = render_shards(plan, settings, store, make(2 * workers), progress=progress)
     removed = store.prune({s.name for s in plan}, extra_files={INDEX_FILE})
     index = {"model": settings.model, "model_fingerprint": settings.model_fingerprint,
              "scheduler": settings.scheduler, "guidance": settings.guidance,
-             "step_grid": sorted(cfg["step_grid"]), "reference_steps": cfg["reference_steps"],
-             "prompts": int(len(prompts)), "seeds_per_prompt": seeds_per_prompt, "seed_stride": seed_stride,
-             "batch_size": cfg["batch_size"],
+             "step_grid": sorted(cfg.step_grid), "reference_steps": cfg.reference_steps,
+             "prompts": int(len(prompts)), "seeds_per_prompt": cfg.seeds_per_prompt, "seed_stride": cfg.seed_stride,
+             "batch_size": cfg.batch_size,
              "shards": [{"name": s.name, "steps": s.steps, "is_reference": s.is_reference, "rows": len(s.prompt_ids),
                          "replicate": s.replicate, "seeds": list(s.seeds), "key": s.key} for s in plan]}
     atomic_write_json(store.directory / INDEX_FILE, index)
     report = {"model": settings.model, "model_fingerprint": settings.model_fingerprint,
               "scheduler": settings.scheduler, "guidance": settings.guidance,
               "step_grid": index["step_grid"], "reference_steps": index["reference_steps"],
-              "prompts": index["prompts"], "seeds_per_prompt": seeds_per_prompt, "cpus_per_task": cpus,
+              "prompts": index["prompts"], "seeds_per_prompt": cfg.seeds_per_prompt, "cpus_per_task": cpus,
               "shards": len(plan), "images": run_stats["images"]}
     log = {**run_stats, "executor": kind, "workers": workers, "stale_files_removed": len(removed),
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if cfg.get("report_path"):
-        atomic_write_json(cfg["report_path"], report)
-    if cfg.get("run_log"):
-        atomic_write_json(cfg["run_log"], log)
+    if cfg.report_path:
+        atomic_write_json(cfg.report_path, report)
+    if cfg.run_log:
+        atomic_write_json(cfg.run_log, log)
     return report, log
 
 
 @command
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params("render", required=PARAMS)
+    cfg = load_config("render", RenderConfig)
     report, r = run(cfg)
     print(f"render: {r['images']} images ({report['seeds_per_prompt']} seed(s) per prompt) in {r['shards']} shards "
           f"({r['shards_rendered']} rendered, "
-          f"{r['shards_reused']} reused) in {r['seconds']:.0f} s -> {cfg['output_dir']}")
+          f"{r['shards_reused']} reused) in {r['seconds']:.0f} s -> {cfg.output_dir}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ table is deterministic (``benchmarks/bench_render.py`` measures render speed).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,18 @@ from mlops.cli import command
 from pipelines.schema import INDEX_FILE, RECORD_COLUMNS, read_prompts, write_parquet
 
 LEVEL_ORDER = ("pixel", "mid", "high", "domain", "dist")
-# The params.yaml keys this stage needs (main() names any that are missing).
-PARAMS = (
-    "renders", "prompts", "clip_dir", "attributes_dir", "batch_size", "output"
-)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """params.yaml ``score``."""
+
+    renders: str
+    prompts: str
+    clip_dir: str
+    attributes_dir: str
+    batch_size: int
+    output: str
 
 
 def metric_order(name: str) -> tuple[int, str]:
@@ -52,14 +61,14 @@ def read_index(directory: str | Path) -> dict:
         raise ShardError(f"score: {path} is not valid JSON ({exc})") from None
 
 
-def make_scorer(cfg: dict):
+def make_scorer(cfg: ScoreConfig):
     import torch
 
     from budgetdiff.metrics import MetricScorer, ScoringConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return MetricScorer(ScoringConfig(clip_dir=cfg["clip_dir"], attributes_dir=cfg["attributes_dir"],
-                                      batch_size=int(cfg["batch_size"]), device=device))
+    return MetricScorer(ScoringConfig(clip_dir=cfg.clip_dir, attributes_dir=cfg.attributes_dir,
+                                      batch_size=cfg.batch_size, device=device))
 
 
 def shard_seeds(shard: dict, arrays: dict) -> np.ndarray:
@@ -80,16 +89,16 @@ def _records(arrays: dict, seeds: np.ndarray, steps: int, is_reference: bool) ->
                          "is_reference": np.full(n, is_reference), "nfe": arrays["nfe"].astype(np.int64)})
 
 
-def score_renders(cfg: dict, scorer=None, progress: bool = True) -> pd.DataFrame:
+def score_renders(cfg: ScoreConfig, scorer=None, progress: bool = True) -> pd.DataFrame:
     """The per-image table of every shard listed in the render index (see module docstring)."""
-    index = read_index(cfg["renders"])
-    store = ShardStore(cfg["renders"])
-    prompts = read_prompts(cfg["prompts"]).set_index("prompt_id")["prompt"]
+    index = read_index(cfg.renders)
+    store = ShardStore(cfg.renders)
+    prompts = read_prompts(cfg.prompts).set_index("prompt_id")["prompt"]
     shards = index["shards"]
     for shard in shards:  # fail fast, before loading the evaluators, on a missing or corrupt shard
         store.verify(shard["name"], key=shard["key"])
     scorer = scorer or make_scorer(cfg)
-    batch_size = int(cfg["batch_size"])
+    batch_size = cfg.batch_size
     bar = tqdm(total=len(shards), desc="score shards", unit="shard", disable=not progress, dynamic_ncols=True)
 
     # 1. References: kept in memory (one image per prompt and seed) and scored without a reference.
@@ -156,20 +165,20 @@ def check_complete(table: pd.DataFrame, prompt_ids: set[int], steps: list[int], 
                          f"{seeds_per_prompt} seed(s) x {len(steps)} step counts)")
 
 
-def run(cfg: dict, scorer=None, progress: bool = True) -> pd.DataFrame:
+def run(cfg: ScoreConfig, scorer=None, progress: bool = True) -> pd.DataFrame:
     table = score_renders(cfg, scorer=scorer, progress=progress)
-    write_parquet(table, cfg["output"])
+    write_parquet(table, cfg.output)
     return table
 
 
 @command(also=(ShardError,))
 def main() -> None:
-    from mlops.params import load_params
+    from mlops.params import load_config
 
-    cfg = load_params("score", required=PARAMS)
+    cfg = load_config("score", ScoreConfig)
     table = run(cfg)
     metrics = [c for c in table.columns if c not in RECORD_COLUMNS]
-    print(f"score: {len(table)} images, {len(metrics)} metrics ({', '.join(metrics)}) -> {cfg['output']}")
+    print(f"score: {len(table)} images, {len(metrics)} metrics ({', '.join(metrics)}) -> {cfg.output}")
 
 
 if __name__ == "__main__":

@@ -117,15 +117,19 @@ def test_a_bad_embedded_policy_is_one_bundle_error(policy_bundle):
 def test_calibrate_auto_stage_on_tiny_components(tiny_bundle_dir, tmp_path, monkeypatch):
     """The stage end to end on the tiny models: every candidate measured, the default picked by the
     rule, conformal bounds present, a resumed run reads its cache."""
+    from dataclasses import replace
+
     import torch
 
     import pipelines.calibrate_auto as stage
+    from mlops.params import config_from_dict
     from test_metrics_helpers import tiny_backbone, tiny_checker
 
     monkeypatch.setattr("budgetdiff.metrics.semantic.load_clip_backbone", lambda *a, **k: tiny_backbone())
     monkeypatch.setattr("budgetdiff.domain.evaluators.load_attribute_checker", lambda *a, **k: tiny_checker())
     root = tiny_bundle_dir.parent
-    cfg = {"base": str(root / "base"), "student": str(root / "student"), "student_steps": 4,
+    cfg = config_from_dict(stage.CalibrateAutoConfig, {
+           "base": str(root / "base"), "student": str(root / "student"), "student_steps": 4,
            "budget": str(root / "budget"), "clip_dir": "unused", "attributes_dir": "unused", "scheduler": "ddim",
            "reference_steps": 6, "prompts": 12, "seed_offset": 5000, "count_weights": [0.5, 0.5, 0, 0],
            "batch_size": 8, "torch_threads": 1,
@@ -133,7 +137,8 @@ def test_calibrate_auto_stage_on_tiny_components(tiny_bundle_dir, tmp_path, monk
                           "budget_quality": [0.9], "budget_plateau": [0.1]},
            "skip_policy": {"policy": str(root / "bundle" / "skip_policy.json")},
            "tolerances": {"attr_acc": 1.0, "clipt": 1.0}, "se_margin": 0.0, "coverage": 0.8,
-           "coverages": [0.8, 0.9], "cache_dir": str(tmp_path / "cache")}
+           "coverages": [0.8, 0.9], "cache_dir": str(tmp_path / "cache"), "output_dir": "unused",
+           "report_path": "unused", "plot_path": "unused"})
     before = torch.get_num_threads()
     try:
         policy, report = stage.run(cfg)
@@ -152,6 +157,30 @@ def test_calibrate_auto_stage_on_tiny_components(tiny_bundle_dir, tmp_path, monk
         assert m["quality_lower_bound"]["0.9"] <= m["quality_lower_bound"]["0.8"] <= m["quality_mean"] + 1e-9
     assert policy.reference["steps"] == 6 and again.to_dict()["candidates"] == policy.to_dict()["candidates"]
     with pytest.raises(stage.CalibrateAutoError, match="coverage"):
-        stage.run({**cfg, "coverage": 0.5})
+        stage.run(replace(cfg, coverage=0.5))
     with pytest.raises(stage.CalibrateAutoError, match="no candidate keeps"):
-        stage.select_default(policy.candidates, {"attr_acc": -1.0, "clipt": -1.0}, 0.0)
+        stage.select_default(policy.candidates, stage.TolerancesConfig(attr_acc=-1.0, clipt=-1.0), 0.0)
+    assert policy.tolerances == {"attr_acc": 1.0, "clipt": 1.0}
+
+
+def test_calibrate_auto_config_and_cache_key():
+    """The params section read once (the bundle's skip policy when it names none); the key of a
+    candidate's cached renders is what it was with the dict config, so a rerun still resumes."""
+    from dataclasses import replace
+
+    import pipelines.calibrate_auto as stage
+    from conftest import REPO
+    from mlops.params import ParamsError, config_from_dict, load_config
+
+    cfg = load_config("calibrate_auto", stage.CalibrateAutoConfig, REPO / "params.yaml")
+    assert cfg.skip_policy is None and cfg.torch_threads is None and cfg.coverage in cfg.coverages
+    bundle = load_config("bundle", stage.BundleConfig, REPO / "params.yaml")
+    assert stage.load_stage_config(REPO / "params.yaml") == replace(cfg, skip_policy=bundle.skip_policy)
+    names = [c.name for c in stage.candidates_from_params(cfg.candidates, cfg.student_steps)]
+    assert names[0] == f"base@{cfg.candidates.base_steps[0]}" and len(names) == len(set(names))
+    assert stage.candidates_from_params(stage.CandidatesConfig(student_guidance=[1.0, 1.25]), 8)[1].name == \
+        "student@8,w1.25"
+    with pytest.raises(ParamsError, match=r"candidates: unknown key base_step \(known: base_steps"):
+        config_from_dict(stage.CandidatesConfig, {"base_step": [4]}, "candidates")
+    # pinned with the dict config: content_sha256([model_key, name, prompts, seeds, cfg["batch_size"]])
+    assert stage.cache_key(["a", "b", "c"], "base@4", ["p1", "p2"], [1, 2], 16) == "af8a15f0e6d684ed"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from budgetdiff.generation.bundle import load_bundle
 from budgetdiff.methods.policy import load_skip_policy
-from pipelines.bundle import (BundleStageError, build, cheapest_guidance_within,
+from mlops.params import ParamsError, config_from_dict
+from pipelines.bundle import (BundleConfig, BundleStageError, SkipPolicySource, build, cheapest_guidance_within,
                               skip_policy_from_adaptive_report)
 
 
@@ -64,26 +66,51 @@ def test_build_writes_a_bundle_that_loads(tiny_bundle_dir, tmp_path):
     models = tiny_bundle_dir.parent
     (tmp_path / "adaptive.json").write_text(json.dumps(adaptive_report()))
     (tmp_path / "distill.json").write_text(json.dumps(distill_report()))
-    cfg = {"output_dir": str(tmp_path / "bundle"), "base": {"path": str(models / "base"), "scheduler": "ddim",
-                                                             "steps": 20},
-           "student": {"path": str(models / "student"), "run": "student_8_cfg", "report": str(tmp_path / "distill.json")},
-           "budget": str(models / "budget"), "skip_policy": {"report": str(tmp_path / "adaptive.json")},
-           "auto": {"student_max_steps": 12, "reference_run": "teacher_50",
-                    "tolerances": {"attr_acc": 0.02, "clipt": 0.005}}}
+    cfg = config_from_dict(BundleConfig, {
+        "output_dir": str(tmp_path / "bundle"), "base": {"path": str(models / "base"), "scheduler": "ddim", "steps": 20},
+        "student": {"path": str(models / "student"), "run": "student_8_cfg", "report": str(tmp_path / "distill.json")},
+        "budget": str(models / "budget"), "skip_policy": {"report": str(tmp_path / "adaptive.json")},
+        "auto": {"student_max_steps": 12, "reference_run": "teacher_50",
+                 "tolerances": {"attr_acc": 0.02, "clipt": 0.005}}})
     summary = build(cfg)
     bundle = load_bundle(tmp_path / "bundle")
     assert bundle.student.guidance == 1.25 and bundle.student.steps == 8
     assert bundle.auto.student_guidance == 1.0 and bundle.auto.student_max_steps == 12
     assert bundle.plateau_epsilon == 0.01 and bundle.skip_policy.sha256 == summary["skip_policy_sha256"]
     assert bundle.raw["base"]["path"] == "../" + models.name + "/base" or bundle.base == str((models / "base").resolve())
+    assert bundle.raw["auto"]["source"]["student_guidance"]["tolerances"] == {"attr_acc": 0.02, "clipt": 0.005}
+    assert bundle.raw["auto"]["source"]["student_guidance"]["report"] == str(tmp_path / "distill.json")
     # A tuned policy file replaces the report's points.
     from tests.conftest import tiny_skip_policy
 
     tuned = tiny_skip_policy(thresholds=(0.2,), default=0.2)
     tuned.save(tmp_path / "tuned.json")
-    build({**cfg, "skip_policy": {"policy": str(tmp_path / "tuned.json")}})
+    build(replace(cfg, skip_policy=SkipPolicySource(policy=str(tmp_path / "tuned.json"))))
     loaded = load_skip_policy(tmp_path / "bundle" / "skip_policy.json")
     assert [p.name for p in loaded.for_scheduler("ddim").points] == ["delta=0.2"]
     assert loaded.source["policy_file"] == str(tmp_path / "tuned.json")
     with pytest.raises(BundleStageError, match="does not exist"):
-        build({**cfg, "skip_policy": {"report": str(tmp_path / "missing.json")}})
+        build(replace(cfg, skip_policy=SkipPolicySource(report=str(tmp_path / "missing.json"))))
+    with pytest.raises(BundleStageError, match="give a policy file"):
+        build(replace(cfg, skip_policy=SkipPolicySource()))
+
+
+def test_the_bundle_section_is_read_once_and_checked(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import mlops.params
+    from pipelines import bundle as stage
+
+    from conftest import REPO
+
+    section = yaml.safe_load((REPO / "params.yaml").read_text())["bundle"]
+    cfg = config_from_dict(BundleConfig, section)
+    assert cfg.skip_policy.stage == "bench_adaptive" and isinstance(cfg.auto.tolerances["clipt"], float)
+    with pytest.raises(ParamsError, match=r"auto: tolerances.clipt: expected a number, got 'x'"):
+        config_from_dict(BundleConfig, {**section, "auto": {**section["auto"], "tolerances": {"clipt": "x"}}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"bundle": {**section, "base": {"path": "m"}}}))
+    monkeypatch.setattr(mlops.params, "PARAMS_FILE", tmp_path / "params.yaml")
+    with pytest.raises(SystemExit):
+        stage.main()
+    assert capsys.readouterr().err == (f"error: bundle: params file {tmp_path / 'params.yaml'}: section 'bundle': "
+                                       "base lacks scheduler, steps\n")

@@ -210,10 +210,11 @@ def test_drift_monitor_windows_and_detection():
 # The reference prompts
 # ------------------------------------------------------------------------------------------------
 def test_reference_prompts_are_the_prompts_stage_train_split(tmp_path):
-    from pipelines.prompts import build_prompts
+    from mlops.params import config_from_dict
+    from pipelines.prompts import PromptsConfig, build_prompts
 
     params = yaml.safe_load(PARAMS.read_text())
-    frame, _ = build_prompts(params["prompts"])
+    frame, _ = build_prompts(config_from_dict(PromptsConfig, params["prompts"]))
     assert frame.to_dict("records") == drift.prompt_table(params)
     expected = frame.loc[frame["split"] == params["train_budget"]["train_split"], "prompt"].tolist()
     assert reference_prompts(PARAMS) == expected and len(expected) == 128
@@ -222,7 +223,7 @@ def test_reference_prompts_are_the_prompts_stage_train_split(tmp_path):
     lines[3] = "a small red circle at the top left on a white background"
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n\n")
     cfg = {**params["prompts"], "source": str(tmp_path / "p.txt"), "n_prompts": 25}
-    frame, _ = build_prompts(cfg)
+    frame, _ = build_prompts(config_from_dict(PromptsConfig, cfg))
     assert frame.to_dict("records") == drift.prompt_table({"prompts": cfg})
     with pytest.raises(ValueError, match="does not exist"):
         reference_prompts(tmp_path / "none.yaml")

@@ -13,10 +13,11 @@ import mlops.params
 from budgetdiff.metrics import MetricScorer, ScoringConfig
 from budgetdiff.metrics.perceptual import LpipsMetric
 from budgetdiff.io.shards import ShardStore
+from mlops.params import ParamsError, config_from_dict
 from pipelines import dataset, render, score
 from conftest import cli_error
-from pipelines import prompts as prompt_stage
 from test_metrics_helpers import tiny_backbone, tiny_checker
+from test_pipelines_render import write_prompts
 
 METRICS = ["pixel/lsnr", "pixel/psnr", "pixel/ssim", "mid/lpips_alex_randinit", "high/clipt_domainclip",
            "high/iclip_domainclip", "domain/attr_acc"]
@@ -39,13 +40,8 @@ def scorer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model_dir, scorer):
     root = tmp_path_factory.mktemp("dataset")
-    prompts, _ = prompt_stage.build_prompts({
-        "source": "scenes", "n_prompts": 8, "count_weights": [0.25] * 4, "seed_offset": 60_000_000,
-        "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "split_seed": 0})
-    prompt_stage.write_parquet(prompts, root / "prompts.parquet")
-    render.run({"model": str(tiny_model_dir), "prompts": str(root / "prompts.parquet"), "step_grid": [1, 2, 4],
-                "reference_steps": 6, "scheduler": "ddim", "guidance": None, "batch_size": 3, "workers": 1,
-                "output_dir": str(root / "renders"), "report_path": str(root / "render.json")},
+    write_prompts(root / "prompts.parquet", 8)
+    render.run(render_config(tiny_model_dir, root / "prompts.parquet", root / "renders", root / "render.json"),
                executor=render.local_executor(), progress=False)
     cfg = {"score": {"renders": str(root / "renders"), "prompts": str(root / "prompts.parquet"), "batch_size": 8,
                      "clip_dir": "unused", "attributes_dir": "unused", "output": str(root / "scores.parquet")},
@@ -55,8 +51,23 @@ def workspace(tmp_path_factory, tiny_model_dir, scorer):
                                                            "high/iclip": "similarity"}},
                        "plots_dir": str(root / "plots"), "figure_path": str(root / "dataset.png"),
                        "report_path": str(root / "dataset.json")}}
-    score.run(cfg["score"], scorer=scorer, progress=False)
+    score.run(score_config(cfg["score"]), scorer=scorer, progress=False)
     return root, cfg
+
+
+def render_config(model, prompts, output_dir, report_path, **more) -> render.RenderConfig:
+    return config_from_dict(render.RenderConfig, {
+        "model": str(model), "prompts": str(prompts), "step_grid": [1, 2, 4], "reference_steps": 6,
+        "scheduler": "ddim", "guidance": None, "batch_size": 3, "workers": 1, "output_dir": str(output_dir),
+        "report_path": str(report_path), **more})
+
+
+def score_config(section: dict, **changes) -> score.ScoreConfig:
+    return config_from_dict(score.ScoreConfig, {**section, **changes})
+
+
+def dataset_config(section: dict, **changes) -> dataset.DatasetConfig:
+    return config_from_dict(dataset.DatasetConfig, {**section, **changes})
 
 
 def test_score_table(workspace):
@@ -75,14 +86,14 @@ def test_score_and_dataset_are_deterministic(workspace, scorer, tmp_path):
     """Scoring and building the dataset again give the same bytes (a fresh clone's re-run hashes
     to dvc.lock): no wall-clock column, no timestamp, a fixed row order."""
     root, cfg = workspace
-    score.run({**cfg["score"], "output": str(tmp_path / "scores.parquet")}, scorer=scorer, progress=False)
+    score.run(score_config(cfg["score"], output=str(tmp_path / "scores.parquet")), scorer=scorer, progress=False)
     assert (tmp_path / "scores.parquet").read_bytes() == (root / "scores.parquet").read_bytes()
     outputs = {"output": "dataset.parquet", "plots_dir": "plots", "figure_path": "dataset.png",
                "report_path": "dataset.json"}
     runs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        dataset.run({**cfg["dataset"], **{k: str(tmp_path / name / v) for k, v in outputs.items()}})
+        dataset.run(dataset_config(cfg["dataset"], **{k: str(tmp_path / name / v) for k, v in outputs.items()}))
         runs.append({str(p.relative_to(tmp_path / name)): p.read_bytes()
                      for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
     assert len(runs[0]) == 3 + 7 + 1 and runs[0] == runs[1]
@@ -108,7 +119,7 @@ def test_score_reports_a_corrupt_shard(workspace, tmp_path, monkeypatch, capsys)
 
 def test_dataset_table_plots_and_report(workspace):
     root, cfg = workspace
-    report = dataset.run(cfg["dataset"])
+    report = dataset.run(dataset_config(cfg["dataset"]))
     table = pd.read_parquet(root / "dataset.parquet")
     expected = {"prompt_id": "int64", "prompt": "string", "seed": "int64", "split": "string", "complexity": "int64",
                 "steps": "int64", "is_reference": "bool", "nfe": "int64", "knee_steps": "int64",
@@ -142,14 +153,12 @@ def test_several_seeds_per_prompt(workspace, scorer, tiny_model_dir, tmp_path):
 
     root, cfg = workspace
     shutil.copytree(root / "renders", tmp_path / "renders")
-    _, log = render.run({"model": str(tiny_model_dir), "prompts": str(root / "prompts.parquet"), "step_grid": [1, 2, 4],
-                         "reference_steps": 6, "scheduler": "ddim", "guidance": None, "batch_size": 3, "workers": 1,
-                         "seeds_per_prompt": 2, "output_dir": str(tmp_path / "renders"),
-                         "report_path": str(tmp_path / "render.json")},
+    _, log = render.run(render_config(tiny_model_dir, root / "prompts.parquet", tmp_path / "renders",
+                                      tmp_path / "render.json", seeds_per_prompt=2),
                         executor=render.local_executor(), progress=False)
     assert log["shards_reused"] == 12 and log["shards_rendered"] == 12
-    scores = score.run({**cfg["score"], "renders": str(tmp_path / "renders"), "output": str(tmp_path / "s.parquet")},
-                       scorer=scorer, progress=False)
+    scores = score.run(score_config(cfg["score"], renders=str(tmp_path / "renders"),
+                                    output=str(tmp_path / "s.parquet")), scorer=scorer, progress=False)
     assert len(scores) == 8 * 2 * 4 and not scores.duplicated(["prompt_id", "seed", "steps"]).any()
     single = pd.read_parquet(root / "scores.parquet")
     first = scores.merge(single[["prompt_id", "seed"]].drop_duplicates(), on=["prompt_id", "seed"])
@@ -167,7 +176,7 @@ def test_several_seeds_per_prompt(workspace, scorer, tiny_model_dir, tmp_path):
     out = {**cfg["dataset"], "scores": str(tmp_path / "s.parquet"), "render_report": str(tmp_path / "render.json"),
            "output": str(tmp_path / "d.parquet"), "plots_dir": str(tmp_path / "plots"),
            "figure_path": str(tmp_path / "d.png"), "report_path": str(tmp_path / "d.json")}
-    report = dataset.run(out)
+    report = dataset.run(dataset_config(out))
     table = pd.read_parquet(tmp_path / "d.parquet")
     assert report["rows"] == 64 and report["prompts"] == 8 and report["seeds_per_prompt"] == 2
     assert sum(report["knee"]["histogram"].values()) == 16
@@ -213,3 +222,12 @@ def test_knee_rule():
     assert dataset.knee_steps(table, metrics, 0.9, 64).to_dict() == {0: 16, 1: 2, 2: 64}
     with pytest.raises(ValueError, match="no metric column matches 'high/iclip'"):
         dataset.resolve_knee_metrics(table, {"high/iclip": "similarity"})
+
+
+def test_dataset_config_refuses_a_bad_knee_kind():
+    section = {"prompts": "p", "scores": "s", "render_report": "r", "output": "o", "plots_dir": "d",
+               "figure_path": "f", "report_path": "j", "knee": {"quality": 0.9, "metrics": {"pixel/ssim": "similar"}}}
+    with pytest.raises(ParamsError, match=r"knee: metrics.pixel/ssim: expected one of 'similarity', 'distance'"):
+        dataset_config(section)
+    assert dataset_config(section, knee={"quality": 1, "metrics": {"mid/lpips": "distance"}}).knee == \
+        dataset.KneeConfig(quality=1.0, metrics={"mid/lpips": "distance"})

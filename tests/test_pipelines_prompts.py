@@ -8,19 +8,25 @@ import mlops.params
 from budgetdiff.domain import prompt_table
 from budgetdiff.io.prompt_files import PromptFileError, read_prompt_file
 from conftest import cli_error
+from mlops.params import config_from_dict
 from pipelines import prompts as stage
 
 CFG = {"source": "scenes", "n_prompts": 40, "count_weights": [0.25, 0.25, 0.25, 0.25], "seed_offset": 60_000_000,
-       "split": {"train": 0.8, "val": 0.1, "test": 0.1}, "split_seed": 0, "max_prompt_chars": 80}
+       "split": {"train": 0.8, "val": 0.1, "test": 0.1}, "split_seed": 0, "max_prompt_chars": 80,
+       "output": "unused.parquet", "report_path": "unused.json"}
+
+
+def config(**changes) -> stage.PromptsConfig:
+    return config_from_dict(stage.PromptsConfig, {**CFG, **changes})
 
 
 def test_scene_prompts_are_stratified_and_split_by_prompt():
-    frame, rejected = stage.build_prompts(CFG)
+    frame, rejected = stage.build_prompts(config())
     assert rejected == [] and list(frame.columns) == list(stage.PROMPT_COLUMNS)
     assert frame["prompt_id"].tolist() == list(range(40)) and frame["prompt"].is_unique and frame["seed"].is_unique
     counts = frame.groupby(["complexity", "split"]).size().unstack()
     assert (counts["train"] == 8).all() and (counts["val"] == 1).all() and (counts["test"] == 1).all()
-    again, _ = stage.build_prompts(CFG)
+    again, _ = stage.build_prompts(config())
     pd.testing.assert_frame_equal(frame, again)  # deterministic
     assert prompt_table.quotas(7, [1, 1, 1]) == [3, 2, 2] and sum(prompt_table.quotas(10, [0.8, 0.1, 0.1])) == 10
 
@@ -55,12 +61,12 @@ def test_bad_lines_reported_line_by_line_and_skipped(tmp_path):
 def test_stage_on_a_prompt_file(tmp_path, capsys):
     path = tmp_path / "prompts.txt"
     path.write_bytes(BAD_FILE)
-    cfg = {**CFG, "source": str(path), "n_prompts": None, "output": str(tmp_path / "p.parquet"),
-           "report_path": str(tmp_path / "report.json")}
+    cfg = config(source=str(path), n_prompts=None, output=str(tmp_path / "p.parquet"),
+                 report_path=str(tmp_path / "report.json"))
     report = stage.run(cfg)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 6 and err[0] == f"skipped {path}:2: empty" and len(report["rejected_lines"]) == 6
-    frame = pd.read_parquet(cfg["output"])
+    frame = pd.read_parquet(cfg.output)
     assert frame["prompt"].tolist()[1] == "a cat sleeping on a sofa"
     assert frame["complexity"].tolist()[0] == 1 and frame["complexity"].between(1, 4).all()
     assert frame["seed"].tolist() == [60_000_000, 60_000_001, 60_000_002]
@@ -96,6 +102,10 @@ def test_unusable_input_is_one_line_error(tmp_path, monkeypatch, capsys):
     assert "has no valid prompt (3 line(s) rejected)" in _main_error(tmp_path, monkeypatch, capsys,
                                                                       {"source": str(tmp_path / "empty.txt")})
     assert "n_prompts" in _main_error(tmp_path, monkeypatch, capsys, {"n_prompts": 0})
+    assert _main_error(tmp_path, monkeypatch, capsys, {"split": {"train": 0.8, "val": 0.2}}) == (
+        f"error: params file {tmp_path / 'params.yaml'}: section 'prompts': split lacks test")
+    assert "n_prompts: expected int or NoneType, got 'all'" in _main_error(tmp_path, monkeypatch, capsys,
+                                                                           {"n_prompts": "all"})
     with pytest.raises(PromptFileError):
         read_prompt_file(tmp_path)  # a directory
 
