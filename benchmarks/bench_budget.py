@@ -69,6 +69,7 @@ from budgetdiff.io import atomic_write_bytes, atomic_write_json
 from mlops.cli import command
 from training.budget import (
     CurveTable,
+    TrainBudgetConfig,
     cross_validate,
     dataset_curves,
     embed_prompts,
@@ -308,7 +309,7 @@ def load_predictors(cfg: BenchBudgetConfig, curves: CurveTable) -> dict[str, Bud
     return out
 
 
-def cross_validation(cv: CrossValidation, train_cfg: dict, table: pd.DataFrame, full_steps: int,
+def cross_validation(cv: CrossValidation, train_cfg: TrainBudgetConfig, table: pd.DataFrame, full_steps: int,
                      targets: BudgetTargets, bootstrap: int = 0) -> dict:
     """``train_budget``'s recipe judged on every prompt of the dataset by k-fold cross-validation
     (``training.budget.cross_validate``): each prompt's steps are chosen by networks trained
@@ -318,8 +319,8 @@ def cross_validation(cv: CrossValidation, train_cfg: dict, table: pd.DataFrame, 
     and the R allocations of every prompt are judged together (``allocation`` with (R, n) steps;
     the bootstrap resamples prompts with all their allocations): which prompts share a fold moves
     single-split margins by more than they measure. Each repeat's own margins are kept under
-    ``repeats``. ``train_cfg``: the ``train_budget`` section as plain data (the recipe's own params,
-    passed to ``training.budget.cross_validate``)."""
+    ``repeats``. ``train_cfg``: the ``train_budget`` config (the recipe's own params, passed to
+    ``training.budget.cross_validate``)."""
     t0 = time.time()
     folds, repeats, seed = cv.folds, cv.repeats, cv.seed
     if repeats < 1:
@@ -332,7 +333,7 @@ def cross_validation(cv: CrossValidation, train_cfg: dict, table: pd.DataFrame, 
     curves, rows, levels = runs[0]["curves"], runs[0]["rows"], runs[0]["levels"]
     if full_steps not in curves.step_grid:
         raise ValueError(f"bench_budget.full_steps: {full_steps} is not a grid step count {curves.step_grid}")
-    quality = level_quality(curves, rows, levels, train_cfg["psnr_cap_db"])
+    quality = level_quality(curves, rows, levels, train_cfg.psnr_cap_db)
     points = curves.points
     rule_metrics = list(levels.values())
     out = {"folds": folds, "repeats": repeats, "seeds": [seed + r for r in range(repeats)],
@@ -362,7 +363,7 @@ def cross_validation(cv: CrossValidation, train_cfg: dict, table: pd.DataFrame, 
     return out
 
 
-def run(cfg: BenchBudgetConfig, train_cfg: dict | None = None) -> tuple[dict, list[dict], dict]:
+def run(cfg: BenchBudgetConfig, train_cfg: TrainBudgetConfig | None = None) -> tuple[dict, list[dict], dict]:
     """The report, the trade-off rows (CSV) and what the plot needs. With ``cfg.cross_validation``
     set, ``train_cfg`` (the ``train_budget`` params) is the recipe cross-validated over every prompt."""
     t_start = time.time()
@@ -630,11 +631,10 @@ def log_to_mlflow(cfg: BenchBudgetConfig, report: dict) -> None:
 
 @command  # BudgetModelError is a ValueError
 def main() -> None:
-    from mlops.params import load_config, load_params
+    from mlops.params import load_config
 
     cfg = load_config("bench_budget", BenchBudgetConfig)
-    # train_budget's section as plain data: its type is the train_budget stage's
-    train_cfg = load_params("train_budget") if cfg.cross_validation else None
+    train_cfg = load_config("train_budget", TrainBudgetConfig) if cfg.cross_validation else None
     report, csv_rows, plot_data = run(cfg, train_cfg)
     atomic_write_json(cfg.report_path, report)
     atomic_write_bytes(cfg.csv_path, pd.DataFrame(csv_rows).to_csv(index=False).encode())

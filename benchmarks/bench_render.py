@@ -9,8 +9,8 @@ scaling figure; host facts (CPU count, platform) are reported beside it.
 This was the render stage's "throughput probe". It is its own stage so that the rendered data
 stays deterministic: timings differ from run to run, and nothing depends on this report.
 
-Params: the model, prompts, scheduler, guidance, batch size and threads per task are the render
-section's (``FROM_RENDER``); ``bench_render`` sets the rest. Output: ``report_path``
+Params: the model, prompts, scheduler, guidance, batch size and resources per task are the render
+section's (``RenderConfig``); ``bench_render`` sets the rest. Output: ``report_path``
 (reports/bench_render.json).
 """
 
@@ -26,12 +26,8 @@ import pandas as pd
 
 from budgetdiff.io import atomic_write_json
 from mlops.cli import command
-from pipelines.render import Executor, RenderSettings, ShardSpec, executor_session, plan_shards, resolve_settings
+from pipelines.render import Executor, RenderConfig, RenderSettings, ShardSpec, open_executor, plan_shards, settings_for
 from pipelines.schema import read_prompts
-
-# Read from the render section, so that the bench measures the render stage as configured.
-FROM_RENDER = ("model", "prompts", "scheduler", "guidance", "batch_size", "cpus_per_task", "gpus_per_task",
-               "local_object_store_mb")
 
 
 @dataclass(frozen=True)
@@ -71,18 +67,18 @@ def throughput(prompts: pd.DataFrame, settings: RenderSettings, n: int, steps: i
     return out
 
 
-def run(cfg: BenchRenderConfig, render: dict, executor: str = "ray") -> dict:
+def run(cfg: BenchRenderConfig, render: RenderConfig, executor: str = "ray") -> dict:
     """Measure per ``cfg`` (the params.yaml ``bench_render`` section) with the render stage's
-    settings ``render`` (its section's ``FROM_RENDER`` keys); returns the report. ``executor``:
-    ``ray`` or ``local`` (tests use ``local``)."""
-    settings = resolve_settings(render)
-    prompts = read_prompts(render["prompts"])
+    settings ``render`` (its section: model, prompts, scheduler, guidance, batch size, resources
+    per task); returns the report. ``executor``: ``ray`` or ``local`` (tests use ``local``)."""
+    settings = settings_for(render.model, render.scheduler, render.guidance)
+    prompts = read_prompts(render.prompts)
     workers = cfg.workers
-    cpus = int(render.get("cpus_per_task", 1))
-    with executor_session(executor, render, max(workers) * cpus, "bench_render") as make:
+    cpus = render.cpus_per_task
+    with open_executor(executor, max(workers) * cpus, cpus_per_task=cpus, gpus_per_task=render.gpus_per_task,
+                       object_store_mb=render.local_object_store_mb, label="bench_render") as make:
         # w workers: at most w shards in flight (the local executor renders one at a time)
-        result = throughput(prompts, settings, cfg.prompts_measured, cfg.steps, int(render["batch_size"]), workers,
-                            make)
+        result = throughput(prompts, settings, cfg.prompts_measured, cfg.steps, render.batch_size, workers, make)
     top = str(max(workers))
     scaling = (round(result["images_per_s"][top] / result["images_per_s"]["1"], 3)
                if "1" in result["images_per_s"] and top != "1" else None)
@@ -97,12 +93,11 @@ def run(cfg: BenchRenderConfig, render: dict, executor: str = "ray") -> dict:
 
 @command
 def main() -> None:
-    from mlops.params import load_config, load_params
+    from mlops.params import load_config
 
-    # The render stage's own section: its type is the render stage's; this reads only its FROM_RENDER keys.
-    render = load_params("render", required=("model", "prompts", "scheduler", "batch_size"))
+    render = load_config("render", RenderConfig)  # the render stage's section: bench what it runs
     cfg = load_config("bench_render", BenchRenderConfig)
-    report = run(cfg, {k: render[k] for k in FROM_RENDER if k in render})
+    report = run(cfg, render)
     print(f"bench_render: {report['images_per_s']} images/s by workers -> {cfg.report_path}")
 
 

@@ -46,7 +46,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Mapping, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import pandas as pd
@@ -277,15 +277,6 @@ def open_executor(kind: str, num_cpus: int, *, cpus_per_task: int = 1, gpus_per_
         ray.shutdown()
 
 
-def executor_session(kind: str, cfg: Mapping, num_cpus: int, label: str = "render"):
-    """``open_executor`` with ``cpus_per_task``, ``gpus_per_task`` and ``local_object_store_mb``
-    read from the mapping ``cfg``: the call of benchmarks/bench_render.py, which merges two
-    params sections into one dict (to be replaced there by ``open_executor``)."""
-    return open_executor(kind, num_cpus, cpus_per_task=int(cfg.get("cpus_per_task", 1)),
-                         gpus_per_task=float(cfg.get("gpus_per_task", 1)),
-                         object_store_mb=cfg.get("local_object_store_mb"), label=label)
-
-
 # --------------------------------------------------------------------------------------------
 # The run: resume, render what is left, write shards
 # --------------------------------------------------------------------------------------------
@@ -349,12 +340,6 @@ def settings_for(model: str, scheduler: str, guidance: float | None) -> RenderSe
         raise ValueError(f"render.guidance: must be a finite number >= 0, got {guidance}")
     return RenderSettings(model=model, model_fingerprint=directory_fingerprint(model)[:32],
                           scheduler=name, guidance=guidance)
-
-
-def resolve_settings(cfg: Mapping) -> RenderSettings:
-    """``settings_for`` the ``model``, ``scheduler`` and ``guidance`` of the mapping ``cfg``: the
-    call of benchmarks/bench_render.py (to be replaced there by ``settings_for``)."""
-    return settings_for(str(cfg["model"]), str(cfg["scheduler"]), cfg.get("guidance"))
 
 
 def shard_plan(cfg: RenderConfig, prompts: pd.DataFrame, settings: RenderSettings) -> list[ShardSpec]:

@@ -522,7 +522,7 @@ def test_cross_validation_predicts_every_prompt_once_without_seeing_it(trained, 
 
     tmp_path, _, _ = trained
     table = pd.read_parquet(tmp_path / "dataset.parquet")
-    cfg = train_cfg(tmp_path, tiny_model_dir, tmp_path / "dataset.parquet")
+    cfg = train_config(tmp_path, tiny_model_dir, tmp_path / "dataset.parquet")
     seen = []
     real_fit = tb.fit_network
 

@@ -92,7 +92,6 @@ def test_resume_after_a_crash_redoes_only_unfinished_shards(cfg):
 def test_an_image_does_not_depend_on_its_batch(cfg):
     """What makes resuming exact: a prompt's image depends on its prompt, seed and steps only."""
     settings = render.settings_for(cfg.model, cfg.scheduler, cfg.guidance)
-    assert render.resolve_settings(config_dict(cfg)) == settings  # benchmarks/bench_render.py's call
     frame = render.read_prompts(cfg.prompts)
     prompts, seeds = frame["prompt"].tolist(), frame["seed"].tolist()
     whole = render.render_batch(settings, 2, prompts[:4], seeds[:4])["images"]
@@ -246,12 +245,6 @@ def test_open_executor_names_a_bad_executor_and_gives_a_local_one():
             pass
     with render.open_executor("local", 1, cpus_per_task=1) as make:
         assert callable(make(4))  # the local executor renders one shard at a time, whatever is asked
-    # benchmarks/bench_render.py's call: a mapping merged from two params sections
-    with pytest.raises(ValueError, match=r"bench_render.executor: must be 'ray' or 'local', got 'dask'"):
-        with render.executor_session("dask", {}, 1, "bench_render"):
-            pass
-    with render.executor_session("local", {"cpus_per_task": 1}, 1) as make:
-        assert callable(make(4))
 
 
 def test_shard_keys_are_those_of_the_dict_config():
@@ -274,3 +267,13 @@ def test_shard_keys_are_those_of_the_dict_config():
     old = render.plan_shards(prompts, list(raw["step_grid"]), raw["reference_steps"], raw["batch_size"], settings,
                              raw.get("seeds_per_prompt", 1), raw.get("seed_stride", render.DEFAULT_SEED_STRIDE))
     assert [s.key for s in render.shard_plan(cfg, prompts, settings)] == [s.key for s in old]
+
+
+def test_bench_render_measures_the_render_sections_settings(cfg, tmp_path):
+    """bench_render reads the render stage's typed section and times it (local executor here)."""
+    from benchmarks.bench_render import BenchRenderConfig, run as bench
+
+    report = bench(BenchRenderConfig(prompts_measured=3, steps=2, workers=[1], report_path=str(tmp_path / "b.json")),
+                   cfg, executor="local")
+    assert report["scheduler"] == "ddim" and report["batch_size"] == cfg.batch_size and report["prompts"] == 3
+    assert report["images_per_s"]["1"] > 0 and json.loads((tmp_path / "b.json").read_text()) == report

@@ -34,7 +34,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -60,7 +60,7 @@ from budgetdiff.methods.budget import (
 )
 from budgetdiff.text import encode_prompts
 from mlops.cli import command
-from mlops.params import config_dict, config_from_dict
+from mlops.params import config_dict
 from training.trainer import make_trainer
 
 STAGE = "train_budget"
@@ -394,7 +394,7 @@ def network_config(arch: str, cfg: TrainBudgetConfig, emb: EmbeddingTable, max_l
                        psnr_cap_db=cfg.psnr_cap_db, extra=extra)
 
 
-def cross_validate(cfg: TrainBudgetConfig | Mapping[str, Any], table: pd.DataFrame, folds: int, seed: int = 0,
+def cross_validate(cfg: TrainBudgetConfig, table: pd.DataFrame, folds: int, seed: int = 0,
                    progress=None) -> dict[str, Any]:
     """K-fold cross-validation of ``train(cfg)``'s recipe over every prompt of the dataset, so that
     each prompt is predicted once by networks that never saw it: the prompts are shuffled (``seed``)
@@ -406,10 +406,7 @@ def cross_validate(cfg: TrainBudgetConfig | Mapping[str, Any], table: pd.DataFra
     curves in metric units (``predicted``, (N, M, G + 1)); ``mean_curve``: the same from each
     fold's train-mean curve (the prompt-blind baseline).
 
-    ``cfg``: the ``train_budget`` config, or its params section as read from the file (checked
-    here: ``bench_budget`` passes the section it reads)."""
-    if not isinstance(cfg, TrainBudgetConfig):
-        cfg = config_from_dict(TrainBudgetConfig, cfg, STAGE)
+    ``cfg``: the ``train_budget`` config."""
     if folds < 3:
         raise ValueError(f"cross_validation.folds: needs at least 3 (test, val, train), got {folds}")
     curves = dataset_curves(table, cfg.metrics)
