@@ -119,7 +119,8 @@ class TokenProbe(nn.Module):
 
     def __init__(self, dim: int, width: int, adapter_layers: int = 0):
         super().__init__()
-        self.proj = nn.Linear(dim, width)
+        # projected and layer-normed: the decoder layers normalise their queries, not the memory
+        self.proj = nn.Sequential(nn.Linear(dim, width), nn.LayerNorm(width))
         self.adapter = (nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 4, 4 * width, 0.0, batch_first=True,
                                                                          norm_first=True), adapter_layers,
                                               enable_nested_tensor=False)

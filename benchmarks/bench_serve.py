@@ -582,13 +582,14 @@ def run_mixed(mx: Mixed, base: dict, client: "Client", deploy, bodies, threads: 
     share: dict = {}
     loads: dict = {}
     capacity = None
+    together: dict = {}
     measured_first = ("alone", "saturation", "probe", "adaptive_share")
     # three deployments in all (a batching switch reconfigures the replica in place)
-    schedule = [("request", measured_first), ("step", measured_first + ("loads",)), ("request", ("loads",))]
+    schedule = [("request", measured_first), ("step", measured_first + ("together", "loads")), ("request", ("loads",))]
     for mode, phases in schedule:
         out["deploy_s"][f"{mode}_{phases[-1]}"] = deploy(modes[mode], f"mixed: batching {mode}")
         for phase in phases:
-            if phase == "loads" and capacity is None:  # what both batchings sustain
+            if phase in ("loads", "together") and capacity is None:  # what both batchings sustain
                 capacity = min(saturation[m]["images_per_s"] for m in saturation)
             before = step_stats(url) if mode == "step" else None
             if phase == "alone":  # one request at a time: nothing to share calls with or wait behind
@@ -621,6 +622,17 @@ def run_mixed(mx: Mixed, base: dict, client: "Client", deploy, bodies, threads: 
                     latencies.append(round(short["latency_s"], 3) if short["status"] == 200 else None)
                 ok = [x for x in latencies if x is not None]
                 probe[mode] = {"auto_latency_s": latencies, "median_s": round(float(np.median(ok)), 3) if ok else None}
+            elif phase == "together":  # the target-load trace's burst of short requests, alone on the replica
+                trace = mixed_trace(mix, mx.target_load * capacity, mx.duration_s, mx.burst,
+                                    seed + int(round(mx.target_load * 100)))
+                group = [(0.0, kind) for t, kind in trace if t == mx.burst.at_s and kind in SHORT_KINDS]
+                progress(f"[bench_serve] mixed: the burst's {len(group)} short requests together, batching {mode}")
+                runs = []
+                for r in range(mx.probe.repeats if len(group) > 1 else 0):
+                    res = asyncio.run(client.replay(group, lambda i, kind, r=r: body(300 + 10 * r + i, kind)))
+                    runs.append([{"kind": x["kind"], "latency_s": round(x["latency_s"], 3) if x["status"] == 200
+                                  else None} for x in res["_results"]])
+                together[mode] = {"requests": [k for _, k in group], "runs": runs}
             elif phase == "adaptive_share":  # full-50 only, then adaptive-50 only, closed loop
                 progress(f"[bench_serve] mixed: adaptive vs full throughput, batching {mode}")
                 a = mx.adaptive_share
@@ -652,7 +664,7 @@ def run_mixed(mx: Mixed, base: dict, client: "Client", deploy, bodies, threads: 
                         (before["rows_per_call"] or 0) * before["unet_calls"]
                     out.setdefault("rows_per_unet_call", {})[phase] = round(rows / calls, 3) if calls else None
     out.update(alone_latency_s=alone, saturation=saturation, probe=probe, adaptive_share=share, loads=loads,
-               capacity_images_per_s=capacity)
+               capacity_images_per_s=capacity, together=together)
     out["summary"] = mixed_summary(out, mx)
     return out
 
@@ -661,6 +673,42 @@ def user_config_record(config: dict) -> dict:
     from serving.config import MODEL, user_config
 
     return user_config(config, MODEL).batching_record()
+
+
+def short_p95_floor(mx: Mixed, capacity: float, alone: dict, together: dict) -> dict:
+    """How low the short requests' p95 at the target load can go on this replica, whatever the
+    scheduler does with the long requests: every short request of the target-load trace takes its
+    latency alone, except those of the burst, which arrive together and must share the device.
+    Two ways to serve the burst: batched (measured: the burst's short requests sent together to
+    an idle replica, ``together``; median over the repeats per position) and one after another
+    (modelled: the i-th finishes after i + 1 alone latencies). The floor is the lower of the two
+    p95s, as a ratio to the latency alone. On a device whose cost grows with the rows of a call
+    (a CPU), two short requests at once take about twice as long: no scheduler beats that."""
+    trace = mixed_trace(dict(mx.mix), mx.target_load * capacity, mx.duration_s, mx.burst,
+                        mx.seed + int(round(mx.target_load * 100)))
+    burst = [k for t, k in trace if t == mx.burst.at_s and k in SHORT_KINDS]
+    runs = together.get("runs") or []
+    out = {"burst_short_requests": burst}
+    for kind in SHORT_KINDS:
+        base = alone.get(kind)
+        n_kind = sum(1 for _, k in trace if k == kind)
+        positions = [i for i, k in enumerate(burst) if k == kind]
+        if not base or not n_kind:
+            continue
+        others = [base] * (n_kind - len(positions))
+        measured = None
+        if positions and runs:
+            per_position = [np.median([run[i]["latency_s"] for run in runs if run[i]["latency_s"] is not None])
+                            for i in positions]
+            measured = _percentiles(others + [float(x) for x in per_position])["p95"]
+        elif not positions:
+            measured = _percentiles(others)["p95"]
+        serial = _percentiles(others + [base * (i + 1) for i in range(len(positions))])["p95"]
+        floors = [x for x in (measured, serial) if x is not None]
+        out[kind] = {"requests_at_target_load": n_kind, "in_burst": len(positions),
+                     "p95_batched_s": measured, "p95_serial_model_s": serial,
+                     "floor_p95_vs_alone": _ratio(min(floors), base) if floors else None}
+    return out
 
 
 def mixed_summary(out: dict, mx: Mixed) -> dict:
@@ -696,6 +744,9 @@ def mixed_summary(out: dict, mx: Mixed) -> dict:
         "adaptive_share_step": out["adaptive_share"].get("step", {}).get("share"),
         "adaptive_share_request": out["adaptive_share"].get("request", {}).get("share"),
         "rows_per_unet_call": out.get("rows_per_unet_call"),
+        "short_p95_floor": (short_p95_floor(mx, out["capacity_images_per_s"], alone.get("step", {}),
+                                            out.get("together", {}).get("step", {}))
+                            if out.get("capacity_images_per_s") else None),
     }
 
 
@@ -936,6 +987,10 @@ def mixed_headline(m: dict) -> dict:
         "mixed_adaptive_saving_share_request": s["adaptive_share_request"],
         "mixed_rows_per_unet_call": s["rows_per_unet_call"],
     })
+    floor = s.get("short_p95_floor") or {}
+    for kind in SHORT_KINDS:
+        if kind in floor:
+            out[f"mixed_short_{kind}_p95_floor_vs_alone"] = floor[kind]["floor_p95_vs_alone"]
     return out
 
 

@@ -257,3 +257,30 @@ def test_the_mixed_bench_trace_is_reproducible_and_scaled():
     assert (small.mix, small.loads, small.targets) == (mx.mix, mx.loads, mx.targets)
     assert set(typing.get_args(MixKind)) == set(MIX_BODIES)  # params may name only the kinds a body exists for
     assert mx.target_load in mx.loads
+
+
+def test_the_short_p95_floor_counts_the_burst_that_must_share_the_device():
+    """The floor of the short requests' p95: alone latency for each, except the burst's short
+    requests, batched (measured) or one after another (modelled), whichever gives the lower p95."""
+    from benchmarks.bench_serve import BenchServeConfig, mixed_trace, short_p95_floor
+    from mlops.params import load_config
+
+    mx = load_config("bench_serve", BenchServeConfig).mixed
+    capacity = 0.5126
+    trace = mixed_trace(dict(mx.mix), mx.target_load * capacity, mx.duration_s, mx.burst,
+                        mx.seed + int(round(mx.target_load * 100)))
+    burst = [k for t, k in trace if t == mx.burst.at_s and k in ("auto", "student")]
+    assert burst == ["auto", "auto"]  # params.yaml's trace at 80 %: two autos arrive together
+    n_auto = sum(k == "auto" for _, k in trace)
+    alone = {"auto": 1.0, "student": 2.0}
+    # the pair measured at 1.8 s and 1.9 s together: the p95 of six 1.0 s and those two
+    together = {"runs": [[{"kind": "auto", "latency_s": 1.8}, {"kind": "auto", "latency_s": 1.9}],
+                         [{"kind": "auto", "latency_s": 1.8}, {"kind": "auto", "latency_s": 1.9}]]}
+    floor = short_p95_floor(mx, capacity, alone, together)
+    expected_batched = float(np.percentile([1.0] * (n_auto - 2) + [1.8, 1.9], 95))
+    expected_serial = float(np.percentile([1.0] * (n_auto - 2) + [1.0, 2.0], 95))
+    assert floor["auto"]["p95_batched_s"] == pytest.approx(expected_batched, abs=1e-3)
+    assert floor["auto"]["p95_serial_model_s"] == pytest.approx(expected_serial, abs=1e-3)
+    assert floor["auto"]["floor_p95_vs_alone"] == pytest.approx(min(expected_batched, expected_serial), abs=1e-3)
+    assert floor["auto"]["floor_p95_vs_alone"] > 1.5  # on such a device the 1.5x target is out of reach
+    assert floor["student"]["in_burst"] == 0 and floor["student"]["floor_p95_vs_alone"] == 1.0
