@@ -36,7 +36,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from benchmarks.bench_serve import APP, Client, _free_port, _percentiles, _strip, model_config, prompts
+from benchmarks.bench_serve import (APP, Client, ServiceUnderTest, _free_port, _percentiles, _strip, model_config,
+                                    prompts)
 from mlops.cli import command
 from mlops.params import config_dict
 from mlops.repo import REPO_ROOT
@@ -72,16 +73,9 @@ class SloPhase:
 
 
 @dataclass(frozen=True)
-class BenchMonitorConfig:
+class BenchMonitorConfig(ServiceUnderTest):
     """The ``bench_monitor`` section of params.yaml."""
 
-    config: str
-    model_source: str
-    num_cpus: int
-    torch_threads: int
-    request_timeout_s: float
-    prompts: int
-    prompt_seed: int
     prometheus_interval: str  # a Prometheus duration ("5s")
     alert_prefix: str
     fast_burn_alert: str

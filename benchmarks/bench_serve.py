@@ -142,8 +142,8 @@ class Mixed:
 
 
 @dataclass(frozen=True)
-class BenchServeConfig:
-    """The ``bench_serve`` section of params.yaml."""
+class ServiceUnderTest:
+    """The keys every service benchmark (bench_serve, bench_monitor) starts its private service with."""
 
     config: str
     model_source: str
@@ -152,6 +152,12 @@ class BenchServeConfig:
     request_timeout_s: float
     prompts: int
     prompt_seed: int
+
+
+@dataclass(frozen=True)
+class BenchServeConfig(ServiceUnderTest):
+    """The ``bench_serve`` section of params.yaml."""
+
     throughput: Throughput
     batching: Batching
     overhead: Overhead

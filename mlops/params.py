@@ -8,6 +8,7 @@ for the few readers that take a whole section as data (the serving profiles, dri
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -83,9 +84,22 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config
     return cls(**{k: _coerce(v, hints[k], f"{where}: {k}") for k, v in data.items()})
 
 
-def config_dict(config: Any) -> dict[str, Any]:
-    """A config dataclass back to plain data (nested dataclasses as dicts), e.g. to hash or log it."""
-    return dataclasses.asdict(config)
+def config_dict(config: Any, omit_defaults: bool = False) -> dict[str, Any]:
+    """A config dataclass back to plain data (nested dataclasses as dicts), e.g. to hash or log it.
+    ``omit_defaults``: leave out the fields that hold their default (nested dataclasses alike),
+    i.e. the keys a params section states (a default is what the code used for an absent key), so
+    a key hashed from it is the one hashed from the section as a dict."""
+    if not omit_defaults:
+        return dataclasses.asdict(config)
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+            continue
+        out[f.name] = config_dict(value, True) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:

@@ -139,21 +139,6 @@ def stage_config(stage: str, path: str | os.PathLike | None = None) -> TrainBase
     return dataclasses.replace(load_config("train_base", TrainBaseConfig, path, overrides=overrides), stage=stage)
 
 
-def given_fields(config: Any) -> dict[str, Any]:
-    """A config dataclass as plain data without the fields that hold their default (nested
-    dataclasses alike): the keys a params section states, as the section itself reads (a default
-    is what the code used for an absent key)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.default is not dataclasses.MISSING and value == f.default:
-            continue
-        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
-            continue
-        out[f.name] = given_fields(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # Model, noise schedule, data
 # ------------------------------------------------------------------------------------------------
@@ -368,9 +353,9 @@ POST_TRAINING_KEYS = frozenset({"stage", "output_dir", "metrics_path", "guidance
 
 def config_hash(cfg: TrainBaseConfig) -> str:
     """Key of a run's checkpoints: the training-relevant part of its config, as the params
-    sections state it (``given_fields``: a field left at its default is not in the key, so a
+    sections state it (``config_dict(..., omit_defaults=True)``: a field left at its default is not in the key, so a
     section hashes as it did when stages read it as a dict; tests pin train_base_v2's key)."""
-    return content_sha256({k: v for k, v in given_fields(cfg).items() if k not in POST_TRAINING_KEYS}, 12)
+    return content_sha256({k: v for k, v in config_dict(cfg, omit_defaults=True).items() if k not in POST_TRAINING_KEYS}, 12)
 
 
 def choose_guidance(module, candidates: list[float], n_prompts: int, steps: int, checker_dir: str | None = None,

@@ -69,7 +69,7 @@ from budgetdiff.io.fingerprint import content_sha256, directory_fingerprint, une
 from budgetdiff.text import PromptEmbeddings, encode_prompts
 from mlops.cli import UsageError, command
 from mlops.params import config_dict
-from training.base import (SceneStream, choose_guidance, evaluate_pipeline, given_fields, update_ema,
+from training.base import (SceneStream, choose_guidance, evaluate_pipeline, update_ema,
                            validation_scenes)
 from training.batches import stack_columns
 from training.trainer import make_trainer, warmup_cosine_scheduler
@@ -423,8 +423,8 @@ POST_TRAINING_KEYS = frozenset({"sweep_guidance", "guidance_candidates", "guidan
 
 def training_config(cfg: DistillConfig) -> dict[str, Any]:
     """The part of ``cfg`` that changes the trained weights, as the params sections state it
-    (``given_fields``: a field left at its default is out, as when stages read a dict)."""
-    return {k: v for k, v in given_fields(cfg).items() if k not in POST_TRAINING_KEYS}
+    (``config_dict(..., omit_defaults=True)``: a field left at its default is out, as when stages read a dict)."""
+    return {k: v for k, v in config_dict(cfg, omit_defaults=True).items() if k not in POST_TRAINING_KEYS}
 
 
 def config_hash(cfg: DistillConfig) -> str:
